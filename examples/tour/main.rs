@@ -1,0 +1,15 @@
+//! The tower-bulwark tour: one flaky upstream, called through each layer,
+//! with a timeline of what every layer did.
+//!
+//! Run with `cargo run --example tour`. Nothing else is needed: the
+//! upstream is an axum server on 127.0.0.1 started by the tour itself.
+
+mod breaker;
+mod common;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    common::banner("tower-bulwark tour");
+    breaker::run().await?;
+    Ok(())
+}

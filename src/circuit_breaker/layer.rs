@@ -1,0 +1,381 @@
+//! The breaker layer, its builder and its handle.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::future::Shared;
+use super::state::{Config, Core};
+use super::word::MAX_COUNT;
+use super::{CircuitBreaker, CircuitEvent, CircuitMetrics, CircuitState, Window};
+use crate::backoff::Backoff;
+use crate::classify::DefaultClassifier;
+use crate::error::{Check, ConfigError};
+use crate::observe::Listeners;
+
+const LAYER: &str = "circuit_breaker";
+
+/// Builds [`CircuitBreaker`] services that all share one breaker.
+///
+/// Made with [`CircuitBreakerLayer::builder`]. Cloning the layer, and every
+/// service it makes, shares the same state.
+pub struct CircuitBreakerLayer<C = DefaultClassifier> {
+    pub(crate) shared: Arc<Shared<C>>,
+}
+
+impl CircuitBreakerLayer {
+    /// A builder with the defaults: open after 5 consecutive failures, stay
+    /// open 30 s, admit 1 probe at a time, close after 2 probe successes.
+    pub fn builder() -> CircuitBreakerBuilder {
+        CircuitBreakerBuilder::new()
+    }
+}
+
+impl<C> CircuitBreakerLayer<C> {
+    /// A handle that reads and steers the shared state from outside the
+    /// stack.
+    pub fn handle(&self) -> CircuitHandle
+    where
+        C: Send + Sync + 'static,
+    {
+        CircuitHandle::new(self.shared.clone())
+    }
+}
+
+impl<C> Clone for CircuitBreakerLayer<C> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<C> fmt::Debug for CircuitBreakerLayer<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreakerLayer")
+            .field("config", &self.shared.core.cfg)
+            .field("classifier", &std::any::type_name::<C>())
+            .finish()
+    }
+}
+
+impl<S, C> Layer<S> for CircuitBreakerLayer<C> {
+    type Service = CircuitBreaker<S, C>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CircuitBreaker::from_shared(inner, self.shared.clone())
+    }
+}
+
+/// Configures a [`CircuitBreakerLayer`]. See the [module docs](super).
+pub struct CircuitBreakerBuilder<C = DefaultClassifier> {
+    name: Option<String>,
+    failure_threshold: u32,
+    open_timeout: Duration,
+    open_backoff: Option<Backoff>,
+    half_open_max_calls: u32,
+    success_threshold: u32,
+    window: Option<Window>,
+    failure_rate_threshold: f64,
+    minimum_calls: Option<u32>,
+    slow_call_duration: Option<Duration>,
+    slow_call_rate_threshold: f64,
+    honor_retry_after: bool,
+    classifier: C,
+    listeners: Listeners<CircuitEvent>,
+}
+
+impl CircuitBreakerBuilder {
+    fn new() -> Self {
+        Self {
+            name: None,
+            failure_threshold: 5,
+            open_timeout: Duration::from_secs(30),
+            open_backoff: None,
+            half_open_max_calls: 1,
+            success_threshold: 2,
+            window: None,
+            failure_rate_threshold: 0.5,
+            minimum_calls: None,
+            slow_call_duration: None,
+            slow_call_rate_threshold: 1.0,
+            honor_retry_after: false,
+            classifier: DefaultClassifier,
+            listeners: Listeners::default(),
+        }
+    }
+}
+
+impl<C> CircuitBreakerBuilder<C> {
+    /// The breaker's name, used in errors, events and metrics.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Consecutive failures that open a closed breaker (default 5). Used
+    /// when no [`window`](Self::window) is set.
+    pub fn failure_threshold(mut self, n: u32) -> Self {
+        self.failure_threshold = n;
+        self
+    }
+
+    /// How long the breaker stays open before admitting a probe (default
+    /// 30 s).
+    pub fn open_timeout(mut self, d: Duration) -> Self {
+        self.open_timeout = d;
+        self
+    }
+
+    /// Lets the open duration grow when probes keep failing: the `n`th
+    /// open period in a row lasts `backoff.delay(n)` (jittered if the
+    /// back-off says so, and capped by its `max_delay`). Replaces
+    /// [`open_timeout`](Self::open_timeout).
+    pub fn open_backoff(mut self, backoff: Backoff) -> Self {
+        self.open_backoff = Some(backoff);
+        self
+    }
+
+    /// Probes admitted at once while half-open (default 1).
+    pub fn half_open_max_calls(mut self, n: u32) -> Self {
+        self.half_open_max_calls = n;
+        self
+    }
+
+    /// Probe successes that close a half-open breaker (default 2). A
+    /// single failed probe opens it again.
+    pub fn success_threshold(mut self, n: u32) -> Self {
+        self.success_threshold = n;
+        self
+    }
+
+    /// Switches from consecutive failures to a failure rate over a sliding
+    /// window of calls ([`Window::count`]) or of time ([`Window::time`]).
+    pub fn window(mut self, window: Window) -> Self {
+        self.window = Some(window);
+        self
+    }
+
+    /// The failure rate in `(0, 1]` that opens the breaker in window mode
+    /// (default 0.5).
+    pub fn failure_rate_threshold(mut self, rate: f64) -> Self {
+        self.failure_rate_threshold = rate;
+        self
+    }
+
+    /// Calls the window must hold before its rates are judged (default 10,
+    /// or the count window's size if smaller). Honoured before a count
+    /// window is full.
+    pub fn minimum_calls(mut self, n: u32) -> Self {
+        self.minimum_calls = Some(n);
+        self
+    }
+
+    /// A call taking at least `d` is slow. In window mode slow calls have
+    /// their own rate threshold ([`slow_call_rate_threshold`](Self::slow_call_rate_threshold));
+    /// in consecutive mode, and for probes, a slow call counts as a failure.
+    /// Setting this makes the breaker read the clock twice per call.
+    pub fn slow_call_duration(mut self, d: Duration) -> Self {
+        self.slow_call_duration = Some(d);
+        self
+    }
+
+    /// The slow-call rate in `(0, 1]` that opens the breaker in window mode
+    /// (default 1.0).
+    pub fn slow_call_rate_threshold(mut self, rate: f64) -> Self {
+        self.slow_call_rate_threshold = rate;
+        self
+    }
+
+    /// Holds the breaker open for at least an upstream's back-off hint
+    /// (with the `http` feature's `StatusClassifier`: the `Retry-After` of a
+    /// 429 or 503 answer). Off by default.
+    pub fn honor_retry_after(mut self, yes: bool) -> Self {
+        self.honor_retry_after = yes;
+        self
+    }
+
+    /// Decides which results are failures (default: every `Err`).
+    pub fn classify<C2>(self, classifier: C2) -> CircuitBreakerBuilder<C2> {
+        CircuitBreakerBuilder {
+            name: self.name,
+            failure_threshold: self.failure_threshold,
+            open_timeout: self.open_timeout,
+            open_backoff: self.open_backoff,
+            half_open_max_calls: self.half_open_max_calls,
+            success_threshold: self.success_threshold,
+            window: self.window,
+            failure_rate_threshold: self.failure_rate_threshold,
+            minimum_calls: self.minimum_calls,
+            slow_call_duration: self.slow_call_duration,
+            slow_call_rate_threshold: self.slow_call_rate_threshold,
+            honor_retry_after: self.honor_retry_after,
+            classifier,
+            listeners: self.listeners,
+        }
+    }
+
+    /// Calls `f` on every event (state changes, rejections). Listeners add
+    /// up; each must be quick and must not block.
+    pub fn on_event(mut self, f: impl Fn(&CircuitEvent) + Send + Sync + 'static) -> Self {
+        self.listeners.push(f);
+        self
+    }
+
+    /// Validates the configuration and makes the layer.
+    pub fn build(self) -> Result<CircuitBreakerLayer<C>, ConfigError> {
+        let check = Check { layer: LAYER };
+        let count = |field, v: u32| -> Result<u16, ConfigError> {
+            check.at_least_one(field, u64::from(v))?;
+            check.at_most(field, u64::from(v), MAX_COUNT)?;
+            Ok(v as u16)
+        };
+        let failure_threshold = count("failure_threshold", self.failure_threshold)?;
+        let half_open_max_calls = count("half_open_max_calls", self.half_open_max_calls)?;
+        let success_threshold = count("success_threshold", self.success_threshold)?;
+        check.non_zero_duration("open_timeout", self.open_timeout)?;
+        if let Some(b) = &self.open_backoff {
+            b.validate(LAYER, "open_backoff")?;
+            check.non_zero_duration("open_backoff", b.max())?;
+        }
+        check.ratio("failure_rate_threshold", self.failure_rate_threshold)?;
+        check.ratio("slow_call_rate_threshold", self.slow_call_rate_threshold)?;
+        if let Some(d) = self.slow_call_duration {
+            check.non_zero_duration("slow_call_duration", d)?;
+        }
+        let minimum_calls = match (self.window, self.minimum_calls) {
+            (Some(Window::Count(n)), _) if n == 0 => {
+                return Err(ConfigError::new(LAYER, "window", "a count window needs at least 1 call"))
+            }
+            (Some(Window::Time(d)), _) if d.is_zero() => {
+                return Err(ConfigError::new(LAYER, "window", "a time window must be longer than zero"))
+            }
+            (Some(Window::Count(n)), Some(m)) if m > n => {
+                return Err(ConfigError::new(
+                    LAYER,
+                    "minimum_calls",
+                    format!("must not exceed the count window size ({m} > {n})"),
+                ))
+            }
+            (_, Some(m)) => {
+                check.at_least_one("minimum_calls", u64::from(m))?;
+                m
+            }
+            (Some(Window::Count(n)), None) => n.min(10),
+            (_, None) => 10,
+        };
+        let cfg = Config {
+            name: Arc::from(self.name.unwrap_or_default()),
+            failure_threshold,
+            open_timeout: self.open_timeout,
+            open_backoff: self.open_backoff,
+            half_open_max_calls,
+            success_threshold,
+            window: self.window,
+            failure_rate_threshold: self.failure_rate_threshold,
+            minimum_calls,
+            slow_call_duration: self.slow_call_duration,
+            slow_call_rate_threshold: self.slow_call_rate_threshold,
+            honor_retry_after: self.honor_retry_after,
+        };
+        Ok(CircuitBreakerLayer {
+            shared: Arc::new(Shared {
+                core: Core::new(cfg, self.listeners),
+                classifier: self.classifier,
+            }),
+        })
+    }
+}
+
+impl<C> fmt::Debug for CircuitBreakerBuilder<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreakerBuilder")
+            .field("name", &self.name)
+            .field("failure_threshold", &self.failure_threshold)
+            .field("open_timeout", &self.open_timeout)
+            .field("half_open_max_calls", &self.half_open_max_calls)
+            .field("success_threshold", &self.success_threshold)
+            .field("window", &self.window)
+            .field("classifier", &std::any::type_name::<C>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads and steers a breaker's shared state from outside the stack.
+///
+/// Cheap to clone; every clone and every service of the layer see the same
+/// state.
+#[derive(Clone)]
+pub struct CircuitHandle {
+    shared: Arc<dyn HasCore>,
+}
+
+pub(crate) trait HasCore: Send + Sync {
+    fn core(&self) -> &Core;
+}
+
+impl<C: Send + Sync> HasCore for Shared<C> {
+    fn core(&self) -> &Core {
+        &self.core
+    }
+}
+
+impl CircuitHandle {
+    pub(crate) fn new<C: Send + Sync + 'static>(shared: Arc<Shared<C>>) -> Self {
+        Self { shared }
+    }
+
+    fn core(&self) -> &Core {
+        self.shared.core()
+    }
+
+    /// The breaker's name.
+    pub fn name(&self) -> &str {
+        &self.core().cfg.name
+    }
+
+    /// The current state. An open breaker whose timeout has passed reports
+    /// [`CircuitState::HalfOpen`]: the next call will probe.
+    pub fn state(&self) -> CircuitState {
+        self.core().state()
+    }
+
+    /// Closes the breaker and clears its counts.
+    pub fn reset(&self) {
+        self.core().force(CircuitState::Closed);
+    }
+
+    /// Rejects every call until [`reset`](Self::reset) (or
+    /// [`disable`](Self::disable)).
+    pub fn force_open(&self) {
+        self.core().force(CircuitState::ForcedOpen);
+    }
+
+    /// Admits every call and never opens, until [`reset`](Self::reset):
+    /// the breaker only keeps its counts.
+    pub fn disable(&self) {
+        self.core().force(CircuitState::Disabled);
+    }
+
+    /// Holds the breaker open for at least `d` from now, as an upstream's
+    /// `Retry-After` would. A longer open period is kept.
+    pub fn hold_open(&self, d: Duration) {
+        self.core().hold_open(d);
+    }
+
+    /// A snapshot of the breaker's counts.
+    pub fn metrics(&self) -> CircuitMetrics {
+        self.core().snapshot()
+    }
+}
+
+impl fmt::Debug for CircuitHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitHandle")
+            .field("name", &self.name())
+            .field("state", &self.state())
+            .finish()
+    }
+}

@@ -1,0 +1,244 @@
+//! Circuit breaker: stop calling an upstream that keeps failing, and probe
+//! it now and then until it recovers.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+//! use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, CircuitState};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let layer = CircuitBreakerLayer::builder()
+//!     .name("payments")
+//!     .failure_threshold(2)
+//!     .open_timeout(Duration::from_secs(30))
+//!     .build()?;
+//! let handle = layer.handle();
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(layer)
+//!     .service(service_fn(|_: ()| async { Err::<(), _>("upstream down") }));
+//!
+//! for _ in 0..2 {
+//!     assert!(svc.ready().await?.call(()).await.is_err());
+//! }
+//! assert_eq!(handle.state(), CircuitState::Open);
+//!
+//! // Now calls fail fast, without reaching the upstream.
+//! let err = svc.ready().await?.call(()).await.unwrap_err();
+//! let open = err.downcast_ref::<CircuitOpen>().unwrap();
+//! assert_eq!(open.name(), "payments");
+//! assert!(open.retry_after().unwrap() <= Duration::from_secs(30));
+//! # Ok(()) }
+//! ```
+//!
+//! # States
+//!
+//! - **Closed**: calls go through. By default `failure_threshold`
+//!   consecutive failures (seed default 5) open the breaker; with a
+//!   [`Window`] it opens when the failure rate (or slow-call rate) over the
+//!   last `n` calls or the last `d` reaches its threshold, once the window
+//!   holds at least `minimum_calls` calls (also before a count window is
+//!   full).
+//! - **Open**: calls are rejected at once with [`CircuitOpen`] for
+//!   `open_timeout` (default 30 s), or a growing duration with
+//!   `open_backoff`.
+//! - **Half-open**: up to `half_open_max_calls` probes run at once (default
+//!   1); `success_threshold` probe successes (default 2) close the breaker,
+//!   one failure opens it again. Concurrent callers see exactly one
+//!   open → half-open transition.
+//! - **Forced open** and **disabled**: set from the [`CircuitHandle`],
+//!   until [`reset`](CircuitHandle::reset).
+//!
+//! Every transition starts a new *generation*. A call records its outcome
+//! only in the generation it was admitted in: a slow call that started
+//! before the breaker opened cannot close it, or open it again, later.
+//!
+//! # Classification
+//!
+//! A [`Classify`](crate::classify::Classify) decides what a failure is;
+//! by default every `Err`. With the `http` feature,
+//! `http::StatusClassifier` makes 5xx responses failures, and with
+//! [`honor_retry_after`](CircuitBreakerBuilder::honor_retry_after) a 429 or
+//! 503 answer's `Retry-After` holds the breaker open at least that long.
+//! An outcome of `Ignore` is not counted.
+//!
+//! # Readiness and errors
+//!
+//! `poll_ready` only forwards to the inner service. An open breaker
+//! answers `call` with an error future holding [`CircuitOpen`] (boxed into
+//! [`BoxError`](crate::error::BoxError)), naming the breaker and the time
+//! until the next probe, as `tower::load_shed` does: the service is never
+//! poisoned.
+//!
+//! # Cancellation
+//!
+//! A half-open probe slot belongs to the call's response future. If the
+//! future is dropped before it finishes, or the inner service panics, the
+//! slot is given back and the call counts as neither success nor failure.
+//!
+//! # Clone
+//!
+//! The state lives behind an `Arc` made by `build()`. The layer, its
+//! clones, every service it makes and their clones all share one breaker;
+//! build another layer for another breaker.
+//!
+//! # Cost
+//!
+//! In the default consecutive mode a call through a closed breaker does one
+//! atomic load on admission, one reference-count increment, and one more
+//! load when it succeeds: no lock, no allocation, no clock read and no
+//! boxed future. Window mode and slow-call detection read the clock and
+//! take a short lock per finished call.
+
+mod error;
+pub mod future;
+mod layer;
+mod service;
+mod state;
+mod window;
+mod word;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use error::CircuitOpen;
+pub use layer::{CircuitBreakerBuilder, CircuitBreakerLayer, CircuitHandle};
+pub use service::CircuitBreaker;
+pub use window::Window;
+
+use crate::observe::Event;
+
+/// The state of a breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CircuitState {
+    /// Calls go through; failures are counted.
+    Closed,
+    /// Calls are rejected until the open period ends.
+    Open,
+    /// A limited number of probes go through.
+    HalfOpen,
+    /// Every call is rejected until the handle resets the breaker.
+    ForcedOpen,
+    /// Every call goes through and the breaker never opens.
+    Disabled,
+}
+
+impl CircuitState {
+    /// A snake_case label: `closed`, `open`, `half_open`, `forced_open`,
+    /// `disabled`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CircuitState::Closed => "closed",
+            CircuitState::Open => "open",
+            CircuitState::HalfOpen => "half_open",
+            CircuitState::ForcedOpen => "forced_open",
+            CircuitState::Disabled => "disabled",
+        }
+    }
+
+    /// The value of the `bulwark_circuit_state` gauge: 0 closed, 1 open,
+    /// 2 half-open, 3 forced open, 4 disabled.
+    pub fn gauge_value(self) -> f64 {
+        match self {
+            CircuitState::Closed => 0.0,
+            CircuitState::Open => 1.0,
+            CircuitState::HalfOpen => 2.0,
+            CircuitState::ForcedOpen => 3.0,
+            CircuitState::Disabled => 4.0,
+        }
+    }
+}
+
+impl std::fmt::Display for CircuitState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Something a breaker did, sent to `on_event` listeners, `tracing` and
+/// `metrics`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum CircuitEvent {
+    /// The breaker changed state.
+    StateChanged {
+        /// The breaker's name.
+        name: Arc<str>,
+        /// The state before.
+        from: CircuitState,
+        /// The state after.
+        to: CircuitState,
+        /// When opening: for how long.
+        open_for: Option<Duration>,
+        /// Whether an upstream's back-off hint (`Retry-After`) opened it.
+        retry_after_hint: bool,
+    },
+    /// A call was rejected without reaching the inner service.
+    Rejected {
+        /// The breaker's name.
+        name: Arc<str>,
+        /// The state that rejected.
+        state: CircuitState,
+        /// Time until the next probe, when known.
+        retry_after: Option<Duration>,
+    },
+}
+
+impl Event for CircuitEvent {
+    fn layer(&self) -> &'static str {
+        "circuit_breaker"
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            CircuitEvent::StateChanged { name, .. } | CircuitEvent::Rejected { name, .. } => name,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            CircuitEvent::StateChanged { to, .. } => match to {
+                CircuitState::Closed => "closed",
+                CircuitState::Open => "opened",
+                CircuitState::HalfOpen => "half_opened",
+                CircuitState::ForcedOpen => "forced_open",
+                CircuitState::Disabled => "disabled",
+            },
+            CircuitEvent::Rejected { .. } => "rejected",
+        }
+    }
+
+    fn is_warning(&self) -> bool {
+        matches!(
+            self,
+            CircuitEvent::StateChanged {
+                to: CircuitState::Open | CircuitState::ForcedOpen,
+                ..
+            }
+        )
+    }
+}
+
+/// A snapshot of a breaker's counts, from [`CircuitHandle::metrics`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct CircuitMetrics {
+    /// The state, as [`CircuitHandle::state`] reports it.
+    pub state: CircuitState,
+    /// Consecutive failures so far (consecutive mode, closed).
+    pub consecutive_failures: u32,
+    /// Probes running (half-open).
+    pub half_open_in_flight: u32,
+    /// Calls in the sliding window (window mode).
+    pub window_calls: u32,
+    /// Failure rate over the window (window mode, once it holds a call).
+    pub failure_rate: Option<f64>,
+    /// Slow-call rate over the window (window mode, once it holds a call).
+    pub slow_call_rate: Option<f64>,
+    /// Failures recorded since the breaker was built.
+    pub failures_total: u64,
+    /// Calls rejected since the breaker was built.
+    pub rejected_total: u64,
+    /// Time left in the open period (open).
+    pub open_remaining: Option<Duration>,
+}

@@ -1,0 +1,22 @@
+//! HTTP support (feature `http`): status classification, `Retry-After`,
+//! and rejection errors turned into responses.
+//!
+//! - [`StatusClassifier`] makes 5xx responses failures for the breaker,
+//!   retry and fallback, although they are `Ok` at the service level, and
+//!   reads `Retry-After` from 429 and 503 answers as a back-off hint.
+//! - [`parse_retry_after`] understands both forms of the header:
+//!   delta-seconds and HTTP-date.
+//! - [`error_response`] maps the crate's rejections to `503 Service
+//!   Unavailable` or `429 Too Many Requests` with a `Retry-After` header;
+//!   with the `axum` feature, [`handle_error`] plugs it into axum's
+//!   `HandleErrorLayer`.
+
+mod classify;
+mod response;
+mod retry_after;
+
+pub use classify::StatusClassifier;
+#[cfg(feature = "axum")]
+pub use response::handle_error;
+pub use response::{error_response, rejection_status};
+pub use retry_after::{parse_retry_after, retry_after_of};

@@ -1,0 +1,122 @@
+//! Observability shared by every layer.
+//!
+//! Each layer reports what it does as a typed event (for example
+//! `circuit_breaker::CircuitEvent`). Every event goes to three places:
+//!
+//! - a `tracing` event (feature `tracing`, on by default) with the same
+//!   fields in every layer: `layer`, `name` and `event`, plus the event's
+//!   own `detail`; warnings (a circuit opening, a bucket running dry) are
+//!   logged at `WARN`, the rest at `DEBUG`;
+//! - the `metrics` facade (feature `metrics`): a counter
+//!   `bulwark_events_total{layer, name, event}`, and gauges that layers keep
+//!   current (such as `bulwark_circuit_state{name}`);
+//! - the builder's `on_event` listener, if one was given: a plain closure,
+//!   called synchronously, that must not block.
+//!
+//! Events are only raised off the hot path: a successful call through a
+//! healthy layer raises none.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// What every layer's events have in common.
+pub trait Event: fmt::Debug {
+    /// The reporting layer, e.g. `"circuit_breaker"`.
+    fn layer(&self) -> &'static str;
+    /// The layer's configured name.
+    fn name(&self) -> &str;
+    /// A short, stable, snake_case label for the event, e.g. `"opened"`.
+    fn kind(&self) -> &'static str;
+    /// Whether the event deserves attention (logged at `WARN`).
+    fn is_warning(&self) -> bool {
+        false
+    }
+}
+
+type ListenerFn<E> = dyn Fn(&E) + Send + Sync;
+
+/// The `on_event` listeners of one layer. Cheap to clone.
+pub(crate) struct Listeners<E> {
+    listeners: Vec<Arc<ListenerFn<E>>>,
+}
+
+impl<E> Clone for Listeners<E> {
+    fn clone(&self) -> Self {
+        Self {
+            listeners: self.listeners.clone(),
+        }
+    }
+}
+
+impl<E> Default for Listeners<E> {
+    fn default() -> Self {
+        Self {
+            listeners: Vec::new(),
+        }
+    }
+}
+
+impl<E> fmt::Debug for Listeners<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Listeners")
+            .field("count", &self.listeners.len())
+            .finish()
+    }
+}
+
+impl<E: Event> Listeners<E> {
+    pub(crate) fn push(&mut self, f: impl Fn(&E) + Send + Sync + 'static) {
+        self.listeners.push(Arc::new(f));
+    }
+
+    /// Sends `event` to tracing, metrics and the listeners.
+    pub(crate) fn emit(&self, event: &E) {
+        trace_event(event);
+        #[cfg(feature = "metrics")]
+        metrics::counter!(
+            "bulwark_events_total",
+            "layer" => event.layer(),
+            "name" => event.name().to_owned(),
+            "event" => event.kind(),
+        )
+        .increment(1);
+        for l in &self.listeners {
+            l(event);
+        }
+    }
+}
+
+#[cfg(feature = "tracing")]
+fn trace_event<E: Event>(event: &E) {
+    if event.is_warning() {
+        tracing::warn!(
+            layer = event.layer(),
+            name = event.name(),
+            event = event.kind(),
+            detail = ?event,
+            "bulwark {} {}",
+            event.layer(),
+            event.kind()
+        );
+    } else {
+        tracing::debug!(
+            layer = event.layer(),
+            name = event.name(),
+            event = event.kind(),
+            detail = ?event,
+            "bulwark {} {}",
+            event.layer(),
+            event.kind()
+        );
+    }
+}
+
+#[cfg(not(feature = "tracing"))]
+fn trace_event<E: Event>(_event: &E) {}
+
+/// Sets a gauge through the `metrics` facade (a no-op without the feature).
+#[allow(unused_variables)]
+pub(crate) fn gauge(metric: &'static str, name: &str, value: f64) {
+    #[cfg(feature = "metrics")]
+    metrics::gauge!(metric, "name" => name.to_owned()).set(value);
+}
