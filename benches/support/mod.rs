@@ -1,0 +1,79 @@
+//! Shared harness for the per-call benchmarks: every figure is the cost of
+//! `poll_ready` + `call` + one poll of the response future, with a no-op
+//! waker, on a service whose inner call is immediately ready.
+#![allow(dead_code, unreachable_pub)]
+
+use std::convert::Infallible;
+use std::future::{ready, Future, Ready};
+use std::hint::black_box;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use tower::Service;
+
+/// Drives one request through `svc` to completion; panics if anything is
+/// pending (every benchmarked path answers at once).
+#[inline]
+pub fn drive<S: Service<R>, R>(svc: &mut S, req: R) -> Result<S::Response, S::Error> {
+    let mut cx = Context::from_waker(Waker::noop());
+    match svc.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => {}
+        Poll::Ready(Err(e)) => return Err(e),
+        Poll::Pending => panic!("service not ready"),
+    }
+    let fut = pin!(svc.call(req));
+    match fut.poll(&mut cx) {
+        Poll::Ready(r) => r,
+        Poll::Pending => panic!("response pending"),
+    }
+}
+
+/// The bare service every layer wraps: echoes its input.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Bare;
+
+impl Service<u64> for Bare {
+    type Response = u64;
+    type Error = Infallible;
+    type Future = Ready<Result<u64, Infallible>>;
+
+    #[inline]
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline]
+    fn call(&mut self, req: u64) -> Self::Future {
+        ready(Ok(req))
+    }
+}
+
+/// Runs `iters` calls split over `threads` threads, each on its own clone
+/// of `svc` (so all share the layer's state), and returns the wall time:
+/// criterion then reports time per call across the whole group.
+pub fn threaded<S>(svc: &S, threads: u64, iters: u64) -> Duration
+where
+    S: Service<u64> + Clone + Send + 'static,
+{
+    let per = iters.div_ceil(threads);
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(threads as usize + 1));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let mut svc = svc.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                for i in 0..per {
+                    let _ = black_box(drive(&mut svc, black_box(i)));
+                }
+            })
+        })
+        .collect();
+    barrier.wait();
+    let start = Instant::now();
+    for h in handles {
+        h.join().expect("bench thread panicked");
+    }
+    start.elapsed()
+}
