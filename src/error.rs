@@ -181,6 +181,12 @@ fn probe<'a, T: Rejection>(err: &'a (dyn Error + 'static)) -> Option<&'a dyn Rej
 const PROBES: &[Probe] = &[
     #[cfg(feature = "circuit-breaker")]
     probe::<crate::circuit_breaker::CircuitOpen>,
+    #[cfg(feature = "rate-limit")]
+    probe::<crate::rate_limit::RateLimited>,
+    #[cfg(feature = "rate-limit")]
+    probe::<crate::rate_limit::CostTooHigh>,
+    #[cfg(feature = "bulkhead")]
+    probe::<crate::bulkhead::BulkheadFull>,
 ];
 
 /// Finds the crate's rejection in `err` or in its chain of
@@ -193,6 +199,19 @@ pub fn rejection<'a>(err: &'a (dyn Error + 'static)) -> Option<&'a dyn Rejection
     while let Some(e) = cur {
         if let Some(r) = PROBES.iter().find_map(|p| p(e)) {
             return Some(r);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// Finds a `T` in `err` or in its chain of sources.
+#[allow(dead_code)]
+pub(crate) fn find<'a, T: Error + 'static>(err: &'a (dyn Error + 'static)) -> Option<&'a T> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(t) = e.downcast_ref::<T>() {
+            return Some(t);
         }
         cur = e.source();
     }

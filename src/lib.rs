@@ -70,8 +70,18 @@ pub mod observe;
 pub mod circuit_breaker;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "rate-limit")]
+pub mod rate_limit;
+#[cfg(feature = "bulkhead")]
+pub mod bulkhead;
+#[allow(unused_imports)]
+mod sync;
 
 #[cfg(feature = "circuit-breaker")]
 pub use circuit_breaker::CircuitBreakerLayer;
+#[cfg(feature = "rate-limit")]
+pub use rate_limit::RateLimitLayer;
+#[cfg(feature = "bulkhead")]
+pub use bulkhead::BulkheadLayer;
 pub use classify::{Classify, Outcome};
 pub use error::{BoxError, ConfigError, Rejection};

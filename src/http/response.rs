@@ -42,7 +42,30 @@ pub fn error_response<B: From<String>>(err: &(dyn Error + 'static)) -> Response<
         res.headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from(secs));
     }
+    layer_headers(err, &mut res);
     res
+}
+
+/// Headers only one layer's rejection can fill in.
+#[allow(unused_variables)]
+fn layer_headers<B>(err: &(dyn Error + 'static), res: &mut Response<B>) {
+    #[cfg(feature = "rate-limit")]
+    if let Some(l) = crate::error::find::<crate::rate_limit::RateLimited>(err) {
+        // draft-ietf-httpapi-ratelimit-headers: the bucket's size, what is
+        // left, and seconds until the request would be admitted.
+        let reset = l.retry_after().as_secs() + u64::from(l.retry_after().subsec_nanos() > 0);
+        let h = res.headers_mut();
+        h.insert("ratelimit-limit", HeaderValue::from(l.limit().floor() as u64));
+        h.insert("ratelimit-remaining", HeaderValue::from(l.remaining().floor() as u64));
+        h.insert("ratelimit-reset", HeaderValue::from(reset));
+    }
+    #[cfg(feature = "bulkhead")]
+    if crate::error::find::<crate::bulkhead::BulkheadFull>(err).is_some() {
+        // A bulkhead cannot know when a slot frees up: suggest a short pause.
+        res.headers_mut()
+            .entry(RETRY_AFTER)
+            .or_insert(HeaderValue::from_static("1"));
+    }
 }
 
 fn plain<B: From<String>>(status: StatusCode, msg: String) -> Response<B> {

@@ -1,0 +1,154 @@
+//! The bulkhead's response future.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use pin_project_lite::pin_project;
+use tokio::sync::{AcquireError, OwnedSemaphorePermit};
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use super::state::{Core, Slot};
+use crate::error::BoxError;
+
+type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+
+pin_project! {
+    /// The response future of [`Bulkhead`](super::Bulkhead). It owns the
+    /// call's slot and gives it back when it completes or is dropped.
+    pub struct ResponseFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        kind: Kind<S, Req>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<S, Req>
+    where
+        S: Service<Req>,
+    {
+        Called {
+            #[pin]
+            fut: S::Future,
+            slot: Option<Slot>,
+        },
+        Waiting {
+            acquire: Acquire,
+            #[pin]
+            deadline: Sleep,
+            start: Instant,
+            core: Arc<Core>,
+            svc: Option<S>,
+            req: Option<Req>,
+        },
+        Rejected {
+            err: Option<BoxError>,
+        },
+    }
+}
+
+impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
+    #[inline]
+    pub(crate) fn called(fut: S::Future, slot: Slot) -> Self {
+        Self {
+            kind: Kind::Called {
+                fut,
+                slot: Some(slot),
+            },
+        }
+    }
+
+    pub(crate) fn waiting(core: Arc<Core>, acquire: Acquire, svc: S, req: Req) -> Self {
+        let start = Instant::now();
+        Self {
+            kind: Kind::Waiting {
+                acquire,
+                deadline: tokio::time::sleep_until(start + core.cfg.max_wait),
+                start,
+                core,
+                svc: Some(svc),
+                req: Some(req),
+            },
+        }
+    }
+
+    pub(crate) fn rejected(err: BoxError) -> Self {
+        Self {
+            kind: Kind::Rejected { err: Some(err) },
+        }
+    }
+}
+
+impl<S, Req> Future for ResponseFuture<S, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut kind = self.project().kind;
+        loop {
+            match kind.as_mut().project() {
+                KindProj::Called { fut, slot } => {
+                    let res = ready!(fut.poll(cx));
+                    // Give the slot back now rather than when the future is
+                    // dropped: the call is over.
+                    drop(slot.take());
+                    return Poll::Ready(res.map_err(Into::into));
+                }
+                KindProj::Waiting {
+                    acquire,
+                    deadline,
+                    start,
+                    core,
+                    svc,
+                    req,
+                } => {
+                    let permit = match acquire.as_mut().poll(cx) {
+                        Poll::Ready(Ok(p)) => p,
+                        // The semaphore is never closed.
+                        Poll::Ready(Err(_)) | Poll::Pending => {
+                            ready!(deadline.poll(cx));
+                            let err = core.rejected(start.elapsed());
+                            kind.set(Kind::Rejected {
+                                err: Some(err.into()),
+                            });
+                            continue;
+                        }
+                    };
+                    core.acquired();
+                    let mut svc = svc.take().expect("polled after completion");
+                    let req = req.take().expect("polled after completion");
+                    let slot = Slot::Permit(permit);
+                    let fut = svc.call(req);
+                    kind.set(Kind::Called {
+                        fut,
+                        slot: Some(slot),
+                    });
+                }
+                KindProj::Rejected { err } => {
+                    return Poll::Ready(Err(err.take().expect("polled after completion")));
+                }
+            }
+        }
+    }
+}
+
+impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.kind {
+            Kind::Called { .. } => "called",
+            Kind::Waiting { .. } => "waiting",
+            Kind::Rejected { .. } => "rejected",
+        };
+        f.debug_struct("ResponseFuture").field("state", &state).finish()
+    }
+}

@@ -1,0 +1,144 @@
+//! Bulkhead: cap the calls running at once, so one slow upstream cannot
+//! take every worker with it.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+//! use tower_bulwark::bulkhead::{BulkheadFull, BulkheadLayer};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let layer = BulkheadLayer::builder()
+//!     .name("db")
+//!     .max_concurrent(1)
+//!     .max_wait(Duration::ZERO) // fail fast (the default)
+//!     .build()?;
+//! let handle = layer.handle();
+//! let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+//! let rx = std::sync::Mutex::new(Some(rx));
+//! let mut svc = ServiceBuilder::new().layer(layer).service(service_fn(move |_: ()| {
+//!     let rx = rx.lock().unwrap().take();
+//!     async move {
+//!         if let Some(rx) = rx { let _ = rx.await; }
+//!         Ok::<_, std::io::Error>(())
+//!     }
+//! }));
+//!
+//! // The first call holds the only slot until it finishes...
+//! let first = tokio::spawn(svc.ready().await?.call(()));
+//! tokio::task::yield_now().await;
+//! assert_eq!(handle.in_flight(), 1);
+//! // ...so the second is turned away at once.
+//! let err = svc.ready().await?.call(()).await.unwrap_err();
+//! assert_eq!(err.downcast_ref::<BulkheadFull>().unwrap().capacity(), 1);
+//!
+//! tx.send(()).unwrap();
+//! first.await??;
+//! assert_eq!(handle.available(), 1);
+//! # Ok(()) }
+//! ```
+//!
+//! # Slots
+//!
+//! A slot is taken when the request is *called*, never in `poll_ready`:
+//! hyper polls readiness before a request arrives, and an idle keep-alive
+//! connection must not hold capacity. The slot belongs to the response
+//! future and is given back when the call completes, when the future is
+//! dropped, or when the inner service panics.
+//!
+//! # Backpressure
+//!
+//! By default a full bulkhead fails fast with [`BulkheadFull`]. With
+//! [`max_wait`](BulkheadBuilder::max_wait), a call waits up to that long
+//! for a slot inside its response future, waiters served in arrival order
+//! (FIFO), and fails with [`BulkheadFull`] if none frees up. A
+//! [`soft_limit`](BulkheadBuilder::soft_limit) raises a warning event when
+//! the calls in flight reach it (seed 002's `BackpressureGuard`), before
+//! anything is refused.
+//!
+//! # Errors
+//!
+//! `poll_ready` only forwards to the inner service. A rejection is an
+//! error future holding [`BulkheadFull`] (boxed into
+//! [`BoxError`](crate::error::BoxError)), naming the bulkhead and its
+//! capacity. With the `http` feature, `http::error_response` maps it to
+//! `503 Service Unavailable` with `Retry-After: 1`.
+//!
+//! # Clone
+//!
+//! The slots live behind an `Arc` made by `build()`. The layer, its
+//! clones, every service it makes and their clones all share one set;
+//! build another layer for another bulkhead.
+//!
+//! # Cost
+//!
+//! In fail-fast mode a call takes its slot with one compare-and-swap on an
+//! atomic counter and gives it back with one subtraction, plus a reference
+//! count: no lock, no allocation. Waiting mode uses tokio's fair semaphore
+//! (whose release takes a short lock) and boxes the wait of a call that
+//! finds no free slot.
+
+mod error;
+pub mod future;
+mod layer;
+mod service;
+mod state;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use error::BulkheadFull;
+pub use layer::{BulkheadBuilder, BulkheadHandle, BulkheadLayer};
+pub use service::Bulkhead;
+
+use crate::observe::Event;
+
+/// Something a bulkhead did, sent to `on_event` listeners, `tracing` and
+/// `metrics`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum BulkheadEvent {
+    /// The calls in flight climbed to the soft limit (a warning).
+    SoftLimitReached {
+        /// The bulkhead's name.
+        name: Arc<str>,
+        /// Calls in flight.
+        in_flight: usize,
+        /// The hard limit.
+        capacity: usize,
+    },
+    /// A call was rejected without reaching the inner service.
+    Rejected {
+        /// The bulkhead's name.
+        name: Arc<str>,
+        /// The hard limit.
+        capacity: usize,
+        /// How long it waited first.
+        waited: Duration,
+    },
+}
+
+impl Event for BulkheadEvent {
+    fn layer(&self) -> &'static str {
+        "bulkhead"
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            BulkheadEvent::SoftLimitReached { name, .. } | BulkheadEvent::Rejected { name, .. } => {
+                name
+            }
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            BulkheadEvent::SoftLimitReached { .. } => "soft_limit_reached",
+            BulkheadEvent::Rejected { .. } => "rejected",
+        }
+    }
+
+    fn is_warning(&self) -> bool {
+        matches!(self, BulkheadEvent::SoftLimitReached { .. })
+    }
+}

@@ -1,0 +1,200 @@
+//! Per-key buckets with bounded memory.
+//!
+//! Keys are spread over a fixed number of shards, each a `RwLock`ed map
+//! from key to its GCRA word: a known key costs a read lock and one
+//! compare-and-swap; only a new key takes the write lock.
+//!
+//! Memory stays bounded however many keys arrive:
+//! - a bucket that is full again (`tat <= now`) decides exactly like a
+//!   fresh one, so forgetting it is lossless; each shard sweeps such idle
+//!   buckets whenever it has doubled since its last sweep;
+//! - each shard holds at most its share of `max_keys`. When a shard is
+//!   full of live buckets, it forgets the quarter closest to full: those
+//!   keys start afresh, the price of a cap an attacker cannot exceed.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, RandomState};
+use std::sync::{PoisonError, RwLock};
+
+use super::gcra::{self, Decision, Params};
+use super::state::Bucket;
+use crate::clock::Nanos;
+
+const MAX_SHARDS: usize = 64;
+const MIN_SWEEP: usize = 64;
+
+#[derive(Debug)]
+struct ShardMap<K> {
+    map: HashMap<K, Bucket>,
+    /// Sweep idle buckets when the map reaches this size.
+    sweep_at: usize,
+}
+
+#[derive(Debug)]
+pub(crate) struct KeyMap<K> {
+    shards: Box<[RwLock<ShardMap<K>>]>,
+    hasher: RandomState,
+    per_shard: usize,
+}
+
+/// Buckets forgotten by one insertion's sweep.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Evicted {
+    pub(crate) idle: usize,
+    pub(crate) live: usize,
+}
+
+impl<K: Hash + Eq> KeyMap<K> {
+    pub(crate) fn new(max_keys: usize) -> Self {
+        let max_keys = max_keys.max(1);
+        // The largest power of two not above `max_keys`, so the shards'
+        // shares never add up to more than the cap.
+        let shards = (1usize << max_keys.ilog2()).min(MAX_SHARDS);
+        let per_shard = max_keys / shards;
+        Self {
+            shards: (0..shards)
+                .map(|_| {
+                    RwLock::new(ShardMap {
+                        map: HashMap::new(),
+                        sweep_at: MIN_SWEEP.min(per_shard),
+                    })
+                })
+                .collect(),
+            hasher: RandomState::new(),
+            per_shard,
+        }
+    }
+
+    #[inline]
+    fn shard(&self, key: &K) -> &RwLock<ShardMap<K>> {
+        let h = self.hasher.hash_one(key);
+        // The high bits: the maps inside use the low ones.
+        &self.shards[(h >> 40) as usize & (self.shards.len() - 1)]
+    }
+
+    #[inline]
+    pub(crate) fn acquire(&self, key: K, now: Nanos, inc: Nanos, p: &Params) -> (Decision, Evicted) {
+        let shard = self.shard(&key);
+        {
+            let s = shard.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(b) = s.map.get(&key) {
+                return (b.acquire(now, inc, p), Evicted::default());
+            }
+        }
+        self.insert(shard, key, now, inc, p)
+    }
+
+    #[cold]
+    fn insert(
+        &self,
+        shard: &RwLock<ShardMap<K>>,
+        key: K,
+        now: Nanos,
+        inc: Nanos,
+        p: &Params,
+    ) -> (Decision, Evicted) {
+        let mut s = shard.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(b) = s.map.get(&key) {
+            return (b.acquire(now, inc, p), Evicted::default());
+        }
+        let evicted = make_room(&mut s, now, self.per_shard);
+        let b = Bucket::new();
+        // A fresh bucket admits any valid increment at once.
+        let d = b.acquire(now, inc, p);
+        s.map.insert(key, b);
+        (d, evicted)
+    }
+
+    pub(crate) fn refund(&self, key: &K, mine: Nanos, inc: Nanos) -> bool {
+        let s = self.shard(key).read().unwrap_or_else(PoisonError::into_inner);
+        s.map.get(key).is_some_and(|b| b.refund(mine, inc))
+    }
+
+    pub(crate) fn tokens(&self, key: &K, now: Nanos, p: &Params) -> f64 {
+        let s = self.shard(key).read().unwrap_or_else(PoisonError::into_inner);
+        let tat = s.map.get(key).map_or(0, Bucket::load);
+        gcra::tokens(tat, now, p)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(PoisonError::into_inner).map.len())
+            .sum()
+    }
+
+    pub(crate) fn clear(&self) {
+        for s in self.shards.iter() {
+            let mut s = s.write().unwrap_or_else(PoisonError::into_inner);
+            s.map = HashMap::new();
+            s.sweep_at = MIN_SWEEP.min(self.per_shard);
+        }
+    }
+}
+
+/// Makes room for one more key in a shard.
+fn make_room<K>(s: &mut ShardMap<K>, now: Nanos, cap: usize) -> Evicted {
+    let mut ev = Evicted::default();
+    if s.map.len() < s.sweep_at && s.map.len() < cap {
+        return ev;
+    }
+    let before = s.map.len();
+    s.map.retain(|_, b| !gcra::is_idle(b.load(), now));
+    ev.idle = before - s.map.len();
+    if s.map.len() >= cap {
+        // Full of live buckets: forget those closest to full.
+        let keep = cap - cap.div_ceil(4);
+        let mut cut = s.map.len() - keep;
+        let mut debts: Vec<Nanos> = s.map.values().map(|b| b.load().saturating_sub(now)).collect();
+        let (_, &mut threshold, _) = debts.select_nth_unstable(cut - 1);
+        ev.live = cut;
+        s.map.retain(|_, b| {
+            if cut > 0 && b.load().saturating_sub(now) <= threshold {
+                cut -= 1;
+                false
+            } else {
+                true
+            }
+        });
+    }
+    s.sweep_at = (s.map.len() * 2).clamp(MIN_SWEEP.min(cap), cap);
+    ev
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Nanos = 1_000_000_000;
+
+    #[test]
+    fn cap_holds_and_idle_keys_go_first() {
+        let p = Params::new(1.0, 1.0, 0);
+        let m = KeyMap::<u32>::new(1000);
+        for k in 0..100_000u32 {
+            m.acquire(k, 0, S, &p);
+            assert!(m.len() <= 1000);
+        }
+        // Once full again every bucket is forgettable.
+        let (_, ev) = m.acquire(u32::MAX, 10 * S, S, &p);
+        let _ = ev;
+        for k in 0..2000u32 {
+            m.acquire(k + 200_000, 10 * S, S, &p);
+        }
+        assert!(m.len() <= 1000);
+    }
+
+    #[test]
+    fn known_key_keeps_its_bucket() {
+        let p = Params::new(2.0, 1.0, 0);
+        let m = KeyMap::<&str>::new(10);
+        assert!(matches!(m.acquire("a", 0, S, &p).0, Decision::Admit { .. }));
+        assert!(matches!(m.acquire("a", 0, S, &p).0, Decision::Admit { .. }));
+        assert!(matches!(m.acquire("a", 0, S, &p).0, Decision::Reject { .. }));
+        assert!(matches!(m.acquire("b", 0, S, &p).0, Decision::Admit { .. }));
+        assert_eq!(m.tokens(&"a", 0, &p), 0.0);
+        assert_eq!(m.tokens(&"zzz", 0, &p), 2.0);
+        m.clear();
+        assert_eq!(m.len(), 0);
+    }
+}

@@ -1,0 +1,514 @@
+//! The limiter layer, its builder, its handle, and the key and cost
+//! adapters.
+
+use std::fmt;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::gcra::Params;
+use super::keyed::KeyMap;
+use super::state::{Config, Core};
+use super::{RateLimit, RateLimitEvent};
+use crate::classify::DefaultClassifier;
+use crate::clock::nanos;
+use crate::error::{Check, ConfigError};
+use crate::observe::Listeners;
+
+const LAYER: &str = "rate_limit";
+
+/// The default key: one bucket for every request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Global;
+
+/// A bucket per key, the key taken from each request by a closure. Made
+/// by [`RateLimitBuilder::key`].
+pub struct Keyed<F, K> {
+    pub(crate) f: F,
+    pub(crate) map: KeyMap<K>,
+}
+
+impl<F, K> fmt::Debug for Keyed<F, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keyed")
+            .field("key", &std::any::type_name::<F>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The tokens one request costs.
+///
+/// Return `None` for the builder's
+/// [`tokens_per_request`](RateLimitBuilder::tokens_per_request). A closure
+/// `Fn(&Req) -> f64` becomes a `Cost` through [`RateLimitBuilder::cost`]:
+///
+/// ```
+/// use tower_bulwark::rate_limit::RateLimitLayer;
+///
+/// struct Prompt { text: String }
+///
+/// # fn main() -> Result<(), tower_bulwark::ConfigError> {
+/// // A budget of 10,000 prompt bytes, refilled at 500 a second.
+/// let layer = RateLimitLayer::builder()
+///     .max_tokens(10_000.0)
+///     .refill_rate(500.0)
+///     .cost(|p: &Prompt| p.text.len() as f64)
+///     .build()?;
+/// # Ok(()) }
+/// ```
+pub trait Cost<Req> {
+    /// The cost of `req` in tokens, or `None` for the default.
+    fn cost(&self, req: &Req) -> Option<f64>;
+}
+
+/// Every request costs `tokens_per_request`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FixedCost;
+
+impl<Req> Cost<Req> for FixedCost {
+    #[inline]
+    fn cost(&self, _req: &Req) -> Option<f64> {
+        None
+    }
+}
+
+/// A [`Cost`] from a closure. Made by [`RateLimitBuilder::cost`].
+#[derive(Clone, Copy)]
+pub struct CostFn<F> {
+    f: F,
+}
+
+impl<F, Req> Cost<Req> for CostFn<F>
+where
+    F: Fn(&Req) -> f64,
+{
+    #[inline]
+    fn cost(&self, req: &Req) -> Option<f64> {
+        Some((self.f)(req))
+    }
+}
+
+impl<F> fmt::Debug for CostFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CostFn")
+            .field("f", &std::any::type_name::<F>())
+            .finish()
+    }
+}
+
+/// What every service of a layer shares: the core and the request-typed
+/// parts, behind one `Arc`.
+#[derive(Debug)]
+pub(crate) struct Shared<K, C, H> {
+    pub(crate) core: Core,
+    pub(crate) key: K,
+    pub(crate) cost: C,
+    /// Reads upstream back-off hints from results, when asked to.
+    pub(crate) hint: Option<H>,
+}
+
+/// Builds [`RateLimit`] services that all share one limiter.
+///
+/// Made with [`RateLimitLayer::builder`]. Cloning the layer, and every
+/// service it makes, shares the same buckets.
+pub struct RateLimitLayer<K = Global, C = FixedCost, H = DefaultClassifier> {
+    pub(crate) shared: Arc<Shared<K, C, H>>,
+}
+
+impl RateLimitLayer {
+    /// A builder with the defaults: a bucket of 50 tokens refilled at 10 a
+    /// second, 1 token a request, rejecting at once when empty.
+    pub fn builder() -> RateLimitBuilder {
+        RateLimitBuilder::new()
+    }
+}
+
+impl<C, H> RateLimitLayer<Global, C, H>
+where
+    C: Send + Sync + 'static,
+    H: Send + Sync + 'static,
+{
+    /// A handle that reads and steers the shared state from outside the
+    /// stack.
+    pub fn handle(&self) -> RateLimitHandle {
+        RateLimitHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<F, K, C, H> RateLimitLayer<Keyed<F, K>, C, H>
+where
+    F: Send + Sync + 'static,
+    K: Hash + Eq + Send + Sync + 'static,
+    C: Send + Sync + 'static,
+    H: Send + Sync + 'static,
+{
+    /// A handle that reads and steers the shared state from outside the
+    /// stack.
+    pub fn handle(&self) -> RateLimitHandle {
+        RateLimitHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Tokens available now in `key`'s bucket.
+    pub fn tokens_for(&self, key: &K) -> f64 {
+        let core = &self.shared.core;
+        self.shared.key.map.tokens(key, core.clock.now(), &core.params)
+    }
+}
+
+impl<K, C, H> Clone for RateLimitLayer<K, C, H> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<K: fmt::Debug, C: fmt::Debug, H> fmt::Debug for RateLimitLayer<K, C, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitLayer")
+            .field("config", &self.shared.core.cfg)
+            .field("max_wait", &Duration::from_nanos(self.shared.core.params.max_wait))
+            .field("key", &self.shared.key)
+            .field("cost", &self.shared.cost)
+            .finish()
+    }
+}
+
+impl<S, K, C, H> Layer<S> for RateLimitLayer<K, C, H> {
+    type Service = RateLimit<S, K, C, H>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimit::from_shared(inner, self.shared.clone())
+    }
+}
+
+/// Configures a [`RateLimitLayer`]. See the [module docs](super).
+pub struct RateLimitBuilder<K = Global, C = FixedCost, H = DefaultClassifier> {
+    name: Option<String>,
+    max_tokens: f64,
+    refill_rate: f64,
+    tokens_per_request: f64,
+    max_wait: Duration,
+    max_keys: usize,
+    key: K,
+    cost: C,
+    hint: Option<H>,
+    listeners: Listeners<RateLimitEvent>,
+}
+
+impl RateLimitBuilder {
+    fn new() -> Self {
+        Self {
+            name: None,
+            max_tokens: 50.0,
+            refill_rate: 10.0,
+            tokens_per_request: 1.0,
+            max_wait: Duration::ZERO,
+            max_keys: 100_000,
+            key: Global,
+            cost: FixedCost,
+            hint: None,
+            listeners: Listeners::default(),
+        }
+    }
+}
+
+impl<K, C, H> RateLimitBuilder<K, C, H> {
+    /// The limiter's name, used in errors, events and metrics.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The bucket's size: the largest burst (default 50).
+    pub fn max_tokens(mut self, n: f64) -> Self {
+        self.max_tokens = n;
+        self
+    }
+
+    /// Tokens added per second (default 10).
+    pub fn refill_rate(mut self, per_second: f64) -> Self {
+        self.refill_rate = per_second;
+        self
+    }
+
+    /// Tokens one request costs when no [`cost`](Self::cost) function says
+    /// otherwise (default 1).
+    pub fn tokens_per_request(mut self, n: f64) -> Self {
+        self.tokens_per_request = n;
+        self
+    }
+
+    /// How long a request may wait for its tokens inside its response
+    /// future (default zero: reject at once). A request that would wait
+    /// longer is rejected at once with the time it would have needed.
+    pub fn max_wait(mut self, d: Duration) -> Self {
+        self.max_wait = d;
+        self
+    }
+
+    /// The most keys a keyed limiter remembers (default 100,000). See
+    /// [`key`](Self::key).
+    pub fn max_keys(mut self, n: usize) -> Self {
+        self.max_keys = n;
+        self
+    }
+
+    /// Gives each key its own bucket, the key read from each request by
+    /// `f` (a client IP, an API key). Memory stays bounded: full buckets
+    /// are forgotten (losslessly), and at most
+    /// [`max_keys`](Self::max_keys) are kept.
+    ///
+    /// ```
+    /// use tower_bulwark::rate_limit::RateLimitLayer;
+    ///
+    /// struct Req { api_key: String }
+    ///
+    /// # fn main() -> Result<(), tower_bulwark::ConfigError> {
+    /// let per_client = RateLimitLayer::builder()
+    ///     .max_tokens(5.0)
+    ///     .refill_rate(1.0)
+    ///     .key(|r: &Req| r.api_key.clone())
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn key<Req, K2, F>(self, f: F) -> RateLimitBuilder<Keyed<F, K2>, C, H>
+    where
+        F: Fn(&Req) -> K2,
+        K2: Hash + Eq,
+    {
+        RateLimitBuilder {
+            name: self.name,
+            max_tokens: self.max_tokens,
+            refill_rate: self.refill_rate,
+            tokens_per_request: self.tokens_per_request,
+            max_wait: self.max_wait,
+            max_keys: self.max_keys,
+            key: Keyed {
+                f,
+                map: KeyMap::new(1),
+            },
+            cost: self.cost,
+            hint: self.hint,
+            listeners: self.listeners,
+        }
+    }
+
+    /// Charges each request the tokens `f` returns, such as an LLM
+    /// prompt's token count. A cost above `max_tokens` (or negative, or
+    /// NaN) fails the call with [`CostTooHigh`](super::CostTooHigh).
+    pub fn cost<Req, F>(self, f: F) -> RateLimitBuilder<K, CostFn<F>, H>
+    where
+        F: Fn(&Req) -> f64,
+    {
+        RateLimitBuilder {
+            name: self.name,
+            max_tokens: self.max_tokens,
+            refill_rate: self.refill_rate,
+            tokens_per_request: self.tokens_per_request,
+            max_wait: self.max_wait,
+            max_keys: self.max_keys,
+            key: self.key,
+            cost: CostFn { f },
+            hint: self.hint,
+            listeners: self.listeners,
+        }
+    }
+
+    /// Blocks the limiter when an upstream asks for a pause: `classifier`'s
+    /// [`retry_after`](crate::classify::Classify::retry_after) is read from
+    /// every result (with the `http` feature, `http::StatusClassifier`
+    /// reads `Retry-After` from 429 and 503 answers), and nothing is
+    /// admitted until then, as
+    /// [`set_retry_after`](RateLimitHandle::set_retry_after) does.
+    pub fn retry_after_from<H2>(self, classifier: H2) -> RateLimitBuilder<K, C, H2> {
+        RateLimitBuilder {
+            name: self.name,
+            max_tokens: self.max_tokens,
+            refill_rate: self.refill_rate,
+            tokens_per_request: self.tokens_per_request,
+            max_wait: self.max_wait,
+            max_keys: self.max_keys,
+            key: self.key,
+            cost: self.cost,
+            hint: Some(classifier),
+            listeners: self.listeners,
+        }
+    }
+
+    /// Calls `f` on every event (rejections, upstream blocks, evictions).
+    /// Listeners add up; each must be quick and must not block.
+    pub fn on_event(mut self, f: impl Fn(&RateLimitEvent) + Send + Sync + 'static) -> Self {
+        self.listeners.push(f);
+        self
+    }
+
+    fn core(&self) -> Result<Core, ConfigError> {
+        let check = Check { layer: LAYER };
+        check.positive("max_tokens", self.max_tokens)?;
+        check.positive("refill_rate", self.refill_rate)?;
+        check.positive("tokens_per_request", self.tokens_per_request)?;
+        if self.tokens_per_request > self.max_tokens {
+            return Err(ConfigError::new(
+                LAYER,
+                "tokens_per_request",
+                format!(
+                    "must not exceed max_tokens ({} > {})",
+                    self.tokens_per_request, self.max_tokens
+                ),
+            ));
+        }
+        check.at_least_one("max_keys", self.max_keys as u64)?;
+        let params = Params::new(self.max_tokens, self.refill_rate, nanos(self.max_wait));
+        if params.increment(self.tokens_per_request).is_none() {
+            return Err(ConfigError::new(LAYER, "max_tokens", "is too large for this refill_rate"));
+        }
+        let cfg = Config {
+            name: Arc::from(self.name.as_deref().unwrap_or_default()),
+            max_tokens: self.max_tokens,
+            tokens_per_request: self.tokens_per_request,
+        };
+        Ok(Core::new(cfg, params, self.listeners.clone()))
+    }
+}
+
+impl<C, H> RateLimitBuilder<Global, C, H> {
+    /// Validates the configuration and makes the layer.
+    pub fn build(self) -> Result<RateLimitLayer<Global, C, H>, ConfigError> {
+        let core = self.core()?;
+        Ok(RateLimitLayer {
+            shared: Arc::new(Shared {
+                core,
+                key: Global,
+                cost: self.cost,
+                hint: self.hint,
+            }),
+        })
+    }
+}
+
+impl<F, K: Hash + Eq, C, H> RateLimitBuilder<Keyed<F, K>, C, H> {
+    /// Validates the configuration and makes the layer.
+    pub fn build(self) -> Result<RateLimitLayer<Keyed<F, K>, C, H>, ConfigError> {
+        let core = self.core()?;
+        Ok(RateLimitLayer {
+            shared: Arc::new(Shared {
+                core,
+                key: Keyed {
+                    f: self.key.f,
+                    map: KeyMap::new(self.max_keys),
+                },
+                cost: self.cost,
+                hint: self.hint,
+            }),
+        })
+    }
+}
+
+impl<K, C, H> fmt::Debug for RateLimitBuilder<K, C, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitBuilder")
+            .field("name", &self.name)
+            .field("max_tokens", &self.max_tokens)
+            .field("refill_rate", &self.refill_rate)
+            .field("tokens_per_request", &self.tokens_per_request)
+            .field("max_wait", &self.max_wait)
+            .field("max_keys", &self.max_keys)
+            .field("key", &std::any::type_name::<K>())
+            .field("cost", &std::any::type_name::<C>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a handle needs from a layer's shared state, whatever its key.
+pub(crate) trait HandleOps: Send + Sync {
+    fn core(&self) -> &Core;
+    fn keys(&self) -> usize;
+    fn clear_keys(&self);
+}
+
+impl<C: Send + Sync, H: Send + Sync> HandleOps for Shared<Global, C, H> {
+    fn core(&self) -> &Core {
+        &self.core
+    }
+    fn keys(&self) -> usize {
+        0
+    }
+    fn clear_keys(&self) {}
+}
+
+impl<F: Send + Sync, K: Hash + Eq + Send + Sync, C: Send + Sync, H: Send + Sync> HandleOps
+    for Shared<Keyed<F, K>, C, H>
+{
+    fn core(&self) -> &Core {
+        &self.core
+    }
+    fn keys(&self) -> usize {
+        self.key.map.len()
+    }
+    fn clear_keys(&self) {
+        self.key.map.clear();
+    }
+}
+
+/// Reads and steers a limiter's shared state from outside the stack.
+///
+/// Cheap to clone; every clone and every service of the layer see the same
+/// state.
+#[derive(Clone)]
+pub struct RateLimitHandle {
+    shared: Arc<dyn HandleOps>,
+}
+
+impl RateLimitHandle {
+    /// The limiter's name.
+    pub fn name(&self) -> &str {
+        &self.shared.core().cfg.name
+    }
+
+    /// Tokens available now. For a keyed limiter, this is the bucket an
+    /// upstream block is kept in, which is full unless one is in force.
+    pub fn tokens(&self) -> f64 {
+        self.shared.core().tokens()
+    }
+
+    /// Admits nothing for `d` from now, as an upstream's `Retry-After`
+    /// asks (seed `SetRetryAfter`). Afterwards the bucket refills from
+    /// holding a single request. A longer block already in force is kept.
+    pub fn set_retry_after(&self, d: Duration) {
+        self.shared.core().block_for(d);
+    }
+
+    /// Time left in an upstream block, if one is in force.
+    pub fn blocked_for(&self) -> Option<Duration> {
+        let core = self.shared.core();
+        core.blocked(core.clock.now()).map(Duration::from_nanos)
+    }
+
+    /// Fills every bucket and lifts any block.
+    pub fn reset(&self) {
+        self.shared.core().reset();
+        self.shared.clear_keys();
+    }
+
+    /// Keys remembered by a keyed limiter (0 when unkeyed).
+    pub fn keys(&self) -> usize {
+        self.shared.keys()
+    }
+}
+
+impl fmt::Debug for RateLimitHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitHandle")
+            .field("name", &self.name())
+            .field("tokens", &self.tokens())
+            .finish()
+    }
+}
+
