@@ -84,4 +84,5 @@ pub use rate_limit::RateLimitLayer;
 #[cfg(feature = "bulkhead")]
 pub use bulkhead::BulkheadLayer;
 pub use classify::{Classify, Outcome};
+pub use clock::ClockSource;
 pub use error::{BoxError, ConfigError, Rejection};

@@ -29,6 +29,18 @@ pin_project! {
 }
 
 pin_project! {
+    struct Wait<S, Req> {
+        acquire: Acquire,
+        #[pin]
+        deadline: Sleep,
+        start: Instant,
+        core: Arc<Core>,
+        svc: Option<S>,
+        req: Option<Req>,
+    }
+}
+
+pin_project! {
     #[project = KindProj]
     enum Kind<S, Req>
     where
@@ -39,14 +51,9 @@ pin_project! {
             fut: S::Future,
             slot: Option<Slot>,
         },
+        // Boxed: only waiting calls pay for the timer's size.
         Waiting {
-            acquire: Acquire,
-            #[pin]
-            deadline: Sleep,
-            start: Instant,
-            core: Arc<Core>,
-            svc: Option<S>,
-            req: Option<Req>,
+            wait: Pin<Box<Wait<S, Req>>>,
         },
         Rejected {
             err: Option<BoxError>,
@@ -69,12 +76,14 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         let start = Instant::now();
         Self {
             kind: Kind::Waiting {
-                acquire,
-                deadline: tokio::time::sleep_until(start + core.cfg.max_wait),
-                start,
-                core,
-                svc: Some(svc),
-                req: Some(req),
+                wait: Box::pin(Wait {
+                    acquire,
+                    deadline: tokio::time::sleep_until(start + core.cfg.max_wait),
+                    start,
+                    core,
+                    svc: Some(svc),
+                    req: Some(req),
+                }),
             },
         }
     }
@@ -104,14 +113,10 @@ where
                     drop(slot.take());
                     return Poll::Ready(res.map_err(Into::into));
                 }
-                KindProj::Waiting {
-                    acquire,
-                    deadline,
-                    start,
-                    core,
-                    svc,
-                    req,
-                } => {
+                KindProj::Waiting { wait } => {
+                    let w = wait.as_mut().project();
+                    let (acquire, deadline, start, core, svc, req) =
+                        (w.acquire, w.deadline, w.start, w.core, w.svc, w.req);
                     let permit = match acquire.as_mut().poll(cx) {
                         Poll::Ready(Ok(p)) => p,
                         // The semaphore is never closed.

@@ -50,6 +50,16 @@ pin_project! {
 }
 
 pin_project! {
+    struct Wait<S, Req> {
+        #[pin]
+        sleep: Sleep,
+        svc: Option<S>,
+        req: Option<Req>,
+        refund: Refund,
+    }
+}
+
+pin_project! {
     #[project = KindProj]
     enum Kind<S, Req, K, C, H>
     where
@@ -60,12 +70,9 @@ pin_project! {
             fut: S::Future,
             hint: Option<Arc<Shared<K, C, H>>>,
         },
+        // Boxed: only waiting requests pay for the timer's size.
         Waiting {
-            #[pin]
-            sleep: Sleep,
-            svc: Option<S>,
-            req: Option<Req>,
-            refund: Refund,
+            wait: Pin<Box<Wait<S, Req>>>,
             hint: Option<Arc<Shared<K, C, H>>>,
         },
         Rejected {
@@ -90,10 +97,12 @@ impl<S: Service<Req>, Req, K, C, H> ResponseFuture<S, Req, K, C, H> {
     ) -> Self {
         Self {
             kind: Kind::Waiting {
-                sleep: tokio::time::sleep_until(at),
-                svc: Some(svc),
-                req: Some(req),
-                refund,
+                wait: Box::pin(Wait {
+                    sleep: tokio::time::sleep_until(at),
+                    svc: Some(svc),
+                    req: Some(req),
+                    refund,
+                }),
                 hint,
             },
         }
@@ -128,15 +137,11 @@ where
                     }
                     return Poll::Ready(res.map_err(Into::into));
                 }
-                KindProj::Waiting {
-                    sleep,
-                    svc,
-                    req,
-                    refund,
-                    hint,
-                } => {
-                    ready!(sleep.poll(cx));
-                    refund.disarm();
+                KindProj::Waiting { wait, hint } => {
+                    let w = wait.as_mut().project();
+                    ready!(w.sleep.poll(cx));
+                    w.refund.disarm();
+                    let (svc, req) = (w.svc, w.req);
                     let mut svc = svc.take().expect("polled after completion");
                     let req = req.take().expect("polled after completion");
                     let hint = hint.take();

@@ -13,7 +13,7 @@ use super::keyed::KeyMap;
 use super::state::{Config, Core};
 use super::{RateLimit, RateLimitEvent};
 use crate::classify::DefaultClassifier;
-use crate::clock::nanos;
+use crate::clock::{nanos, Clock, ClockSource};
 use crate::error::{Check, ConfigError};
 use crate::observe::Listeners;
 
@@ -199,6 +199,7 @@ pub struct RateLimitBuilder<K = Global, C = FixedCost, H = DefaultClassifier> {
     key: K,
     cost: C,
     hint: Option<H>,
+    clock: ClockSource,
     listeners: Listeners<RateLimitEvent>,
 }
 
@@ -214,6 +215,7 @@ impl RateLimitBuilder {
             key: Global,
             cost: FixedCost,
             hint: None,
+            clock: ClockSource::Tokio,
             listeners: Listeners::default(),
         }
     }
@@ -296,6 +298,7 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
             },
             cost: self.cost,
             hint: self.hint,
+            clock: self.clock,
             listeners: self.listeners,
         }
     }
@@ -317,6 +320,7 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
             key: self.key,
             cost: CostFn { f },
             hint: self.hint,
+            clock: self.clock,
             listeners: self.listeners,
         }
     }
@@ -338,8 +342,17 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
             key: self.key,
             cost: self.cost,
             hint: Some(classifier),
+            clock: self.clock,
             listeners: self.listeners,
         }
+    }
+
+    /// Where the limiter reads the time (default tokio's clock, which
+    /// `tokio::time::pause()` drives). [`ClockSource::Fast`] halves the
+    /// cost of an admitted call; see [`ClockSource`].
+    pub fn clock(mut self, source: ClockSource) -> Self {
+        self.clock = source;
+        self
     }
 
     /// Calls `f` on every event (rejections, upstream blocks, evictions).
@@ -374,7 +387,7 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
             max_tokens: self.max_tokens,
             tokens_per_request: self.tokens_per_request,
         };
-        Ok(Core::new(cfg, params, self.listeners.clone()))
+        Ok(Core::new(cfg, params, Clock::with_source(self.clock), self.listeners.clone()))
     }
 }
 

@@ -90,7 +90,12 @@ pub(crate) struct Core {
 }
 
 impl Core {
-    pub(crate) fn new(cfg: Config, params: Params, listeners: Listeners<RateLimitEvent>) -> Self {
+    pub(crate) fn new(
+        cfg: Config,
+        params: Params,
+        clock: Clock,
+        listeners: Listeners<RateLimitEvent>,
+    ) -> Self {
         let inc = params
             .increment(cfg.tokens_per_request)
             .expect("validated by the builder");
@@ -100,7 +105,7 @@ impl Core {
             inc,
             bucket: Bucket::new(),
             blocked_until: AtomicU64::new(0),
-            clock: Clock::new(),
+            clock,
             listeners,
         }
     }

@@ -1,0 +1,189 @@
+//! Admission control: the allowed-path cost of the rate limiter and the
+//! bulkhead against the bare service and their peers, in one run, on 1 and
+//! 2 threads. Also the clock reads the limiter could be built on.
+
+mod support;
+
+use std::hint::black_box;
+use std::num::NonZeroU32;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use governor::{Quota, RateLimiter as Governor};
+use tower::{Layer, Service};
+
+use support::{drive, Bare};
+
+/// Like `support::threaded`, but each thread runs inside the tokio
+/// runtime, which the tower-resilience futures need.
+fn threaded_rt<S>(rt: &tokio::runtime::Runtime, svc: &S, threads: u64, iters: u64) -> Duration
+where
+    S: Service<u64> + Clone + Send + 'static,
+{
+    let per = iters.div_ceil(threads);
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(threads as usize + 1));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let mut svc = svc.clone();
+            let barrier = barrier.clone();
+            let h = rt.handle().clone();
+            std::thread::spawn(move || {
+                let _g = h.enter();
+                barrier.wait();
+                for i in 0..per {
+                    let _ = black_box(drive(&mut svc, black_box(i)));
+                }
+            })
+        })
+        .collect();
+    barrier.wait();
+    let start = Instant::now();
+    for h in handles {
+        h.join().expect("bench thread panicked");
+    }
+    start.elapsed()
+}
+
+/// Runs `f` on `threads` threads sharing whatever it captures.
+fn threaded_fn<F>(threads: u64, iters: u64, f: F) -> Duration
+where
+    F: Fn(u64) + Send + Sync + Clone + 'static,
+{
+    let per = iters.div_ceil(threads);
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(threads as usize + 1));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let f = f.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                for i in 0..per {
+                    f(black_box(i));
+                }
+            })
+        })
+        .collect();
+    barrier.wait();
+    let start = Instant::now();
+    for h in handles {
+        h.join().expect("bench thread panicked");
+    }
+    start.elapsed()
+}
+
+/// A bucket no benchmark loop can empty.
+const HUGE: f64 = 1e12;
+
+fn rate_limit(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _g = rt.enter();
+    let ours = tower_bulwark::RateLimitLayer::builder()
+        .max_tokens(HUGE)
+        .refill_rate(HUGE)
+        .build()
+        .unwrap()
+        .layer(Bare);
+    let ours_fast = tower_bulwark::RateLimitLayer::builder()
+        .max_tokens(HUGE)
+        .refill_rate(HUGE)
+        .clock(tower_bulwark::ClockSource::Fast)
+        .build()
+        .unwrap()
+        .layer(Bare);
+    let ours_keyed = tower_bulwark::RateLimitLayer::builder()
+        .max_tokens(HUGE)
+        .refill_rate(HUGE)
+        .clock(tower_bulwark::ClockSource::Fast)
+        .key(|r: &u64| r % 1024)
+        .build()
+        .unwrap()
+        .layer(Bare);
+    let max = NonZeroU32::MAX;
+    let gov = std::sync::Arc::new(Governor::direct(Quota::per_second(max).allow_burst(max)));
+    let gov_keyed = std::sync::Arc::new(Governor::<u64, _, _, _>::keyed(
+        Quota::per_second(max).allow_burst(max),
+    ));
+    let resilience = tower_resilience::ratelimiter::RateLimiterLayer::builder()
+        .limit_for_period(usize::MAX / 4)
+        .refresh_period(Duration::from_secs(1))
+        .build()
+        .unwrap()
+        .layer(Bare);
+
+    for threads in [1u64, 2] {
+        let mut g = c.benchmark_group(format!("rate_limit/{threads}t"));
+        g.bench_function("bare", |b| b.iter_custom(|n| support::threaded(&Bare, threads, n)));
+        g.bench_function("bulwark", |b| b.iter_custom(|n| support::threaded(&ours, threads, n)));
+        g.bench_function("bulwark_fast_clock", |b| {
+            b.iter_custom(|n| support::threaded(&ours_fast, threads, n))
+        });
+        let gv = gov.clone();
+        g.bench_function("governor_check", |b| {
+            b.iter_custom(|n| {
+                let gv = gv.clone();
+                threaded_fn(threads, n, move |i| {
+                    let _ = black_box(gv.check());
+                    let _ = black_box(drive(&mut Bare, i));
+                })
+            })
+        });
+        g.bench_function("tower_resilience", |b| {
+            b.iter_custom(|n| threaded_rt(&rt, &resilience, threads, n))
+        });
+        g.bench_function("bulwark_keyed_fast_clock", |b| {
+            b.iter_custom(|n| support::threaded(&ours_keyed, threads, n))
+        });
+        let gk = gov_keyed.clone();
+        g.bench_function("governor_keyed", |b| {
+            b.iter_custom(|n| {
+                let gk = gk.clone();
+                threaded_fn(threads, n, move |i| {
+                    let _ = black_box(gk.check_key(&(i % 1024)));
+                    let _ = black_box(drive(&mut Bare, i));
+                })
+            })
+        });
+        g.finish();
+    }
+}
+
+fn bulkhead(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _g = rt.enter();
+    let ours = tower_bulwark::BulkheadLayer::builder()
+        .max_concurrent(1000)
+        .build()
+        .unwrap()
+        .layer(Bare);
+    let limit = tower::limit::ConcurrencyLimitLayer::new(1000).layer(Bare);
+    let resilience = tower_resilience::bulkhead::BulkheadLayer::builder()
+        .max_concurrent_calls(1000)
+        .build()
+        .unwrap()
+        .layer(Bare);
+    for threads in [1u64, 2] {
+        let mut g = c.benchmark_group(format!("bulkhead/{threads}t"));
+        g.bench_function("bare", |b| b.iter_custom(|n| support::threaded(&Bare, threads, n)));
+        g.bench_function("bulwark", |b| b.iter_custom(|n| support::threaded(&ours, threads, n)));
+        g.bench_function("tower_concurrency_limit", |b| {
+            b.iter_custom(|n| support::threaded(&limit, threads, n))
+        });
+        g.bench_function("tower_resilience", |b| {
+            b.iter_custom(|n| threaded_rt(&rt, &resilience, threads, n))
+        });
+        g.finish();
+    }
+}
+
+/// What one clock read costs: the limiter reads one per call.
+fn clocks(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _g = rt.enter();
+    let mut g = c.benchmark_group("clock");
+    g.bench_function("tokio_instant", |b| b.iter(|| black_box(tokio::time::Instant::now())));
+    g.bench_function("std_instant", |b| b.iter(|| black_box(Instant::now())));
+    g.finish();
+}
+
+criterion_group!(benches, rate_limit, bulkhead, clocks);
+criterion_main!(benches);
