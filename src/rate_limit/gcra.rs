@@ -185,7 +185,68 @@ mod tests {
         assert!(matches!(decide(tat, 5 * S - 1, inc, &p), Decision::Reject { retry_after: 1 }));
         let Decision::Admit { tat } = decide(tat, 5 * S, inc, &p) else { panic!() };
         assert!(matches!(decide(tat, 5 * S, inc, &p), Decision::Reject { .. }));
-        // A block in the past changes nothing.
-        assert_eq!(block_until(7 * S, 0, inc, &p), 7 * S);
+        // A later TAT already in force is kept.
+        assert_eq!(block_until(20 * S, 0, inc, &p), 20 * S);
+    }
+
+    mod bound {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// For random arrivals and costs, in reject and wait modes, the
+            /// cost admitted over every window `[t_i, t_j]` of admission
+            /// times stays within `max_tokens + refill_rate * (t_j - t_i)`.
+            #[test]
+            fn admitted_cost_never_exceeds_the_bound(
+                max_tokens in 1.0f64..20.0,
+                refill_rate in 0.5f64..50.0,
+                wait_ms in prop_oneof![Just(0u64), 1u64..3000],
+                arrivals in proptest::collection::vec((0u64..400_000_000, 0.0f64..1.0), 1..120),
+            ) {
+                let p = Params::new(max_tokens, refill_rate, wait_ms * 1_000_000);
+                let mut tat = 0;
+                let mut now = 0;
+                let mut admitted: Vec<(Nanos, f64)> = Vec::new();
+                for (gap, frac) in arrivals {
+                    now += gap;
+                    let cost = frac * max_tokens;
+                    let inc = p.increment(cost).expect("within the bucket");
+                    match decide(tat, now, inc, &p) {
+                        Decision::Admit { tat: t } => { tat = t; admitted.push((now, cost)); }
+                        Decision::Wait { tat: t, wait } => {
+                            prop_assert!(wait <= p.max_wait);
+                            tat = t;
+                            admitted.push((now + wait, cost));
+                        }
+                        Decision::Reject { retry_after } => prop_assert!(retry_after > p.max_wait),
+                    }
+                }
+                admitted.sort_by_key(|a| a.0);
+                for i in 0..admitted.len() {
+                    let mut sum = 0.0;
+                    for j in i..admitted.len() {
+                        sum += admitted[j].1;
+                        let elapsed = (admitted[j].0 - admitted[i].0) as f64 / 1e9;
+                        let bound = max_tokens + refill_rate * elapsed;
+                        // Exact up to the nanosecond rounding of `tau`.
+                        prop_assert!(sum <= bound + 1e-6, "{sum} > {bound}");
+                    }
+                }
+            }
+
+            /// A full burst is always available after a long enough pause.
+            #[test]
+            fn full_after_idle(max_tokens in 1.0f64..100.0, refill_rate in 0.1f64..100.0) {
+                let p = Params::new(max_tokens, refill_rate, 0);
+                let inc = p.increment(1.0).unwrap_or(p.tau);
+                let mut tat = 0;
+                for _ in 0..1000 {
+                    if let Decision::Admit { tat: t } = decide(tat, 0, inc, &p) { tat = t } else { break }
+                }
+                let later = tat + 1;
+                prop_assert!((tokens(tat, later, &p) - max_tokens).abs() < 1e-6);
+            }
+        }
     }
 }

@@ -1,0 +1,327 @@
+//! The rate limiter through its public API, on tokio's paused clock.
+#![cfg(feature = "rate-limit")]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::time::{advance, pause};
+use tower::{service_fn, BoxError, Layer, Service, ServiceExt};
+use tower_bulwark::classify::{Classify, Outcome};
+use tower_bulwark::rate_limit::{CostTooHigh, RateLimitEvent, RateLimitLayer, RateLimited};
+
+fn echo() -> impl Service<u32, Response = u32, Error = BoxError, Future = impl Send> + Clone {
+    service_fn(|n: u32| async move { Ok::<_, BoxError>(n) })
+}
+
+async fn call<S: Service<u32, Response = u32, Error = BoxError>>(svc: &mut S, n: u32) -> Result<u32, BoxError> {
+    svc.ready().await?.call(n).await
+}
+
+fn limited(r: Result<u32, BoxError>) -> RateLimited {
+    r.unwrap_err().downcast_ref::<RateLimited>().expect("a RateLimited").clone()
+}
+
+#[tokio::test]
+async fn burst_reject_then_refill() {
+    pause();
+    let layer = RateLimitLayer::builder()
+        .name("api")
+        .max_tokens(3.0)
+        .refill_rate(2.0)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(echo());
+    for i in 0..3 {
+        assert_eq!(call(&mut svc, i).await.unwrap(), i);
+    }
+    let e = limited(call(&mut svc, 9).await);
+    assert_eq!(e.name(), "api");
+    assert_eq!(e.retry_after(), Duration::from_millis(500));
+    assert_eq!(e.limit(), 3.0);
+    assert!(e.remaining() < 1.0);
+    assert!(e.to_string().starts_with("rate limit `api` exceeded"));
+    assert!(tower_bulwark::error::is_rejection(&e));
+
+    advance(Duration::from_millis(499)).await;
+    assert!(call(&mut svc, 9).await.is_err());
+    advance(Duration::from_millis(1)).await;
+    assert!(call(&mut svc, 9).await.is_ok());
+    // A long pause refills to the burst, never beyond.
+    advance(Duration::from_secs(60)).await;
+    assert_eq!(handle.tokens(), 3.0);
+    for _ in 0..3 {
+        call(&mut svc, 0).await.unwrap();
+    }
+    assert!(call(&mut svc, 0).await.is_err());
+}
+
+#[tokio::test]
+async fn clones_and_services_share_one_bucket() {
+    pause();
+    let layer = RateLimitLayer::builder().max_tokens(2.0).refill_rate(1.0).build().unwrap();
+    let mut a = layer.layer(echo());
+    let mut b = layer.clone().layer(echo());
+    let mut c = a.clone();
+    call(&mut a, 1).await.unwrap();
+    call(&mut b, 1).await.unwrap();
+    assert!(call(&mut c, 1).await.is_err());
+}
+
+#[tokio::test]
+async fn cost_from_the_request() {
+    pause();
+    let layer = RateLimitLayer::builder()
+        .max_tokens(10.0)
+        .refill_rate(1.0)
+        .cost(|n: &u32| f64::from(*n))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(echo());
+    call(&mut svc, 7).await.unwrap();
+    assert!((handle.tokens() - 3.0).abs() < 1e-9);
+    let e = limited(call(&mut svc, 4).await);
+    assert_eq!(e.retry_after(), Duration::from_secs(1));
+    call(&mut svc, 3).await.unwrap();
+    // Above the bucket: a clear error, at once, not a wait.
+    let err = call(&mut svc, 11).await.unwrap_err();
+    let too = err.downcast_ref::<CostTooHigh>().unwrap();
+    assert_eq!((too.cost(), too.max_tokens()), (11.0, 10.0));
+    assert!(too.to_string().contains("can never fit"));
+}
+
+#[tokio::test]
+async fn waits_up_to_max_wait_in_arrival_order() {
+    pause();
+    let layer = RateLimitLayer::builder()
+        .max_tokens(1.0)
+        .refill_rate(1.0)
+        .max_wait(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let o = order.clone();
+    let inner = service_fn(move |n: u32| {
+        o.lock().unwrap().push(n);
+        async move { Ok::<_, BoxError>(n) }
+    });
+    let mut svc = layer.layer(inner);
+    call(&mut svc, 0).await.unwrap();
+    let mut f1 = Box::pin(svc.ready().await.unwrap().call(1));
+    let mut f2 = Box::pin(svc.ready().await.unwrap().call(2));
+    // A third would wait 3 s > max_wait: rejected at once with that time.
+    let e = limited(call(&mut svc, 3).await);
+    assert_eq!(e.retry_after(), Duration::from_secs(3));
+    assert!((&mut f1).now_or_never().is_none());
+    // Nothing reached the inner service yet.
+    assert_eq!(*order.lock().unwrap(), vec![0]);
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(f1.await.unwrap(), 1);
+    assert!((&mut f2).now_or_never().is_none());
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(f2.await.unwrap(), 2);
+    assert_eq!(*order.lock().unwrap(), vec![0, 1, 2]);
+}
+
+#[tokio::test]
+async fn dropped_waiters_give_their_tokens_back() {
+    pause();
+    let layer = RateLimitLayer::builder()
+        .max_tokens(1.0)
+        .refill_rate(1.0)
+        .max_wait(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let inner = service_fn(move |n: u32| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async move { Ok::<_, BoxError>(n) }
+    });
+    let mut svc = layer.layer(inner);
+    call(&mut svc, 0).await.unwrap();
+    // Newest first: every reservation comes back.
+    let mut waiters: Vec<_> = Vec::new();
+    for i in 0..5 {
+        waiters.push(Box::pin(svc.ready().await.unwrap().call(i)));
+    }
+    // Drop each at a different point: never polled, polled once, polled
+    // after part of the wait.
+    for (i, mut w) in waiters.into_iter().enumerate().rev() {
+        if i % 2 == 0 {
+            assert!((&mut w).now_or_never().is_none());
+        }
+        drop(w);
+    }
+    advance(Duration::from_millis(1500)).await;
+    // Only the first call's token was spent: one is back after a second.
+    call(&mut svc, 9).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+    // A waiter dropped behind a later one lapses instead (the later one
+    // keeps its turn), and the bucket still recovers fully with time.
+    let a = svc.ready().await.unwrap().call(1);
+    let b = svc.ready().await.unwrap().call(2);
+    drop(a);
+    advance(Duration::from_secs(2)).await;
+    assert_eq!(b.await.unwrap(), 2);
+    advance(Duration::from_secs(5)).await;
+    let h = layer.handle();
+    assert_eq!(h.tokens(), 1.0);
+}
+
+#[tokio::test]
+async fn waiter_dropped_mid_wait_never_calls_inner() {
+    pause();
+    let layer = RateLimitLayer::builder()
+        .max_tokens(1.0)
+        .refill_rate(1.0)
+        .max_wait(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let mut svc = layer.layer(service_fn(move |n: u32| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async move { Ok::<_, BoxError>(n) }
+    }));
+    call(&mut svc, 0).await.unwrap();
+    let mut w = Box::pin(svc.ready().await.unwrap().call(1));
+    assert!((&mut w).now_or_never().is_none());
+    advance(Duration::from_millis(500)).await;
+    assert!((&mut w).now_or_never().is_none());
+    drop(w);
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(layer.handle().tokens(), 1.0);
+}
+
+#[tokio::test]
+async fn handle_set_retry_after_and_reset() {
+    pause();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let ev = events.clone();
+    let layer = RateLimitLayer::builder()
+        .name("up")
+        .max_tokens(5.0)
+        .refill_rate(1.0)
+        .on_event(move |e| ev.lock().unwrap().push(e.clone()))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(echo());
+    handle.set_retry_after(Duration::from_secs(3));
+    assert_eq!(handle.blocked_for(), Some(Duration::from_secs(3)));
+    let e = limited(call(&mut svc, 1).await);
+    assert_eq!(e.retry_after(), Duration::from_secs(3));
+    advance(Duration::from_secs(3)).await;
+    // Then a slow start: one request, then the refill rate.
+    call(&mut svc, 1).await.unwrap();
+    assert!(call(&mut svc, 1).await.is_err());
+    handle.reset();
+    assert_eq!(handle.tokens(), 5.0);
+    assert_eq!(handle.blocked_for(), None);
+    call(&mut svc, 1).await.unwrap();
+    let ev = events.lock().unwrap();
+    assert!(ev.iter().any(|e| matches!(e, RateLimitEvent::Blocked { .. })));
+    assert!(ev.iter().any(|e| matches!(e, RateLimitEvent::Rejected { .. })));
+}
+
+/// An upstream error asking for a pause of so many seconds.
+#[derive(Debug)]
+struct Busy(u64);
+impl std::fmt::Display for Busy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "busy for {}s", self.0)
+    }
+}
+impl std::error::Error for Busy {}
+
+#[derive(Clone, Copy)]
+struct Hint;
+
+impl Classify<u32, Busy> for Hint {
+    fn classify(&self, r: &Result<u32, Busy>, _: Duration) -> Outcome {
+        if r.is_ok() { Outcome::Success } else { Outcome::Failure }
+    }
+    fn retry_after(&self, r: &Result<u32, Busy>) -> Option<Duration> {
+        r.as_ref().err().map(|b| Duration::from_secs(b.0))
+    }
+}
+
+#[tokio::test]
+async fn upstream_retry_after_blocks_the_limiter() {
+    pause();
+    let layer = RateLimitLayer::builder()
+        .max_tokens(10.0)
+        .refill_rate(10.0)
+        .retry_after_from(Hint)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(service_fn(|n: u32| async move {
+        if n == 0 { Err::<u32, Busy>(Busy(4)) } else { Ok(n) }
+    }));
+    assert!(svc.ready().await.unwrap().call(0).await.is_err());
+    assert_eq!(handle.blocked_for(), Some(Duration::from_secs(4)));
+    let err = svc.ready().await.unwrap().call(1).await.unwrap_err();
+    assert!(err.is::<RateLimited>());
+    advance(Duration::from_secs(4)).await;
+    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn keyed_buckets_are_independent_and_bounded() {
+    pause();
+    let layer = RateLimitLayer::builder()
+        .max_tokens(2.0)
+        .refill_rate(1.0)
+        .max_keys(1000)
+        .key(|n: &u32| n % 10_000)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(echo());
+    call(&mut svc, 1).await.unwrap();
+    call(&mut svc, 1).await.unwrap();
+    assert!(call(&mut svc, 1).await.is_err());
+    call(&mut svc, 2).await.unwrap();
+    assert_eq!(layer.tokens_for(&1), 0.0);
+    assert_eq!(layer.tokens_for(&2), 1.0);
+    for k in 0..20_000u32 {
+        let _ = call(&mut svc, k).await;
+    }
+    assert!(handle.keys() <= 1000, "{} keys", handle.keys());
+    // A block from upstream covers every key.
+    handle.set_retry_after(Duration::from_secs(1));
+    assert!(call(&mut svc, 77).await.is_err());
+    handle.reset();
+    assert_eq!(handle.keys(), 0);
+    call(&mut svc, 1).await.unwrap();
+}
+
+#[test]
+fn config_is_validated() {
+    let e = RateLimitLayer::builder().max_tokens(0.0).build().unwrap_err();
+    assert_eq!(e.field(), "max_tokens");
+    let e = RateLimitLayer::builder().refill_rate(f64::NAN).build().unwrap_err();
+    assert_eq!(e.field(), "refill_rate");
+    let e = RateLimitLayer::builder().tokens_per_request(-1.0).build().unwrap_err();
+    assert_eq!(e.field(), "tokens_per_request");
+    let e = RateLimitLayer::builder().max_tokens(1.0).tokens_per_request(2.0).build().unwrap_err();
+    assert_eq!(e.field(), "tokens_per_request");
+    let e = RateLimitLayer::builder().max_keys(0).key(|n: &u32| *n).build().unwrap_err();
+    assert_eq!(e.field(), "max_keys");
+}
+
+#[test]
+fn public_types_are_send_sync() {
+    fn ok<T: Send + Sync>() {}
+    ok::<RateLimitLayer>();
+    ok::<RateLimited>();
+    ok::<CostTooHigh>();
+    ok::<tower_bulwark::rate_limit::RateLimitHandle>();
+}
