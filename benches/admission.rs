@@ -112,8 +112,12 @@ fn rate_limit(c: &mut Criterion) {
 
     for threads in [1u64, 2] {
         let mut g = c.benchmark_group(format!("rate_limit/{threads}t"));
-        g.bench_function("bare", |b| b.iter_custom(|n| support::threaded(&Bare, threads, n)));
-        g.bench_function("bulwark", |b| b.iter_custom(|n| support::threaded(&ours, threads, n)));
+        g.bench_function("bare", |b| {
+            b.iter_custom(|n| support::threaded(&Bare, threads, n))
+        });
+        g.bench_function("bulwark", |b| {
+            b.iter_custom(|n| support::threaded(&ours, threads, n))
+        });
         g.bench_function("bulwark_fast_clock", |b| {
             b.iter_custom(|n| support::threaded(&ours_fast, threads, n))
         });
@@ -163,8 +167,12 @@ fn bulkhead(c: &mut Criterion) {
         .layer(Bare);
     for threads in [1u64, 2] {
         let mut g = c.benchmark_group(format!("bulkhead/{threads}t"));
-        g.bench_function("bare", |b| b.iter_custom(|n| support::threaded(&Bare, threads, n)));
-        g.bench_function("bulwark", |b| b.iter_custom(|n| support::threaded(&ours, threads, n)));
+        g.bench_function("bare", |b| {
+            b.iter_custom(|n| support::threaded(&Bare, threads, n))
+        });
+        g.bench_function("bulwark", |b| {
+            b.iter_custom(|n| support::threaded(&ours, threads, n))
+        });
         g.bench_function("tower_concurrency_limit", |b| {
             b.iter_custom(|n| support::threaded(&limit, threads, n))
         });
@@ -180,7 +188,9 @@ fn clocks(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _g = rt.enter();
     let mut g = c.benchmark_group("clock");
-    g.bench_function("tokio_instant", |b| b.iter(|| black_box(tokio::time::Instant::now())));
+    g.bench_function("tokio_instant", |b| {
+        b.iter(|| black_box(tokio::time::Instant::now()))
+    });
     g.bench_function("std_instant", |b| b.iter(|| black_box(Instant::now())));
     g.finish();
 }

@@ -66,23 +66,23 @@ mod clock;
 pub mod error;
 pub mod observe;
 
+#[cfg(feature = "bulkhead")]
+pub mod bulkhead;
 #[cfg(feature = "circuit-breaker")]
 pub mod circuit_breaker;
 #[cfg(feature = "http")]
 pub mod http;
 #[cfg(feature = "rate-limit")]
 pub mod rate_limit;
-#[cfg(feature = "bulkhead")]
-pub mod bulkhead;
 #[allow(unused_imports)]
 mod sync;
 
-#[cfg(feature = "circuit-breaker")]
-pub use circuit_breaker::CircuitBreakerLayer;
-#[cfg(feature = "rate-limit")]
-pub use rate_limit::RateLimitLayer;
 #[cfg(feature = "bulkhead")]
 pub use bulkhead::BulkheadLayer;
+#[cfg(feature = "circuit-breaker")]
+pub use circuit_breaker::CircuitBreakerLayer;
 pub use classify::{Classify, Outcome};
 pub use clock::ClockSource;
 pub use error::{BoxError, ConfigError, Rejection};
+#[cfg(feature = "rate-limit")]
+pub use rate_limit::RateLimitLayer;

@@ -46,14 +46,21 @@ async fn caps_hold_and_excess_gets_429_or_503() {
         .refill_rate(0.001)
         .build()
         .unwrap();
-    let bulkhead = BulkheadLayer::builder().name("workers").max_concurrent(CAP).build().unwrap();
+    let bulkhead = BulkheadLayer::builder()
+        .name("workers")
+        .max_concurrent(CAP)
+        .build()
+        .unwrap();
     let slots = bulkhead.handle();
-    let app = Router::new().route("/", get(work)).with_state(up.clone()).layer(
-        ServiceBuilder::new()
-            .layer(HandleErrorLayer::new(handle_error))
-            .layer(rate)
-            .layer(bulkhead),
-    );
+    let app = Router::new()
+        .route("/", get(work))
+        .with_state(up.clone())
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(handle_error))
+                .layer(rate)
+                .layer(bulkhead),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -68,7 +75,8 @@ async fn caps_hold_and_excess_gets_429_or_503() {
             let res = client.get(uri).await.expect("the connection works");
             let retry_after = res.headers().get("retry-after").cloned();
             let limit = res.headers().get("ratelimit-limit").cloned();
-            tx.send((res.status().as_u16(), retry_after, limit)).unwrap();
+            tx.send((res.status().as_u16(), retry_after, limit))
+                .unwrap();
         });
     }
     // Everything beyond the cap is answered while the admitted calls hold.

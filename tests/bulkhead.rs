@@ -28,20 +28,30 @@ fn gated(
 }
 
 fn full(r: Result<u32, BoxError>) -> BulkheadFull {
-    r.unwrap_err().downcast_ref::<BulkheadFull>().expect("a BulkheadFull").clone()
+    r.unwrap_err()
+        .downcast_ref::<BulkheadFull>()
+        .expect("a BulkheadFull")
+        .clone()
 }
 
 #[tokio::test]
 async fn fails_fast_when_full_and_frees_on_completion() {
     let gate = Arc::new(Semaphore::new(0));
-    let layer = BulkheadLayer::builder().name("db").max_concurrent(2).build().unwrap();
+    let layer = BulkheadLayer::builder()
+        .name("db")
+        .max_concurrent(2)
+        .build()
+        .unwrap();
     let h = layer.handle();
     let mut svc = layer.layer(gated(gate.clone()));
     let a = tokio::spawn(svc.ready().await.unwrap().call(1));
     let b = tokio::spawn(svc.ready().await.unwrap().call(2));
     assert_eq!((h.in_flight(), h.available()), (2, 0));
     let e = full(svc.ready().await.unwrap().call(3).await);
-    assert_eq!((e.name(), e.capacity(), e.waited()), ("db", 2, Duration::ZERO));
+    assert_eq!(
+        (e.name(), e.capacity(), e.waited()),
+        ("db", 2, Duration::ZERO)
+    );
     assert_eq!(e.to_string(), "bulkhead `db` is full (2 calls in flight)");
     assert!(tower_bulwark::error::is_rejection(&e));
     gate.add_permits(2);
@@ -54,7 +64,9 @@ async fn fails_fast_when_full_and_frees_on_completion() {
 async fn poll_ready_takes_no_slot() {
     let layer = BulkheadLayer::builder().max_concurrent(1).build().unwrap();
     let h = layer.handle();
-    let mut idle: Vec<_> = (0..10).map(|_| layer.layer(gated(Arc::new(Semaphore::new(1))))).collect();
+    let mut idle: Vec<_> = (0..10)
+        .map(|_| layer.layer(gated(Arc::new(Semaphore::new(1)))))
+        .collect();
     for s in &mut idle {
         s.ready().await.unwrap();
     }
@@ -197,7 +209,18 @@ async fn soft_limit_warns_once_per_climb() {
     let b = svc.ready().await.unwrap().call(1);
     let c = svc.ready().await.unwrap().call(1);
     let soft = |ev: &Vec<BulkheadEvent>| {
-        ev.iter().filter(|e| matches!(e, BulkheadEvent::SoftLimitReached { in_flight: 2, capacity: 3, .. })).count()
+        ev.iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    BulkheadEvent::SoftLimitReached {
+                        in_flight: 2,
+                        capacity: 3,
+                        ..
+                    }
+                )
+            })
+            .count()
     };
     assert_eq!(soft(&events.lock().unwrap()), 1);
     drop((b, c));
@@ -208,9 +231,16 @@ async fn soft_limit_warns_once_per_climb() {
 
 #[test]
 fn config_is_validated() {
-    let e = BulkheadLayer::builder().max_concurrent(0).build().unwrap_err();
+    let e = BulkheadLayer::builder()
+        .max_concurrent(0)
+        .build()
+        .unwrap_err();
     assert_eq!(e.field(), "max_concurrent");
-    let e = BulkheadLayer::builder().max_concurrent(4).soft_limit(4).build().unwrap_err();
+    let e = BulkheadLayer::builder()
+        .max_concurrent(4)
+        .soft_limit(4)
+        .build()
+        .unwrap_err();
     assert_eq!(e.field(), "soft_limit");
     let e = BulkheadLayer::builder().soft_limit(0).build().unwrap_err();
     assert_eq!(e.field(), "soft_limit");

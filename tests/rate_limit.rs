@@ -15,12 +15,18 @@ fn echo() -> impl Service<u32, Response = u32, Error = BoxError, Future = impl S
     service_fn(|n: u32| async move { Ok::<_, BoxError>(n) })
 }
 
-async fn call<S: Service<u32, Response = u32, Error = BoxError>>(svc: &mut S, n: u32) -> Result<u32, BoxError> {
+async fn call<S: Service<u32, Response = u32, Error = BoxError>>(
+    svc: &mut S,
+    n: u32,
+) -> Result<u32, BoxError> {
     svc.ready().await?.call(n).await
 }
 
 fn limited(r: Result<u32, BoxError>) -> RateLimited {
-    r.unwrap_err().downcast_ref::<RateLimited>().expect("a RateLimited").clone()
+    r.unwrap_err()
+        .downcast_ref::<RateLimited>()
+        .expect("a RateLimited")
+        .clone()
 }
 
 #[tokio::test]
@@ -61,7 +67,11 @@ async fn burst_reject_then_refill() {
 #[tokio::test]
 async fn clones_and_services_share_one_bucket() {
     pause();
-    let layer = RateLimitLayer::builder().max_tokens(2.0).refill_rate(1.0).build().unwrap();
+    let layer = RateLimitLayer::builder()
+        .max_tokens(2.0)
+        .refill_rate(1.0)
+        .build()
+        .unwrap();
     let mut a = layer.layer(echo());
     let mut b = layer.clone().layer(echo());
     let mut c = a.clone();
@@ -226,8 +236,12 @@ async fn handle_set_retry_after_and_reset() {
     assert_eq!(handle.blocked_for(), None);
     call(&mut svc, 1).await.unwrap();
     let ev = events.lock().unwrap();
-    assert!(ev.iter().any(|e| matches!(e, RateLimitEvent::Blocked { .. })));
-    assert!(ev.iter().any(|e| matches!(e, RateLimitEvent::Rejected { .. })));
+    assert!(ev
+        .iter()
+        .any(|e| matches!(e, RateLimitEvent::Blocked { .. })));
+    assert!(ev
+        .iter()
+        .any(|e| matches!(e, RateLimitEvent::Rejected { .. })));
 }
 
 /// An upstream error asking for a pause of so many seconds.
@@ -245,7 +259,11 @@ struct Hint;
 
 impl Classify<u32, Busy> for Hint {
     fn classify(&self, r: &Result<u32, Busy>, _: Duration) -> Outcome {
-        if r.is_ok() { Outcome::Success } else { Outcome::Failure }
+        if r.is_ok() {
+            Outcome::Success
+        } else {
+            Outcome::Failure
+        }
     }
     fn retry_after(&self, r: &Result<u32, Busy>) -> Option<Duration> {
         r.as_ref().err().map(|b| Duration::from_secs(b.0))
@@ -263,7 +281,11 @@ async fn upstream_retry_after_blocks_the_limiter() {
         .unwrap();
     let handle = layer.handle();
     let mut svc = layer.layer(service_fn(|n: u32| async move {
-        if n == 0 { Err::<u32, Busy>(Busy(4)) } else { Ok(n) }
+        if n == 0 {
+            Err::<u32, Busy>(Busy(4))
+        } else {
+            Ok(n)
+        }
     }));
     assert!(svc.ready().await.unwrap().call(0).await.is_err());
     assert_eq!(handle.blocked_for(), Some(Duration::from_secs(4)));
@@ -305,15 +327,32 @@ async fn keyed_buckets_are_independent_and_bounded() {
 
 #[test]
 fn config_is_validated() {
-    let e = RateLimitLayer::builder().max_tokens(0.0).build().unwrap_err();
+    let e = RateLimitLayer::builder()
+        .max_tokens(0.0)
+        .build()
+        .unwrap_err();
     assert_eq!(e.field(), "max_tokens");
-    let e = RateLimitLayer::builder().refill_rate(f64::NAN).build().unwrap_err();
+    let e = RateLimitLayer::builder()
+        .refill_rate(f64::NAN)
+        .build()
+        .unwrap_err();
     assert_eq!(e.field(), "refill_rate");
-    let e = RateLimitLayer::builder().tokens_per_request(-1.0).build().unwrap_err();
+    let e = RateLimitLayer::builder()
+        .tokens_per_request(-1.0)
+        .build()
+        .unwrap_err();
     assert_eq!(e.field(), "tokens_per_request");
-    let e = RateLimitLayer::builder().max_tokens(1.0).tokens_per_request(2.0).build().unwrap_err();
+    let e = RateLimitLayer::builder()
+        .max_tokens(1.0)
+        .tokens_per_request(2.0)
+        .build()
+        .unwrap_err();
     assert_eq!(e.field(), "tokens_per_request");
-    let e = RateLimitLayer::builder().max_keys(0).key(|n: &u32| *n).build().unwrap_err();
+    let e = RateLimitLayer::builder()
+        .max_keys(0)
+        .key(|n: &u32| *n)
+        .build()
+        .unwrap_err();
     assert_eq!(e.field(), "max_keys");
 }
 

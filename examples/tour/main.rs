@@ -4,6 +4,7 @@
 //! Run with `cargo run --example tour`. Nothing else is needed: the
 //! upstream is an axum server on 127.0.0.1 started by the tour itself.
 
+mod admission;
 mod breaker;
 mod common;
 
@@ -11,5 +12,6 @@ mod common;
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     common::banner("tower-bulwark tour");
     breaker::run().await?;
+    admission::run().await?;
     Ok(())
 }

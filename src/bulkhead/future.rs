@@ -154,6 +154,8 @@ impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
             Kind::Waiting { .. } => "waiting",
             Kind::Rejected { .. } => "rejected",
         };
-        f.debug_struct("ResponseFuture").field("state", &state).finish()
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
     }
 }

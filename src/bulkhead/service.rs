@@ -95,7 +95,9 @@ where
             return ResponseFuture::called(self.inner.call(req), slot);
         }
         match &self.core.slots {
-            Slots::Counter(_) => ResponseFuture::rejected(self.core.rejected(Duration::ZERO).into()),
+            Slots::Counter(_) => {
+                ResponseFuture::rejected(self.core.rejected(Duration::ZERO).into())
+            }
             Slots::Queue(sem) => {
                 let acquire = Box::pin(sem.clone().acquire_owned());
                 // The readied service goes into the future; this one gets a

@@ -193,7 +193,12 @@ mod loom_tests {
                 })
                 .collect();
             c.release();
-            let admitted = t.into_iter().filter(|_| true).map(|h| h.join().unwrap()).filter(|&b| b).count();
+            let admitted = t
+                .into_iter()
+                .filter(|_| true)
+                .map(|h| h.join().unwrap())
+                .filter(|&b| b)
+                .count();
             assert!(admitted >= 1);
             assert_eq!(c.in_flight(), admitted);
         });

@@ -34,7 +34,10 @@ pub fn rejection_status(r: &dyn Rejection) -> StatusCode {
 /// ```
 pub fn error_response<B: From<String>>(err: &(dyn Error + 'static)) -> Response<B> {
     let Some(r) = rejection(err) else {
-        return plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error".to_owned());
+        return plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error".to_owned(),
+        );
     };
     let mut res = plain(rejection_status(r), r.to_string());
     if let Some(after) = r.retry_after() {
@@ -55,8 +58,14 @@ fn layer_headers<B>(err: &(dyn Error + 'static), res: &mut Response<B>) {
         // left, and seconds until the request would be admitted.
         let reset = l.retry_after().as_secs() + u64::from(l.retry_after().subsec_nanos() > 0);
         let h = res.headers_mut();
-        h.insert("ratelimit-limit", HeaderValue::from(l.limit().floor() as u64));
-        h.insert("ratelimit-remaining", HeaderValue::from(l.remaining().floor() as u64));
+        h.insert(
+            "ratelimit-limit",
+            HeaderValue::from(l.limit().floor() as u64),
+        );
+        h.insert(
+            "ratelimit-remaining",
+            HeaderValue::from(l.remaining().floor() as u64),
+        );
         h.insert("ratelimit-reset", HeaderValue::from(reset));
     }
     #[cfg(feature = "bulkhead")]

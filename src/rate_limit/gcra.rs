@@ -166,9 +166,24 @@ mod tests {
         let p = p(1.0, 1.0, 2 * S);
         let inc = p.increment(1.0).unwrap();
         assert_eq!(decide(0, 0, inc, &p), Decision::Admit { tat: S });
-        assert_eq!(decide(S, 0, inc, &p), Decision::Wait { tat: 2 * S, wait: S });
-        assert_eq!(decide(2 * S, 0, inc, &p), Decision::Wait { tat: 3 * S, wait: 2 * S });
-        assert_eq!(decide(3 * S, 0, inc, &p), Decision::Reject { retry_after: 3 * S });
+        assert_eq!(
+            decide(S, 0, inc, &p),
+            Decision::Wait {
+                tat: 2 * S,
+                wait: S
+            }
+        );
+        assert_eq!(
+            decide(2 * S, 0, inc, &p),
+            Decision::Wait {
+                tat: 3 * S,
+                wait: 2 * S
+            }
+        );
+        assert_eq!(
+            decide(3 * S, 0, inc, &p),
+            Decision::Reject { retry_after: 3 * S }
+        );
     }
 
     #[test]
@@ -182,9 +197,17 @@ mod tests {
         let p = p(10.0, 1.0, 0);
         let inc = p.increment(1.0).unwrap();
         let tat = block_until(0, 5 * S, inc, &p);
-        assert!(matches!(decide(tat, 5 * S - 1, inc, &p), Decision::Reject { retry_after: 1 }));
-        let Decision::Admit { tat } = decide(tat, 5 * S, inc, &p) else { panic!() };
-        assert!(matches!(decide(tat, 5 * S, inc, &p), Decision::Reject { .. }));
+        assert!(matches!(
+            decide(tat, 5 * S - 1, inc, &p),
+            Decision::Reject { retry_after: 1 }
+        ));
+        let Decision::Admit { tat } = decide(tat, 5 * S, inc, &p) else {
+            panic!()
+        };
+        assert!(matches!(
+            decide(tat, 5 * S, inc, &p),
+            Decision::Reject { .. }
+        ));
         // A later TAT already in force is kept.
         assert_eq!(block_until(20 * S, 0, inc, &p), 20 * S);
     }

@@ -73,7 +73,13 @@ impl<K: Hash + Eq> KeyMap<K> {
     }
 
     #[inline]
-    pub(crate) fn acquire(&self, key: K, now: Nanos, inc: Nanos, p: &Params) -> (Decision, Evicted) {
+    pub(crate) fn acquire(
+        &self,
+        key: K,
+        now: Nanos,
+        inc: Nanos,
+        p: &Params,
+    ) -> (Decision, Evicted) {
         let shard = self.shard(&key);
         {
             let s = shard.read().unwrap_or_else(PoisonError::into_inner);
@@ -106,12 +112,18 @@ impl<K: Hash + Eq> KeyMap<K> {
     }
 
     pub(crate) fn refund(&self, key: &K, mine: Nanos, inc: Nanos) -> bool {
-        let s = self.shard(key).read().unwrap_or_else(PoisonError::into_inner);
+        let s = self
+            .shard(key)
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         s.map.get(key).is_some_and(|b| b.refund(mine, inc))
     }
 
     pub(crate) fn tokens(&self, key: &K, now: Nanos, p: &Params) -> f64 {
-        let s = self.shard(key).read().unwrap_or_else(PoisonError::into_inner);
+        let s = self
+            .shard(key)
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         let tat = s.map.get(key).map_or(0, Bucket::load);
         gcra::tokens(tat, now, p)
     }
@@ -145,7 +157,11 @@ fn make_room<K>(s: &mut ShardMap<K>, now: Nanos, cap: usize) -> Evicted {
         // Full of live buckets: forget those closest to full.
         let keep = cap - cap.div_ceil(4);
         let mut cut = s.map.len() - keep;
-        let mut debts: Vec<Nanos> = s.map.values().map(|b| b.load().saturating_sub(now)).collect();
+        let mut debts: Vec<Nanos> = s
+            .map
+            .values()
+            .map(|b| b.load().saturating_sub(now))
+            .collect();
         let (_, &mut threshold, _) = debts.select_nth_unstable(cut - 1);
         ev.live = cut;
         s.map.retain(|_, b| {
@@ -190,7 +206,10 @@ mod tests {
         let m = KeyMap::<&str>::new(10);
         assert!(matches!(m.acquire("a", 0, S, &p).0, Decision::Admit { .. }));
         assert!(matches!(m.acquire("a", 0, S, &p).0, Decision::Admit { .. }));
-        assert!(matches!(m.acquire("a", 0, S, &p).0, Decision::Reject { .. }));
+        assert!(matches!(
+            m.acquire("a", 0, S, &p).0,
+            Decision::Reject { .. }
+        ));
         assert!(matches!(m.acquire("b", 0, S, &p).0, Decision::Admit { .. }));
         assert_eq!(m.tokens(&"a", 0, &p), 0.0);
         assert_eq!(m.tokens(&"zzz", 0, &p), 2.0);

@@ -157,7 +157,10 @@ where
     /// Tokens available now in `key`'s bucket.
     pub fn tokens_for(&self, key: &K) -> f64 {
         let core = &self.shared.core;
-        self.shared.key.map.tokens(key, core.clock.now(), &core.params)
+        self.shared
+            .key
+            .map
+            .tokens(key, core.clock.now(), &core.params)
     }
 }
 
@@ -173,7 +176,10 @@ impl<K: fmt::Debug, C: fmt::Debug, H> fmt::Debug for RateLimitLayer<K, C, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimitLayer")
             .field("config", &self.shared.core.cfg)
-            .field("max_wait", &Duration::from_nanos(self.shared.core.params.max_wait))
+            .field(
+                "max_wait",
+                &Duration::from_nanos(self.shared.core.params.max_wait),
+            )
             .field("key", &self.shared.key)
             .field("cost", &self.shared.cost)
             .finish()
@@ -380,14 +386,23 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
         check.at_least_one("max_keys", self.max_keys as u64)?;
         let params = Params::new(self.max_tokens, self.refill_rate, nanos(self.max_wait));
         if params.increment(self.tokens_per_request).is_none() {
-            return Err(ConfigError::new(LAYER, "max_tokens", "is too large for this refill_rate"));
+            return Err(ConfigError::new(
+                LAYER,
+                "max_tokens",
+                "is too large for this refill_rate",
+            ));
         }
         let cfg = Config {
             name: Arc::from(self.name.as_deref().unwrap_or_default()),
             max_tokens: self.max_tokens,
             tokens_per_request: self.tokens_per_request,
         };
-        Ok(Core::new(cfg, params, Clock::with_source(self.clock), self.listeners.clone()))
+        Ok(Core::new(
+            cfg,
+            params,
+            Clock::with_source(self.clock),
+            self.listeners.clone(),
+        ))
     }
 }
 
@@ -524,4 +539,3 @@ impl fmt::Debug for RateLimitHandle {
             .finish()
     }
 }
-

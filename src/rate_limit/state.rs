@@ -45,15 +45,18 @@ impl Bucket {
     /// Gives back the reservation `mine` if no later one was made.
     pub(crate) fn refund(&self, mine: Nanos, inc: Nanos) -> bool {
         match gcra::refund(mine, mine, inc) {
-            Some(back) => self.tat.compare_exchange(mine, back, AcqRel, Relaxed).is_ok(),
+            Some(back) => self
+                .tat
+                .compare_exchange(mine, back, AcqRel, Relaxed)
+                .is_ok(),
             None => false,
         }
     }
 
     pub(crate) fn block_until(&self, until: Nanos, inc: Nanos, p: &Params) {
-        let _ = self
-            .tat
-            .fetch_update(AcqRel, Acquire, |t| Some(gcra::block_until(t, until, inc, p)));
+        let _ = self.tat.fetch_update(AcqRel, Acquire, |t| {
+            Some(gcra::block_until(t, until, inc, p))
+        });
     }
 
     pub(crate) fn reset(&self) {
@@ -119,7 +122,12 @@ impl Core {
             name: self.cfg.name.clone(),
             retry_after,
         });
-        RateLimited::new(self.cfg.name.clone(), retry_after, self.cfg.max_tokens, tokens)
+        RateLimited::new(
+            self.cfg.name.clone(),
+            retry_after,
+            self.cfg.max_tokens,
+            tokens,
+        )
     }
 
     /// Nothing is admitted for `d` from now.
@@ -164,11 +172,15 @@ mod loom_tests {
         loom::model(|| {
             let p = Params::new(1.0, 1.0, 0);
             let b = Arc::new(Bucket::new());
-            let run = |b: Arc<Bucket>| thread::spawn(move || b.acquire(0, p.increment(1.0).unwrap(), &p));
+            let run =
+                |b: Arc<Bucket>| thread::spawn(move || b.acquire(0, p.increment(1.0).unwrap(), &p));
             let t1 = run(b.clone());
             let t2 = run(b.clone());
             let (d1, d2) = (t1.join().unwrap(), t2.join().unwrap());
-            let admitted = [d1, d2].iter().filter(|d| matches!(d, Decision::Admit { .. })).count();
+            let admitted = [d1, d2]
+                .iter()
+                .filter(|d| matches!(d, Decision::Admit { .. }))
+                .count();
             assert_eq!(admitted, 1);
             assert_eq!(b.load(), 1_000_000_000);
         });
@@ -183,13 +195,19 @@ mod loom_tests {
             const S: u64 = 1_000_000_000;
             let p = Params::new(1.0, 1.0, 10 * S);
             let b = Arc::new(Bucket::new());
-            let Decision::Admit { .. } = b.acquire(0, S, &p) else { panic!() };
-            let Decision::Wait { tat: mine, .. } = b.acquire(0, S, &p) else { panic!() };
+            let Decision::Admit { .. } = b.acquire(0, S, &p) else {
+                panic!()
+            };
+            let Decision::Wait { tat: mine, .. } = b.acquire(0, S, &p) else {
+                panic!()
+            };
             let b2 = b.clone();
             let other = thread::spawn(move || b2.acquire(0, S, &p));
             let refunded = b.refund(mine, S);
             let d = other.join().unwrap();
-            let Decision::Wait { tat: theirs, .. } = d else { panic!("{d:?}") };
+            let Decision::Wait { tat: theirs, .. } = d else {
+                panic!("{d:?}")
+            };
             if refunded {
                 // The refund went first; the newcomer took the freed slot.
                 assert_eq!(theirs, 2 * S);
