@@ -5,7 +5,6 @@
 //! touches a single atomic word with no clock read and no lock.
 
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
-use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,6 +14,7 @@ use super::{CircuitEvent, CircuitOpen, CircuitState};
 use crate::backoff::Backoff;
 use crate::clock::{nanos, Clock, Nanos};
 use crate::observe::{gauge, Listeners};
+use crate::sync::{AtomicU32, AtomicU64};
 
 const MS: u64 = 1_000_000;
 
@@ -419,5 +419,358 @@ impl Core {
                 None
             },
         }
+    }
+}
+
+#[cfg(all(test, not(bulwark_loom)))]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    use tokio::time::advance;
+
+    use super::*;
+    use crate::circuit_breaker::{CircuitBreakerBuilder, CircuitBreakerLayer};
+
+    fn layer(b: CircuitBreakerBuilder) -> CircuitBreakerLayer {
+        b.name("t").build().unwrap()
+    }
+
+    fn fail(core: &Core) {
+        let t = core.try_acquire().unwrap();
+        core.record(t, true, false);
+    }
+
+    fn succeed(core: &Core) {
+        let t = core.try_acquire().unwrap();
+        core.record(t, false, false);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_failures_open_and_success_resets() {
+        let l = layer(CircuitBreakerLayer::builder().failure_threshold(3));
+        let core = &l.shared.core;
+        fail(core);
+        fail(core);
+        succeed(core); // resets the run
+        fail(core);
+        fail(core);
+        assert_eq!(core.state(), CircuitState::Closed);
+        fail(core);
+        assert_eq!(core.state(), CircuitState::Open);
+        let err = core.try_acquire().unwrap_err();
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(30)));
+        advance(Duration::from_secs(10)).await;
+        let err = core.try_acquire().unwrap_err();
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(20)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_open_admits_limited_probes_and_closes() {
+        let l = layer(
+            CircuitBreakerLayer::builder()
+                .failure_threshold(1)
+                .half_open_max_calls(2)
+                .success_threshold(2),
+        );
+        let core = &l.shared.core;
+        fail(core);
+        advance(Duration::from_secs(30)).await;
+        assert_eq!(core.state(), CircuitState::HalfOpen);
+        let p1 = core.try_acquire().unwrap();
+        let p2 = core.try_acquire().unwrap();
+        assert!(p1.probe && p2.probe);
+        let third = core.try_acquire().unwrap_err();
+        assert_eq!(third.state(), CircuitState::HalfOpen);
+        core.record(p1, false, false);
+        assert_eq!(core.state(), CircuitState::HalfOpen);
+        core.record(p2, false, false);
+        assert_eq!(core.state(), CircuitState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_probe_reopens_and_released_slot_is_reusable() {
+        let l = layer(CircuitBreakerLayer::builder().failure_threshold(1));
+        let core = &l.shared.core;
+        fail(core);
+        advance(Duration::from_secs(30)).await;
+        let p = core.try_acquire().unwrap();
+        assert!(core.try_acquire().is_err());
+        core.release_probe(p); // dropped: neither success nor failure
+        let p = core.try_acquire().unwrap();
+        core.record(p, true, false);
+        assert_eq!(core.state(), CircuitState::Open);
+        assert_eq!(
+            core.snapshot().open_remaining,
+            Some(Duration::from_secs(30))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_generation_is_ignored() {
+        let l = layer(CircuitBreakerLayer::builder().failure_threshold(1));
+        let core = &l.shared.core;
+        let slow = core.try_acquire().unwrap(); // starts while closed
+        fail(core); // opens
+        advance(Duration::from_secs(30)).await;
+        let probe = core.try_acquire().unwrap();
+        // The slow call from the closed generation finishes now, badly: it
+        // must not reopen the half-open breaker.
+        core.record(slow, true, false);
+        assert_eq!(core.load().state(), CircuitState::HalfOpen);
+        core.record(probe, false, false);
+        let again = core.try_acquire().unwrap();
+        core.record(again, false, false);
+        assert_eq!(core.state(), CircuitState::Closed);
+        // And a success from an old generation cannot close an open breaker.
+        let old = core.try_acquire().unwrap();
+        fail(core);
+        core.record(old, false, false);
+        assert_eq!(core.state(), CircuitState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn open_backoff_grows_and_resets_on_close() {
+        let l = layer(
+            CircuitBreakerLayer::builder()
+                .failure_threshold(1)
+                .success_threshold(1)
+                .open_backoff(
+                    Backoff::exponential(Duration::from_secs(1)).max_delay(Duration::from_secs(3)),
+                ),
+        );
+        let core = &l.shared.core;
+        fail(core);
+        let open = |c: &Core| c.snapshot().open_remaining;
+        assert_eq!(open(core), Some(Duration::from_secs(1)));
+        for expect in [2, 3, 3] {
+            advance(open(core).unwrap()).await;
+            fail(core); // the probe fails
+            assert_eq!(open(core), Some(Duration::from_secs(expect)));
+        }
+        advance(Duration::from_secs(3)).await;
+        succeed(core);
+        assert_eq!(core.state(), CircuitState::Closed);
+        fail(core);
+        assert_eq!(open(core), Some(Duration::from_secs(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hold_open_extends_but_never_shortens() {
+        let l = layer(CircuitBreakerLayer::builder());
+        let core = &l.shared.core;
+        core.hold_open(Duration::from_secs(5));
+        assert_eq!(core.snapshot().open_remaining, Some(Duration::from_secs(5)));
+        core.hold_open(Duration::from_secs(2));
+        assert_eq!(core.snapshot().open_remaining, Some(Duration::from_secs(5)));
+        core.hold_open(Duration::from_secs(60));
+        assert_eq!(
+            core.snapshot().open_remaining,
+            Some(Duration::from_secs(60))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn count_window_honours_minimum_calls_before_full() {
+        let l = layer(
+            CircuitBreakerLayer::builder()
+                .window(Window::count(100))
+                .minimum_calls(4)
+                .failure_rate_threshold(0.5),
+        );
+        let core = &l.shared.core;
+        fail(core);
+        succeed(core);
+        fail(core);
+        assert_eq!(core.state(), CircuitState::Closed); // 3 calls < minimum
+        succeed(core);
+        // 4 calls, 50 % failures: opens although the window holds 4 of 100.
+        assert_eq!(core.state(), CircuitState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn time_window_forgets_old_failures() {
+        let l = layer(
+            CircuitBreakerLayer::builder()
+                .window(Window::time(Duration::from_secs(10)))
+                .minimum_calls(2)
+                .failure_rate_threshold(1.0),
+        );
+        let core = &l.shared.core;
+        fail(core);
+        advance(Duration::from_secs(11)).await;
+        fail(core); // the first failure has left the window
+        assert_eq!(core.state(), CircuitState::Closed);
+        fail(core);
+        assert_eq!(core.state(), CircuitState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_call_rate_opens_window_breaker() {
+        let l = layer(
+            CircuitBreakerLayer::builder()
+                .window(Window::count(4))
+                .slow_call_duration(Duration::from_secs(1))
+                .slow_call_rate_threshold(0.5),
+        );
+        let core = &l.shared.core;
+        for slow in [true, false, true] {
+            let t = core.try_acquire().unwrap();
+            core.record(t, false, slow);
+        }
+        assert_eq!(core.state(), CircuitState::Closed);
+        let t = core.try_acquire().unwrap();
+        core.record(t, false, false);
+        assert_eq!(core.state(), CircuitState::Open);
+        assert_eq!(core.snapshot().failures_total, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forced_and_disabled_states() {
+        let l = layer(CircuitBreakerLayer::builder().failure_threshold(1));
+        let core = &l.shared.core;
+        core.force(CircuitState::ForcedOpen);
+        assert_eq!(
+            core.try_acquire().unwrap_err().state(),
+            CircuitState::ForcedOpen
+        );
+        advance(Duration::from_secs(3600)).await;
+        assert!(core.try_acquire().is_err());
+        core.force(CircuitState::Disabled);
+        fail(core);
+        fail(core);
+        assert_eq!(core.state(), CircuitState::Disabled);
+        assert_eq!(core.snapshot().failures_total, 2);
+        core.force(CircuitState::Closed);
+        fail(core);
+        assert_eq!(core.state(), CircuitState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exactly_one_half_open_transition_under_contention() {
+        let transitions = std::sync::Arc::new(AtomicUsize::new(0));
+        let seen = transitions.clone();
+        let l = CircuitBreakerLayer::builder()
+            .failure_threshold(1)
+            .half_open_max_calls(3)
+            .on_event(move |e| {
+                if let crate::circuit_breaker::CircuitEvent::StateChanged {
+                    to: CircuitState::HalfOpen,
+                    ..
+                } = e
+                {
+                    seen.fetch_add(1, SeqCst);
+                }
+            })
+            .build()
+            .unwrap();
+        let core = &l.shared.core;
+        fail(core);
+        advance(Duration::from_secs(30)).await;
+        // Real threads, on the paused runtime's clock.
+        let rt = tokio::runtime::Handle::current();
+        let admitted = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| {
+                    let rt = rt.clone();
+                    s.spawn(move || {
+                        let _clock = rt.enter();
+                        core.try_acquire().is_ok()
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap())
+                .filter(|ok| *ok)
+                .count()
+        });
+        assert_eq!(admitted, 3);
+        assert_eq!(transitions.load(SeqCst), 1);
+    }
+}
+
+#[cfg(all(test, bulwark_loom))]
+mod loom_tests {
+    use loom::thread;
+
+    use super::*;
+    use crate::circuit_breaker::CircuitBreakerLayer;
+
+    fn core(threshold: u32, probes: u32, successes: u32) -> Arc<Core> {
+        let layer = CircuitBreakerLayer::builder()
+            .failure_threshold(threshold)
+            .half_open_max_calls(probes)
+            .success_threshold(successes)
+            .build()
+            .unwrap();
+        let cfg = layer.shared.core.cfg.clone();
+        Arc::new(Core::new(cfg, Listeners::default()))
+    }
+
+    /// Opens the breaker with a deadline already in the past.
+    fn expired_open(core: &Core) {
+        let next = core.load().next(CircuitState::Open);
+        core.word.store(next.0, Release);
+        core.deadline.store(pack_deadline(next.gen(), 0), Release);
+    }
+
+    #[test]
+    fn loom_one_half_open_transition() {
+        loom::model(|| {
+            let c = core(1, 1, 1);
+            expired_open(&c);
+            let hs: Vec<_> = (0..2)
+                .map(|_| {
+                    let c = c.clone();
+                    thread::spawn(move || c.try_acquire().ok())
+                })
+                .collect();
+            let tickets: Vec<_> = hs.into_iter().filter_map(|h| h.join().unwrap()).collect();
+            assert_eq!(tickets.len(), 1, "exactly one probe admitted");
+            let w = c.load();
+            assert_eq!(w.state(), CircuitState::HalfOpen);
+            assert_eq!(w.a(), 1);
+        });
+    }
+
+    #[test]
+    fn loom_concurrent_failures_open_once() {
+        loom::model(|| {
+            let c = core(2, 1, 1);
+            let start_gen = c.load().gen();
+            let hs: Vec<_> = (0..2)
+                .map(|_| {
+                    let c = c.clone();
+                    thread::spawn(move || {
+                        let t = c.try_acquire().unwrap();
+                        c.record(t, true, false);
+                    })
+                })
+                .collect();
+            for h in hs {
+                h.join().unwrap();
+            }
+            let w = c.load();
+            assert_eq!(w.state(), CircuitState::Open);
+            assert_eq!(w.gen(), start_gen + 1, "one transition");
+        });
+    }
+
+    #[test]
+    fn loom_probe_release_and_success_race() {
+        loom::model(|| {
+            let c = core(1, 2, 1);
+            expired_open(&c);
+            let a = c.try_acquire().unwrap();
+            let b = c.try_acquire().unwrap();
+            let c1 = c.clone();
+            let h = thread::spawn(move || c1.release_probe(a));
+            c.record(b, false, false);
+            h.join().unwrap();
+            let w = c.load();
+            // The success closed it; the release either came first or found a
+            // new generation. Either way nothing underflowed.
+            assert_eq!(w.state(), CircuitState::Closed);
+            assert_eq!(w.a(), 0);
+        });
     }
 }

@@ -1,0 +1,7 @@
+//! Atomics, swapped for loom's under `--cfg bulwark_loom` so the lock-free
+//! cores can be model-checked.
+
+#[cfg(bulwark_loom)]
+pub(crate) use loom::sync::atomic::{AtomicU32, AtomicU64};
+#[cfg(not(bulwark_loom))]
+pub(crate) use std::sync::atomic::{AtomicU32, AtomicU64};
