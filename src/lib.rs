@@ -43,7 +43,7 @@
 //! | feature | default | what |
 //! |---|---|---|
 //! | `circuit-breaker` | yes | [`circuit_breaker`] |
-//! | `fallback` | yes | fallback with per-entry breakers |
+//! | `fallback` | yes | [`fallback`]: ordered fallbacks with per-entry breakers |
 //! | `dedup` | yes | request coalescing |
 //! | `bulkhead` | yes | concurrency cap |
 //! | `rate-limit` | yes | GCRA rate limiter |
@@ -69,10 +69,14 @@ mod sync;
 
 #[cfg(feature = "circuit-breaker")]
 pub mod circuit_breaker;
+#[cfg(feature = "fallback")]
+pub mod fallback;
 #[cfg(feature = "http")]
 pub mod http;
 
 #[cfg(feature = "circuit-breaker")]
 pub use circuit_breaker::CircuitBreakerLayer;
 pub use classify::{Classify, Outcome};
+#[cfg(feature = "fallback")]
+pub use fallback::FallbackLayer;
 pub use error::{BoxError, ConfigError, Rejection};

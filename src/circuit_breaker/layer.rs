@@ -387,3 +387,26 @@ impl fmt::Debug for CircuitHandle {
             .finish()
     }
 }
+
+// Lets one configuration build several independent breakers (the fallback
+// layer makes one per entry).
+impl<C: Clone> Clone for CircuitBreakerBuilder<C> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            failure_threshold: self.failure_threshold,
+            open_timeout: self.open_timeout,
+            open_backoff: self.open_backoff.clone(),
+            half_open_max_calls: self.half_open_max_calls,
+            success_threshold: self.success_threshold,
+            window: self.window,
+            failure_rate_threshold: self.failure_rate_threshold,
+            minimum_calls: self.minimum_calls,
+            slow_call_duration: self.slow_call_duration,
+            slow_call_rate_threshold: self.slow_call_rate_threshold,
+            honor_retry_after: self.honor_retry_after,
+            classifier: self.classifier.clone(),
+            listeners: self.listeners.clone(),
+        }
+    }
+}

@@ -105,6 +105,9 @@ pub use error::CircuitOpen;
 pub use layer::{CircuitBreakerBuilder, CircuitBreakerLayer, CircuitHandle};
 pub use service::CircuitBreaker;
 pub use window::Window;
+// The fallback layer drives one breaker core per entry directly.
+#[cfg(feature = "fallback")]
+pub(crate) use state::Ticket;
 
 use crate::observe::Event;
 
