@@ -77,6 +77,6 @@ pub mod http;
 #[cfg(feature = "circuit-breaker")]
 pub use circuit_breaker::CircuitBreakerLayer;
 pub use classify::{Classify, Outcome};
+pub use error::{BoxError, ConfigError, Rejection};
 #[cfg(feature = "fallback")]
 pub use fallback::FallbackLayer;
-pub use error::{BoxError, ConfigError, Rejection};

@@ -182,7 +182,8 @@ where
                         None => {
                             this.state.set(State::Done);
                             this.req.take();
-                            let all = AllFailed::new(shared.name().clone(), std::mem::take(this.errors));
+                            let all =
+                                AllFailed::new(shared.name().clone(), std::mem::take(this.errors));
                             shared.listeners.emit(&FallbackEvent::AllFailed {
                                 name: shared.name().clone(),
                                 entries: all.errors().len(),
