@@ -44,7 +44,7 @@
 //! |---|---|---|
 //! | `circuit-breaker` | yes | [`circuit_breaker`] |
 //! | `fallback` | yes | [`fallback`]: ordered fallbacks with per-entry breakers |
-//! | `dedup` | yes | request coalescing |
+//! | `dedup` | yes | [`dedup`]: request coalescing (singleflight) and a short cache |
 //! | `bulkhead` | yes | concurrency cap |
 //! | `rate-limit` | yes | GCRA rate limiter |
 //! | `retry` | yes | retries with back-off and budgets |
@@ -69,6 +69,8 @@ mod sync;
 
 #[cfg(feature = "circuit-breaker")]
 pub mod circuit_breaker;
+#[cfg(feature = "dedup")]
+pub mod dedup;
 #[cfg(feature = "fallback")]
 pub mod fallback;
 #[cfg(feature = "http")]
@@ -77,6 +79,8 @@ pub mod http;
 #[cfg(feature = "circuit-breaker")]
 pub use circuit_breaker::CircuitBreakerLayer;
 pub use classify::{Classify, Outcome};
+#[cfg(feature = "dedup")]
+pub use dedup::DedupLayer;
 pub use error::{BoxError, ConfigError, Rejection};
 #[cfg(feature = "fallback")]
 pub use fallback::FallbackLayer;
