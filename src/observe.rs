@@ -69,6 +69,14 @@ impl<E: Event> Listeners<E> {
         self.listeners.push(Arc::new(f));
     }
 
+    /// Whether an event would reach anything: a listener, `metrics`, or
+    /// `tracing` at `DEBUG`. Lets a hot path skip building the event.
+    #[allow(dead_code)]
+    #[inline]
+    pub(crate) fn active(&self) -> bool {
+        !self.listeners.is_empty() || cfg!(feature = "metrics") || tracing_on()
+    }
+
     /// Sends `event` to tracing, metrics and the listeners.
     pub(crate) fn emit(&self, event: &E) {
         trace_event(event);
@@ -109,6 +117,19 @@ fn trace_event<E: Event>(event: &E) {
             event.kind()
         );
     }
+}
+
+#[cfg(feature = "tracing")]
+#[inline]
+fn tracing_on() -> bool {
+    use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
+    tracing::Level::DEBUG <= STATIC_MAX_LEVEL && tracing::Level::DEBUG <= LevelFilter::current()
+}
+
+#[cfg(not(feature = "tracing"))]
+#[inline]
+fn tracing_on() -> bool {
+    false
 }
 
 #[cfg(not(feature = "tracing"))]

@@ -147,7 +147,11 @@ where
         start
     }
 
+    #[inline]
     fn emit(&self, kind: Kind) {
+        if !self.cfg.listeners.active() {
+            return;
+        }
         let name = self.cfg.name.clone();
         self.cfg.listeners.emit(&match kind {
             Kind::Leader => DedupEvent::Leader { name },
