@@ -10,8 +10,12 @@
 //!   Unavailable` or `429 Too Many Requests` with a `Retry-After` header;
 //!   with the `axum` feature, [`handle_error`] plugs it into axum's
 //!   `HandleErrorLayer`.
+//! - [`dedup::HttpKey`] (with `dedup`) keys requests for the dedup layer by
+//!   method, URI and the headers that change the answer.
 
 mod classify;
+#[cfg(feature = "dedup")]
+pub mod dedup;
 mod response;
 mod retry_after;
 
