@@ -396,7 +396,7 @@ impl<C: Clone> Clone for CircuitBreakerBuilder<C> {
             name: self.name.clone(),
             failure_threshold: self.failure_threshold,
             open_timeout: self.open_timeout,
-            open_backoff: self.open_backoff.clone(),
+            open_backoff: self.open_backoff,
             half_open_max_calls: self.half_open_max_calls,
             success_threshold: self.success_threshold,
             window: self.window,

@@ -87,6 +87,10 @@ impl<F, Req, Res, C> ResponseFuture<F, Req, Res, C> {
     /// The primary was skipped (open breaker, or not ready) with `err`.
     pub(crate) fn skipped(shared: Arc<Shared<Req, Res, C>>, err: BoxError, req: Req) -> Self {
         let name = shared.name().clone();
+        shared.listeners.emit(&FallbackEvent::EntryFailed {
+            name: name.clone(),
+            entry: name.clone(),
+        });
         Self {
             state: State::Next,
             guard: Guard {
