@@ -94,6 +94,7 @@ mod error;
 pub mod future;
 mod layer;
 mod service;
+mod slot;
 mod state;
 mod window;
 mod word;
