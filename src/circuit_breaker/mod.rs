@@ -7,7 +7,7 @@
 //! use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, CircuitState};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn main() -> Result<(), tower_bulwark::BoxError> {
 //! let layer = CircuitBreakerLayer::builder()
 //!     .name("payments")
 //!     .failure_threshold(2)

@@ -4,12 +4,12 @@
 //! service and future only call in. The closed, consecutive-failure path
 //! touches a single atomic word with no clock read and no lock.
 
-use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::window::{Recorder, Totals, Window};
-use super::word::{pack_deadline, unpack_deadline, Word};
+use super::word::{deadline_is_newer, pack_deadline, unpack_deadline, Word};
 use super::{CircuitEvent, CircuitOpen, CircuitState};
 use crate::backoff::Backoff;
 use crate::clock::{nanos, Clock, Nanos};
@@ -18,7 +18,7 @@ use crate::sync::{AtomicU32, AtomicU64};
 
 use super::slot::{self, Slot};
 
-const MS: u64 = 1_000_000;
+const US: u64 = 1_000;
 
 /// Immutable settings, validated by the builder.
 #[derive(Debug, Clone)]
@@ -178,8 +178,8 @@ impl Core {
     /// Time left in an open word, `None` once the deadline has passed.
     fn open_remaining(&self, w: Word, now: Nanos) -> Option<Duration> {
         match unpack_deadline(self.deadline.load(Acquire), w.gen()) {
-            Some(until_ms) => {
-                let until = until_ms.saturating_mul(MS);
+            Some(until_us) => {
+                let until = until_us.saturating_mul(US);
                 (now < until).then(|| Duration::from_nanos(until - now))
             }
             // The opener has not published the deadline yet: it just opened.
@@ -335,8 +335,20 @@ impl Core {
 
     fn publish_deadline(&self, gen: u32, d: Duration) {
         let now = self.clock.now();
-        let until_ms = now.saturating_add(nanos(d)).div_ceil(MS);
-        self.deadline.store(pack_deadline(gen, until_ms), Release);
+        // Rounded down: `retry_after` never exceeds the configured time.
+        let packed = pack_deadline(gen, now.saturating_add(nanos(d)) / US);
+        // Only the opener of `gen` writes here, but it may be late: never
+        // overwrite the deadline of a later generation.
+        let mut cur = self.deadline.load(Acquire);
+        while !deadline_is_newer(cur, gen) {
+            match self
+                .deadline
+                .compare_exchange_weak(cur, packed, AcqRel, Acquire)
+            {
+                Ok(_) => return,
+                Err(now) => cur = now,
+            }
+        }
     }
 
     /// Holds the breaker open for at least `d` from now (an upstream's
@@ -595,6 +607,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_late_deadline_writer_cannot_overwrite_a_newer_one() {
+        let l = layer(CircuitBreakerLayer::builder());
+        let core = &l.core;
+        core.hold_open(Duration::from_secs(5));
+        let gen = core.load().gen();
+        // The opener of the previous generation publishes late.
+        core.publish_deadline(gen.wrapping_sub(1), Duration::from_secs(100));
+        assert_eq!(core.snapshot().open_remaining, Some(Duration::from_secs(5)));
+        advance(Duration::from_secs(5)).await;
+        assert_eq!(core.state(), CircuitState::HalfOpen);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn count_window_honours_minimum_calls_before_full() {
         let l = layer(
             CircuitBreakerLayer::builder()
@@ -715,6 +740,8 @@ mod tests {
 
 #[cfg(all(test, bulwark_loom))]
 mod loom_tests {
+    use std::sync::atomic::Ordering::Release;
+
     use loom::thread;
 
     use super::*;
