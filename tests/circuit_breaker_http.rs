@@ -50,6 +50,18 @@ fn client() -> Client<HttpConnector, Empty<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
+type Breaker = tower_bulwark::circuit_breaker::CircuitBreaker<
+    Client<HttpConnector, Empty<Bytes>>,
+    StatusClassifier,
+>;
+
+async fn send(
+    svc: &mut Breaker,
+    addr: std::net::SocketAddr,
+) -> Result<hyper::Response<hyper::body::Incoming>, tower_bulwark::BoxError> {
+    svc.ready().await?.call(get_req(addr)).await
+}
+
 fn get_req(addr: std::net::SocketAddr) -> Request<Empty<Bytes>> {
     Request::get(format!("http://{addr}/"))
         .body(Empty::new())
@@ -73,13 +85,7 @@ async fn opens_on_5xx_and_recovers_when_the_server_does() {
     let mut svc = ServiceBuilder::new().layer(breaker).service(client());
 
     for _ in 0..3 {
-        let res = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(get_req(addr))
-            .await
-            .unwrap();
+        let res = send(&mut svc, addr).await.unwrap();
         assert_eq!(res.status(), 503); // a 5xx is still an Ok response
     }
     assert_eq!(handle.state(), CircuitState::Open);
@@ -87,13 +93,7 @@ async fn opens_on_5xx_and_recovers_when_the_server_does() {
 
     // Open: fails fast, the server sees nothing.
     for _ in 0..5 {
-        let err = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(get_req(addr))
-            .await
-            .unwrap_err();
+        let err = send(&mut svc, addr).await.unwrap_err();
         assert!(err.is::<CircuitOpen>());
     }
     assert_eq!(upstream.hits.load(SeqCst), 3);
@@ -102,13 +102,7 @@ async fn opens_on_5xx_and_recovers_when_the_server_does() {
     upstream.status.store(200, SeqCst);
     advance(Duration::from_secs(10)).await;
     for _ in 0..2 {
-        let res = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(get_req(addr))
-            .await
-            .unwrap();
+        let res = send(&mut svc, addr).await.unwrap();
         assert_eq!(res.status(), 200);
     }
     assert_eq!(handle.state(), CircuitState::Closed);
@@ -129,23 +123,11 @@ async fn retry_after_holds_the_breaker_open() {
     let handle = breaker.handle();
     let mut svc = ServiceBuilder::new().layer(breaker).service(client());
 
-    let res = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(get_req(addr))
-        .await
-        .unwrap();
+    let res = send(&mut svc, addr).await.unwrap();
     assert_eq!(res.status(), 429);
     // One 429 with `Retry-After: 120` opens it for 120 s, not 5 s.
     assert_eq!(handle.state(), CircuitState::Open);
-    let err = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(get_req(addr))
-        .await
-        .unwrap_err();
+    let err = send(&mut svc, addr).await.unwrap_err();
     let open = err.downcast_ref::<CircuitOpen>().unwrap();
     assert!(open.retry_after().unwrap() > Duration::from_secs(119));
     advance(Duration::from_secs(60)).await;
