@@ -239,7 +239,11 @@ impl Core {
     #[cold]
     fn record_window(&self, t: Ticket, failure: bool, slow: bool) {
         let Some(window) = &self.window else { return };
-        let now = self.clock.now();
+        // Only a time window needs the time.
+        let now = match self.cfg.window {
+            Some(Window::Time(_)) => self.clock.now(),
+            _ => 0,
+        };
         let mut rec = window.lock().unwrap_or_else(|e| e.into_inner());
         let w = self.load();
         if w.gen() != t.gen || !w.is_closed() {
