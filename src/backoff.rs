@@ -162,7 +162,11 @@ impl Backoff {
         }
     }
 
-    pub(crate) fn validate(&self, layer: &'static str, field: &'static str) -> Result<(), ConfigError> {
+    pub(crate) fn validate(
+        &self,
+        layer: &'static str,
+        field: &'static str,
+    ) -> Result<(), ConfigError> {
         if self.max_delay < self.base {
             return Err(ConfigError::new(
                 layer,

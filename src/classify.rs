@@ -178,8 +178,14 @@ mod tests {
     #[test]
     fn default_counts_errors_only() {
         let c = DefaultClassifier;
-        assert_eq!(Classify::<(), ()>::classify(&c, &Ok(()), Duration::ZERO), Outcome::Success);
-        assert_eq!(Classify::<(), ()>::classify(&c, &Err(()), Duration::ZERO), Outcome::Failure);
+        assert_eq!(
+            Classify::<(), ()>::classify(&c, &Ok(()), Duration::ZERO),
+            Outcome::Success
+        );
+        assert_eq!(
+            Classify::<(), ()>::classify(&c, &Err(()), Duration::ZERO),
+            Outcome::Failure
+        );
         assert!(!Classify::<(), ()>::uses_elapsed(&c));
     }
 
@@ -198,7 +204,10 @@ mod tests {
                 Outcome::Success
             }
         });
-        assert_eq!(t.classify(&Ok(1), Duration::from_millis(11)), Outcome::Failure);
+        assert_eq!(
+            t.classify(&Ok(1), Duration::from_millis(11)),
+            Outcome::Failure
+        );
         assert!(format!("{t:?}").contains("ClassifyTimedFn"));
     }
 }

@@ -148,7 +148,11 @@ impl Check {
         d: Duration,
     ) -> Result<(), ConfigError> {
         if d.is_zero() {
-            return Err(ConfigError::new(self.layer, field, "must be longer than zero"));
+            return Err(ConfigError::new(
+                self.layer,
+                field,
+                "must be longer than zero",
+            ));
         }
         Ok(())
     }

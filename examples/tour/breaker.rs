@@ -18,7 +18,9 @@ use crate::common::{banner, say};
 
 /// Starts an axum server on 127.0.0.1 that answers 503 while `healthy` is
 /// false. Returns its address.
-pub(crate) async fn flaky_upstream(healthy: Arc<AtomicBool>) -> std::io::Result<std::net::SocketAddr> {
+pub(crate) async fn flaky_upstream(
+    healthy: Arc<AtomicBool>,
+) -> std::io::Result<std::net::SocketAddr> {
     async fn handler(State(healthy): State<Arc<AtomicBool>>) -> (StatusCode, &'static str) {
         if healthy.load(Ordering::SeqCst) {
             (StatusCode::OK, "ok")
@@ -37,7 +39,9 @@ pub(crate) async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>
     banner("circuit breaker: 3 failures open it, 2 good probes close it");
     let healthy = Arc::new(AtomicBool::new(false));
     let addr = flaky_upstream(healthy.clone()).await?;
-    say(format!("upstream listening on http://{addr}, answering 503 for now"));
+    say(format!(
+        "upstream listening on http://{addr}, answering 503 for now"
+    ));
 
     let breaker = CircuitBreakerLayer::builder()
         .name("upstream")
@@ -45,15 +49,18 @@ pub(crate) async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>
         .open_timeout(Duration::from_millis(300))
         .success_threshold(2)
         // A 5xx answer is a failure although the HTTP call itself worked.
-        .classify(classify_fn(|res: &Result<Response<Incoming>, hyper_util::client::legacy::Error>| {
-            match res {
+        .classify(classify_fn(
+            |res: &Result<Response<Incoming>, hyper_util::client::legacy::Error>| match res {
                 Ok(r) if r.status().is_server_error() => Outcome::Failure,
                 Ok(_) => Outcome::Success,
                 Err(_) => Outcome::Failure,
-            }
-        }))
+            },
+        ))
         .on_event(|e| {
-            if let CircuitEvent::StateChanged { from, to, open_for, .. } = e {
+            if let CircuitEvent::StateChanged {
+                from, to, open_for, ..
+            } = e
+            {
                 match open_for {
                     Some(d) => say(format!("  breaker: {from} -> {to} for {d:?}")),
                     None => say(format!("  breaker: {from} -> {to}")),

@@ -247,10 +247,18 @@ impl<C> CircuitBreakerBuilder<C> {
         }
         let minimum_calls = match (self.window, self.minimum_calls) {
             (Some(Window::Count(n)), _) if n == 0 => {
-                return Err(ConfigError::new(LAYER, "window", "a count window needs at least 1 call"))
+                return Err(ConfigError::new(
+                    LAYER,
+                    "window",
+                    "a count window needs at least 1 call",
+                ))
             }
             (Some(Window::Time(d)), _) if d.is_zero() => {
-                return Err(ConfigError::new(LAYER, "window", "a time window must be longer than zero"))
+                return Err(ConfigError::new(
+                    LAYER,
+                    "window",
+                    "a time window must be longer than zero",
+                ))
             }
             (Some(Window::Count(n)), Some(m)) if m > n => {
                 return Err(ConfigError::new(

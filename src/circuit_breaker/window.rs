@@ -174,7 +174,9 @@ impl Recorder {
                 ring.clear();
                 *totals = Totals::default();
             }
-            Recorder::Time { buckets, totals, .. } => {
+            Recorder::Time {
+                buckets, totals, ..
+            } => {
                 buckets.clear();
                 *totals = Totals::default();
             }
@@ -194,11 +196,32 @@ mod tests {
         r.record(true, false, 0);
         r.record(true, true, 0);
         let t = r.record(false, false, 0);
-        assert_eq!(t, Totals { calls: 3, failures: 2, slow: 1 });
+        assert_eq!(
+            t,
+            Totals {
+                calls: 3,
+                failures: 2,
+                slow: 1
+            }
+        );
         let t = r.record(false, false, 0);
-        assert_eq!(t, Totals { calls: 3, failures: 1, slow: 1 });
+        assert_eq!(
+            t,
+            Totals {
+                calls: 3,
+                failures: 1,
+                slow: 1
+            }
+        );
         let t = r.record(false, false, 0);
-        assert_eq!(t, Totals { calls: 3, failures: 0, slow: 0 });
+        assert_eq!(
+            t,
+            Totals {
+                calls: 3,
+                failures: 0,
+                slow: 0
+            }
+        );
     }
 
     #[test]
@@ -211,7 +234,14 @@ mod tests {
         assert_eq!(r.totals(10 * S).failures, 1);
         assert_eq!(r.totals(15 * S).failures, 0);
         let t = r.record(false, false, 100 * S);
-        assert_eq!(t, Totals { calls: 1, failures: 0, slow: 0 });
+        assert_eq!(
+            t,
+            Totals {
+                calls: 1,
+                failures: 0,
+                slow: 0
+            }
+        );
         r.clear();
         assert_eq!(r.totals(100 * S).calls, 0);
     }

@@ -129,9 +129,15 @@ mod tests {
         assert_eq!(w.state(), CircuitState::HalfOpen);
         assert_eq!((w.gen(), w.a(), w.b()), (12345, 7, 65535));
         let w2 = w.with_a(9).with_b(1);
-        assert_eq!((w2.state(), w2.gen(), w2.a(), w2.b()), (CircuitState::HalfOpen, 12345, 9, 1));
+        assert_eq!(
+            (w2.state(), w2.gen(), w2.a(), w2.b()),
+            (CircuitState::HalfOpen, 12345, 9, 1)
+        );
         let n = w2.next(CircuitState::Open);
-        assert_eq!((n.state(), n.gen(), n.a(), n.b()), (CircuitState::Open, 12346, 0, 0));
+        assert_eq!(
+            (n.state(), n.gen(), n.a(), n.b()),
+            (CircuitState::Open, 12346, 0, 0)
+        );
         for s in [
             CircuitState::Closed,
             CircuitState::Open,

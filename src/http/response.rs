@@ -34,7 +34,10 @@ pub fn rejection_status(r: &dyn Rejection) -> StatusCode {
 /// ```
 pub fn error_response<B: From<String>>(err: &(dyn Error + 'static)) -> Response<B> {
     let Some(r) = rejection(err) else {
-        return plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error".to_owned());
+        return plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error".to_owned(),
+        );
     };
     let mut res = plain(rejection_status(r), r.to_string());
     if let Some(after) = r.retry_after() {

@@ -55,7 +55,10 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
         let v = |s: &'static str| HeaderValue::from_static(s);
         assert_eq!(parse_retry_after(&v("0"), now), Some(Duration::ZERO));
-        assert_eq!(parse_retry_after(&v(" 30 "), now), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_retry_after(&v(" 30 "), now),
+            Some(Duration::from_secs(30))
+        );
         assert_eq!(
             parse_retry_after(&v("99999999999999999999999"), now),
             Some(Duration::from_secs(u64::MAX))
@@ -83,6 +86,9 @@ mod tests {
             Some(Duration::from_secs(5))
         );
         assert_eq!(retry_after_of(http::StatusCode::OK, &h), None);
-        assert_eq!(retry_after_of(http::StatusCode::INTERNAL_SERVER_ERROR, &h), None);
+        assert_eq!(
+            retry_after_of(http::StatusCode::INTERNAL_SERVER_ERROR, &h),
+            None
+        );
     }
 }
