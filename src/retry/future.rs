@@ -3,7 +3,6 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -17,28 +16,51 @@ use crate::backoff::Backoff;
 use crate::error::BoxError;
 use crate::observe::Listeners;
 
-/// Everything a call needs, behind one `Arc` made by `build()`.
-#[derive(Debug)]
-pub(crate) struct Shared<P> {
-    pub(crate) name: Arc<str>,
+/// The plain settings. Interned for the life of the process (one copy per
+/// distinct configuration) so a response future carries them as one
+/// `&'static` pointer: no reference count, and a future small enough to
+/// move cheaply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Config {
+    /// Interned: see `intern`.
+    pub(crate) name: &'static str,
     pub(crate) max_attempts: u32,
     pub(crate) backoff: Backoff,
     pub(crate) attempt_timeout: Option<Duration>,
     pub(crate) deadline: Option<Duration>,
     pub(crate) max_retry_after: Duration,
-    pub(crate) budget: Option<RetryBudget>,
     pub(crate) seed: Option<u64>,
-    pub(crate) listeners: Listeners<RetryEvent>,
-    pub(crate) counts: Counts,
-    pub(crate) policy: P,
 }
 
-/// Totals kept for the handle; only touched off the success path.
-#[derive(Debug, Default)]
-pub(crate) struct Counts {
-    pub(crate) retries: AtomicU64,
-    pub(crate) gave_up: AtomicU64,
-    pub(crate) budget_exhausted: AtomicU64,
+/// What retries report to and draw from; shared by every clone. Absent
+/// when there is neither a budget nor a listener, so that such a layer's
+/// calls take no reference count.
+#[derive(Debug)]
+pub(crate) struct Sinks {
+    pub(crate) budget: Option<RetryBudget>,
+    pub(crate) listeners: Listeners<RetryEvent>,
+}
+
+/// A layer's state: copied (`cfg`, `policy`) or shared (`sinks`) by every
+/// service it makes.
+#[derive(Debug, Clone)]
+pub(crate) struct Shared<P> {
+    pub(crate) cfg: &'static Config,
+    pub(crate) policy: P,
+    pub(crate) sinks: Option<Arc<Sinks>>,
+}
+
+impl<P> Shared<P> {
+    fn emit(&self, event: RetryEvent) {
+        match &self.sinks {
+            Some(sinks) => sinks.listeners.emit(&event),
+            None => crate::observe::emit_unlistened(&event),
+        }
+    }
+
+    fn budget(&self) -> Option<&RetryBudget> {
+        self.sinks.as_ref().and_then(|s| s.budget.as_ref())
+    }
 }
 
 pin_project! {
@@ -52,17 +74,15 @@ pin_project! {
     where
         S: Service<Req>,
     {
-        shared: Arc<Shared<P>>,
+        shared: Shared<P>,
         svc: S,
         // A copy for the next attempt; `None` when there will be none.
         req: Option<Req>,
-        attempt: u32,
         started: Option<Instant>,
-        prev_delay: Duration,
-        rng: Option<fastrand::Rng>,
+        // Made at the first retry.
+        retrying: Option<Box<Retrying>>,
         #[pin]
         state: State<S::Future>,
-        #[pin]
         timer: Timer,
     }
 }
@@ -76,28 +96,23 @@ pin_project! {
     }
 }
 
-pin_project! {
-    #[project = TimerProj]
-    enum Timer {
-        Off,
-        On { #[pin] sleep: Sleep },
-    }
-}
+/// The per-attempt timeout and the back-off share one timer, made the
+/// first time either is needed. It is boxed so the future stays small: a
+/// call that needs neither moves 8 bytes for it, not a whole `Sleep`.
+struct Timer(Option<Pin<Box<Sleep>>>);
 
 impl Timer {
-    fn arm(mut self: Pin<&mut Self>, at: Instant) {
-        match self.as_mut().project() {
-            TimerProj::On { sleep } => sleep.reset(at),
-            TimerProj::Off => self.set(Timer::On {
-                sleep: tokio::time::sleep_until(at),
-            }),
+    fn arm(&mut self, at: Instant) {
+        match &mut self.0 {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.0 = Some(Box::pin(tokio::time::sleep_until(at))),
         }
     }
 
-    fn poll_elapsed(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        match self.project() {
-            TimerProj::On { sleep } => sleep.poll(cx),
-            TimerProj::Off => Poll::Ready(()),
+    fn poll_elapsed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match &mut self.0 {
+            Some(sleep) => sleep.as_mut().poll(cx),
+            None => Poll::Ready(()),
         }
     }
 }
@@ -106,27 +121,30 @@ impl<S, Req, P> ResponseFuture<S, Req, P>
 where
     S: Service<Req>,
 {
-    pub(crate) fn new(shared: Arc<Shared<P>>, svc: S, fut: S::Future, req: Option<Req>) -> Self {
-        let started = shared.deadline.map(|_| Instant::now());
-        let mut this = Self {
+    #[inline]
+    pub(crate) fn new(shared: Shared<P>, svc: S, fut: S::Future, req: Option<Req>) -> Self {
+        let started = shared.cfg.deadline.map(|_| Instant::now());
+        let mut timer = Timer(None);
+        if let Some(t) = shared.cfg.attempt_timeout {
+            timer.arm(Instant::now() + t);
+        }
+        Self {
             shared,
             svc,
             req,
-            attempt: 1,
             started,
-            prev_delay: Duration::ZERO,
-            rng: None,
+            retrying: None,
             state: State::Calling { fut },
-            timer: Timer::Off,
-        };
-        if let Some(t) = this.shared.attempt_timeout {
-            // Not pinned yet, so a fresh timer is simply stored.
-            this.timer = Timer::On {
-                sleep: tokio::time::sleep(t),
-            };
+            timer,
         }
-        this
     }
+}
+
+/// What only a call that retries needs, boxed to keep the future small.
+struct Retrying {
+    attempt: u32,
+    prev_delay: Duration,
+    rng: fastrand::Rng,
 }
 
 enum Finished<T, E> {
@@ -143,28 +161,69 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    /// The success path, inlined into the caller: the first attempt
+    /// answered and the policy does not retry it.
+    #[inline]
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.as_mut().project();
+        if let StateProj::Calling { fut } = this.state.project() {
+            match fut.poll(cx) {
+                Poll::Ready(res) => {
+                    let again = match this.req.as_ref() {
+                        Some(req) => this.shared.policy.should_retry(req, &res),
+                        None => false,
+                    };
+                    if !again {
+                        return Poll::Ready(res.map_err(Into::into));
+                    }
+                    return self.drive(cx, Some(res));
+                }
+                Poll::Pending if this.shared.cfg.attempt_timeout.is_none() => return Poll::Pending,
+                Poll::Pending => {}
+            }
+        }
+        self.drive(cx, None)
+    }
+}
+
+impl<S, Req, P> ResponseFuture<S, Req, P>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    Req: Clone,
+    P: RetryPolicy<Req, S::Response, S::Error>,
+{
+    /// Everything but the success path. `first`, when given, is an
+    /// attempt's result that the policy already chose to retry.
+    #[inline(never)]
+    fn drive(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut first: Option<Result<S::Response, S::Error>>,
+    ) -> Poll<Result<S::Response, BoxError>> {
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
                 StateProj::Calling { fut } => {
-                    let finished = match fut.poll(cx) {
-                        Poll::Ready(res) => Finished::Done(res),
-                        Poll::Pending => {
-                            if this.shared.attempt_timeout.is_none() {
-                                return Poll::Pending;
+                    let (finished, decided) = match first.take() {
+                        Some(res) => (Finished::Done(res), true),
+                        None => match fut.poll(cx) {
+                            Poll::Ready(res) => (Finished::Done(res), false),
+                            Poll::Pending => {
+                                if this.shared.cfg.attempt_timeout.is_none() {
+                                    return Poll::Pending;
+                                }
+                                ready!(this.timer.poll_elapsed(cx));
+                                (Finished::TimedOut, false)
                             }
-                            ready!(this.timer.as_mut().poll_elapsed(cx));
-                            Finished::TimedOut
-                        }
+                        },
                     };
-                    let shared = &**this.shared;
-                    let attempt = *this.attempt;
-                    // Success path: one policy check and out.
+                    let shared = &*this.shared;
+                    let attempt = this.retrying.as_ref().map_or(1, |r| r.attempt);
                     let (retry, reason, hint) = match (&finished, this.req.as_ref()) {
                         (_, None) => (false, RetryReason::Error, None),
                         (Finished::Done(res), Some(req)) => {
-                            if !shared.policy.should_retry(req, res) {
+                            if !decided && !shared.policy.should_retry(req, res) {
                                 (false, RetryReason::Error, None)
                             } else {
                                 let reason = if res.is_ok() {
@@ -179,32 +238,44 @@ where
                             (shared.policy.retry_timeout(req), RetryReason::Timeout, None)
                         }
                     };
-                    let give_up = |fin: Finished<S::Response, S::Error>| -> Self::Output {
-                        match fin {
-                            Finished::Done(res) => res.map_err(Into::into),
-                            Finished::TimedOut => Err(AttemptTimedOut::new(
-                                shared.name.clone(),
-                                attempt,
-                                shared.attempt_timeout.unwrap_or_default(),
-                            )
-                            .into()),
-                        }
-                    };
+                    let give_up =
+                        |fin: Finished<S::Response, S::Error>| -> Result<S::Response, BoxError> {
+                            match fin {
+                                Finished::Done(res) => res.map_err(Into::into),
+                                Finished::TimedOut => Err(AttemptTimedOut::new(
+                                    shared.cfg.name,
+                                    attempt,
+                                    shared.cfg.attempt_timeout.unwrap_or_default(),
+                                )
+                                .into()),
+                            }
+                        };
                     if !retry {
                         return Poll::Ready(give_up(finished));
                     }
-                    let rng = this.rng.get_or_insert_with(|| {
-                        shared
-                            .seed
-                            .map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed)
+                    let r = this.retrying.get_or_insert_with(|| {
+                        Box::new(Retrying {
+                            attempt: 1,
+                            prev_delay: Duration::ZERO,
+                            rng: shared
+                                .cfg
+                                .seed
+                                .map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed),
+                        })
                     });
-                    match plan(shared, attempt, *this.prev_delay, hint, *this.started, rng) {
+                    match plan(
+                        shared,
+                        attempt,
+                        r.prev_delay,
+                        hint,
+                        *this.started,
+                        &mut r.rng,
+                    ) {
                         Ok(delay) => {
-                            *this.prev_delay = delay;
-                            *this.attempt = attempt + 1;
-                            shared.counts.retries.fetch_add(1, Ordering::Relaxed);
-                            shared.listeners.emit(&RetryEvent::Retry {
-                                name: shared.name.clone(),
+                            r.prev_delay = delay;
+                            r.attempt = attempt + 1;
+                            shared.emit(RetryEvent::Retry {
+                                name: shared.cfg.name,
                                 attempt: attempt + 1,
                                 delay,
                                 reason,
@@ -214,27 +285,22 @@ where
                             if delay.is_zero() {
                                 this.state.set(State::Readying);
                             } else {
-                                this.timer.as_mut().arm(Instant::now() + delay);
+                                this.timer.arm(Instant::now() + delay);
                                 this.state.set(State::Waiting);
                             }
                         }
                         Err(stop) => {
                             match stop {
                                 Stop::GiveUp(reason) => {
-                                    shared.counts.gave_up.fetch_add(1, Ordering::Relaxed);
-                                    shared.listeners.emit(&RetryEvent::GaveUp {
-                                        name: shared.name.clone(),
+                                    shared.emit(RetryEvent::GaveUp {
+                                        name: shared.cfg.name,
                                         attempts: attempt,
                                         reason,
                                     });
                                 }
                                 Stop::Budget => {
-                                    shared
-                                        .counts
-                                        .budget_exhausted
-                                        .fetch_add(1, Ordering::Relaxed);
-                                    shared.listeners.emit(&RetryEvent::BudgetExhausted {
-                                        name: shared.name.clone(),
+                                    shared.emit(RetryEvent::BudgetExhausted {
+                                        name: shared.cfg.name,
                                         attempts: attempt,
                                     });
                                 }
@@ -244,7 +310,7 @@ where
                     }
                 }
                 StateProj::Waiting => {
-                    ready!(this.timer.as_mut().poll_elapsed(cx));
+                    ready!(this.timer.poll_elapsed(cx));
                     this.state.set(State::Readying);
                 }
                 StateProj::Readying => {
@@ -259,8 +325,8 @@ where
                         .expect("a retry keeps its request")
                         .clone();
                     let fut = this.svc.call(req);
-                    if let Some(t) = this.shared.attempt_timeout {
-                        this.timer.as_mut().arm(Instant::now() + t);
+                    if let Some(t) = this.shared.cfg.attempt_timeout {
+                        this.timer.arm(Instant::now() + t);
                     }
                     this.state.set(State::Calling { fut });
                 }
@@ -283,17 +349,18 @@ fn plan<P>(
     started: Option<Instant>,
     rng: &mut fastrand::Rng,
 ) -> Result<Duration, Stop> {
-    if attempt >= shared.max_attempts {
+    let cfg = shared.cfg;
+    if attempt >= cfg.max_attempts {
         return Err(Stop::GiveUp(GiveUpReason::Exhausted));
     }
-    let mut delay = shared.backoff.jittered(attempt, prev, rng);
+    let mut delay = cfg.backoff.jittered(attempt, prev, rng);
     if let Some(hint) = hint {
-        if shared.deadline.is_none() && hint > shared.max_retry_after {
+        if cfg.deadline.is_none() && hint > cfg.max_retry_after {
             return Err(Stop::GiveUp(GiveUpReason::RetryAfterTooLong(hint)));
         }
         delay = delay.max(hint);
     }
-    if let (Some(deadline), Some(started)) = (shared.deadline, started) {
+    if let (Some(deadline), Some(started)) = (cfg.deadline, started) {
         if Instant::now()
             .saturating_duration_since(started)
             .saturating_add(delay)
@@ -302,7 +369,7 @@ fn plan<P>(
             return Err(Stop::GiveUp(GiveUpReason::Deadline));
         }
     }
-    if let Some(budget) = &shared.budget {
+    if let Some(budget) = shared.budget() {
         if !budget.try_withdraw() {
             return Err(Stop::Budget);
         }
@@ -321,8 +388,8 @@ where
             State::Readying => "readying",
         };
         f.debug_struct("ResponseFuture")
-            .field("name", &self.shared.name)
-            .field("attempt", &self.attempt)
+            .field("name", &self.shared.cfg.name)
+            .field("attempt", &self.retrying.as_ref().map_or(1, |r| r.attempt))
             .field("state", &state)
             .finish()
     }

@@ -1,13 +1,13 @@
 //! The retry layer, its builder and its handle.
 
+use std::collections::HashSet;
 use std::fmt;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::future::{Counts, Shared};
+use super::future::{Config, Shared, Sinks};
 use super::{ClassifyPolicy, DefaultPolicy, Retry, RetryBudget, RetryEvent, RetryFn};
 use crate::backoff::{Backoff, Jitter};
 use crate::error::{Check, ConfigError};
@@ -20,7 +20,7 @@ const LAYER: &str = "retry";
 ///
 /// Made with [`RetryLayer::builder`].
 pub struct RetryLayer<P = DefaultPolicy> {
-    pub(crate) shared: Arc<Shared<P>>,
+    pub(crate) shared: Shared<P>,
 }
 
 impl RetryLayer {
@@ -33,16 +33,13 @@ impl RetryLayer {
 }
 
 impl<P> RetryLayer<P> {
-    /// A handle on the shared counts and budget.
-    pub fn handle(&self) -> RetryHandle
-    where
-        P: Send + Sync + 'static,
-    {
-        RetryHandle::new(self.shared.clone())
+    /// A handle on the layer's name and budget.
+    pub fn handle(&self) -> RetryHandle {
+        RetryHandle::new(&self.shared)
     }
 }
 
-impl<P> Clone for RetryLayer<P> {
+impl<P: Clone> Clone for RetryLayer<P> {
     fn clone(&self) -> Self {
         Self {
             shared: self.shared.clone(),
@@ -52,20 +49,23 @@ impl<P> Clone for RetryLayer<P> {
 
 impl<P> fmt::Debug for RetryLayer<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = &self.shared;
+        let s = &self.shared.cfg;
         f.debug_struct("RetryLayer")
             .field("name", &s.name)
             .field("max_attempts", &s.max_attempts)
             .field("backoff", &s.backoff)
             .field("attempt_timeout", &s.attempt_timeout)
             .field("deadline", &s.deadline)
-            .field("budget", &s.budget)
+            .field(
+                "budget",
+                &self.shared.sinks.as_ref().and_then(|x| x.budget.as_ref()),
+            )
             .field("policy", &std::any::type_name::<P>())
             .finish()
     }
 }
 
-impl<S, P> Layer<S> for RetryLayer<P> {
+impl<S, P: Clone> Layer<S> for RetryLayer<P> {
     type Service = Retry<S, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
@@ -220,20 +220,26 @@ impl<P> RetryBuilder<P> {
         if let Some(d) = self.deadline {
             check.non_zero_duration("deadline", d)?;
         }
-        Ok(RetryLayer {
-            shared: Arc::new(Shared {
-                name: Arc::from(self.name.unwrap_or_default()),
-                max_attempts: self.max_attempts,
-                backoff: self.backoff,
-                attempt_timeout: self.attempt_timeout,
-                deadline: self.deadline,
-                max_retry_after: self.max_retry_after,
+        let sinks = (self.budget.is_some() || !self.listeners.is_empty()).then(|| {
+            Arc::new(Sinks {
                 budget: self.budget,
-                seed: self.seed,
                 listeners: self.listeners,
-                counts: Counts::default(),
+            })
+        });
+        Ok(RetryLayer {
+            shared: Shared {
+                cfg: intern_config(Config {
+                    name: intern(self.name.unwrap_or_default()),
+                    max_attempts: self.max_attempts,
+                    backoff: self.backoff,
+                    attempt_timeout: self.attempt_timeout,
+                    deadline: self.deadline,
+                    max_retry_after: self.max_retry_after,
+                    seed: self.seed,
+                }),
                 policy: self.policy,
-            }),
+                sinks,
+            },
         })
     }
 }
@@ -252,72 +258,82 @@ impl<P> fmt::Debug for RetryBuilder<P> {
     }
 }
 
-/// Reads a retry layer's counts and budget from outside the stack.
+/// Layer names live for the whole process, one copy per distinct name, so
+/// a response future can carry its layer's name without a reference
+/// count. Names are configuration: a handful per program.
+fn intern(name: String) -> &'static str {
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    if name.is_empty() {
+        return "";
+    }
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(known) = names.get(name.as_str()) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(name.into_boxed_str());
+    names.insert(leaked);
+    leaked
+}
+
+/// See [`Config`]: one copy per distinct configuration, for the life of
+/// the process.
+fn intern_config(cfg: Config) -> &'static Config {
+    static CONFIGS: OnceLock<Mutex<HashSet<&'static Config>>> = OnceLock::new();
+    let mut configs = CONFIGS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(known) = configs.get(&cfg) {
+        return known;
+    }
+    let leaked: &'static Config = Box::leak(Box::new(cfg));
+    configs.insert(leaked);
+    leaked
+}
+
+/// Reads a retry layer's settings and budget from outside the stack.
 #[derive(Clone)]
 pub struct RetryHandle {
-    shared: Arc<dyn HasCounts>,
-}
-
-trait HasCounts: Send + Sync {
-    fn counts(&self) -> &Counts;
-    fn name(&self) -> &str;
-    fn budget(&self) -> Option<&RetryBudget>;
-}
-
-impl<P: Send + Sync> HasCounts for Shared<P> {
-    fn counts(&self) -> &Counts {
-        &self.counts
-    }
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn budget(&self) -> Option<&RetryBudget> {
-        self.budget.as_ref()
-    }
+    name: &'static str,
+    max_attempts: u32,
+    budget: Option<RetryBudget>,
 }
 
 impl RetryHandle {
-    pub(crate) fn new<P: Send + Sync + 'static>(shared: Arc<Shared<P>>) -> Self {
-        Self { shared }
+    pub(crate) fn new<P>(shared: &Shared<P>) -> Self {
+        Self {
+            name: shared.cfg.name,
+            max_attempts: shared.cfg.max_attempts,
+            budget: shared.sinks.as_ref().and_then(|s| s.budget.clone()),
+        }
     }
 
     /// The layer's name.
     pub fn name(&self) -> &str {
-        self.shared.name()
+        self.name
     }
 
-    /// Retries made since the layer was built.
-    pub fn retries(&self) -> u64 {
-        self.shared.counts().retries.load(Ordering::Relaxed)
+    /// Attempts per call, the first included.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
     }
 
-    /// Calls that wanted another attempt but gave up (attempts, deadline,
-    /// or a `Retry-After` too long), since the layer was built.
-    pub fn gave_up(&self) -> u64 {
-        self.shared.counts().gave_up.load(Ordering::Relaxed)
-    }
-
-    /// Retries refused by the budget since the layer was built.
-    pub fn budget_exhausted(&self) -> u64 {
-        self.shared
-            .counts()
-            .budget_exhausted
-            .load(Ordering::Relaxed)
-    }
-
-    /// The budget, if one was set.
+    /// The budget, if one was set: shared with the layer, so
+    /// [`available`](RetryBudget::available) is live.
     pub fn budget(&self) -> Option<&RetryBudget> {
-        self.shared.budget()
+        self.budget.as_ref()
     }
 }
 
 impl fmt::Debug for RetryHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryHandle")
-            .field("name", &self.name())
-            .field("retries", &self.retries())
-            .field("gave_up", &self.gave_up())
-            .field("budget_exhausted", &self.budget_exhausted())
+            .field("name", &self.name)
+            .field("max_attempts", &self.max_attempts)
+            .field("budget", &self.budget)
             .finish()
     }
 }

@@ -3,8 +3,7 @@
 //!
 //! ```
 //! use std::sync::atomic::{AtomicU32, Ordering};
-//! use std::sync::Arc;
-//! use std::time::Duration;
+//! //! use std::time::Duration;
 //! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 //! use tower_bulwark::retry::{Backoff, Jitter, RetryLayer};
 //!
@@ -111,7 +110,6 @@ mod layer;
 mod policy;
 mod service;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::backoff::{Backoff, Jitter};
@@ -167,7 +165,7 @@ pub enum RetryEvent {
     /// Another attempt will be made after `delay`.
     Retry {
         /// The layer's name.
-        name: Arc<str>,
+        name: &'static str,
         /// The attempt about to be made (2 for the first retry).
         attempt: u32,
         /// The wait before it: back-off with jitter, or the upstream's
@@ -179,7 +177,7 @@ pub enum RetryEvent {
     /// The call ends with its last attempt's failure.
     GaveUp {
         /// The layer's name.
-        name: Arc<str>,
+        name: &'static str,
         /// Attempts made.
         attempts: u32,
         /// Why no further attempt is made.
@@ -188,7 +186,7 @@ pub enum RetryEvent {
     /// The budget refused a retry; the call ends with its last failure.
     BudgetExhausted {
         /// The layer's name.
-        name: Arc<str>,
+        name: &'static str,
         /// Attempts made.
         attempts: u32,
     },

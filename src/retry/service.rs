@@ -1,7 +1,6 @@
 //! The retry service.
 
 use std::fmt;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tower_service::Service;
@@ -16,25 +15,25 @@ use crate::error::BoxError;
 /// Every clone shares the layer's configuration, budget and counts.
 pub struct Retry<S, P> {
     inner: S,
-    shared: Arc<Shared<P>>,
+    shared: Shared<P>,
 }
 
 impl<S, P> Retry<S, P> {
-    pub(crate) fn from_shared(inner: S, shared: Arc<Shared<P>>) -> Self {
+    pub(crate) fn from_shared(inner: S, shared: Shared<P>) -> Self {
         Self { inner, shared }
     }
 
     /// Wraps `inner` with `layer`'s configuration.
-    pub fn new(inner: S, layer: &RetryLayer<P>) -> Self {
+    pub fn new(inner: S, layer: &RetryLayer<P>) -> Self
+    where
+        P: Clone,
+    {
         Self::from_shared(inner, layer.shared.clone())
     }
 
-    /// A handle on the shared counts and budget.
-    pub fn handle(&self) -> RetryHandle
-    where
-        P: Send + Sync + 'static,
-    {
-        RetryHandle::new(self.shared.clone())
+    /// A handle on the layer's name and budget.
+    pub fn handle(&self) -> RetryHandle {
+        RetryHandle::new(&self.shared)
     }
 
     /// The inner service.
@@ -53,7 +52,7 @@ impl<S, P> Retry<S, P> {
     }
 }
 
-impl<S: Clone, P> Clone for Retry<S, P> {
+impl<S: Clone, P: Clone> Clone for Retry<S, P> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -66,8 +65,8 @@ impl<S: fmt::Debug, P> fmt::Debug for Retry<S, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Retry")
             .field("inner", &self.inner)
-            .field("name", &self.shared.name)
-            .field("max_attempts", &self.shared.max_attempts)
+            .field("name", &self.shared.cfg.name)
+            .field("max_attempts", &self.shared.cfg.max_attempts)
             .finish()
     }
 }
@@ -77,7 +76,7 @@ where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     Req: Clone,
-    P: RetryPolicy<Req, S::Response, S::Error>,
+    P: RetryPolicy<Req, S::Response, S::Error> + Clone,
 {
     type Response = S::Response;
     type Error = BoxError;
@@ -94,11 +93,14 @@ where
         // service inside the future.
         let clone = self.inner.clone();
         let mut svc = std::mem::replace(&mut self.inner, clone);
-        let shared = &*self.shared;
-        if let Some(budget) = &shared.budget {
-            budget.deposit();
+        let shared = &self.shared;
+        if let Some(sinks) = &shared.sinks {
+            if let Some(budget) = &sinks.budget {
+                budget.deposit();
+            }
         }
-        let keep = (shared.max_attempts > 1 && shared.policy.may_retry(&req)).then(|| req.clone());
+        let keep =
+            (shared.cfg.max_attempts > 1 && shared.policy.may_retry(&req)).then(|| req.clone());
         let fut = svc.call(req);
         ResponseFuture::new(self.shared.clone(), svc, fut, keep)
     }
