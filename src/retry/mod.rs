@@ -107,7 +107,7 @@ mod budget;
 mod error;
 pub mod future;
 mod layer;
-mod policy;
+pub(crate) mod policy;
 mod service;
 
 use std::time::Duration;
