@@ -20,9 +20,8 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_bulwark::http::{HttpRetryPolicy, Idempotent, ReplayBody};
 use tower_bulwark::retry::{Backoff, RetryEvent, RetryLayer};
 
-type Chunks = StreamBody<
-    futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>,
->;
+type Chunks =
+    StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
 type Body = ReplayBody<Chunks>;
 
 #[derive(Default)]
@@ -35,22 +34,34 @@ struct Upstream {
 /// its own thread and runtime, on the real clock, so the client's paused
 /// clock never holds it up.
 fn start_upstream() -> (std::net::SocketAddr, Arc<Mutex<Upstream>>) {
-    async fn handler(State(up): State<Arc<Mutex<Upstream>>>, body: Bytes) -> (StatusCode, [(&'static str, &'static str); 1], &'static str) {
+    async fn handler(
+        State(up): State<Arc<Mutex<Upstream>>>,
+        body: Bytes,
+    ) -> (StatusCode, [(&'static str, &'static str); 1], &'static str) {
         let mut up = up.lock().unwrap();
         up.bodies.push(body);
         if up.bodies.len() == 1 {
-            (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "2")], "busy")
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [("retry-after", "2")],
+                "busy",
+            )
         } else {
             (StatusCode::OK, [("x-served", "yes")], "done")
         }
     }
     let state = Arc::new(Mutex::new(Upstream::default()));
-    let app = Router::new().route("/", post(handler)).with_state(state.clone());
+    let app = Router::new()
+        .route("/", post(handler))
+        .with_state(state.clone());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             axum::serve(listener, app).await.unwrap();
@@ -89,7 +100,9 @@ fn layer(events: &Recorded) -> RetryLayer<HttpRetryPolicy> {
 }
 
 fn post_req(addr: std::net::SocketAddr, body: Body, idempotent: bool) -> http::Request<Body> {
-    let mut req = http::Request::post(format!("http://{addr}/")).body(body).unwrap();
+    let mut req = http::Request::post(format!("http://{addr}/"))
+        .body(body)
+        .unwrap();
     if idempotent {
         req.extensions_mut().insert(Idempotent);
     }
@@ -104,7 +117,9 @@ fn post_req(addr: std::net::SocketAddr, body: Body, idempotent: bool) -> http::R
 async fn retries_an_idempotent_streaming_post_after_retry_after() {
     let (addr, upstream) = start_upstream();
     let events = Recorded::default();
-    let mut svc = ServiceBuilder::new().layer(layer(&events)).service(client());
+    let mut svc = ServiceBuilder::new()
+        .layer(layer(&events))
+        .service(client());
     let start = tokio::time::Instant::now();
     let res = svc
         .ready()
@@ -137,8 +152,13 @@ async fn retries_an_idempotent_streaming_post_after_retry_after() {
 async fn does_not_retry_a_plain_post() {
     let (addr, upstream) = start_upstream();
     let events = Recorded::default();
-    let svc = ServiceBuilder::new().layer(layer(&events)).service(client());
-    let res = svc.oneshot(post_req(addr, streaming_body(1024), false)).await.unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(layer(&events))
+        .service(client());
+    let res = svc
+        .oneshot(post_req(addr, streaming_body(1024), false))
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(upstream.lock().unwrap().bodies.len(), 1);
     assert!(events.lock().unwrap().is_empty());
@@ -149,10 +169,18 @@ async fn does_not_retry_a_plain_post() {
 async fn does_not_retry_a_body_over_the_limit() {
     let (addr, upstream) = start_upstream();
     let events = Recorded::default();
-    let svc = ServiceBuilder::new().layer(layer(&events)).service(client());
-    let res = svc.oneshot(post_req(addr, streaming_body(8), true)).await.unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(layer(&events))
+        .service(client());
+    let res = svc
+        .oneshot(post_req(addr, streaming_body(8), true))
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(upstream.lock().unwrap().bodies.as_slice(), ["alpha,beta,gamma"]);
+    assert_eq!(
+        upstream.lock().unwrap().bodies.as_slice(),
+        ["alpha,beta,gamma"]
+    );
     assert!(events.lock().unwrap().is_empty());
 }
 
@@ -165,10 +193,21 @@ async fn retries_connection_errors() {
         l.local_addr().unwrap()
     };
     let events = Recorded::default();
-    let svc = ServiceBuilder::new().layer(layer(&events)).service(client());
-    let req = http::Request::get(format!("http://{addr}/")).body(streaming_body(64)).unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(layer(&events))
+        .service(client());
+    let req = http::Request::get(format!("http://{addr}/"))
+        .body(streaming_body(64))
+        .unwrap();
     let err = svc.oneshot(req).await.unwrap_err();
-    assert!(err.downcast_ref::<hyper_util::client::legacy::Error>().is_some_and(|e| e.is_connect()));
-    let kinds: Vec<_> = events.lock().unwrap().iter().map(tower_bulwark::observe::Event::kind).collect();
+    assert!(err
+        .downcast_ref::<hyper_util::client::legacy::Error>()
+        .is_some_and(|e| e.is_connect()));
+    let kinds: Vec<_> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .map(tower_bulwark::observe::Event::kind)
+        .collect();
     assert_eq!(kinds, ["retry", "retry", "gave_up"]);
 }
