@@ -1,1 +1,2 @@
+//! Circuit breaker benchmarks (placeholder until they land on main).
 fn main() {}

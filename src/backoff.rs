@@ -123,7 +123,7 @@ impl Backoff {
             Growth::Linear => base.saturating_mul(u128::from(n)),
             // 2^127 overflows nothing in u128 math below the cap check, and
             // any shift past that is far beyond every cap anyway.
-            Growth::Exponential if n - 1 >= 100 => u128::MAX,
+            Growth::Exponential if n > 100 => u128::MAX,
             Growth::Exponential => base.saturating_mul(1u128 << (n - 1)),
         };
         let capped = nanos.min(self.max_delay.as_nanos());

@@ -34,8 +34,8 @@
 //! `poll_ready` forwards to the inner service. A rejection (open circuit,
 //! empty bucket, full bulkhead) fails fast from `call` with a ready error
 //! future, so the service is never poisoned. Each rejection is its own
-//! error type, boxed as [`BoxError`](error::BoxError); every one implements
-//! [`Rejection`](error::Rejection) and [`error::rejection`] finds it in any
+//! error type, boxed as [`BoxError`]; every one implements
+//! [`Rejection`] and [`error::rejection`] finds it in any
 //! boxed error.
 //!
 //! # Features

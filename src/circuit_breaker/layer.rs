@@ -246,7 +246,7 @@ impl<C> CircuitBreakerBuilder<C> {
             check.non_zero_duration("slow_call_duration", d)?;
         }
         let minimum_calls = match (self.window, self.minimum_calls) {
-            (Some(Window::Count(n)), _) if n == 0 => {
+            (Some(Window::Count(0)), _) => {
                 return Err(ConfigError::new(
                     LAYER,
                     "window",

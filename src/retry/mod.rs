@@ -3,7 +3,8 @@
 //!
 //! ```
 //! use std::sync::atomic::{AtomicU32, Ordering};
-//! //! use std::time::Duration;
+//! use std::sync::Arc;
+//! use std::time::Duration;
 //! use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 //! use tower_bulwark::retry::{Backoff, Jitter, RetryLayer};
 //!
