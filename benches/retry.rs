@@ -63,6 +63,17 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(drive(&mut ours, black_box(1))))
     });
 
+    // With a shared budget: one clock read and one compare-and-swap more.
+    let budgeted = tower_bulwark::RetryLayer::builder()
+        .max_attempts(3)
+        .budget(tower_bulwark::retry::RetryBudget::default())
+        .build()
+        .unwrap();
+    let mut ours_budget = budgeted.layer(Bare);
+    g.bench_function("bulwark+budget", |b| {
+        b.iter(|| black_box(drive(&mut ours_budget, black_box(1))))
+    });
+
     let mut tower_retry = tower::retry::RetryLayer::new(Attempts(2)).layer(Bare);
     g.bench_function("tower", |b| {
         b.iter(|| black_box(drive(&mut tower_retry, black_box(1))))

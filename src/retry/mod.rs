@@ -103,6 +103,12 @@
 //! reference count: no lock, no allocation, no boxed future, no clock read
 //! and no timer. A budget adds one clock read and one compare-and-swap per
 //! call, a deadline one clock read, a per-attempt timeout one timer.
+//!
+//! To get there, a layer's plain settings (attempts, back-off, timeouts,
+//! name) are interned for the life of the process, one copy per distinct
+//! configuration, and reached through a `&'static` pointer; the budget and
+//! the `on_event` listeners sit behind an `Arc` that only exists when one of
+//! them is configured. Build layers once, not per request.
 
 mod budget;
 mod error;
