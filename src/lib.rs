@@ -47,7 +47,7 @@
 //! | `dedup` | yes | request coalescing |
 //! | `bulkhead` | yes | concurrency cap |
 //! | `rate-limit` | yes | GCRA rate limiter |
-//! | `retry` | yes | retries with back-off and budgets |
+//! | `retry` | yes | [`retry`]: back-off, budgets, `Retry-After` |
 //! | `tracing` | yes | `tracing` events from every layer |
 //! | `metrics` | no | counters and gauges through the `metrics` facade |
 //! | `http` | no | status classifier, `Retry-After`, error responses |
@@ -71,8 +71,12 @@ mod sync;
 pub mod circuit_breaker;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "retry")]
+pub mod retry;
 
 #[cfg(feature = "circuit-breaker")]
 pub use circuit_breaker::CircuitBreakerLayer;
 pub use classify::{Classify, Outcome};
 pub use error::{BoxError, ConfigError, Rejection};
+#[cfg(feature = "retry")]
+pub use retry::RetryLayer;
