@@ -64,6 +64,14 @@ impl<E> fmt::Debug for Listeners<E> {
     }
 }
 
+impl<E> Listeners<E> {
+    /// Whether no listener was added.
+    #[allow(dead_code)]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.listeners.is_empty()
+    }
+}
+
 impl<E: Event> Listeners<E> {
     pub(crate) fn push(&mut self, f: impl Fn(&E) + Send + Sync + 'static) {
         self.listeners.push(Arc::new(f));
@@ -79,19 +87,25 @@ impl<E: Event> Listeners<E> {
 
     /// Sends `event` to tracing, metrics and the listeners.
     pub(crate) fn emit(&self, event: &E) {
-        trace_event(event);
-        #[cfg(feature = "metrics")]
-        metrics::counter!(
-            "bulwark_events_total",
-            "layer" => event.layer(),
-            "name" => event.name().to_owned(),
-            "event" => event.kind(),
-        )
-        .increment(1);
+        emit_unlistened(event);
         for l in &self.listeners {
             l(event);
         }
     }
+}
+
+/// Sends `event` to tracing and metrics, for a layer without listeners.
+#[allow(dead_code)]
+pub(crate) fn emit_unlistened<E: Event>(event: &E) {
+    trace_event(event);
+    #[cfg(feature = "metrics")]
+    metrics::counter!(
+        "bulwark_events_total",
+        "layer" => event.layer(),
+        "name" => event.name().to_owned(),
+        "event" => event.kind(),
+    )
+    .increment(1);
 }
 
 #[cfg(feature = "tracing")]

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::future::Shared;
 use super::state::{Config, Core};
 use super::word::MAX_COUNT;
 use super::{CircuitBreaker, CircuitEvent, CircuitMetrics, CircuitState, Window};
@@ -22,7 +21,8 @@ const LAYER: &str = "circuit_breaker";
 /// Made with [`CircuitBreakerLayer::builder`]. Cloning the layer, and every
 /// service it makes, shares the same state.
 pub struct CircuitBreakerLayer<C = DefaultClassifier> {
-    pub(crate) shared: Arc<Shared<C>>,
+    pub(crate) core: Arc<Core>,
+    pub(crate) classifier: C,
 }
 
 impl CircuitBreakerLayer {
@@ -36,18 +36,16 @@ impl CircuitBreakerLayer {
 impl<C> CircuitBreakerLayer<C> {
     /// A handle that reads and steers the shared state from outside the
     /// stack.
-    pub fn handle(&self) -> CircuitHandle
-    where
-        C: Send + Sync + 'static,
-    {
-        CircuitHandle::new(self.shared.clone())
+    pub fn handle(&self) -> CircuitHandle {
+        CircuitHandle::new(self.core.clone())
     }
 }
 
-impl<C> Clone for CircuitBreakerLayer<C> {
+impl<C: Clone> Clone for CircuitBreakerLayer<C> {
     fn clone(&self) -> Self {
         Self {
-            shared: self.shared.clone(),
+            core: self.core.clone(),
+            classifier: self.classifier.clone(),
         }
     }
 }
@@ -55,17 +53,17 @@ impl<C> Clone for CircuitBreakerLayer<C> {
 impl<C> fmt::Debug for CircuitBreakerLayer<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreakerLayer")
-            .field("config", &self.shared.core.cfg)
+            .field("config", &self.core.cfg)
             .field("classifier", &std::any::type_name::<C>())
             .finish()
     }
 }
 
-impl<S, C> Layer<S> for CircuitBreakerLayer<C> {
+impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
     type Service = CircuitBreaker<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CircuitBreaker::from_shared(inner, self.shared.clone())
+        CircuitBreaker::from_parts(inner, self.core.clone(), self.classifier.clone())
     }
 }
 
@@ -289,10 +287,8 @@ impl<C> CircuitBreakerBuilder<C> {
             honor_retry_after: self.honor_retry_after,
         };
         Ok(CircuitBreakerLayer {
-            shared: Arc::new(Shared {
-                core: Core::new(cfg, self.listeners),
-                classifier: self.classifier,
-            }),
+            core: Core::new_shared(cfg, self.listeners),
+            classifier: self.classifier,
         })
     }
 }
@@ -317,26 +313,16 @@ impl<C> fmt::Debug for CircuitBreakerBuilder<C> {
 /// state.
 #[derive(Clone)]
 pub struct CircuitHandle {
-    shared: Arc<dyn HasCore>,
-}
-
-pub(crate) trait HasCore: Send + Sync {
-    fn core(&self) -> &Core;
-}
-
-impl<C: Send + Sync> HasCore for Shared<C> {
-    fn core(&self) -> &Core {
-        &self.core
-    }
+    core: Arc<Core>,
 }
 
 impl CircuitHandle {
-    pub(crate) fn new<C: Send + Sync + 'static>(shared: Arc<Shared<C>>) -> Self {
-        Self { shared }
+    pub(crate) fn new(core: Arc<Core>) -> Self {
+        Self { core }
     }
 
     fn core(&self) -> &Core {
-        self.shared.core()
+        &self.core
     }
 
     /// The breaker's name.

@@ -7,7 +7,7 @@
 //! use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, CircuitState};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn main() -> Result<(), tower_bulwark::BoxError> {
 //! let layer = CircuitBreakerLayer::builder()
 //!     .name("payments")
 //!     .failure_threshold(2)
@@ -94,6 +94,7 @@ mod error;
 pub mod future;
 mod layer;
 mod service;
+mod slot;
 mod state;
 mod window;
 mod word;

@@ -83,7 +83,7 @@ impl<Req, Res, C> Shared<Req, Res, C> {
     where
         C: Classify<Res, BoxError>,
     {
-        self.entries[idx].breaker.shared.core.needs_elapsed() || self.classifier.uses_elapsed()
+        self.entries[idx].breaker.core.needs_elapsed() || self.classifier.uses_elapsed()
     }
 
     /// Books a finished attempt with entry `idx`'s breaker and says whether
@@ -98,7 +98,7 @@ impl<Req, Res, C> Shared<Req, Res, C> {
     where
         C: Classify<Res, BoxError>,
     {
-        let core = &self.entries[idx].breaker.shared.core;
+        let core = &self.entries[idx].breaker.core;
         let elapsed = match start {
             Some(start) => Duration::from_nanos(core.clock.now().saturating_sub(start)),
             None => Duration::ZERO,
@@ -130,7 +130,7 @@ impl<Req, Res, C> Shared<Req, Res, C> {
     /// Gives back a probe slot whose attempt ended without a verdict.
     pub(crate) fn release(&self, idx: usize, ticket: Ticket) {
         if ticket.probe {
-            self.entries[idx].breaker.shared.core.release_probe(ticket);
+            self.entries[idx].breaker.core.release_probe(ticket);
         }
     }
 }

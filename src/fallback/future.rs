@@ -147,7 +147,7 @@ where
                         g.start = g
                             .shared
                             .timed(g.idx)
-                            .then(|| g.shared.entries[g.idx].breaker.shared.core.clock.now());
+                            .then(|| g.shared.entries[g.idx].breaker.core.clock.now());
                         let fut = svc.call(req);
                         this.state.set(State::Calling { fut });
                         continue;
@@ -159,7 +159,7 @@ where
                     let mut next = None;
                     for i in g.idx + 1..shared.entries.len() {
                         let entry = &shared.entries[i];
-                        match entry.breaker.shared.core.try_acquire() {
+                        match entry.breaker.core.try_acquire() {
                             Ok(t) => {
                                 next = Some((i, t));
                                 break;

@@ -112,7 +112,7 @@ where
             let err = NotReady::new(shared.name().clone()).into();
             return ResponseFuture::skipped(shared.clone(), err, req);
         }
-        let core = &shared.entries[0].breaker.shared.core;
+        let core = &shared.entries[0].breaker.core;
         match core.try_acquire() {
             Ok(ticket) => {
                 let start = shared.timed(0).then(|| core.clock.now());
