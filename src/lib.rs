@@ -65,6 +65,7 @@ pub mod classify;
 mod clock;
 pub mod error;
 pub mod observe;
+mod slot;
 mod sync;
 
 #[cfg(feature = "circuit-breaker")]

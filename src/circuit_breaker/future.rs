@@ -8,19 +8,19 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 
-use super::slot::Slot;
-use super::state::{Core, Ticket};
+use super::state::{record_success, Core, Ticket};
 use super::CircuitOpen;
 use crate::classify::{Classify, Outcome};
 use crate::clock::Nanos;
 use crate::error::BoxError;
+use crate::slot::SlotRef;
 
 /// An admitted call.
 #[derive(Debug)]
 pub(crate) enum Permit {
     /// A closed-breaker call in consecutive mode: it reaches the breaker
     /// through its slot, without holding a reference count.
-    Slot { slot: &'static Slot, gen: u32 },
+    Slot { slot: SlotRef, gen: u32 },
     /// Everything else: probes, window mode, timed calls.
     Core {
         core: Arc<Core>,
@@ -51,10 +51,10 @@ impl Permit {
     {
         match &mut self {
             Permit::Slot { slot, gen } => match classifier.classify(res, Duration::ZERO) {
-                Outcome::Success => slot.record_success(*gen),
+                Outcome::Success => record_success(&slot.slot.word, *gen),
                 Outcome::Failure => {
                     // Cold: reach the whole breaker to count it, and maybe open.
-                    if let Some(core) = slot.owner() {
+                    if let Some(core) = slot.upgrade::<Core>() {
                         let ticket = Ticket {
                             gen: *gen,
                             probe: false,

@@ -94,7 +94,6 @@ mod error;
 pub mod future;
 mod layer;
 mod service;
-mod slot;
 mod state;
 mod window;
 mod word;

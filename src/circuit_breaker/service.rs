@@ -107,7 +107,7 @@ where
                     || Classify::<S::Response, S::Error>::uses_elapsed(&self.classifier);
                 let permit = if !ticket.probe && !timed && core.slot_path() {
                     Permit::Slot {
-                        slot: core.slot,
+                        slot: core.lease.get(),
                         gen: ticket.gen,
                     }
                 } else {

@@ -16,7 +16,7 @@ use crate::clock::{nanos, Clock, Nanos};
 use crate::observe::{gauge, Listeners};
 use crate::sync::{AtomicU32, AtomicU64};
 
-use super::slot::{self, Slot};
+use crate::slot::{Lease, Slot};
 
 const US: u64 = 1_000;
 
@@ -56,8 +56,9 @@ pub(crate) enum Cause {
 #[derive(Debug)]
 pub(crate) struct Core {
     pub(crate) cfg: Config,
-    /// The hot word, in memory that outlives the breaker (see `slot`).
-    pub(crate) slot: &'static Slot,
+    /// The hot word lives in a type-stable slot (see `crate::slot`), so a
+    /// closed call's future can reach it without a reference count.
+    pub(crate) lease: Lease,
     /// The open deadline, tagged with its generation (see `pack_deadline`).
     deadline: AtomicU64,
     /// Consecutive open periods without a successful recovery, for the
@@ -73,18 +74,29 @@ pub(crate) struct Core {
 impl Core {
     /// A breaker whose slot knows its way back to it.
     pub(crate) fn new_shared(cfg: Config, listeners: Listeners<CircuitEvent>) -> Arc<Self> {
-        Arc::new_cyclic(|weak| {
-            let core = Self::new(cfg, listeners);
-            core.slot.set_owner(weak.clone());
-            core
-        })
+        Arc::new_cyclic(|weak| Self::new(cfg, listeners, weak.clone()))
     }
 
-    pub(crate) fn new(cfg: Config, listeners: Listeners<CircuitEvent>) -> Self {
+    pub(crate) fn new(
+        cfg: Config,
+        listeners: Listeners<CircuitEvent>,
+        owner: std::sync::Weak<Core>,
+    ) -> Self {
+        // A reused slot's generation jumps far ahead, so a straggling call
+        // of the slot's previous breaker finds a generation not its own.
+        let lease = Lease::new(owner, |old| {
+            Word::new(
+                CircuitState::Closed,
+                Word(old).gen().wrapping_add(1 << 28),
+                0,
+                0,
+            )
+            .0
+        });
         let core = Self {
             window: cfg.window.map(|w| Mutex::new(Recorder::new(w))),
             cfg,
-            slot: slot::acquire(),
+            lease,
             deadline: AtomicU64::new(0),
             opens_in_row: AtomicU32::new(0),
             failures_total: AtomicU64::new(0),
@@ -97,13 +109,18 @@ impl Core {
     }
 
     #[inline]
+    pub(crate) fn slot(&self) -> &'static Slot {
+        self.lease.slot()
+    }
+
+    #[inline]
     fn load(&self) -> Word {
-        Word(self.slot.word.load(Acquire))
+        Word(self.slot().word.load(Acquire))
     }
 
     #[inline]
     fn cas(&self, old: Word, new: Word) -> Result<(), Word> {
-        self.slot
+        self.slot()
             .word
             .compare_exchange_weak(old.0, new.0, AcqRel, Acquire)
             .map(|_| ())
@@ -457,9 +474,17 @@ impl Core {
     }
 }
 
-impl Drop for Core {
-    fn drop(&mut self) {
-        self.slot.retire();
+/// Records a closed-generation success straight on a breaker's slot word:
+/// clears the consecutive-failure count if there is one. Usually a single
+/// load.
+#[inline]
+pub(crate) fn record_success(word: &AtomicU64, gen: u32) {
+    let mut w = Word(word.load(Acquire));
+    while w.gen() == gen && w.is_closed() && w.a() != 0 {
+        match word.compare_exchange_weak(w.0, w.with_a(0).0, AcqRel, Acquire) {
+            Ok(_) => return,
+            Err(cur) => w = Word(cur),
+        }
     }
 }
 
@@ -608,6 +633,29 @@ mod tests {
             core.snapshot().open_remaining,
             Some(Duration::from_secs(60))
         );
+    }
+
+    #[test]
+    fn a_reused_slot_ignores_the_old_breakers_calls() {
+        let old = layer(CircuitBreakerLayer::builder());
+        let slot = old.core.slot();
+        let stale = old.core.try_acquire().unwrap();
+        drop(old);
+        // Lease slots until the freed one comes back (other tests may take it).
+        let fresh: Vec<_> = (0..64)
+            .map(|_| layer(CircuitBreakerLayer::builder().failure_threshold(9)))
+            .collect();
+        if let Some(l) = fresh.iter().find(|l| std::ptr::eq(l.core.slot(), slot)) {
+            let core = &l.core;
+            assert_ne!(core.load().gen(), stale.gen);
+            fail(core);
+            record_success(&core.slot().word, stale.gen);
+            assert_eq!(
+                core.snapshot().consecutive_failures,
+                1,
+                "stale success ignored"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -759,13 +807,13 @@ mod loom_tests {
             .build()
             .unwrap();
         let cfg = layer.core.cfg.clone();
-        Arc::new(Core::new(cfg, Listeners::default()))
+        Arc::new_cyclic(|w| Core::new(cfg, Listeners::default(), w.clone()))
     }
 
     /// Opens the breaker with a deadline already in the past.
     fn expired_open(core: &Core) {
         let next = core.load().next(CircuitState::Open);
-        core.slot.word.store(next.0, Release);
+        core.slot().word.store(next.0, Release);
         core.deadline.store(pack_deadline(next.gen(), 0), Release);
     }
 
