@@ -418,3 +418,31 @@ fn send_sync() {
     is_send_sync(&svc);
     is_send(&svc.call(1));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_healthy_call_outliving_its_layer_still_answers() {
+    // The healthy path keeps no reference to the layer: a primary failure
+    // that finishes after every service and the layer are gone returns the
+    // primary's own error instead of failing over into freed state.
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let rx = Arc::new(tokio::sync::Mutex::new(Some(rx)));
+    let layer = FallbackLayer::builder()
+        .fallback("b", service_fn(|_: u32| async { Ok::<_, BoxError>("b") }))
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(service_fn(move |_: u32| {
+        let rx = rx.clone();
+        async move {
+            let rx = rx.lock().await.take().unwrap();
+            rx.await.unwrap();
+            Err::<&'static str, BoxError>("primary failed late".into())
+        }
+    }));
+    let mut fut = tokio_test::task::spawn(svc.ready().await.unwrap().call(1));
+    assert_pending!(fut.poll());
+    drop(svc);
+    drop(layer);
+    tx.send(()).unwrap();
+    let err = assert_ready!(fut.poll()).unwrap_err();
+    assert_eq!(err.to_string(), "primary failed late");
+}

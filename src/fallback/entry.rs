@@ -5,6 +5,8 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+
+use crate::slot::Lease;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -60,6 +62,9 @@ pub(crate) struct Entry<Req, Res> {
 
 /// What every service of one layer shares. Entry 0 is the primary.
 pub(crate) struct Shared<Req, Res, C> {
+    /// Lets a healthy call's future find its way back here without a
+    /// reference count (see `crate::slot`).
+    pub(crate) lease: Lease,
     pub(crate) entries: Box<[Entry<Req, Res>]>,
     pub(crate) classifier: C,
     pub(crate) skip_not_ready: bool,

@@ -10,10 +10,11 @@ use pin_project_lite::pin_project;
 
 use super::entry::{BoxFuture, BoxService, Shared};
 use super::{AllFailed, FailedResponse, FallbackEvent, NotReady};
-use crate::circuit_breaker::Ticket;
-use crate::classify::Classify;
+use crate::circuit_breaker::{record_success, Ticket};
+use crate::classify::{Classify, Outcome};
 use crate::clock::Nanos;
 use crate::error::BoxError;
+use crate::slot::SlotRef;
 
 /// The attempt in progress: which entry, its breaker admission and when it
 /// started. Dropping it before the attempt finished (the caller went away,
@@ -34,12 +35,10 @@ impl<Req, Res, C> Drop for Guard<Req, Res, C> {
 }
 
 pin_project! {
-    /// The response future of [`Fallback`](super::Fallback).
-    ///
-    /// While the primary answers, this is the primary's own future plus a
-    /// little bookkeeping: nothing is boxed. Failing over clones the next
-    /// entry's service, drives its readiness, then calls it.
-    pub struct ResponseFuture<F, Req, Res, C> {
+    /// The general path: probes, timed calls, window-mode breakers, and
+    /// everything after the primary has failed. Failing over clones the
+    /// next entry's service, drives its readiness, then calls it.
+    pub(crate) struct SlowFuture<F, Req, Res, C> {
         #[pin]
         state: State<F, Req, Res>,
         guard: Guard<Req, Res, C>,
@@ -63,7 +62,7 @@ pin_project! {
     }
 }
 
-impl<F, Req, Res, C> ResponseFuture<F, Req, Res, C> {
+impl<F, Req, Res, C> SlowFuture<F, Req, Res, C> {
     pub(crate) fn primary(
         fut: F,
         shared: Arc<Shared<Req, Res, C>>,
@@ -85,7 +84,11 @@ impl<F, Req, Res, C> ResponseFuture<F, Req, Res, C> {
     }
 
     /// The primary was skipped (open breaker, or not ready) with `err`.
-    pub(crate) fn skipped(shared: Arc<Shared<Req, Res, C>>, err: BoxError, req: Req) -> Self {
+    pub(crate) fn skipped(
+        shared: Arc<Shared<Req, Res, C>>,
+        err: BoxError,
+        req: Option<Req>,
+    ) -> Self {
         let name = shared.name().clone();
         shared.listeners.emit(&FallbackEvent::EntryFailed {
             name: name.clone(),
@@ -99,13 +102,13 @@ impl<F, Req, Res, C> ResponseFuture<F, Req, Res, C> {
                 ticket: None,
                 start: None,
             },
-            req: Some(req),
+            req,
             errors: vec![(name, err)],
         }
     }
 }
 
-impl<F, Req, Res, C, E> Future for ResponseFuture<F, Req, Res, C>
+impl<F, Req, Res, C, E> Future for SlowFuture<F, Req, Res, C>
 where
     F: Future<Output = Result<Res, E>>,
     E: Into<BoxError>,
@@ -235,7 +238,7 @@ fn entry_failed<Req, Res, C>(g: &Guard<Req, Res, C>, entry: &Arc<str>) {
     });
 }
 
-impl<F, Req, Res, C> fmt::Debug for ResponseFuture<F, Req, Res, C> {
+impl<F, Req, Res, C> fmt::Debug for SlowFuture<F, Req, Res, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Primary { .. } => "primary",
@@ -244,10 +247,139 @@ impl<F, Req, Res, C> fmt::Debug for ResponseFuture<F, Req, Res, C> {
             State::Calling { .. } => "calling",
             State::Done => "done",
         };
-        f.debug_struct("ResponseFuture")
+        f.debug_struct("SlowFuture")
             .field("state", &state)
             .field("entry", &self.guard.shared.entries[self.guard.idx].name)
             .field("errors", &self.errors.len())
             .finish()
+    }
+}
+
+pin_project! {
+    /// The response future of [`Fallback`](super::Fallback).
+    ///
+    /// While the primary answers through a closed breaker, this is the
+    /// primary's own future, the request kept for a failover, and two
+    /// plain slot references: nothing is boxed and no reference count is
+    /// taken. Only a failure reaches for the layer's shared state.
+    pub struct ResponseFuture<F, Req, Res, C> {
+        #[pin]
+        inner: Inner<F, Req, Res, C>,
+    }
+}
+
+pin_project! {
+    #[project = InnerProj]
+    enum Inner<F, Req, Res, C> {
+        Fast {
+            #[pin]
+            fut: F,
+            classifier: C,
+            // The layer's shared state, for a failover.
+            layer: SlotRef,
+            // The primary's breaker and the generation it admitted us in.
+            breaker: SlotRef,
+            gen: u32,
+            req: Option<Req>,
+        },
+        Slow {
+            #[pin]
+            slow: SlowFuture<F, Req, Res, C>,
+        },
+    }
+}
+
+impl<F, Req, Res, C> ResponseFuture<F, Req, Res, C> {
+    pub(crate) fn fast(
+        fut: F,
+        classifier: C,
+        layer: SlotRef,
+        breaker: SlotRef,
+        gen: u32,
+        req: Option<Req>,
+    ) -> Self {
+        Self {
+            inner: Inner::Fast {
+                fut,
+                classifier,
+                layer,
+                breaker,
+                gen,
+                req,
+            },
+        }
+    }
+
+    pub(crate) fn slow(slow: SlowFuture<F, Req, Res, C>) -> Self {
+        Self {
+            inner: Inner::Slow { slow },
+        }
+    }
+}
+
+impl<F, Req, Res, C, E> Future for ResponseFuture<F, Req, Res, C>
+where
+    F: Future<Output = Result<Res, E>>,
+    E: Into<BoxError>,
+    Req: Clone + Send + 'static,
+    Res: Send + 'static,
+    C: Classify<Res, BoxError> + Send + Sync + 'static,
+{
+    type Output = Result<Res, BoxError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut inner = self.project().inner;
+        let (shared, err, req) = match inner.as_mut().project() {
+            InnerProj::Slow { slow } => return slow.poll(cx),
+            InnerProj::Fast {
+                fut,
+                classifier,
+                layer,
+                breaker,
+                gen,
+                req,
+            } => {
+                let res = ready!(fut.poll(cx)).map_err(Into::into);
+                match classifier.classify(&res, std::time::Duration::ZERO) {
+                    Outcome::Success => {
+                        record_success(&breaker.slot.word, *gen);
+                        return Poll::Ready(res);
+                    }
+                    Outcome::Ignore => return Poll::Ready(res),
+                    Outcome::Failure => {}
+                }
+                // Cold: the primary failed. Book it, then fail over.
+                let Some(shared) = layer.upgrade::<Shared<Req, Res, C>>() else {
+                    return Poll::Ready(res); // the layer is gone
+                };
+                let ticket = Ticket {
+                    gen: *gen,
+                    probe: false,
+                };
+                shared.entries[0].breaker.core.record(ticket, true, false);
+                let err = match res {
+                    Err(e) => e,
+                    Ok(_) => FailedResponse::new(shared.name().clone()).into(),
+                };
+                (shared, err, req.take())
+            }
+        };
+        inner.set(Inner::Slow {
+            slow: SlowFuture::skipped(shared, err, req),
+        });
+        match inner.project() {
+            InnerProj::Slow { slow } => slow.poll(cx),
+            InnerProj::Fast { .. } => unreachable!("just switched to the slow path"),
+        }
+    }
+}
+
+impl<F, Req, Res, C> fmt::Debug for ResponseFuture<F, Req, Res, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.inner {
+            Inner::Fast { .. } => f.write_str("ResponseFuture(primary)"),
+            Inner::Slow { slow } => fmt::Debug::fmt(slow, f),
+        }
     }
 }

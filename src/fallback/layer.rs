@@ -12,6 +12,7 @@ use crate::circuit_breaker::{CircuitBreakerBuilder, CircuitBreakerLayer, Circuit
 use crate::classify::DefaultClassifier;
 use crate::error::{BoxError, ConfigError};
 use crate::observe::Listeners;
+use crate::slot::Lease;
 
 const LAYER: &str = "fallback";
 
@@ -175,7 +176,12 @@ impl<Req, Res, C> FallbackBuilder<Req, Res, C> {
 
     /// Validates the configuration and makes the layer: one breaker per
     /// entry. Entry names must be unique and not empty.
-    pub fn build(self) -> Result<FallbackLayer<Req, Res, C>, ConfigError> {
+    pub fn build(self) -> Result<FallbackLayer<Req, Res, C>, ConfigError>
+    where
+        Req: 'static,
+        Res: 'static,
+        C: Send + Sync + 'static,
+    {
         let primary_name = self.primary_name.unwrap_or_else(|| "primary".to_owned());
         let breaker = self.breaker.unwrap_or_else(CircuitBreakerLayer::builder);
         let mut entries = Vec::with_capacity(self.fallbacks.len() + 1);
@@ -210,7 +216,8 @@ impl<Req, Res, C> FallbackBuilder<Req, Res, C> {
                 .collect(),
         };
         Ok(FallbackLayer {
-            shared: Arc::new(Shared {
+            shared: Arc::new_cyclic(|weak| Shared {
+                lease: Lease::new(weak.clone(), |word| word),
                 entries: entries.into_boxed_slice(),
                 classifier: self.classifier,
                 skip_not_ready: self.skip_not_ready,

@@ -102,14 +102,21 @@
 //!
 //! The fallback services, the breakers and the classifier live behind an
 //! `Arc` made by `build()`: the layer, its clones, every service it makes
-//! and their clones share them. Each service owns its own primary.
+//! and their clones share them. Each service owns its own primary. A call
+//! on the healthy path does not keep that state alive: if the layer and
+//! all its services are dropped while a primary call is running and that
+//! call then fails, the primary's error is returned as it is.
 //!
 //! # Cost
 //!
-//! While the primary answers, a call costs one breaker admission (an atomic
-//! load), one reference count, and a clone of the request (kept in case the
-//! primary fails; skipped when there is nowhere to fail over to). Nothing
-//! is boxed and no lock is taken. Failing over boxes the fallback's future.
+//! While the primary answers through a closed breaker (consecutive mode,
+//! no timing), a call costs one breaker admission (an atomic load), one
+//! more load when it succeeds, the classifier's clone, and a clone of the
+//! request (kept in case the primary fails; skipped when there is nowhere
+//! to fail over to). No reference count is taken, nothing is boxed and no
+//! lock is held: the future finds the shared state through a type-stable
+//! slot only when the primary fails. Failing over boxes the fallback's
+//! future. The classifier must be `Clone`.
 
 mod entry;
 mod error;

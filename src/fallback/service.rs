@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use tower_service::Service;
 
 use super::entry::Shared;
-use super::future::ResponseFuture;
+use super::future::{ResponseFuture, SlowFuture};
 use super::{FallbackHandle, FallbackLayer, NotReady};
 use crate::classify::Classify;
 use crate::error::BoxError;
@@ -80,8 +80,9 @@ impl<S, Req, Res, C> Service<Req> for Fallback<S, Req, Res, C>
 where
     S: Service<Req, Response = Res>,
     S::Error: Into<BoxError>,
-    Req: Clone,
-    C: Classify<Res, BoxError>,
+    Req: Clone + Send + 'static,
+    Res: Send + 'static,
+    C: Classify<Res, BoxError> + Clone + Send + Sync + 'static,
 {
     type Response = Res;
     type Error = BoxError;
@@ -110,17 +111,29 @@ where
         let shared = &self.shared;
         if !std::mem::replace(&mut self.primary_ready, true) {
             let err = NotReady::new(shared.name().clone()).into();
-            return ResponseFuture::skipped(shared.clone(), err, req);
+            return ResponseFuture::slow(SlowFuture::skipped(shared.clone(), err, Some(req)));
         }
         let core = &shared.entries[0].breaker.core;
         match core.try_acquire() {
             Ok(ticket) => {
-                let start = shared.timed(0).then(|| core.clock.now());
+                let timed = shared.timed(0);
                 let backup = shared.can_fail_over().then(|| req.clone());
                 let fut = self.primary.call(req);
-                ResponseFuture::primary(fut, shared.clone(), ticket, start, backup)
+                if !ticket.probe && !timed && core.slot_path() {
+                    // The healthy path: no reference count, nothing boxed.
+                    let breaker = core.lease.get();
+                    let layer = shared.lease.get();
+                    let c = shared.classifier.clone();
+                    return ResponseFuture::fast(fut, c, layer, breaker, ticket.gen, backup);
+                }
+                let start = timed.then(|| core.clock.now());
+                let slow = SlowFuture::primary(fut, shared.clone(), ticket, start, backup);
+                ResponseFuture::slow(slow)
             }
-            Err(open) => ResponseFuture::skipped(shared.clone(), open.into(), req),
+            Err(open) => {
+                let slow = SlowFuture::skipped(shared.clone(), open.into(), Some(req));
+                ResponseFuture::slow(slow)
+            }
         }
     }
 }
