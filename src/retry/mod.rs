@@ -80,8 +80,8 @@
 //!
 //! Each retry (the attempt about to be made, its delay and the reason),
 //! each give-up and each refusal by the budget is a [`RetryEvent`], sent to
-//! `on_event` listeners, `tracing` and `metrics`, and counted in the
-//! [`RetryHandle`]. A call whose first attempt succeeds raises none.
+//! `on_event` listeners, `tracing` and `metrics`. A call whose first
+//! attempt succeeds raises none.
 //!
 //! # Cancellation
 //!
@@ -91,17 +91,16 @@
 //!
 //! # Clone
 //!
-//! The configuration, counts and budget live behind an `Arc` made by
-//! `build()`: the layer, its clones, every service it makes and their
+//! The configuration and budget are made by `build()`: the layer, its clones, every service it makes and their
 //! clones share them. A [`RetryBudget`] is itself a shared handle: give the
 //! same one to several layers to limit them together.
 //!
 //! # Cost
 //!
 //! A call whose first attempt succeeds clones the inner service and the
-//! request (as tower's `Retry` does), makes one policy check and takes one
-//! reference count: no lock, no allocation, no boxed future, no clock read
-//! and no timer. A budget adds one clock read and one compare-and-swap per
+//! request (as tower's `Retry` does) and makes one policy check: no lock,
+//! no allocation, no boxed future, no clock read, no timer, and no
+//! reference count unless a budget or a listener is configured. A budget adds one clock read and one compare-and-swap per
 //! call, a deadline one clock read, a per-attempt timeout one timer.
 //!
 //! To get there, a layer's plain settings (attempts, back-off, timeouts,
