@@ -71,6 +71,8 @@ mod sync;
 pub mod circuit_breaker;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(any(feature = "file-store", feature = "redis"))]
+pub mod store;
 
 #[cfg(feature = "circuit-breaker")]
 pub use circuit_breaker::CircuitBreakerLayer;
