@@ -109,7 +109,9 @@ fn killed_process_bulkhead_slot_is_reclaimed() {
     );
     child.kill().unwrap();
     child.wait().unwrap();
-    let slot = bulkhead.try_acquire().expect("the dead child's slot is reclaimed");
+    let slot = bulkhead
+        .try_acquire()
+        .expect("the dead child's slot is reclaimed");
     assert_eq!(
         store(dir.path()).load().bulkhead.active_pids,
         vec![std::process::id()]
@@ -139,9 +141,15 @@ fn recording_store(dir: &Path) -> (FileStore, Arc<Mutex<Vec<StoreEvent>>>) {
 fn bad_files_are_recovered_and_kept_aside() {
     let cases: [(&[u8], Recovery); 4] = [
         (b"{ this is not json", Recovery::Corrupt),
-        (b"{\"version\":1,\"rate_limiter\":{\"tok", Recovery::Truncated),
+        (
+            b"{\"version\":1,\"rate_limiter\":{\"tok",
+            Recovery::Truncated,
+        ),
         (b"", Recovery::Truncated),
-        (b"{\"version\":9,\"rate_limiter\":[]}", Recovery::FutureVersion(9)),
+        (
+            b"{\"version\":9,\"rate_limiter\":[]}",
+            Recovery::FutureVersion(9),
+        ),
     ];
     for (content, want) in cases {
         let dir = tempfile::tempdir().unwrap();
@@ -204,7 +212,10 @@ fn file_is_private_and_symlinks_are_not_followed() {
     let store = store(&dir.path().join("nested"));
     let bucket = store.rate_limiter(5.0, 1e-6).unwrap();
     bucket.try_acquire(1.0).unwrap();
-    let mode = std::fs::metadata(store.path()).unwrap().permissions().mode();
+    let mode = std::fs::metadata(store.path())
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     let dir_mode = std::fs::metadata(dir.path().join("nested"))
         .unwrap()
@@ -230,8 +241,16 @@ fn file_is_private_and_symlinks_are_not_followed() {
 #[test]
 fn scopes_are_separate_files() {
     let dir = tempfile::tempdir().unwrap();
-    let a = FileStore::builder().dir(dir.path()).scope("a").build().unwrap();
-    let b = FileStore::builder().dir(dir.path()).scope("b").build().unwrap();
+    let a = FileStore::builder()
+        .dir(dir.path())
+        .scope("a")
+        .build()
+        .unwrap();
+    let b = FileStore::builder()
+        .dir(dir.path())
+        .scope("b")
+        .build()
+        .unwrap();
     a.rate_limiter(1.0, 1e-6).unwrap().try_acquire(1.0).unwrap();
     b.rate_limiter(1.0, 1e-6).unwrap().try_acquire(1.0).unwrap();
     assert!(a.path().ends_with("a.json") && b.path().ends_with("b.json"));

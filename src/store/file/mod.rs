@@ -589,7 +589,10 @@ pub(crate) fn pid() -> u32 {
 pub(crate) fn alive(pid: u32) -> bool {
     #[cfg(unix)]
     {
-        let Some(p) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) else {
+        let Some(p) = i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        else {
             return false;
         };
         !matches!(
@@ -696,7 +699,10 @@ mod tests {
     #[test]
     fn parse_classifies_bad_files() {
         assert_eq!(parse(b""), Err(Recovery::Truncated));
-        assert_eq!(parse(b"{\"version\":1,\"circuit_"), Err(Recovery::Truncated));
+        assert_eq!(
+            parse(b"{\"version\":1,\"circuit_"),
+            Err(Recovery::Truncated)
+        );
         assert_eq!(parse(b"not json"), Err(Recovery::Corrupt));
         assert_eq!(parse(b"{\"version\":7}"), Err(Recovery::FutureVersion(7)));
         assert_eq!(

@@ -120,8 +120,14 @@ pub(crate) struct BreakerCfg {
 /// The answer to "may this call go ahead?".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
-    Admit { gen: u64, probe: bool },
-    Reject { phase: Phase, retry_after: Option<Duration> },
+    Admit {
+        gen: u64,
+        probe: bool,
+    },
+    Reject {
+        phase: Phase,
+        retry_after: Option<Duration>,
+    },
 }
 
 fn ms(d: Duration) -> u64 {
@@ -412,7 +418,10 @@ mod tests {
             panic!()
         };
         // Only one probe at a time.
-        assert!(matches!(b.allow(&CFG, 2, 30_001, alive), Verdict::Reject { .. }));
+        assert!(matches!(
+            b.allow(&CFG, 2, 30_001, alive),
+            Verdict::Reject { .. }
+        ));
         b.record(&CFG, gen, true, 1, false, 30_002);
         let Verdict::Admit { gen, probe: true } = b.allow(&CFG, 2, 30_003, alive) else {
             panic!()
@@ -430,7 +439,10 @@ mod tests {
             Verdict::Admit { probe: true, .. }
         ));
         // Held by a live process: rejected until the reservation is stale.
-        assert!(matches!(b.allow(&CFG, 8, 100_000, alive), Verdict::Reject { .. }));
+        assert!(matches!(
+            b.allow(&CFG, 8, 100_000, alive),
+            Verdict::Reject { .. }
+        ));
         assert!(matches!(
             b.allow(&CFG, 8, 150_000, alive),
             Verdict::Admit { probe: true, .. }
