@@ -1,7 +1,7 @@
 //! The file store across real processes: this test binary re-executes
 //! itself (the `child` test, selected with `BULWARK_CHILD`) so several
 //! processes hammer one state file.
-#![cfg(feature = "file-store")]
+#![cfg(all(feature = "file-store", feature = "circuit-breaker"))]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tower::{service_fn, ServiceBuilder, ServiceExt};
+use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, CircuitState};
 use tower_bulwark::store::file::{FileStore, Phase, State};
 use tower_bulwark::store::{Recovery, StoreEvent};
 
@@ -79,8 +81,122 @@ fn child() {
             println!("OUT ready");
             std::thread::sleep(Duration::from_secs(600));
         }
+        "breaker_fail" | "breaker_call" | "hold_probe" => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(breaker_child(&role, store));
+        }
         other => panic!("unknown role {other}"),
     }
+}
+
+fn breaker(store: FileStore) -> CircuitBreakerLayer {
+    CircuitBreakerLayer::builder()
+        .name("api")
+        .failure_threshold(3)
+        .backend(store)
+        .build()
+        .unwrap()
+}
+
+/// Calls through a file-backed breaker: `Some(true)` succeeded, `Some(false)`
+/// failed, `None` rejected by the breaker.
+async fn call(layer: &CircuitBreakerLayer, fail: bool) -> Option<bool> {
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(service_fn(|fail: bool| async move {
+            if fail {
+                Err("upstream down")
+            } else {
+                Ok(())
+            }
+        }));
+    match svc.oneshot(fail).await {
+        Ok(()) => Some(true),
+        Err(e) if e.is::<CircuitOpen>() => None,
+        Err(_) => Some(false),
+    }
+}
+
+async fn breaker_child(role: &str, store: FileStore) {
+    let layer = breaker(store);
+    match role {
+        "breaker_fail" => {
+            let r = call(&layer, true).await;
+            println!("OUT {r:?}");
+        }
+        "breaker_call" => {
+            let r = call(&layer, false).await;
+            println!("OUT {r:?}");
+        }
+        "hold_probe" => {
+            // A probe that never finishes: the process dies holding it.
+            let svc = ServiceBuilder::new()
+                .layer(layer)
+                .service(service_fn(|()| std::future::pending::<Result<(), &str>>()));
+            let fut = svc.oneshot(());
+            tokio::pin!(fut);
+            assert!(futures::poll!(&mut fut).is_pending());
+            println!("OUT ready");
+            tokio::time::sleep(Duration::from_secs(600)).await;
+        }
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn breaker_opened_by_some_processes_rejects_in_another() {
+    let dir = tempfile::tempdir().unwrap();
+    // Three processes fail once each: together they reach the threshold.
+    for _ in 0..3 {
+        let out = outputs(spawn_child("breaker_fail", dir.path()));
+        assert_eq!(out, ["Some(false)"]);
+    }
+    let b = store(dir.path()).load().circuit_breaker;
+    assert_eq!(b.state, Phase::Open);
+    // A fourth process is rejected without calling the upstream.
+    assert_eq!(outputs(spawn_child("breaker_call", dir.path())), ["None"]);
+    let handle = breaker(store(dir.path())).handle();
+    assert_eq!(handle.state(), CircuitState::Open);
+    // A reset in this process closes it for every process.
+    handle.reset();
+    assert_eq!(
+        outputs(spawn_child("breaker_call", dir.path())),
+        ["Some(true)"]
+    );
+}
+
+#[tokio::test]
+async fn killed_process_half_open_probe_is_reclaimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    // Open, with the open period already over: the next call probes.
+    s.update(|st| {
+        st.circuit_breaker.state = Phase::Open;
+        st.circuit_breaker.open_until = Some(0);
+    });
+    let mut child = spawn_child("hold_probe", dir.path());
+    wait_ready(&mut child);
+    let b = s.load().circuit_breaker;
+    assert_eq!(
+        (b.state, b.half_open_pids.clone()),
+        (Phase::HalfOpen, vec![child.id()])
+    );
+    let layer = breaker(s.clone());
+    assert_eq!(
+        call(&layer, false).await,
+        None,
+        "the child holds the only probe"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The dead child's probe is reclaimed: this process probes (and one
+    // more success closes the breaker).
+    assert_eq!(call(&layer, false).await, Some(true));
+    assert_eq!(call(&layer, false).await, Some(true));
+    assert_eq!(layer.handle().state(), CircuitState::Closed);
 }
 
 #[test]

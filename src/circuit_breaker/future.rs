@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 
+use super::backend::Remote;
 use super::state::{Core, Ticket};
 use super::CircuitOpen;
 use crate::classify::{Classify, Outcome};
@@ -20,6 +21,57 @@ use crate::error::BoxError;
 pub(crate) struct Shared<C> {
     pub(crate) core: Core,
     pub(crate) classifier: C,
+    pub(crate) remote: Remote,
+}
+
+impl<C> Shared<C> {
+    /// Admits a call or says why not. The memory backend goes straight to
+    /// the lock-free core.
+    #[inline]
+    pub(crate) fn acquire(&self) -> Result<Ticket, CircuitOpen> {
+        match &self.remote {
+            Remote::None => self.core.try_acquire(),
+            #[cfg(feature = "file-store")]
+            Remote::File(f) => f.acquire(&self.core),
+            #[cfg(feature = "redis")]
+            Remote::Redis(f) => {
+                f.before_call(&self.core);
+                self.core.try_acquire()
+            }
+        }
+    }
+
+    #[inline]
+    pub(crate) fn record(&self, t: Ticket, failure: bool, slow: bool) {
+        match &self.remote {
+            Remote::None => self.core.record(t, failure, slow),
+            #[cfg(feature = "file-store")]
+            Remote::File(f) => f.record(&self.core, t, failure || slow),
+            #[cfg(feature = "redis")]
+            Remote::Redis(f) => {
+                if !t.probe {
+                    f.outcome(failure || slow);
+                }
+                self.core.record(t, failure, slow)
+            }
+        }
+    }
+
+    pub(crate) fn release_probe(&self, t: Ticket) {
+        match &self.remote {
+            #[cfg(feature = "file-store")]
+            Remote::File(f) => f.release(t),
+            _ => self.core.release_probe(t),
+        }
+    }
+
+    pub(crate) fn hold_open(&self, d: Duration) {
+        match &self.remote {
+            #[cfg(feature = "file-store")]
+            Remote::File(f) => f.hold_open(d),
+            _ => self.core.hold_open(d),
+        }
+    }
 }
 
 /// An admitted call. Dropping it before the call finished (the caller went
@@ -36,7 +88,7 @@ pub(crate) struct Permit<C> {
 impl<C> Drop for Permit<C> {
     fn drop(&mut self) {
         if self.ticket.probe {
-            self.shared.core.release_probe(self.ticket);
+            self.shared.release_probe(self.ticket);
         }
     }
 }
@@ -118,16 +170,16 @@ where
     };
     if core.cfg.honor_retry_after {
         if let Some(d) = shared.classifier.retry_after(res) {
-            core.hold_open(d);
+            shared.hold_open(d);
         }
     }
     let slow = core.cfg.slow_call_duration.is_some_and(|t| elapsed >= t);
     match shared.classifier.classify(res, elapsed) {
-        Outcome::Success => core.record(permit.ticket, false, slow),
-        Outcome::Failure => core.record(permit.ticket, true, slow),
+        Outcome::Success => shared.record(permit.ticket, false, slow),
+        Outcome::Failure => shared.record(permit.ticket, true, slow),
         Outcome::Ignore => {
             if permit.ticket.probe {
-                core.release_probe(permit.ticket);
+                shared.release_probe(permit.ticket);
             }
         }
     }

@@ -91,7 +91,7 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let core = &self.shared.core;
-        match core.try_acquire() {
+        match self.shared.acquire() {
             Ok(ticket) => {
                 let timed = core.needs_elapsed()
                     || Classify::<S::Response, S::Error>::uses_elapsed(&self.shared.classifier);

@@ -169,7 +169,7 @@ impl Core {
     }
 
     #[cold]
-    fn reject(&self, state: CircuitState, retry_after: Option<Duration>) -> CircuitOpen {
+    pub(crate) fn reject(&self, state: CircuitState, retry_after: Option<Duration>) -> CircuitOpen {
         self.rejected_total.fetch_add(1, Relaxed);
         let err = CircuitOpen::new(self.cfg.name.clone(), state, retry_after);
         self.listeners.emit(&CircuitEvent::Rejected {
@@ -368,7 +368,12 @@ impl Core {
         self.changed(w.state(), to, None);
     }
 
-    fn changed(&self, from: CircuitState, to: CircuitState, why: Option<(Cause, Duration)>) {
+    pub(crate) fn changed(
+        &self,
+        from: CircuitState,
+        to: CircuitState,
+        why: Option<(Cause, Duration)>,
+    ) {
         gauge("bulwark_circuit_state", &self.cfg.name, to.gauge_value());
         self.listeners.emit(&CircuitEvent::StateChanged {
             name: self.cfg.name.clone(),

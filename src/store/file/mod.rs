@@ -363,7 +363,7 @@ impl FileStore {
     pub(crate) fn breaker_record(
         &self,
         cfg: &BreakerCfg,
-        gen: u64,
+        gen: u32,
         probe: bool,
         failure: bool,
     ) -> Option<(Phase, Phase)> {
@@ -386,7 +386,7 @@ impl FileStore {
     }
 
     /// Gives back a probe whose call ended without a verdict.
-    pub(crate) fn breaker_release(&self, gen: u64) {
+    pub(crate) fn breaker_release(&self, gen: u32) {
         let pid = pid();
         self.update(|s| s.circuit_breaker.release(gen, pid));
     }

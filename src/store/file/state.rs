@@ -81,7 +81,7 @@ pub struct BreakerState {
     pub open_until: Option<u64>,
     /// Bumped on every transition: an outcome is recorded only in the
     /// generation its call was admitted in.
-    pub generation: u64,
+    pub generation: u32,
 }
 
 /// The token bucket's shared state.
@@ -121,7 +121,7 @@ pub(crate) struct BreakerCfg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
     Admit {
-        gen: u64,
+        gen: u32,
         probe: bool,
     },
     Reject {
@@ -222,7 +222,7 @@ impl BreakerState {
     pub(crate) fn record(
         &mut self,
         cfg: &BreakerCfg,
-        gen: u64,
+        gen: u32,
         probe: bool,
         pid: u32,
         failure: bool,
@@ -261,7 +261,7 @@ impl BreakerState {
     }
 
     /// Gives back a probe whose call ended without a verdict.
-    pub(crate) fn release(&mut self, gen: u64, pid: u32) {
+    pub(crate) fn release(&mut self, gen: u32, pid: u32) {
         if gen == self.generation && self.state == Phase::HalfOpen {
             self.half_open_attempts = self.half_open_attempts.saturating_sub(1);
             remove_one(&mut self.half_open_pids, pid);
