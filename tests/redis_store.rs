@@ -1,10 +1,12 @@
 //! The Redis store against a real `redis-server` started on a free
 //! loopback port.
-#![cfg(feature = "redis")]
+#![cfg(all(feature = "redis", feature = "circuit-breaker"))]
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tower::{service_fn, ServiceBuilder, ServiceExt};
+use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, CircuitState};
 use tower_bulwark::store::redis::RedisStore;
 use tower_bulwark::store::{Degrade, StoreEvent};
 
@@ -198,6 +200,158 @@ async fn redis_down_fails_closed_when_configured() {
     })
     .await;
     assert_eq!(events.lock().unwrap().as_slice(), ["degraded", "restored"]);
+}
+
+fn fleet_breaker(store: RedisStore) -> CircuitBreakerLayer {
+    CircuitBreakerLayer::builder()
+        .name("payments")
+        .failure_threshold(4)
+        .open_timeout(Duration::from_secs(60))
+        .sync_interval(Duration::from_millis(50))
+        .backend(store)
+        .build()
+        .unwrap()
+}
+
+/// `Some(true)` succeeded, `Some(false)` failed, `None` rejected.
+async fn call(layer: &CircuitBreakerLayer, fail: bool) -> Option<bool> {
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(service_fn(|fail: bool| async move {
+            if fail {
+                Err("upstream down")
+            } else {
+                Ok(())
+            }
+        }));
+    match svc.oneshot(fail).await {
+        Ok(()) => Some(true),
+        Err(e) if e.is::<CircuitOpen>() => None,
+        Err(_) => Some(false),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_breaker_adds_up_failures_and_opens_everywhere() {
+    let Some(server) = RedisServer::start("fleet_breaker_opens") else {
+        return;
+    };
+    let fleet: Vec<_> = (0..3)
+        .map(|_| fleet_breaker(store(&server, "cb")))
+        .collect();
+    // 2 + 1 + 1 failures: no process reaches 4 on its own.
+    assert_eq!(call(&fleet[0], true).await, Some(false));
+    assert_eq!(call(&fleet[0], true).await, Some(false));
+    assert_eq!(call(&fleet[1], true).await, Some(false));
+    assert_eq!(call(&fleet[2], true).await, Some(false));
+    for (i, layer) in fleet.iter().enumerate() {
+        let h = layer.handle();
+        eventually(&format!("instance {i} to open"), async || {
+            h.state() == CircuitState::Open
+        })
+        .await;
+        assert_eq!(call(layer, false).await, None);
+    }
+    // A process that joins later learns the state from the fleet.
+    let late = fleet_breaker(store(&server, "cb"));
+    let _ = call(&late, false).await; // starts its sync
+    let h = late.handle();
+    eventually("the late instance to open", async || {
+        h.state() == CircuitState::Open
+    })
+    .await;
+
+    // A reset anywhere closes the breaker everywhere.
+    fleet[1].handle().reset();
+    let h = fleet[2].handle();
+    eventually("the reset to spread", async || {
+        h.state() == CircuitState::Closed
+    })
+    .await;
+    assert_eq!(call(&fleet[2], false).await, Some(true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_breaker_probes_once_across_the_fleet() {
+    let Some(server) = RedisServer::start("fleet_breaker_probes") else {
+        return;
+    };
+    let layer = |s| {
+        CircuitBreakerLayer::builder()
+            .name("probe")
+            .failure_threshold(1)
+            .success_threshold(1)
+            .open_timeout(Duration::from_millis(200))
+            .sync_interval(Duration::from_millis(50))
+            .backend(s)
+            .build()
+            .unwrap()
+    };
+    let fleet: Vec<_> = (0..3).map(|_| layer(store(&server, "probe"))).collect();
+    assert_eq!(call(&fleet[0], true).await, Some(false));
+    for l in &fleet {
+        let h = l.handle();
+        let _ = call(l, false).await;
+        eventually("the fleet to open", async || {
+            h.state() == CircuitState::Open
+        })
+        .await;
+    }
+    // Once the open period is over, every instance wants to probe; the
+    // fleet grants one probe at a time, and its success closes the breaker
+    // everywhere.
+    let mut outcomes = Vec::new();
+    eventually("one probe to be admitted", async || {
+        for l in &fleet {
+            outcomes.push(call(l, false).await);
+        }
+        outcomes.contains(&Some(true))
+    })
+    .await;
+    let first = outcomes.iter().position(|o| *o == Some(true)).unwrap();
+    assert!(outcomes[..first].iter().all(Option::is_none));
+    for l in &fleet {
+        let h = l.handle();
+        eventually("the fleet to close", async || {
+            h.state() == CircuitState::Closed
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_breaker_with_redis_down_follows_the_policy() {
+    let Some(mut server) = RedisServer::start("fleet_breaker_redis_down") else {
+        return;
+    };
+    let (open_store, _) = degrading_store(&server, Degrade::FailOpenToLocal);
+    let (closed_store, events) = degrading_store(&server, Degrade::FailClosed);
+    let fail_open = fleet_breaker(open_store);
+    let fail_closed = fleet_breaker(closed_store);
+    assert_eq!(call(&fail_open, false).await, Some(true));
+    assert_eq!(call(&fail_closed, false).await, Some(true));
+
+    server.kill();
+    let h = fail_closed.handle();
+    eventually("fail-closed to reject", async || {
+        let _ = call(&fail_closed, false).await;
+        h.state() == CircuitState::Open
+    })
+    .await;
+    assert_eq!(call(&fail_closed, false).await, None);
+    // Fail-open: the local breaker carries on alone, and never waits.
+    let r = tokio::time::timeout(Duration::from_secs(5), call(&fail_open, false)).await;
+    assert_eq!(r.expect("no hang"), Some(true));
+    assert_eq!(events.lock().unwrap().first(), Some(&"degraded"));
+
+    server.restart();
+    eventually("fail-closed to recover", async || {
+        let _ = call(&fail_closed, false).await;
+        h.state() == CircuitState::Closed
+    })
+    .await;
+    assert_eq!(call(&fail_closed, false).await, Some(true));
+    assert!(events.lock().unwrap().contains(&"restored"));
 }
 
 #[test]

@@ -428,6 +428,12 @@ impl CircuitHandle {
         match self.shared.remote() {
             #[cfg(feature = "file-store")]
             Remote::File(f) => f.state(),
+            #[cfg(feature = "redis")]
+            Remote::Redis(f) => {
+                // Bring in the fleet's latest view, as the next call would.
+                f.before_call(self.core());
+                self.core().state()
+            }
             _ => self.core().state(),
         }
     }
