@@ -30,7 +30,7 @@ use crate::error::ConfigError;
 /// The seed designs cap every back-off at one minute.
 const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Growth {
     Constant,
     Linear,
@@ -38,7 +38,7 @@ enum Growth {
 }
 
 /// How long to wait before the `n`th retry. See the [module docs](self).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Backoff {
     growth: Growth,
     base: Duration,
@@ -47,7 +47,7 @@ pub struct Backoff {
 }
 
 /// How a nominal delay `d` is randomised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Jitter {
     /// Exactly `d`.
     #[default]

@@ -6,10 +6,14 @@
 
 mod breaker;
 mod common;
+mod failover;
+mod retry;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     common::banner("tower-bulwark tour");
     breaker::run().await?;
+    failover::run().await?;
+    retry::run().await?;
     Ok(())
 }

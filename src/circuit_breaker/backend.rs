@@ -8,6 +8,9 @@
 use std::fmt;
 use std::time::Duration;
 
+use super::state::{Core, Ticket};
+use super::CircuitOpen;
+
 #[cfg(feature = "file-store")]
 use crate::store::file::FileStore;
 #[cfg(feature = "redis")]
@@ -91,6 +94,63 @@ pub(crate) enum Remote {
     File(file::FileRemote),
     #[cfg(feature = "redis")]
     Redis(std::sync::Arc<fleet::Fleet>),
+}
+
+impl Remote {
+    #[inline]
+    pub(crate) fn is_memory(&self) -> bool {
+        matches!(self, Remote::None)
+    }
+}
+
+/// The breaker's steps, routed to the backend. The memory backend's
+/// closed path never comes here (it finishes through its slot).
+impl Core {
+    /// Admits a call through a shared backend.
+    pub(crate) fn acquire_shared(&self) -> Result<Ticket, CircuitOpen> {
+        match &self.remote {
+            #[cfg(feature = "file-store")]
+            Remote::File(f) => f.acquire(self),
+            #[cfg(feature = "redis")]
+            Remote::Redis(f) => {
+                f.before_call(self);
+                self.try_acquire()
+            }
+            _ => self.try_acquire(),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn record_shared(&self, t: Ticket, failure: bool, slow: bool) {
+        match &self.remote {
+            Remote::None => self.record(t, failure, slow),
+            #[cfg(feature = "file-store")]
+            Remote::File(f) => f.record(self, t, failure || slow),
+            #[cfg(feature = "redis")]
+            Remote::Redis(f) => {
+                if !t.probe {
+                    f.outcome(failure || slow);
+                }
+                self.record(t, failure, slow)
+            }
+        }
+    }
+
+    pub(crate) fn release_shared(&self, t: Ticket) {
+        match &self.remote {
+            #[cfg(feature = "file-store")]
+            Remote::File(f) => f.release(t),
+            _ => self.release_probe(t),
+        }
+    }
+
+    pub(crate) fn hold_open_shared(&self, d: Duration) {
+        match &self.remote {
+            #[cfg(feature = "file-store")]
+            Remote::File(f) => f.hold_open(d),
+            _ => self.hold_open(d),
+        }
+    }
 }
 
 impl fmt::Debug for Remote {

@@ -7,7 +7,6 @@ use std::time::Duration;
 use tower_layer::Layer;
 
 use super::backend::{Backend, Remote, RemoteCfg};
-use super::future::Shared;
 use super::state::{Config, Core};
 use super::word::MAX_COUNT;
 use super::{CircuitBreaker, CircuitEvent, CircuitMetrics, CircuitState, Window};
@@ -23,7 +22,8 @@ const LAYER: &str = "circuit_breaker";
 /// Made with [`CircuitBreakerLayer::builder`]. Cloning the layer, and every
 /// service it makes, shares the same state.
 pub struct CircuitBreakerLayer<C = DefaultClassifier> {
-    pub(crate) shared: Arc<Shared<C>>,
+    pub(crate) core: Arc<Core>,
+    pub(crate) classifier: C,
 }
 
 impl CircuitBreakerLayer {
@@ -37,18 +37,16 @@ impl CircuitBreakerLayer {
 impl<C> CircuitBreakerLayer<C> {
     /// A handle that reads and steers the shared state from outside the
     /// stack.
-    pub fn handle(&self) -> CircuitHandle
-    where
-        C: Send + Sync + 'static,
-    {
-        CircuitHandle::new(self.shared.clone())
+    pub fn handle(&self) -> CircuitHandle {
+        CircuitHandle::new(self.core.clone())
     }
 }
 
-impl<C> Clone for CircuitBreakerLayer<C> {
+impl<C: Clone> Clone for CircuitBreakerLayer<C> {
     fn clone(&self) -> Self {
         Self {
-            shared: self.shared.clone(),
+            core: self.core.clone(),
+            classifier: self.classifier.clone(),
         }
     }
 }
@@ -56,17 +54,17 @@ impl<C> Clone for CircuitBreakerLayer<C> {
 impl<C> fmt::Debug for CircuitBreakerLayer<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreakerLayer")
-            .field("config", &self.shared.core.cfg)
+            .field("config", &self.core.cfg)
             .field("classifier", &std::any::type_name::<C>())
             .finish()
     }
 }
 
-impl<S, C> Layer<S> for CircuitBreakerLayer<C> {
+impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
     type Service = CircuitBreaker<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CircuitBreaker::from_shared(inner, self.shared.clone())
+        CircuitBreaker::from_parts(inner, self.core.clone(), self.classifier.clone())
     }
 }
 
@@ -359,11 +357,8 @@ impl<C> CircuitBreakerBuilder<C> {
         };
         let _ = remote_cfg;
         Ok(CircuitBreakerLayer {
-            shared: Arc::new(Shared {
-                core: Core::new(cfg, listeners),
-                classifier: self.classifier,
-                remote,
-            }),
+            core: Core::new_shared_with(cfg, listeners, remote),
+            classifier: self.classifier,
         })
     }
 }
@@ -388,31 +383,16 @@ impl<C> fmt::Debug for CircuitBreakerBuilder<C> {
 /// state.
 #[derive(Clone)]
 pub struct CircuitHandle {
-    shared: Arc<dyn HasCore>,
-}
-
-pub(crate) trait HasCore: Send + Sync {
-    fn core(&self) -> &Core;
-    fn remote(&self) -> &Remote;
-}
-
-impl<C: Send + Sync> HasCore for Shared<C> {
-    fn core(&self) -> &Core {
-        &self.core
-    }
-
-    fn remote(&self) -> &Remote {
-        &self.remote
-    }
+    core: Arc<Core>,
 }
 
 impl CircuitHandle {
-    pub(crate) fn new<C: Send + Sync + 'static>(shared: Arc<Shared<C>>) -> Self {
-        Self { shared }
+    pub(crate) fn new(core: Arc<Core>) -> Self {
+        Self { core }
     }
 
     fn core(&self) -> &Core {
-        self.shared.core()
+        &self.core
     }
 
     /// The breaker's name.
@@ -423,14 +403,14 @@ impl CircuitHandle {
     /// The current state. An open breaker whose timeout has passed reports
     /// [`CircuitState::HalfOpen`]: the next call will probe.
     ///
-    /// With the file backend this reads the state file.
+    /// With the file backend this reads the state file; with Redis it
+    /// first takes in the fleet's latest view.
     pub fn state(&self) -> CircuitState {
-        match self.shared.remote() {
+        match &self.core().remote {
             #[cfg(feature = "file-store")]
             Remote::File(f) => f.state(),
             #[cfg(feature = "redis")]
             Remote::Redis(f) => {
-                // Bring in the fleet's latest view, as the next call would.
                 f.before_call(self.core());
                 self.core().state()
             }
@@ -440,7 +420,7 @@ impl CircuitHandle {
 
     /// Moves to `to` here and, with a shared backend, for every process.
     fn force(&self, to: CircuitState) {
-        match self.shared.remote() {
+        match &self.core().remote {
             #[cfg(feature = "file-store")]
             Remote::File(f) => return f.force(to),
             #[cfg(feature = "redis")]
@@ -471,11 +451,7 @@ impl CircuitHandle {
     /// Holds the breaker open for at least `d` from now, as an upstream's
     /// `Retry-After` would. A longer open period is kept.
     pub fn hold_open(&self, d: Duration) {
-        match self.shared.remote() {
-            #[cfg(feature = "file-store")]
-            Remote::File(f) => f.hold_open(d),
-            _ => self.core().hold_open(d),
-        }
+        self.core().hold_open_shared(d);
     }
 
     /// A snapshot of the breaker's counts. With the file backend, state and
@@ -484,7 +460,7 @@ impl CircuitHandle {
         #[allow(unused_mut)]
         let mut m = self.core().snapshot();
         #[cfg(feature = "file-store")]
-        if let Remote::File(f) = self.shared.remote() {
+        if let Remote::File(f) = &self.core().remote {
             let (failures, probes, open) = f.counts();
             m.state = f.state();
             m.consecutive_failures = failures;
@@ -501,5 +477,31 @@ impl fmt::Debug for CircuitHandle {
             .field("name", &self.name())
             .field("state", &self.state())
             .finish()
+    }
+}
+
+// Lets one configuration build several independent breakers (the fallback
+// layer makes one per entry).
+impl<C: Clone> Clone for CircuitBreakerBuilder<C> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            failure_threshold: self.failure_threshold,
+            open_timeout: self.open_timeout,
+            open_backoff: self.open_backoff,
+            half_open_max_calls: self.half_open_max_calls,
+            success_threshold: self.success_threshold,
+            window: self.window,
+            failure_rate_threshold: self.failure_rate_threshold,
+            minimum_calls: self.minimum_calls,
+            slow_call_duration: self.slow_call_duration,
+            slow_call_rate_threshold: self.slow_call_rate_threshold,
+            honor_retry_after: self.honor_retry_after,
+            backend: self.backend.clone(),
+            stale_attempt_timeout: self.stale_attempt_timeout,
+            sync_interval: self.sync_interval,
+            classifier: self.classifier.clone(),
+            listeners: self.listeners.clone(),
+        }
     }
 }

@@ -7,7 +7,7 @@
 //! use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, CircuitState};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn main() -> Result<(), tower_bulwark::BoxError> {
 //! let layer = CircuitBreakerLayer::builder()
 //!     .name("payments")
 //!     .failure_threshold(2)
@@ -95,6 +95,7 @@ mod error;
 pub mod future;
 mod layer;
 mod service;
+mod slot;
 mod state;
 mod window;
 mod word;
@@ -107,6 +108,9 @@ pub use error::CircuitOpen;
 pub use layer::{CircuitBreakerBuilder, CircuitBreakerLayer, CircuitHandle};
 pub use service::CircuitBreaker;
 pub use window::Window;
+// The fallback layer drives one breaker core per entry directly.
+#[cfg(feature = "fallback")]
+pub(crate) use state::Ticket;
 
 use crate::observe::Event;
 

@@ -4,19 +4,22 @@
 //! service and future only call in. The closed, consecutive-failure path
 //! touches a single atomic word with no clock read and no lock.
 
-use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::window::{Recorder, Totals, Window};
-use super::word::{pack_deadline, unpack_deadline, Word};
+use super::word::{deadline_is_newer, pack_deadline, unpack_deadline, Word};
 use super::{CircuitEvent, CircuitOpen, CircuitState};
 use crate::backoff::Backoff;
 use crate::clock::{nanos, Clock, Nanos};
 use crate::observe::{gauge, Listeners};
 use crate::sync::{AtomicU32, AtomicU64};
 
-const MS: u64 = 1_000_000;
+use super::backend::Remote;
+use super::slot::{self, Slot};
+
+const US: u64 = 1_000;
 
 /// Immutable settings, validated by the builder.
 #[derive(Debug, Clone)]
@@ -54,7 +57,8 @@ pub(crate) enum Cause {
 #[derive(Debug)]
 pub(crate) struct Core {
     pub(crate) cfg: Config,
-    word: AtomicU64,
+    /// The hot word, in memory that outlives the breaker (see `slot`).
+    pub(crate) slot: &'static Slot,
     /// The open deadline, tagged with its generation (see `pack_deadline`).
     deadline: AtomicU64,
     /// Consecutive open periods without a successful recovery, for the
@@ -65,20 +69,43 @@ pub(crate) struct Core {
     rejected_total: AtomicU64,
     pub(crate) clock: Clock,
     pub(crate) listeners: Listeners<CircuitEvent>,
+    /// Where the state is shared, if anywhere (see `backend`).
+    pub(crate) remote: Remote,
 }
 
 impl Core {
+    /// A breaker whose slot knows its way back to it.
+    #[allow(dead_code)]
+    pub(crate) fn new_shared(cfg: Config, listeners: Listeners<CircuitEvent>) -> Arc<Self> {
+        Self::new_shared_with(cfg, listeners, Remote::None)
+    }
+
+    /// The same, with the state shared through `remote`.
+    pub(crate) fn new_shared_with(
+        cfg: Config,
+        listeners: Listeners<CircuitEvent>,
+        remote: Remote,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|weak| {
+            let mut core = Self::new(cfg, listeners);
+            core.remote = remote;
+            core.slot.set_owner(weak.clone());
+            core
+        })
+    }
+
     pub(crate) fn new(cfg: Config, listeners: Listeners<CircuitEvent>) -> Self {
         let core = Self {
             window: cfg.window.map(|w| Mutex::new(Recorder::new(w))),
             cfg,
-            word: AtomicU64::new(Word::new(CircuitState::Closed, 0, 0, 0).0),
+            slot: slot::acquire(),
             deadline: AtomicU64::new(0),
             opens_in_row: AtomicU32::new(0),
             failures_total: AtomicU64::new(0),
             rejected_total: AtomicU64::new(0),
             clock: Clock::new(),
             listeners,
+            remote: Remote::None,
         };
         gauge("bulwark_circuit_state", &core.cfg.name, 0.0);
         core
@@ -86,12 +113,13 @@ impl Core {
 
     #[inline]
     fn load(&self) -> Word {
-        Word(self.word.load(Acquire))
+        Word(self.slot.word.load(Acquire))
     }
 
     #[inline]
     fn cas(&self, old: Word, new: Word) -> Result<(), Word> {
-        self.word
+        self.slot
+            .word
             .compare_exchange_weak(old.0, new.0, AcqRel, Acquire)
             .map(|_| ())
             .map_err(Word)
@@ -100,6 +128,12 @@ impl Core {
     /// Whether calls need their duration measured.
     pub(crate) fn needs_elapsed(&self) -> bool {
         self.cfg.slow_call_duration.is_some()
+    }
+
+    /// Whether a closed-breaker call can finish through the slot alone:
+    /// consecutive mode, nothing timed, no back-off hints to read.
+    pub(crate) fn slot_path(&self) -> bool {
+        self.window.is_none() && !self.needs_elapsed() && !self.cfg.honor_retry_after
     }
 
     /// Admits a call or says why not.
@@ -159,8 +193,8 @@ impl Core {
     /// Time left in an open word, `None` once the deadline has passed.
     fn open_remaining(&self, w: Word, now: Nanos) -> Option<Duration> {
         match unpack_deadline(self.deadline.load(Acquire), w.gen()) {
-            Some(until_ms) => {
-                let until = until_ms.saturating_mul(MS);
+            Some(until_us) => {
+                let until = until_us.saturating_mul(US);
                 (now < until).then(|| Duration::from_nanos(until - now))
             }
             // The opener has not published the deadline yet: it just opened.
@@ -220,7 +254,11 @@ impl Core {
     #[cold]
     fn record_window(&self, t: Ticket, failure: bool, slow: bool) {
         let Some(window) = &self.window else { return };
-        let now = self.clock.now();
+        // Only a time window needs the time.
+        let now = match self.cfg.window {
+            Some(Window::Time(_)) => self.clock.now(),
+            _ => 0,
+        };
         let mut rec = window.lock().unwrap_or_else(|e| e.into_inner());
         let w = self.load();
         if w.gen() != t.gen || !w.is_closed() {
@@ -316,8 +354,20 @@ impl Core {
 
     fn publish_deadline(&self, gen: u32, d: Duration) {
         let now = self.clock.now();
-        let until_ms = now.saturating_add(nanos(d)).div_ceil(MS);
-        self.deadline.store(pack_deadline(gen, until_ms), Release);
+        // Rounded down: `retry_after` never exceeds the configured time.
+        let packed = pack_deadline(gen, now.saturating_add(nanos(d)) / US);
+        // Only the opener of `gen` writes here, but it may be late: never
+        // overwrite the deadline of a later generation.
+        let mut cur = self.deadline.load(Acquire);
+        while !deadline_is_newer(cur, gen) {
+            match self
+                .deadline
+                .compare_exchange_weak(cur, packed, AcqRel, Acquire)
+            {
+                Ok(_) => return,
+                Err(now) => cur = now,
+            }
+        }
     }
 
     /// Holds the breaker open for at least `d` from now (an upstream's
@@ -427,6 +477,12 @@ impl Core {
     }
 }
 
+impl Drop for Core {
+    fn drop(&mut self) {
+        self.slot.retire();
+    }
+}
+
 #[cfg(all(test, not(bulwark_loom)))]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
@@ -453,7 +509,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn consecutive_failures_open_and_success_resets() {
         let l = layer(CircuitBreakerLayer::builder().failure_threshold(3));
-        let core = &l.shared.core;
+        let core = &l.core;
         fail(core);
         fail(core);
         succeed(core); // resets the run
@@ -477,7 +533,7 @@ mod tests {
                 .half_open_max_calls(2)
                 .success_threshold(2),
         );
-        let core = &l.shared.core;
+        let core = &l.core;
         fail(core);
         advance(Duration::from_secs(30)).await;
         assert_eq!(core.state(), CircuitState::HalfOpen);
@@ -495,7 +551,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failed_probe_reopens_and_released_slot_is_reusable() {
         let l = layer(CircuitBreakerLayer::builder().failure_threshold(1));
-        let core = &l.shared.core;
+        let core = &l.core;
         fail(core);
         advance(Duration::from_secs(30)).await;
         let p = core.try_acquire().unwrap();
@@ -513,7 +569,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn stale_generation_is_ignored() {
         let l = layer(CircuitBreakerLayer::builder().failure_threshold(1));
-        let core = &l.shared.core;
+        let core = &l.core;
         let slow = core.try_acquire().unwrap(); // starts while closed
         fail(core); // opens
         advance(Duration::from_secs(30)).await;
@@ -543,7 +599,7 @@ mod tests {
                     Backoff::exponential(Duration::from_secs(1)).max_delay(Duration::from_secs(3)),
                 ),
         );
-        let core = &l.shared.core;
+        let core = &l.core;
         fail(core);
         let open = |c: &Core| c.snapshot().open_remaining;
         assert_eq!(open(core), Some(Duration::from_secs(1)));
@@ -562,7 +618,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn hold_open_extends_but_never_shortens() {
         let l = layer(CircuitBreakerLayer::builder());
-        let core = &l.shared.core;
+        let core = &l.core;
         core.hold_open(Duration::from_secs(5));
         assert_eq!(core.snapshot().open_remaining, Some(Duration::from_secs(5)));
         core.hold_open(Duration::from_secs(2));
@@ -575,6 +631,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_late_deadline_writer_cannot_overwrite_a_newer_one() {
+        let l = layer(CircuitBreakerLayer::builder());
+        let core = &l.core;
+        core.hold_open(Duration::from_secs(5));
+        let gen = core.load().gen();
+        // The opener of the previous generation publishes late.
+        core.publish_deadline(gen.wrapping_sub(1), Duration::from_secs(100));
+        assert_eq!(core.snapshot().open_remaining, Some(Duration::from_secs(5)));
+        advance(Duration::from_secs(5)).await;
+        assert_eq!(core.state(), CircuitState::HalfOpen);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn count_window_honours_minimum_calls_before_full() {
         let l = layer(
             CircuitBreakerLayer::builder()
@@ -582,7 +651,7 @@ mod tests {
                 .minimum_calls(4)
                 .failure_rate_threshold(0.5),
         );
-        let core = &l.shared.core;
+        let core = &l.core;
         fail(core);
         succeed(core);
         fail(core);
@@ -600,7 +669,7 @@ mod tests {
                 .minimum_calls(2)
                 .failure_rate_threshold(1.0),
         );
-        let core = &l.shared.core;
+        let core = &l.core;
         fail(core);
         advance(Duration::from_secs(11)).await;
         fail(core); // the first failure has left the window
@@ -617,7 +686,7 @@ mod tests {
                 .slow_call_duration(Duration::from_secs(1))
                 .slow_call_rate_threshold(0.5),
         );
-        let core = &l.shared.core;
+        let core = &l.core;
         for slow in [true, false, true] {
             let t = core.try_acquire().unwrap();
             core.record(t, false, slow);
@@ -632,7 +701,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn forced_and_disabled_states() {
         let l = layer(CircuitBreakerLayer::builder().failure_threshold(1));
-        let core = &l.shared.core;
+        let core = &l.core;
         core.force(CircuitState::ForcedOpen);
         assert_eq!(
             core.try_acquire().unwrap_err().state(),
@@ -668,7 +737,7 @@ mod tests {
             })
             .build()
             .unwrap();
-        let core = &l.shared.core;
+        let core = &l.core;
         fail(core);
         advance(Duration::from_secs(30)).await;
         // Real threads, on the paused runtime's clock.
@@ -695,6 +764,8 @@ mod tests {
 
 #[cfg(all(test, bulwark_loom))]
 mod loom_tests {
+    use std::sync::atomic::Ordering::Release;
+
     use loom::thread;
 
     use super::*;
@@ -707,14 +778,14 @@ mod loom_tests {
             .success_threshold(successes)
             .build()
             .unwrap();
-        let cfg = layer.shared.core.cfg.clone();
+        let cfg = layer.core.cfg.clone();
         Arc::new(Core::new(cfg, Listeners::default()))
     }
 
     /// Opens the breaker with a deadline already in the past.
     fn expired_open(core: &Core) {
         let next = core.load().next(CircuitState::Open);
-        core.word.store(next.0, Release);
+        core.slot.word.store(next.0, Release);
         core.deadline.store(pack_deadline(next.gen(), 0), Release);
     }
 
