@@ -4,7 +4,7 @@
 //! `build()` made: lock-free and allocation-free on the hot path. Two other
 //! homes let processes share one breaker, one bucket and one bulkhead:
 //!
-//! - [`file`] (feature `file-store`): one versioned JSON file per scope,
+//! - [`file`](mod@file) (feature `file-store`): one versioned JSON file per scope,
 //!   for CLIs where every invocation is a new process (the seed-001 model);
 //! - [`redis`](mod@redis) (feature `redis`): a fleet of processes shares
 //!   one state through atomic Lua scripts on a Redis server.
@@ -36,6 +36,9 @@
 //! (100 ms by default) and recovers a corrupt file by starting afresh; the
 //! Redis store gives each command a timeout and then follows its
 //! [`Degrade`] policy. Each of these emits a [`StoreEvent`].
+
+// The breaker's parts of each store are used only with `circuit-breaker`.
+#![cfg_attr(not(feature = "circuit-breaker"), allow(dead_code))]
 
 use std::path::PathBuf;
 use std::sync::Arc;
