@@ -78,6 +78,8 @@ pub mod fallback;
 pub mod http;
 #[cfg(feature = "retry")]
 pub mod retry;
+#[cfg(any(feature = "file-store", feature = "redis"))]
+pub mod store;
 
 #[cfg(feature = "circuit-breaker")]
 pub use circuit_breaker::CircuitBreakerLayer;

@@ -37,7 +37,7 @@ impl Drop for Permit {
     fn drop(&mut self) {
         if let Permit::Core { core, ticket, .. } = self {
             if ticket.probe {
-                core.release_probe(*ticket);
+                core.release_shared(*ticket);
             }
         }
     }
@@ -75,16 +75,16 @@ impl Permit {
                 };
                 if core.cfg.honor_retry_after {
                     if let Some(d) = classifier.retry_after(res) {
-                        core.hold_open(d);
+                        core.hold_open_shared(d);
                     }
                 }
                 let slow = core.cfg.slow_call_duration.is_some_and(|t| elapsed >= t);
                 match classifier.classify(res, elapsed) {
-                    Outcome::Success => core.record(*ticket, false, slow),
-                    Outcome::Failure => core.record(*ticket, true, slow),
+                    Outcome::Success => core.record_shared(*ticket, false, slow),
+                    Outcome::Failure => core.record_shared(*ticket, true, slow),
                     Outcome::Ignore => {
                         if ticket.probe {
-                            core.release_probe(*ticket);
+                            core.release_shared(*ticket);
                         }
                     }
                 }

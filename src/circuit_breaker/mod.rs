@@ -90,6 +90,7 @@
 //! boxed future. Window mode and slow-call detection read the clock and
 //! take a short lock per finished call.
 
+mod backend;
 mod error;
 pub mod future;
 mod layer;
@@ -101,6 +102,7 @@ mod word;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use backend::Backend;
 pub use error::CircuitOpen;
 pub use layer::{CircuitBreakerBuilder, CircuitBreakerLayer, CircuitHandle};
 pub use service::CircuitBreaker;

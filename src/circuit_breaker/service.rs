@@ -101,6 +101,9 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let core = &self.core;
+        if !core.remote.is_memory() {
+            return self.call_shared(req);
+        }
         match core.try_acquire() {
             Ok(ticket) => {
                 let timed = core.needs_elapsed()
@@ -116,6 +119,32 @@ where
                         ticket,
                         start: timed.then(|| core.clock.now()),
                     }
+                };
+                ResponseFuture::called(self.inner.call(req), permit, self.classifier.clone())
+            }
+            Err(open) => ResponseFuture::rejected(open),
+        }
+    }
+}
+
+impl<S, C> CircuitBreaker<S, C> {
+    /// A call through a file or Redis backend: admitted by the backend, and
+    /// always finished through the whole breaker.
+    #[cold]
+    fn call_shared<Req>(&mut self, req: Req) -> ResponseFuture<S::Future, C>
+    where
+        S: Service<Req>,
+        C: Classify<S::Response, S::Error> + Clone,
+    {
+        let core = &self.core;
+        match core.acquire_shared() {
+            Ok(ticket) => {
+                let timed = core.needs_elapsed()
+                    || Classify::<S::Response, S::Error>::uses_elapsed(&self.classifier);
+                let permit = Permit::Core {
+                    core: core.clone(),
+                    ticket,
+                    start: timed.then(|| core.clock.now()),
                 };
                 ResponseFuture::called(self.inner.call(req), permit, self.classifier.clone())
             }

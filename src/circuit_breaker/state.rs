@@ -16,6 +16,7 @@ use crate::clock::{nanos, Clock, Nanos};
 use crate::observe::{gauge, Listeners};
 use crate::sync::{AtomicU32, AtomicU64};
 
+use super::backend::Remote;
 use crate::slot::{Lease, Slot};
 
 const US: u64 = 1_000;
@@ -69,12 +70,28 @@ pub(crate) struct Core {
     rejected_total: AtomicU64,
     pub(crate) clock: Clock,
     pub(crate) listeners: Listeners<CircuitEvent>,
+    /// Where the state is shared, if anywhere (see `backend`).
+    pub(crate) remote: Remote,
 }
 
 impl Core {
     /// A breaker whose slot knows its way back to it.
+    #[allow(dead_code)]
     pub(crate) fn new_shared(cfg: Config, listeners: Listeners<CircuitEvent>) -> Arc<Self> {
-        Arc::new_cyclic(|weak| Self::new(cfg, listeners, weak.clone()))
+        Self::new_shared_with(cfg, listeners, Remote::None)
+    }
+
+    /// The same, with the state shared through `remote`.
+    pub(crate) fn new_shared_with(
+        cfg: Config,
+        listeners: Listeners<CircuitEvent>,
+        remote: Remote,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|weak| {
+            let mut core = Self::new(cfg, listeners, weak.clone());
+            core.remote = remote;
+            core
+        })
     }
 
     pub(crate) fn new(
@@ -103,6 +120,7 @@ impl Core {
             rejected_total: AtomicU64::new(0),
             clock: Clock::new(),
             listeners,
+            remote: Remote::None,
         };
         gauge("bulwark_circuit_state", &core.cfg.name, 0.0);
         core
@@ -205,7 +223,7 @@ impl Core {
     }
 
     #[cold]
-    fn reject(&self, state: CircuitState, retry_after: Option<Duration>) -> CircuitOpen {
+    pub(crate) fn reject(&self, state: CircuitState, retry_after: Option<Duration>) -> CircuitOpen {
         self.rejected_total.fetch_add(1, Relaxed);
         let err = CircuitOpen::new(self.cfg.name.clone(), state, retry_after);
         self.listeners.emit(&CircuitEvent::Rejected {
@@ -420,7 +438,12 @@ impl Core {
         self.changed(w.state(), to, None);
     }
 
-    fn changed(&self, from: CircuitState, to: CircuitState, why: Option<(Cause, Duration)>) {
+    pub(crate) fn changed(
+        &self,
+        from: CircuitState,
+        to: CircuitState,
+        why: Option<(Cause, Duration)>,
+    ) {
         gauge("bulwark_circuit_state", &self.cfg.name, to.gauge_value());
         self.listeners.emit(&CircuitEvent::StateChanged {
             name: self.cfg.name.clone(),
