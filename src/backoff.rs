@@ -30,7 +30,7 @@ use crate::error::ConfigError;
 /// The seed designs cap every back-off at one minute.
 const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Growth {
     Constant,
     Linear,
@@ -38,7 +38,7 @@ enum Growth {
 }
 
 /// How long to wait before the `n`th retry. See the [module docs](self).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Backoff {
     growth: Growth,
     base: Duration,
@@ -47,7 +47,7 @@ pub struct Backoff {
 }
 
 /// How a nominal delay `d` is randomised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Jitter {
     /// Exactly `d`.
     #[default]
@@ -123,7 +123,7 @@ impl Backoff {
             Growth::Linear => base.saturating_mul(u128::from(n)),
             // 2^127 overflows nothing in u128 math below the cap check, and
             // any shift past that is far beyond every cap anyway.
-            Growth::Exponential if n - 1 >= 100 => u128::MAX,
+            Growth::Exponential if n > 100 => u128::MAX,
             Growth::Exponential => base.saturating_mul(1u128 << (n - 1)),
         };
         let capped = nanos.min(self.max_delay.as_nanos());

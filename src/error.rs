@@ -185,6 +185,8 @@ fn probe<'a, T: Rejection>(err: &'a (dyn Error + 'static)) -> Option<&'a dyn Rej
 const PROBES: &[Probe] = &[
     #[cfg(feature = "circuit-breaker")]
     probe::<crate::circuit_breaker::CircuitOpen>,
+    #[cfg(feature = "fallback")]
+    probe::<crate::fallback::AllFailed>,
     #[cfg(feature = "rate-limit")]
     probe::<crate::rate_limit::RateLimited>,
     #[cfg(feature = "rate-limit")]

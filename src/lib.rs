@@ -34,8 +34,8 @@
 //! `poll_ready` forwards to the inner service. A rejection (open circuit,
 //! empty bucket, full bulkhead) fails fast from `call` with a ready error
 //! future, so the service is never poisoned. Each rejection is its own
-//! error type, boxed as [`BoxError`](error::BoxError); every one implements
-//! [`Rejection`](error::Rejection) and [`error::rejection`] finds it in any
+//! error type, boxed as [`BoxError`]; every one implements
+//! [`Rejection`] and [`error::rejection`] finds it in any
 //! boxed error.
 //!
 //! # Features
@@ -43,11 +43,11 @@
 //! | feature | default | what |
 //! |---|---|---|
 //! | `circuit-breaker` | yes | [`circuit_breaker`] |
-//! | `fallback` | yes | fallback with per-entry breakers |
-//! | `dedup` | yes | request coalescing |
+//! | `fallback` | yes | [`fallback`]: ordered fallbacks with per-entry breakers |
+//! | `dedup` | yes | [`dedup`]: request coalescing (singleflight) and a short cache |
 //! | `bulkhead` | yes | concurrency cap |
 //! | `rate-limit` | yes | GCRA rate limiter |
-//! | `retry` | yes | retries with back-off and budgets |
+//! | `retry` | yes | [`retry`]: back-off, budgets, `Retry-After` |
 //! | `tracing` | yes | `tracing` events from every layer |
 //! | `metrics` | no | counters and gauges through the `metrics` facade |
 //! | `http` | no | status classifier, `Retry-After`, error responses |
@@ -65,17 +65,25 @@ pub mod classify;
 mod clock;
 pub mod error;
 pub mod observe;
+mod slot;
+mod sync;
 
 #[cfg(feature = "bulkhead")]
 pub mod bulkhead;
 #[cfg(feature = "circuit-breaker")]
 pub mod circuit_breaker;
+#[cfg(feature = "dedup")]
+pub mod dedup;
+#[cfg(feature = "fallback")]
+pub mod fallback;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "retry")]
+pub mod retry;
+#[cfg(any(feature = "file-store", feature = "redis"))]
+pub mod store;
 #[cfg(feature = "rate-limit")]
 pub mod rate_limit;
-#[allow(unused_imports)]
-mod sync;
 
 #[cfg(feature = "bulkhead")]
 pub use bulkhead::BulkheadLayer;
@@ -83,6 +91,12 @@ pub use bulkhead::BulkheadLayer;
 pub use circuit_breaker::CircuitBreakerLayer;
 pub use classify::{Classify, Outcome};
 pub use clock::ClockSource;
+#[cfg(feature = "dedup")]
+pub use dedup::DedupLayer;
 pub use error::{BoxError, ConfigError, Rejection};
+#[cfg(feature = "fallback")]
+pub use fallback::FallbackLayer;
 #[cfg(feature = "rate-limit")]
 pub use rate_limit::RateLimitLayer;
+#[cfg(feature = "retry")]
+pub use retry::RetryLayer;

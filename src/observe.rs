@@ -64,26 +64,48 @@ impl<E> fmt::Debug for Listeners<E> {
     }
 }
 
+impl<E> Listeners<E> {
+    /// Whether no listener was added.
+    #[allow(dead_code)]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.listeners.is_empty()
+    }
+}
+
 impl<E: Event> Listeners<E> {
     pub(crate) fn push(&mut self, f: impl Fn(&E) + Send + Sync + 'static) {
         self.listeners.push(Arc::new(f));
     }
 
+    /// Whether an event would reach anything: a listener, `metrics`, or
+    /// `tracing` at `DEBUG`. Lets a hot path skip building the event.
+    #[allow(dead_code)]
+    #[inline]
+    pub(crate) fn active(&self) -> bool {
+        !self.listeners.is_empty() || cfg!(feature = "metrics") || tracing_on()
+    }
+
     /// Sends `event` to tracing, metrics and the listeners.
     pub(crate) fn emit(&self, event: &E) {
-        trace_event(event);
-        #[cfg(feature = "metrics")]
-        metrics::counter!(
-            "bulwark_events_total",
-            "layer" => event.layer(),
-            "name" => event.name().to_owned(),
-            "event" => event.kind(),
-        )
-        .increment(1);
+        emit_unlistened(event);
         for l in &self.listeners {
             l(event);
         }
     }
+}
+
+/// Sends `event` to tracing and metrics, for a layer without listeners.
+#[allow(dead_code)]
+pub(crate) fn emit_unlistened<E: Event>(event: &E) {
+    trace_event(event);
+    #[cfg(feature = "metrics")]
+    metrics::counter!(
+        "bulwark_events_total",
+        "layer" => event.layer(),
+        "name" => event.name().to_owned(),
+        "event" => event.kind(),
+    )
+    .increment(1);
 }
 
 #[cfg(feature = "tracing")]
@@ -109,6 +131,19 @@ fn trace_event<E: Event>(event: &E) {
             event.kind()
         );
     }
+}
+
+#[cfg(feature = "tracing")]
+#[inline]
+fn tracing_on() -> bool {
+    use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
+    tracing::Level::DEBUG <= STATIC_MAX_LEVEL && tracing::Level::DEBUG <= LevelFilter::current()
+}
+
+#[cfg(not(feature = "tracing"))]
+#[inline]
+fn tracing_on() -> bool {
+    false
 }
 
 #[cfg(not(feature = "tracing"))]

@@ -1,7 +1,9 @@
-//! Atomics for the lock-free cores, swapped for `loom`'s under `--cfg loom`
-//! so the model checker can explore every interleaving of them.
+//! Atomics, swapped for loom's under `--cfg bulwark_loom` so the lock-free
+//! cores can be model-checked.
 
-#[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicU64, AtomicUsize};
-#[cfg(not(loom))]
-pub(crate) use std::sync::atomic::{AtomicU64, AtomicUsize};
+#[cfg(bulwark_loom)]
+#[allow(unused_imports)]
+pub(crate) use loom::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
+#[cfg(not(bulwark_loom))]
+#[allow(unused_imports)]
+pub(crate) use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};

@@ -12,20 +12,25 @@ use std::time::{Duration, Instant};
 
 use tower::Service;
 
-/// Drives one request through `svc` to completion; panics if anything is
-/// pending (every benchmarked path answers at once).
+/// Drives one request through `svc` to completion. Every benchmarked path
+/// answers at once on one thread; under contention a peer's lock may make
+/// it pending for a moment, so it is polled again until ready.
 #[inline]
 pub fn drive<S: Service<R>, R>(svc: &mut S, req: R) -> Result<S::Response, S::Error> {
     let mut cx = Context::from_waker(Waker::noop());
-    match svc.poll_ready(&mut cx) {
-        Poll::Ready(Ok(())) => {}
-        Poll::Ready(Err(e)) => return Err(e),
-        Poll::Pending => panic!("service not ready"),
+    loop {
+        match svc.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => break,
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => std::hint::spin_loop(),
+        }
     }
-    let fut = pin!(svc.call(req));
-    match fut.poll(&mut cx) {
-        Poll::Ready(r) => r,
-        Poll::Pending => panic!("response pending"),
+    let mut fut = pin!(svc.call(req));
+    loop {
+        match fut.as_mut().poll(&mut cx) {
+            Poll::Ready(r) => return r,
+            Poll::Pending => std::hint::spin_loop(),
+        }
     }
 }
 

@@ -7,11 +7,15 @@
 mod admission;
 mod breaker;
 mod common;
+mod failover;
+mod retry;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     common::banner("tower-bulwark tour");
     breaker::run().await?;
+    failover::run().await?;
+    retry::run().await?;
     admission::run().await?;
     Ok(())
 }

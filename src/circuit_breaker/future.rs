@@ -8,35 +8,89 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 
-use super::state::{Core, Ticket};
+use super::state::{record_success, Core, Ticket};
 use super::CircuitOpen;
 use crate::classify::{Classify, Outcome};
 use crate::clock::Nanos;
 use crate::error::BoxError;
+use crate::slot::SlotRef;
 
-/// The part of the breaker a call carries: the shared core and the
-/// classifier, behind one `Arc` so admission costs one reference count.
+/// An admitted call.
 #[derive(Debug)]
-pub(crate) struct Shared<C> {
-    pub(crate) core: Core,
-    pub(crate) classifier: C,
+pub(crate) enum Permit {
+    /// A closed-breaker call in consecutive mode: it reaches the breaker
+    /// through its slot, without holding a reference count.
+    Slot { slot: SlotRef, gen: u32 },
+    /// Everything else: probes, window mode, timed calls.
+    Core {
+        core: Arc<Core>,
+        ticket: Ticket,
+        /// When the call started, if its duration is needed.
+        start: Option<Nanos>,
+    },
 }
 
-/// An admitted call. Dropping it before the call finished (the caller went
-/// away, or the inner service panicked) gives a probe slot back and counts
-/// the call as neither success nor failure.
-#[derive(Debug)]
-pub(crate) struct Permit<C> {
-    pub(crate) shared: Arc<Shared<C>>,
-    pub(crate) ticket: Ticket,
-    /// When the call started, if its duration is needed.
-    pub(crate) start: Option<Nanos>,
-}
-
-impl<C> Drop for Permit<C> {
+impl Drop for Permit {
+    /// A call dropped before it finished (the caller went away, or the
+    /// inner service panicked) gives its probe slot back and counts as
+    /// neither success nor failure.
     fn drop(&mut self) {
-        if self.ticket.probe {
-            self.shared.core.release_probe(self.ticket);
+        if let Permit::Core { core, ticket, .. } = self {
+            if ticket.probe {
+                core.release_shared(*ticket);
+            }
+        }
+    }
+}
+
+impl Permit {
+    #[inline]
+    fn finish<C, T, E>(mut self, classifier: &C, res: &Result<T, E>)
+    where
+        C: Classify<T, E>,
+    {
+        match &mut self {
+            Permit::Slot { slot, gen } => match classifier.classify(res, Duration::ZERO) {
+                Outcome::Success => record_success(&slot.slot.word, *gen),
+                Outcome::Failure => {
+                    // Cold: reach the whole breaker to count it, and maybe open.
+                    if let Some(core) = slot.upgrade::<Core>() {
+                        let ticket = Ticket {
+                            gen: *gen,
+                            probe: false,
+                        };
+                        core.record(ticket, true, false);
+                    }
+                }
+                Outcome::Ignore => {}
+            },
+            Permit::Core {
+                core,
+                ticket,
+                start,
+            } => {
+                let elapsed = match start {
+                    Some(start) => Duration::from_nanos(core.clock.now().saturating_sub(*start)),
+                    None => Duration::ZERO,
+                };
+                if core.cfg.honor_retry_after {
+                    if let Some(d) = classifier.retry_after(res) {
+                        core.hold_open_shared(d);
+                    }
+                }
+                let slow = core.cfg.slow_call_duration.is_some_and(|t| elapsed >= t);
+                match classifier.classify(res, elapsed) {
+                    Outcome::Success => core.record_shared(*ticket, false, slow),
+                    Outcome::Failure => core.record_shared(*ticket, true, slow),
+                    Outcome::Ignore => {
+                        if ticket.probe {
+                            core.release_shared(*ticket);
+                        }
+                    }
+                }
+                // The verdict is in: nothing left for the guard to undo.
+                ticket.probe = false;
+            }
         }
     }
 }
@@ -57,7 +111,8 @@ pin_project! {
         Called {
             #[pin]
             fut: F,
-            permit: Option<Permit<C>>,
+            permit: Option<Permit>,
+            classifier: C,
         },
         Rejected {
             err: Option<CircuitOpen>,
@@ -66,10 +121,15 @@ pin_project! {
 }
 
 impl<F, C> ResponseFuture<F, C> {
-    pub(crate) fn called(fut: F, permit: Permit<C>) -> Self {
+    #[inline]
+    pub(crate) fn called(fut: F, permit: Permit, classifier: C) -> Self {
         let permit = Some(permit);
         Self {
-            kind: Kind::Called { fut, permit },
+            kind: Kind::Called {
+                fut,
+                permit,
+                classifier,
+            },
         }
     }
 
@@ -88,46 +148,23 @@ where
 {
     type Output = Result<T, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Called { fut, permit } => {
+            KindProj::Called {
+                fut,
+                permit,
+                classifier,
+            } => {
                 let res = ready!(fut.poll(cx));
-                let mut permit = permit.take().expect("polled after completion");
-                finish(&mut permit, &res);
-                // The verdict is in: nothing left for the guard to undo.
-                permit.ticket.probe = false;
+                permit
+                    .take()
+                    .expect("polled after completion")
+                    .finish(classifier, &res);
                 Poll::Ready(res.map_err(Into::into))
             }
             KindProj::Rejected { err } => {
                 Poll::Ready(Err(err.take().expect("polled after completion").into()))
-            }
-        }
-    }
-}
-
-#[inline]
-fn finish<C, T, E>(permit: &mut Permit<C>, res: &Result<T, E>)
-where
-    C: Classify<T, E>,
-{
-    let shared = &*permit.shared;
-    let core = &shared.core;
-    let elapsed = match permit.start {
-        Some(start) => Duration::from_nanos(core.clock.now().saturating_sub(start)),
-        None => Duration::ZERO,
-    };
-    if core.cfg.honor_retry_after {
-        if let Some(d) = shared.classifier.retry_after(res) {
-            core.hold_open(d);
-        }
-    }
-    let slow = core.cfg.slow_call_duration.is_some_and(|t| elapsed >= t);
-    match shared.classifier.classify(res, elapsed) {
-        Outcome::Success => core.record(permit.ticket, false, slow),
-        Outcome::Failure => core.record(permit.ticket, true, slow),
-        Outcome::Ignore => {
-            if permit.ticket.probe {
-                core.release_probe(permit.ticket);
             }
         }
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::future::Shared;
+use super::backend::{Backend, Remote, RemoteCfg};
 use super::state::{Config, Core};
 use super::word::MAX_COUNT;
 use super::{CircuitBreaker, CircuitEvent, CircuitMetrics, CircuitState, Window};
@@ -22,7 +22,8 @@ const LAYER: &str = "circuit_breaker";
 /// Made with [`CircuitBreakerLayer::builder`]. Cloning the layer, and every
 /// service it makes, shares the same state.
 pub struct CircuitBreakerLayer<C = DefaultClassifier> {
-    pub(crate) shared: Arc<Shared<C>>,
+    pub(crate) core: Arc<Core>,
+    pub(crate) classifier: C,
 }
 
 impl CircuitBreakerLayer {
@@ -36,18 +37,16 @@ impl CircuitBreakerLayer {
 impl<C> CircuitBreakerLayer<C> {
     /// A handle that reads and steers the shared state from outside the
     /// stack.
-    pub fn handle(&self) -> CircuitHandle
-    where
-        C: Send + Sync + 'static,
-    {
-        CircuitHandle::new(self.shared.clone())
+    pub fn handle(&self) -> CircuitHandle {
+        CircuitHandle::new(self.core.clone())
     }
 }
 
-impl<C> Clone for CircuitBreakerLayer<C> {
+impl<C: Clone> Clone for CircuitBreakerLayer<C> {
     fn clone(&self) -> Self {
         Self {
-            shared: self.shared.clone(),
+            core: self.core.clone(),
+            classifier: self.classifier.clone(),
         }
     }
 }
@@ -55,17 +54,17 @@ impl<C> Clone for CircuitBreakerLayer<C> {
 impl<C> fmt::Debug for CircuitBreakerLayer<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreakerLayer")
-            .field("config", &self.shared.core.cfg)
+            .field("config", &self.core.cfg)
             .field("classifier", &std::any::type_name::<C>())
             .finish()
     }
 }
 
-impl<S, C> Layer<S> for CircuitBreakerLayer<C> {
+impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
     type Service = CircuitBreaker<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CircuitBreaker::from_shared(inner, self.shared.clone())
+        CircuitBreaker::from_parts(inner, self.core.clone(), self.classifier.clone())
     }
 }
 
@@ -83,6 +82,9 @@ pub struct CircuitBreakerBuilder<C = DefaultClassifier> {
     slow_call_duration: Option<Duration>,
     slow_call_rate_threshold: f64,
     honor_retry_after: bool,
+    backend: Backend,
+    stale_attempt_timeout: Duration,
+    sync_interval: Duration,
     classifier: C,
     listeners: Listeners<CircuitEvent>,
 }
@@ -102,6 +104,9 @@ impl CircuitBreakerBuilder {
             slow_call_duration: None,
             slow_call_rate_threshold: 1.0,
             honor_retry_after: false,
+            backend: Backend::Memory,
+            stale_attempt_timeout: Duration::from_secs(120),
+            sync_interval: Duration::from_millis(500),
             classifier: DefaultClassifier,
             listeners: Listeners::default(),
         }
@@ -212,9 +217,36 @@ impl<C> CircuitBreakerBuilder<C> {
             slow_call_duration: self.slow_call_duration,
             slow_call_rate_threshold: self.slow_call_rate_threshold,
             honor_retry_after: self.honor_retry_after,
+            backend: self.backend,
+            stale_attempt_timeout: self.stale_attempt_timeout,
+            sync_interval: self.sync_interval,
             classifier,
             listeners: self.listeners,
         }
+    }
+
+    /// Where the breaker keeps its state (default [`Backend::Memory`]): a
+    /// `store::file::FileStore` shares it across processes, a
+    /// `store::redis::RedisStore` across a fleet. See [`Backend`].
+    pub fn backend(mut self, backend: impl Into<Backend>) -> Self {
+        self.backend = backend.into();
+        self
+    }
+
+    /// Shared backends: how long a half-open probe reservation may stay
+    /// unanswered before it is taken to be from a crashed or hung process
+    /// and freed (default 2 min). Make it longer than your slowest call.
+    pub fn stale_attempt_timeout(mut self, d: Duration) -> Self {
+        self.stale_attempt_timeout = d;
+        self
+    }
+
+    /// Redis backend: how often each process syncs with the fleet (default
+    /// 500 ms, so a state change is seen fleet-wide within about 1 s). An
+    /// opening is reported at once.
+    pub fn sync_interval(mut self, d: Duration) -> Self {
+        self.sync_interval = d;
+        self
     }
 
     /// Calls `f` on every event (state changes, rejections). Listeners add
@@ -246,7 +278,7 @@ impl<C> CircuitBreakerBuilder<C> {
             check.non_zero_duration("slow_call_duration", d)?;
         }
         let minimum_calls = match (self.window, self.minimum_calls) {
-            (Some(Window::Count(n)), _) if n == 0 => {
+            (Some(Window::Count(0)), _) => {
                 return Err(ConfigError::new(
                     LAYER,
                     "window",
@@ -274,6 +306,15 @@ impl<C> CircuitBreakerBuilder<C> {
             (Some(Window::Count(n)), None) => n.min(10),
             (_, None) => 10,
         };
+        check.non_zero_duration("stale_attempt_timeout", self.stale_attempt_timeout)?;
+        check.non_zero_duration("sync_interval", self.sync_interval)?;
+        if !matches!(self.backend, Backend::Memory) && self.window.is_some() {
+            return Err(ConfigError::new(
+                LAYER,
+                "window",
+                "the file and Redis backends count consecutive failures: use the memory backend for a window",
+            ));
+        }
         let cfg = Config {
             name: Arc::from(self.name.unwrap_or_default()),
             failure_threshold,
@@ -288,11 +329,36 @@ impl<C> CircuitBreakerBuilder<C> {
             slow_call_rate_threshold: self.slow_call_rate_threshold,
             honor_retry_after: self.honor_retry_after,
         };
-        Ok(CircuitBreakerLayer {
-            shared: Arc::new(Shared {
-                core: Core::new(cfg, self.listeners),
-                classifier: self.classifier,
+        let remote_cfg = RemoteCfg {
+            stale_attempt_timeout: self.stale_attempt_timeout,
+            sync_interval: self.sync_interval,
+        };
+        #[allow(unused_mut)]
+        let mut listeners = self.listeners;
+        let remote = match self.backend {
+            Backend::Memory => Remote::None,
+            #[cfg(feature = "file-store")]
+            Backend::File(store) => Remote::File(super::backend::file::FileRemote {
+                store,
+                cfg: crate::store::file::BreakerCfg {
+                    failure_threshold: u32::from(cfg.failure_threshold),
+                    success_threshold: u32::from(cfg.success_threshold),
+                    open_timeout: cfg.open_timeout,
+                    half_open_max_calls: u32::from(cfg.half_open_max_calls),
+                    stale_attempt_timeout: remote_cfg.stale_attempt_timeout,
+                },
             }),
+            #[cfg(feature = "redis")]
+            Backend::Redis(store) => {
+                let fleet = super::backend::fleet::Fleet::new(store, &cfg.name, &cfg, &remote_cfg);
+                listeners.push(fleet.listener());
+                Remote::Redis(fleet)
+            }
+        };
+        let _ = remote_cfg;
+        Ok(CircuitBreakerLayer {
+            core: Core::new_shared_with(cfg, listeners, remote),
+            classifier: self.classifier,
         })
     }
 }
@@ -317,26 +383,16 @@ impl<C> fmt::Debug for CircuitBreakerBuilder<C> {
 /// state.
 #[derive(Clone)]
 pub struct CircuitHandle {
-    shared: Arc<dyn HasCore>,
-}
-
-pub(crate) trait HasCore: Send + Sync {
-    fn core(&self) -> &Core;
-}
-
-impl<C: Send + Sync> HasCore for Shared<C> {
-    fn core(&self) -> &Core {
-        &self.core
-    }
+    core: Arc<Core>,
 }
 
 impl CircuitHandle {
-    pub(crate) fn new<C: Send + Sync + 'static>(shared: Arc<Shared<C>>) -> Self {
-        Self { shared }
+    pub(crate) fn new(core: Arc<Core>) -> Self {
+        Self { core }
     }
 
     fn core(&self) -> &Core {
-        self.shared.core()
+        &self.core
     }
 
     /// The breaker's name.
@@ -346,36 +402,72 @@ impl CircuitHandle {
 
     /// The current state. An open breaker whose timeout has passed reports
     /// [`CircuitState::HalfOpen`]: the next call will probe.
+    ///
+    /// With the file backend this reads the state file; with Redis it
+    /// first takes in the fleet's latest view.
     pub fn state(&self) -> CircuitState {
-        self.core().state()
+        match &self.core().remote {
+            #[cfg(feature = "file-store")]
+            Remote::File(f) => f.state(),
+            #[cfg(feature = "redis")]
+            Remote::Redis(f) => {
+                f.before_call(self.core());
+                self.core().state()
+            }
+            _ => self.core().state(),
+        }
+    }
+
+    /// Moves to `to` here and, with a shared backend, for every process.
+    fn force(&self, to: CircuitState) {
+        match &self.core().remote {
+            #[cfg(feature = "file-store")]
+            Remote::File(f) => return f.force(to),
+            #[cfg(feature = "redis")]
+            Remote::Redis(f) => f.force(to),
+            _ => {}
+        }
+        self.core().force(to);
     }
 
     /// Closes the breaker and clears its counts.
     pub fn reset(&self) {
-        self.core().force(CircuitState::Closed);
+        self.force(CircuitState::Closed);
     }
 
     /// Rejects every call until [`reset`](Self::reset) (or
     /// [`disable`](Self::disable)).
     pub fn force_open(&self) {
-        self.core().force(CircuitState::ForcedOpen);
+        self.force(CircuitState::ForcedOpen);
     }
 
     /// Admits every call and never opens, until [`reset`](Self::reset):
-    /// the breaker only keeps its counts.
+    /// the breaker only keeps its counts. (With the Redis backend, only in
+    /// this process.)
     pub fn disable(&self) {
-        self.core().force(CircuitState::Disabled);
+        self.force(CircuitState::Disabled);
     }
 
     /// Holds the breaker open for at least `d` from now, as an upstream's
     /// `Retry-After` would. A longer open period is kept.
     pub fn hold_open(&self, d: Duration) {
-        self.core().hold_open(d);
+        self.core().hold_open_shared(d);
     }
 
-    /// A snapshot of the breaker's counts.
+    /// A snapshot of the breaker's counts. With the file backend, state and
+    /// counts come from the file; totals are this process's.
     pub fn metrics(&self) -> CircuitMetrics {
-        self.core().snapshot()
+        #[allow(unused_mut)]
+        let mut m = self.core().snapshot();
+        #[cfg(feature = "file-store")]
+        if let Remote::File(f) = &self.core().remote {
+            let (failures, probes, open) = f.counts();
+            m.state = f.state();
+            m.consecutive_failures = failures;
+            m.half_open_in_flight = probes;
+            m.open_remaining = open;
+        }
+        m
     }
 }
 
@@ -385,5 +477,31 @@ impl fmt::Debug for CircuitHandle {
             .field("name", &self.name())
             .field("state", &self.state())
             .finish()
+    }
+}
+
+// Lets one configuration build several independent breakers (the fallback
+// layer makes one per entry).
+impl<C: Clone> Clone for CircuitBreakerBuilder<C> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            failure_threshold: self.failure_threshold,
+            open_timeout: self.open_timeout,
+            open_backoff: self.open_backoff,
+            half_open_max_calls: self.half_open_max_calls,
+            success_threshold: self.success_threshold,
+            window: self.window,
+            failure_rate_threshold: self.failure_rate_threshold,
+            minimum_calls: self.minimum_calls,
+            slow_call_duration: self.slow_call_duration,
+            slow_call_rate_threshold: self.slow_call_rate_threshold,
+            honor_retry_after: self.honor_retry_after,
+            backend: self.backend.clone(),
+            stale_attempt_timeout: self.stale_attempt_timeout,
+            sync_interval: self.sync_interval,
+            classifier: self.classifier.clone(),
+            listeners: self.listeners.clone(),
+        }
     }
 }

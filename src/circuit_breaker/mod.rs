@@ -7,7 +7,7 @@
 //! use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, CircuitState};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn main() -> Result<(), tower_bulwark::BoxError> {
 //! let layer = CircuitBreakerLayer::builder()
 //!     .name("payments")
 //!     .failure_threshold(2)
@@ -90,6 +90,7 @@
 //! boxed future. Window mode and slow-call detection read the clock and
 //! take a short lock per finished call.
 
+mod backend;
 mod error;
 pub mod future;
 mod layer;
@@ -101,10 +102,14 @@ mod word;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use backend::Backend;
 pub use error::CircuitOpen;
 pub use layer::{CircuitBreakerBuilder, CircuitBreakerLayer, CircuitHandle};
 pub use service::CircuitBreaker;
 pub use window::Window;
+// The fallback layer drives one breaker core per entry directly.
+#[cfg(feature = "fallback")]
+pub(crate) use state::{record_success, Ticket};
 
 use crate::observe::Event;
 

@@ -6,35 +6,43 @@ use std::task::{Context, Poll};
 
 use tower_service::Service;
 
-use super::future::{Permit, ResponseFuture, Shared};
+use super::future::{Permit, ResponseFuture};
+use super::state::Core;
 use super::{CircuitBreakerLayer, CircuitHandle};
 use crate::classify::Classify;
 use crate::error::BoxError;
 
 /// A circuit breaker around `S`. Made by [`CircuitBreakerLayer`].
 ///
-/// Every clone shares the breaker state of the layer that made it.
+/// Every clone shares the breaker state of the layer that made it. The
+/// classifier `C` is cloned into each call's response future, so keep it
+/// cheap to clone (a unit struct, a closure, or an `Arc`).
 pub struct CircuitBreaker<S, C> {
     inner: S,
-    shared: Arc<Shared<C>>,
+    core: Arc<Core>,
+    classifier: C,
 }
 
 impl<S, C> CircuitBreaker<S, C> {
-    pub(crate) fn from_shared(inner: S, shared: Arc<Shared<C>>) -> Self {
-        Self { inner, shared }
+    pub(crate) fn from_parts(inner: S, core: Arc<Core>, classifier: C) -> Self {
+        Self {
+            inner,
+            core,
+            classifier,
+        }
     }
 
-    /// Wraps `inner` in a breaker made from `layer`'s shared state.
-    pub fn new(inner: S, layer: &CircuitBreakerLayer<C>) -> Self {
-        Self::from_shared(inner, layer.shared.clone())
+    /// Wraps `inner` in a breaker that shares `layer`'s state.
+    pub fn new(inner: S, layer: &CircuitBreakerLayer<C>) -> Self
+    where
+        C: Clone,
+    {
+        Self::from_parts(inner, layer.core.clone(), layer.classifier.clone())
     }
 
     /// A handle on the shared breaker state.
-    pub fn handle(&self) -> CircuitHandle
-    where
-        C: Send + Sync + 'static,
-    {
-        CircuitHandle::new(self.shared.clone())
+    pub fn handle(&self) -> CircuitHandle {
+        CircuitHandle::new(self.core.clone())
     }
 
     /// The inner service.
@@ -53,11 +61,12 @@ impl<S, C> CircuitBreaker<S, C> {
     }
 }
 
-impl<S: Clone, C> Clone for CircuitBreaker<S, C> {
+impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            shared: self.shared.clone(),
+            core: self.core.clone(),
+            classifier: self.classifier.clone(),
         }
     }
 }
@@ -66,8 +75,9 @@ impl<S: fmt::Debug, C> fmt::Debug for CircuitBreaker<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreaker")
             .field("inner", &self.inner)
-            .field("name", &self.shared.core.cfg.name)
-            .field("state", &self.shared.core.state())
+            .field("name", &self.core.cfg.name)
+            .field("state", &self.core.state())
+            .field("classifier", &std::any::type_name::<C>())
             .finish()
     }
 }
@@ -76,7 +86,7 @@ impl<S, C, Req> Service<Req> for CircuitBreaker<S, C>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
-    C: Classify<S::Response, S::Error>,
+    C: Classify<S::Response, S::Error> + Clone,
 {
     type Response = S::Response;
     type Error = BoxError;
@@ -90,18 +100,53 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        let core = &self.shared.core;
+        let core = &self.core;
+        if !core.remote.is_memory() {
+            return self.call_shared(req);
+        }
         match core.try_acquire() {
             Ok(ticket) => {
                 let timed = core.needs_elapsed()
-                    || Classify::<S::Response, S::Error>::uses_elapsed(&self.shared.classifier);
-                let start = timed.then(|| core.clock.now());
-                let permit = Permit {
-                    shared: self.shared.clone(),
-                    ticket,
-                    start,
+                    || Classify::<S::Response, S::Error>::uses_elapsed(&self.classifier);
+                let permit = if !ticket.probe && !timed && core.slot_path() {
+                    Permit::Slot {
+                        slot: core.lease.get(),
+                        gen: ticket.gen,
+                    }
+                } else {
+                    Permit::Core {
+                        core: core.clone(),
+                        ticket,
+                        start: timed.then(|| core.clock.now()),
+                    }
                 };
-                ResponseFuture::called(self.inner.call(req), permit)
+                ResponseFuture::called(self.inner.call(req), permit, self.classifier.clone())
+            }
+            Err(open) => ResponseFuture::rejected(open),
+        }
+    }
+}
+
+impl<S, C> CircuitBreaker<S, C> {
+    /// A call through a file or Redis backend: admitted by the backend, and
+    /// always finished through the whole breaker.
+    #[cold]
+    fn call_shared<Req>(&mut self, req: Req) -> ResponseFuture<S::Future, C>
+    where
+        S: Service<Req>,
+        C: Classify<S::Response, S::Error> + Clone,
+    {
+        let core = &self.core;
+        match core.acquire_shared() {
+            Ok(ticket) => {
+                let timed = core.needs_elapsed()
+                    || Classify::<S::Response, S::Error>::uses_elapsed(&self.classifier);
+                let permit = Permit::Core {
+                    core: core.clone(),
+                    ticket,
+                    start: timed.then(|| core.clock.now()),
+                };
+                ResponseFuture::called(self.inner.call(req), permit, self.classifier.clone())
             }
             Err(open) => ResponseFuture::rejected(open),
         }

@@ -4,19 +4,22 @@
 //! service and future only call in. The closed, consecutive-failure path
 //! touches a single atomic word with no clock read and no lock.
 
-use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::window::{Recorder, Totals, Window};
-use super::word::{pack_deadline, unpack_deadline, Word};
+use super::word::{deadline_is_newer, pack_deadline, unpack_deadline, Word};
 use super::{CircuitEvent, CircuitOpen, CircuitState};
 use crate::backoff::Backoff;
 use crate::clock::{nanos, Clock, Nanos};
 use crate::observe::{gauge, Listeners};
+use crate::sync::{AtomicU32, AtomicU64};
 
-const MS: u64 = 1_000_000;
+use super::backend::Remote;
+use crate::slot::{Lease, Slot};
+
+const US: u64 = 1_000;
 
 /// Immutable settings, validated by the builder.
 #[derive(Debug, Clone)]
@@ -54,7 +57,9 @@ pub(crate) enum Cause {
 #[derive(Debug)]
 pub(crate) struct Core {
     pub(crate) cfg: Config,
-    word: AtomicU64,
+    /// The hot word lives in a type-stable slot (see `crate::slot`), so a
+    /// closed call's future can reach it without a reference count.
+    pub(crate) lease: Lease,
     /// The open deadline, tagged with its generation (see `pack_deadline`).
     deadline: AtomicU64,
     /// Consecutive open periods without a successful recovery, for the
@@ -65,33 +70,76 @@ pub(crate) struct Core {
     rejected_total: AtomicU64,
     pub(crate) clock: Clock,
     pub(crate) listeners: Listeners<CircuitEvent>,
+    /// Where the state is shared, if anywhere (see `backend`).
+    pub(crate) remote: Remote,
 }
 
 impl Core {
-    pub(crate) fn new(cfg: Config, listeners: Listeners<CircuitEvent>) -> Self {
+    /// A breaker whose slot knows its way back to it.
+    #[allow(dead_code)]
+    pub(crate) fn new_shared(cfg: Config, listeners: Listeners<CircuitEvent>) -> Arc<Self> {
+        Self::new_shared_with(cfg, listeners, Remote::None)
+    }
+
+    /// The same, with the state shared through `remote`.
+    pub(crate) fn new_shared_with(
+        cfg: Config,
+        listeners: Listeners<CircuitEvent>,
+        remote: Remote,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|weak| {
+            let mut core = Self::new(cfg, listeners, weak.clone());
+            core.remote = remote;
+            core
+        })
+    }
+
+    pub(crate) fn new(
+        cfg: Config,
+        listeners: Listeners<CircuitEvent>,
+        owner: std::sync::Weak<Core>,
+    ) -> Self {
+        // A reused slot's generation jumps far ahead, so a straggling call
+        // of the slot's previous breaker finds a generation not its own.
+        let lease = Lease::new(owner, |old| {
+            Word::new(
+                CircuitState::Closed,
+                Word(old).gen().wrapping_add(1 << 28),
+                0,
+                0,
+            )
+            .0
+        });
         let core = Self {
             window: cfg.window.map(|w| Mutex::new(Recorder::new(w))),
             cfg,
-            word: AtomicU64::new(Word::new(CircuitState::Closed, 0, 0, 0).0),
+            lease,
             deadline: AtomicU64::new(0),
             opens_in_row: AtomicU32::new(0),
             failures_total: AtomicU64::new(0),
             rejected_total: AtomicU64::new(0),
             clock: Clock::new(),
             listeners,
+            remote: Remote::None,
         };
         gauge("bulwark_circuit_state", &core.cfg.name, 0.0);
         core
     }
 
     #[inline]
+    pub(crate) fn slot(&self) -> &'static Slot {
+        self.lease.slot()
+    }
+
+    #[inline]
     fn load(&self) -> Word {
-        Word(self.word.load(Acquire))
+        Word(self.slot().word.load(Acquire))
     }
 
     #[inline]
     fn cas(&self, old: Word, new: Word) -> Result<(), Word> {
-        self.word
+        self.slot()
+            .word
             .compare_exchange_weak(old.0, new.0, AcqRel, Acquire)
             .map(|_| ())
             .map_err(Word)
@@ -100,6 +148,12 @@ impl Core {
     /// Whether calls need their duration measured.
     pub(crate) fn needs_elapsed(&self) -> bool {
         self.cfg.slow_call_duration.is_some()
+    }
+
+    /// Whether a closed-breaker call can finish through the slot alone:
+    /// consecutive mode, nothing timed, no back-off hints to read.
+    pub(crate) fn slot_path(&self) -> bool {
+        self.window.is_none() && !self.needs_elapsed() && !self.cfg.honor_retry_after
     }
 
     /// Admits a call or says why not.
@@ -159,8 +213,8 @@ impl Core {
     /// Time left in an open word, `None` once the deadline has passed.
     fn open_remaining(&self, w: Word, now: Nanos) -> Option<Duration> {
         match unpack_deadline(self.deadline.load(Acquire), w.gen()) {
-            Some(until_ms) => {
-                let until = until_ms.saturating_mul(MS);
+            Some(until_us) => {
+                let until = until_us.saturating_mul(US);
                 (now < until).then(|| Duration::from_nanos(until - now))
             }
             // The opener has not published the deadline yet: it just opened.
@@ -169,7 +223,7 @@ impl Core {
     }
 
     #[cold]
-    fn reject(&self, state: CircuitState, retry_after: Option<Duration>) -> CircuitOpen {
+    pub(crate) fn reject(&self, state: CircuitState, retry_after: Option<Duration>) -> CircuitOpen {
         self.rejected_total.fetch_add(1, Relaxed);
         let err = CircuitOpen::new(self.cfg.name.clone(), state, retry_after);
         self.listeners.emit(&CircuitEvent::Rejected {
@@ -220,7 +274,11 @@ impl Core {
     #[cold]
     fn record_window(&self, t: Ticket, failure: bool, slow: bool) {
         let Some(window) = &self.window else { return };
-        let now = self.clock.now();
+        // Only a time window needs the time.
+        let now = match self.cfg.window {
+            Some(Window::Time(_)) => self.clock.now(),
+            _ => 0,
+        };
         let mut rec = window.lock().unwrap_or_else(|e| e.into_inner());
         let w = self.load();
         if w.gen() != t.gen || !w.is_closed() {
@@ -316,8 +374,20 @@ impl Core {
 
     fn publish_deadline(&self, gen: u32, d: Duration) {
         let now = self.clock.now();
-        let until_ms = now.saturating_add(nanos(d)).div_ceil(MS);
-        self.deadline.store(pack_deadline(gen, until_ms), Release);
+        // Rounded down: `retry_after` never exceeds the configured time.
+        let packed = pack_deadline(gen, now.saturating_add(nanos(d)) / US);
+        // Only the opener of `gen` writes here, but it may be late: never
+        // overwrite the deadline of a later generation.
+        let mut cur = self.deadline.load(Acquire);
+        while !deadline_is_newer(cur, gen) {
+            match self
+                .deadline
+                .compare_exchange_weak(cur, packed, AcqRel, Acquire)
+            {
+                Ok(_) => return,
+                Err(now) => cur = now,
+            }
+        }
     }
 
     /// Holds the breaker open for at least `d` from now (an upstream's
@@ -368,7 +438,12 @@ impl Core {
         self.changed(w.state(), to, None);
     }
 
-    fn changed(&self, from: CircuitState, to: CircuitState, why: Option<(Cause, Duration)>) {
+    pub(crate) fn changed(
+        &self,
+        from: CircuitState,
+        to: CircuitState,
+        why: Option<(Cause, Duration)>,
+    ) {
         gauge("bulwark_circuit_state", &self.cfg.name, to.gauge_value());
         self.listeners.emit(&CircuitEvent::StateChanged {
             name: self.cfg.name.clone(),
@@ -419,5 +494,410 @@ impl Core {
                 None
             },
         }
+    }
+}
+
+/// Records a closed-generation success straight on a breaker's slot word:
+/// clears the consecutive-failure count if there is one. Usually a single
+/// load.
+#[inline]
+pub(crate) fn record_success(word: &AtomicU64, gen: u32) {
+    let mut w = Word(word.load(Acquire));
+    while w.gen() == gen && w.is_closed() && w.a() != 0 {
+        match word.compare_exchange_weak(w.0, w.with_a(0).0, AcqRel, Acquire) {
+            Ok(_) => return,
+            Err(cur) => w = Word(cur),
+        }
+    }
+}
+
+#[cfg(all(test, not(bulwark_loom)))]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    use tokio::time::advance;
+
+    use super::*;
+    use crate::circuit_breaker::{CircuitBreakerBuilder, CircuitBreakerLayer};
+
+    fn layer(b: CircuitBreakerBuilder) -> CircuitBreakerLayer {
+        b.name("t").build().unwrap()
+    }
+
+    fn fail(core: &Core) {
+        let t = core.try_acquire().unwrap();
+        core.record(t, true, false);
+    }
+
+    fn succeed(core: &Core) {
+        let t = core.try_acquire().unwrap();
+        core.record(t, false, false);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_failures_open_and_success_resets() {
+        let l = layer(CircuitBreakerLayer::builder().failure_threshold(3));
+        let core = &l.core;
+        fail(core);
+        fail(core);
+        succeed(core); // resets the run
+        fail(core);
+        fail(core);
+        assert_eq!(core.state(), CircuitState::Closed);
+        fail(core);
+        assert_eq!(core.state(), CircuitState::Open);
+        let err = core.try_acquire().unwrap_err();
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(30)));
+        advance(Duration::from_secs(10)).await;
+        let err = core.try_acquire().unwrap_err();
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(20)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_open_admits_limited_probes_and_closes() {
+        let l = layer(
+            CircuitBreakerLayer::builder()
+                .failure_threshold(1)
+                .half_open_max_calls(2)
+                .success_threshold(2),
+        );
+        let core = &l.core;
+        fail(core);
+        advance(Duration::from_secs(30)).await;
+        assert_eq!(core.state(), CircuitState::HalfOpen);
+        let p1 = core.try_acquire().unwrap();
+        let p2 = core.try_acquire().unwrap();
+        assert!(p1.probe && p2.probe);
+        let third = core.try_acquire().unwrap_err();
+        assert_eq!(third.state(), CircuitState::HalfOpen);
+        core.record(p1, false, false);
+        assert_eq!(core.state(), CircuitState::HalfOpen);
+        core.record(p2, false, false);
+        assert_eq!(core.state(), CircuitState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_probe_reopens_and_released_slot_is_reusable() {
+        let l = layer(CircuitBreakerLayer::builder().failure_threshold(1));
+        let core = &l.core;
+        fail(core);
+        advance(Duration::from_secs(30)).await;
+        let p = core.try_acquire().unwrap();
+        assert!(core.try_acquire().is_err());
+        core.release_probe(p); // dropped: neither success nor failure
+        let p = core.try_acquire().unwrap();
+        core.record(p, true, false);
+        assert_eq!(core.state(), CircuitState::Open);
+        assert_eq!(
+            core.snapshot().open_remaining,
+            Some(Duration::from_secs(30))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_generation_is_ignored() {
+        let l = layer(CircuitBreakerLayer::builder().failure_threshold(1));
+        let core = &l.core;
+        let slow = core.try_acquire().unwrap(); // starts while closed
+        fail(core); // opens
+        advance(Duration::from_secs(30)).await;
+        let probe = core.try_acquire().unwrap();
+        // The slow call from the closed generation finishes now, badly: it
+        // must not reopen the half-open breaker.
+        core.record(slow, true, false);
+        assert_eq!(core.load().state(), CircuitState::HalfOpen);
+        core.record(probe, false, false);
+        let again = core.try_acquire().unwrap();
+        core.record(again, false, false);
+        assert_eq!(core.state(), CircuitState::Closed);
+        // And a success from an old generation cannot close an open breaker.
+        let old = core.try_acquire().unwrap();
+        fail(core);
+        core.record(old, false, false);
+        assert_eq!(core.state(), CircuitState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn open_backoff_grows_and_resets_on_close() {
+        let l = layer(
+            CircuitBreakerLayer::builder()
+                .failure_threshold(1)
+                .success_threshold(1)
+                .open_backoff(
+                    Backoff::exponential(Duration::from_secs(1)).max_delay(Duration::from_secs(3)),
+                ),
+        );
+        let core = &l.core;
+        fail(core);
+        let open = |c: &Core| c.snapshot().open_remaining;
+        assert_eq!(open(core), Some(Duration::from_secs(1)));
+        for expect in [2, 3, 3] {
+            advance(open(core).unwrap()).await;
+            fail(core); // the probe fails
+            assert_eq!(open(core), Some(Duration::from_secs(expect)));
+        }
+        advance(Duration::from_secs(3)).await;
+        succeed(core);
+        assert_eq!(core.state(), CircuitState::Closed);
+        fail(core);
+        assert_eq!(open(core), Some(Duration::from_secs(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hold_open_extends_but_never_shortens() {
+        let l = layer(CircuitBreakerLayer::builder());
+        let core = &l.core;
+        core.hold_open(Duration::from_secs(5));
+        assert_eq!(core.snapshot().open_remaining, Some(Duration::from_secs(5)));
+        core.hold_open(Duration::from_secs(2));
+        assert_eq!(core.snapshot().open_remaining, Some(Duration::from_secs(5)));
+        core.hold_open(Duration::from_secs(60));
+        assert_eq!(
+            core.snapshot().open_remaining,
+            Some(Duration::from_secs(60))
+        );
+    }
+
+    #[test]
+    fn a_reused_slot_ignores_the_old_breakers_calls() {
+        let old = layer(CircuitBreakerLayer::builder());
+        let slot = old.core.slot();
+        let stale = old.core.try_acquire().unwrap();
+        drop(old);
+        // Lease slots until the freed one comes back (other tests may take it).
+        let fresh: Vec<_> = (0..64)
+            .map(|_| layer(CircuitBreakerLayer::builder().failure_threshold(9)))
+            .collect();
+        if let Some(l) = fresh.iter().find(|l| std::ptr::eq(l.core.slot(), slot)) {
+            let core = &l.core;
+            assert_ne!(core.load().gen(), stale.gen);
+            fail(core);
+            record_success(&core.slot().word, stale.gen);
+            assert_eq!(
+                core.snapshot().consecutive_failures,
+                1,
+                "stale success ignored"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_deadline_writer_cannot_overwrite_a_newer_one() {
+        let l = layer(CircuitBreakerLayer::builder());
+        let core = &l.core;
+        core.hold_open(Duration::from_secs(5));
+        let gen = core.load().gen();
+        // The opener of the previous generation publishes late.
+        core.publish_deadline(gen.wrapping_sub(1), Duration::from_secs(100));
+        assert_eq!(core.snapshot().open_remaining, Some(Duration::from_secs(5)));
+        advance(Duration::from_secs(5)).await;
+        assert_eq!(core.state(), CircuitState::HalfOpen);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn count_window_honours_minimum_calls_before_full() {
+        let l = layer(
+            CircuitBreakerLayer::builder()
+                .window(Window::count(100))
+                .minimum_calls(4)
+                .failure_rate_threshold(0.5),
+        );
+        let core = &l.core;
+        fail(core);
+        succeed(core);
+        fail(core);
+        assert_eq!(core.state(), CircuitState::Closed); // 3 calls < minimum
+        succeed(core);
+        // 4 calls, 50 % failures: opens although the window holds 4 of 100.
+        assert_eq!(core.state(), CircuitState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn time_window_forgets_old_failures() {
+        let l = layer(
+            CircuitBreakerLayer::builder()
+                .window(Window::time(Duration::from_secs(10)))
+                .minimum_calls(2)
+                .failure_rate_threshold(1.0),
+        );
+        let core = &l.core;
+        fail(core);
+        advance(Duration::from_secs(11)).await;
+        fail(core); // the first failure has left the window
+        assert_eq!(core.state(), CircuitState::Closed);
+        fail(core);
+        assert_eq!(core.state(), CircuitState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_call_rate_opens_window_breaker() {
+        let l = layer(
+            CircuitBreakerLayer::builder()
+                .window(Window::count(4))
+                .slow_call_duration(Duration::from_secs(1))
+                .slow_call_rate_threshold(0.5),
+        );
+        let core = &l.core;
+        for slow in [true, false, true] {
+            let t = core.try_acquire().unwrap();
+            core.record(t, false, slow);
+        }
+        assert_eq!(core.state(), CircuitState::Closed);
+        let t = core.try_acquire().unwrap();
+        core.record(t, false, false);
+        assert_eq!(core.state(), CircuitState::Open);
+        assert_eq!(core.snapshot().failures_total, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forced_and_disabled_states() {
+        let l = layer(CircuitBreakerLayer::builder().failure_threshold(1));
+        let core = &l.core;
+        core.force(CircuitState::ForcedOpen);
+        assert_eq!(
+            core.try_acquire().unwrap_err().state(),
+            CircuitState::ForcedOpen
+        );
+        advance(Duration::from_secs(3600)).await;
+        assert!(core.try_acquire().is_err());
+        core.force(CircuitState::Disabled);
+        fail(core);
+        fail(core);
+        assert_eq!(core.state(), CircuitState::Disabled);
+        assert_eq!(core.snapshot().failures_total, 2);
+        core.force(CircuitState::Closed);
+        fail(core);
+        assert_eq!(core.state(), CircuitState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exactly_one_half_open_transition_under_contention() {
+        let transitions = std::sync::Arc::new(AtomicUsize::new(0));
+        let seen = transitions.clone();
+        let l = CircuitBreakerLayer::builder()
+            .failure_threshold(1)
+            .half_open_max_calls(3)
+            .on_event(move |e| {
+                if let crate::circuit_breaker::CircuitEvent::StateChanged {
+                    to: CircuitState::HalfOpen,
+                    ..
+                } = e
+                {
+                    seen.fetch_add(1, SeqCst);
+                }
+            })
+            .build()
+            .unwrap();
+        let core = &l.core;
+        fail(core);
+        advance(Duration::from_secs(30)).await;
+        // Real threads, on the paused runtime's clock.
+        let rt = tokio::runtime::Handle::current();
+        let admitted = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| {
+                    let rt = rt.clone();
+                    s.spawn(move || {
+                        let _clock = rt.enter();
+                        core.try_acquire().is_ok()
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap())
+                .filter(|ok| *ok)
+                .count()
+        });
+        assert_eq!(admitted, 3);
+        assert_eq!(transitions.load(SeqCst), 1);
+    }
+}
+
+#[cfg(all(test, bulwark_loom))]
+mod loom_tests {
+    use std::sync::atomic::Ordering::Release;
+
+    use loom::thread;
+
+    use super::*;
+    use crate::circuit_breaker::CircuitBreakerLayer;
+
+    fn core(threshold: u32, probes: u32, successes: u32) -> Arc<Core> {
+        let layer = CircuitBreakerLayer::builder()
+            .failure_threshold(threshold)
+            .half_open_max_calls(probes)
+            .success_threshold(successes)
+            .build()
+            .unwrap();
+        let cfg = layer.core.cfg.clone();
+        Arc::new_cyclic(|w| Core::new(cfg, Listeners::default(), w.clone()))
+    }
+
+    /// Opens the breaker with a deadline already in the past.
+    fn expired_open(core: &Core) {
+        let next = core.load().next(CircuitState::Open);
+        core.slot().word.store(next.0, Release);
+        core.deadline.store(pack_deadline(next.gen(), 0), Release);
+    }
+
+    #[test]
+    fn loom_one_half_open_transition() {
+        loom::model(|| {
+            let c = core(1, 1, 1);
+            expired_open(&c);
+            let hs: Vec<_> = (0..2)
+                .map(|_| {
+                    let c = c.clone();
+                    thread::spawn(move || c.try_acquire().ok())
+                })
+                .collect();
+            let tickets: Vec<_> = hs.into_iter().filter_map(|h| h.join().unwrap()).collect();
+            assert_eq!(tickets.len(), 1, "exactly one probe admitted");
+            let w = c.load();
+            assert_eq!(w.state(), CircuitState::HalfOpen);
+            assert_eq!(w.a(), 1);
+        });
+    }
+
+    #[test]
+    fn loom_concurrent_failures_open_once() {
+        loom::model(|| {
+            let c = core(2, 1, 1);
+            let start_gen = c.load().gen();
+            let hs: Vec<_> = (0..2)
+                .map(|_| {
+                    let c = c.clone();
+                    thread::spawn(move || {
+                        let t = c.try_acquire().unwrap();
+                        c.record(t, true, false);
+                    })
+                })
+                .collect();
+            for h in hs {
+                h.join().unwrap();
+            }
+            let w = c.load();
+            assert_eq!(w.state(), CircuitState::Open);
+            assert_eq!(w.gen(), start_gen + 1, "one transition");
+        });
+    }
+
+    #[test]
+    fn loom_probe_release_and_success_race() {
+        loom::model(|| {
+            let c = core(1, 2, 1);
+            expired_open(&c);
+            let a = c.try_acquire().unwrap();
+            let b = c.try_acquire().unwrap();
+            let c1 = c.clone();
+            let h = thread::spawn(move || c1.release_probe(a));
+            c.record(b, false, false);
+            h.join().unwrap();
+            let w = c.load();
+            // The success closed it; the release either came first or found a
+            // new generation. Either way nothing underflowed.
+            assert_eq!(w.state(), CircuitState::Closed);
+            assert_eq!(w.a(), 0);
+        });
     }
 }

@@ -105,18 +105,30 @@ impl Word {
     }
 }
 
+const TAG_BITS: u32 = 16;
+const TAG_MASK: u64 = (1 << TAG_BITS) - 1;
+const UNTIL_MAX: u64 = (1 << (64 - TAG_BITS)) - 1;
+
 /// The open deadline, tagged with the generation it belongs to so that a
 /// reader never pairs an `Open` word with an older deadline.
 ///
-/// Milliseconds since the clock's origin (42 bits: 139 years) and the low
-/// 22 bits of the generation.
-pub(crate) fn pack_deadline(gen: u32, until_ms: u64) -> u64 {
-    (until_ms.min((1 << 42) - 1) << 22) | (u64::from(gen) & ((1 << 22) - 1))
+/// Microseconds since the clock's origin (48 bits: 8.9 years, then it
+/// saturates) and the low 16 bits of the generation.
+pub(crate) fn pack_deadline(gen: u32, until_us: u64) -> u64 {
+    (until_us.min(UNTIL_MAX) << TAG_BITS) | (u64::from(gen) & TAG_MASK)
 }
 
-/// The deadline in milliseconds if it belongs to `gen`.
+/// The deadline in microseconds if it belongs to `gen`.
 pub(crate) fn unpack_deadline(packed: u64, gen: u32) -> Option<u64> {
-    (packed & ((1 << 22) - 1) == u64::from(gen) & ((1 << 22) - 1)).then_some(packed >> 22)
+    (packed & TAG_MASK == u64::from(gen) & TAG_MASK).then_some(packed >> TAG_BITS)
+}
+
+/// Whether the deadline `packed` belongs to a generation after `gen`, so
+/// that a late writer for `gen` must not overwrite it.
+pub(crate) fn deadline_is_newer(packed: u64, gen: u32) -> bool {
+    let tag = packed & TAG_MASK;
+    let ours = u64::from(gen) & TAG_MASK;
+    tag != ours && (tag.wrapping_sub(ours) & TAG_MASK) < (1 << (TAG_BITS - 1))
 }
 
 #[cfg(test)]
@@ -160,5 +172,10 @@ mod tests {
         let p = pack_deadline(5, 30_000);
         assert_eq!(unpack_deadline(p, 5), Some(30_000));
         assert_eq!(unpack_deadline(p, 6), None);
+        assert!(deadline_is_newer(p, 4));
+        assert!(!deadline_is_newer(p, 5));
+        assert!(!deadline_is_newer(p, 6));
+        // Tags wrap.
+        assert!(deadline_is_newer(pack_deadline(1, 0), 65535));
     }
 }

@@ -10,13 +10,27 @@
 //!   Unavailable` or `429 Too Many Requests` with a `Retry-After` header;
 //!   with the `axum` feature, [`handle_error`] plugs it into axum's
 //!   `HandleErrorLayer`.
+//! - [`dedup::HttpKey`] (with `dedup`) keys requests for the dedup layer by
+//!   method, URI and the headers that change the answer.
+//! - [`ReplayBody`] buffers a streaming request body as it is sent, up to a
+//!   limit, so the request can be retried; with the `retry` feature,
+//!   [`HttpRetryPolicy`] retries idempotent requests on 5xx, 429 and
+//!   connection errors, honouring `Retry-After`.
 
 mod classify;
+#[cfg(feature = "dedup")]
+pub mod dedup;
+mod replay;
 mod response;
+#[cfg(feature = "retry")]
+mod retry;
 mod retry_after;
 
 pub use classify::StatusClassifier;
+pub use replay::{ReplayBody, ReplayError, Replayable};
 #[cfg(feature = "axum")]
 pub use response::handle_error;
 pub use response::{error_response, rejection_status};
+#[cfg(feature = "retry")]
+pub use retry::{HttpRetryPolicy, Idempotent};
 pub use retry_after::{parse_retry_after, retry_after_of};

@@ -23,14 +23,11 @@ pub fn rejection_status(r: &dyn Rejection) -> StatusCode {
 /// Error`. The body is a short plain-text message.
 ///
 /// ```
-/// # #[cfg(feature = "circuit-breaker")] {
 /// use tower_bulwark::http::error_response;
-/// use tower_bulwark::circuit_breaker::CircuitOpen;
 ///
 /// let err = std::io::Error::other("boom");
 /// let res: http::Response<String> = error_response(&err);
 /// assert_eq!(res.status(), 500);
-/// # }
 /// ```
 pub fn error_response<B: From<String>>(err: &(dyn Error + 'static)) -> Response<B> {
     let Some(r) = rejection(err) else {

@@ -159,7 +159,7 @@ impl Core {
     }
 }
 
-#[cfg(all(test, loom))]
+#[cfg(all(test, bulwark_loom))]
 mod loom_tests {
     use super::*;
     use loom::sync::Arc;

@@ -1,0 +1,127 @@
+//! Per-call cost of each breaker backend (memory, state file, Redis on
+//! loopback) against the bare service, in one run, plus the store engines'
+//! own round trips (a file token bucket, a Redis GCRA). The Redis figures
+//! need `redis-server` on the machine (started here on a free port);
+//! without it they are skipped.
+#![allow(missing_docs)]
+
+use std::hint::black_box;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use tower::Layer;
+use tower_bulwark::circuit_breaker::CircuitBreakerLayer;
+use tower_bulwark::store::file::FileStore;
+use tower_bulwark::store::redis::RedisStore;
+
+mod support;
+use support::{drive, Bare};
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn redis_server() -> Option<(Server, String)> {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some((Server(child), format!("redis://127.0.0.1:{port}/")));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let dir = tempfile::tempdir().unwrap();
+    let file = FileStore::builder().dir(dir.path()).build().unwrap();
+    let server = redis_server();
+    if server.is_none() {
+        eprintln!("redis-server not found: Redis figures skipped");
+    }
+    let redis = server.as_ref().map(|(_, url)| {
+        RedisStore::builder(url.as_str())
+            .timeout(Duration::from_millis(200))
+            .build()
+            .unwrap()
+    });
+
+    let mut g = c.benchmark_group("store/breaker closed");
+    macro_rules! one {
+        ($name:expr, $svc:expr) => {{
+            let mut svc = $svc;
+            g.bench_function($name, |b| {
+                let mut i = 0u64;
+                b.iter(|| {
+                    i += 1;
+                    black_box(drive(&mut svc, black_box(i)).ok())
+                })
+            });
+        }};
+    }
+    one!("bare", Bare);
+    one!(
+        "memory",
+        CircuitBreakerLayer::builder().build().unwrap().layer(Bare)
+    );
+    one!(
+        "file",
+        CircuitBreakerLayer::builder()
+            .backend(file.clone())
+            .build()
+            .unwrap()
+            .layer(Bare)
+    );
+    if let Some(redis) = &redis {
+        one!(
+            "redis",
+            CircuitBreakerLayer::builder()
+                .name("bench")
+                .backend(redis.clone())
+                .build()
+                .unwrap()
+                .layer(Bare)
+        );
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("store/engine");
+    let bucket = file.rate_limiter(1e12, 1e12).unwrap();
+    g.bench_function("file token bucket (locked read-modify-write)", |b| {
+        b.iter(|| black_box(bucket.try_acquire(1.0)))
+    });
+    if let Some(redis) = &redis {
+        let limiter = redis.rate_limiter("bench", 1e9, 1e9).unwrap();
+        g.bench_function("redis GCRA (one EVALSHA round trip)", |b| {
+            b.iter(|| black_box(rt.block_on(limiter.try_acquire("", 1))))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,187 @@
+//! Request dedup ("singleflight"): concurrent identical requests share one
+//! inner call, and a finished answer may be served again for a while.
+//!
+//! ```
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use tower::{service_fn, Layer, ServiceExt};
+//! use tower_bulwark::dedup::DedupLayer;
+//!
+//! #[derive(Clone)]
+//! struct Req { id: String }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let calls = Arc::new(AtomicUsize::new(0));
+//! let counter = calls.clone();
+//! let upstream = service_fn(move |req: Req| {
+//!     counter.fetch_add(1, Ordering::SeqCst);
+//!     async move {
+//!         tokio::time::sleep(Duration::from_millis(10)).await;
+//!         Ok::<_, std::io::Error>(format!("profile of {}", req.id))
+//!     }
+//! });
+//! let layer = DedupLayer::builder()
+//!     .key(|req: &Req| Some(req.id.clone()))   // None: not deduplicated
+//!     .cache_ttl(Duration::from_secs(1))        // default: in-flight only
+//!     .max_entries(10_000)
+//!     .build()?;
+//! let svc = layer.layer(upstream);
+//!
+//! // Ten callers at once, one upstream call.
+//! let answers = futures::future::join_all(
+//!     (0..10).map(|_| svc.clone().oneshot(Req { id: "ada".into() })),
+//! ).await;
+//! assert!(answers.iter().all(|a| a.as_ref().unwrap() == "profile of ada"));
+//! assert_eq!(calls.load(Ordering::SeqCst), 1);
+//! # Ok(()) }
+//! ```
+//!
+//! # The shared call
+//!
+//! The first caller with a new key starts the inner call; callers with the
+//! same key that arrive while it runs wait on it, and each gets a clone of
+//! its answer (so the response type must be `Clone`). The call belongs to
+//! all of them, not to the first:
+//!
+//! - whichever waiter is polled drives the inner future, so it keeps going
+//!   while anyone waits, with no task spawned and no runtime needed;
+//! - any waiter may go away (dropped, or its own timeout fired) without
+//!   failing or restarting the call for the others;
+//! - when the last waiter goes away the inner future is dropped: the call
+//!   is cancelled;
+//! - a panic in the inner future reaches every waiter as an error
+//!   ([`Panicked`] inside a [`SharedError`]), not as a hang or a crash.
+//!
+//! The inner service's `call` runs under the table's lock, so that a second
+//! caller cannot miss the call the first one starts; like any tower
+//! service's `call`, it should only start the work.
+//!
+//! # Caching
+//!
+//! With [`cache_ttl`](DedupBuilder::cache_ttl), a successful answer is
+//! served to new callers for that long after it arrived. Errors are not
+//! cached unless [`error_ttl`](DedupBuilder::error_ttl) is set. Cache hits
+//! are clones, taken under the table's lock.
+//!
+//! # Keys
+//!
+//! A [`DedupKey`] says which requests are the same; a closure works
+//! ([`key`](DedupBuilder::key)). A key of `None` sends the request straight
+//! through. With the `http` feature, the [`DefaultKey`] keys HTTP requests
+//! by method, URI and the headers that change the answer (`Authorization`
+//! and `Cookie` included, so one user's answer never reaches another), and
+//! only safe methods (`GET`, `HEAD`, `OPTIONS`) are deduplicated; see
+//! `http::dedup`.
+//!
+//! # Memory
+//!
+//! The table holds at most [`max_entries`](DedupBuilder::max_entries) keys,
+//! in flight or cached. When it is full, expired answers go first, then the
+//! cached answer closest to expiry; when every key is in flight, a new
+//! key's request is not deduplicated.
+//!
+//! # Errors
+//!
+//! Errors of a shared call (and of cached errors) are a [`SharedError`]:
+//! the inner error is kept once behind an `Arc`, so it need not be `Clone`,
+//! and stays reachable through `source()` and
+//! [`get_ref`](SharedError::get_ref). A request that was not deduplicated
+//! gets the inner service's own error, boxed.
+//!
+//! # Readiness
+//!
+//! `poll_ready` forwards to the inner service. A caller that joins a call
+//! in flight, or is served from the cache, does not call the inner service.
+//!
+//! # Clone
+//!
+//! The table lives behind an `Arc` made by `build()`: the layer, its
+//! clones, every service it makes and their clones share it. A layer used
+//! around services of different request, response or future types keeps
+//! one table per type.
+//!
+//! # Cost
+//!
+//! A request with a new key takes the table's lock twice (start and
+//! finish) and its flight's lock twice, and allocates the flight and the
+//! boxed inner future. Waiters take the flight's lock when polled.
+
+mod error;
+mod flight;
+pub mod future;
+mod key;
+mod layer;
+mod service;
+
+use std::sync::Arc;
+
+pub use error::{Panicked, SharedError};
+pub use key::{DedupKey, DefaultKey, KeyFn};
+pub use layer::{DedupBuilder, DedupHandle, DedupLayer};
+pub use service::Dedup;
+
+use crate::observe::Event;
+
+/// Something the dedup layer did, sent to `on_event` listeners, `tracing`
+/// and `metrics`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum DedupEvent {
+    /// A call with a new key started a shared call.
+    Leader {
+        /// The layer's name.
+        name: Arc<str>,
+    },
+    /// A call joined a shared call already in flight.
+    Joined {
+        /// The layer's name.
+        name: Arc<str>,
+    },
+    /// A call was answered from the cache.
+    CacheHit {
+        /// The layer's name.
+        name: Arc<str>,
+    },
+    /// The table was full of calls in flight: a call went straight through.
+    Full {
+        /// The layer's name.
+        name: Arc<str>,
+    },
+    /// Every waiter of a shared call went away: the call was cancelled.
+    Cancelled {
+        /// The layer's name.
+        name: Arc<str>,
+    },
+}
+
+impl Event for DedupEvent {
+    fn layer(&self) -> &'static str {
+        "dedup"
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            DedupEvent::Leader { name }
+            | DedupEvent::Joined { name }
+            | DedupEvent::CacheHit { name }
+            | DedupEvent::Full { name }
+            | DedupEvent::Cancelled { name } => name,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            DedupEvent::Leader { .. } => "leader",
+            DedupEvent::Joined { .. } => "joined",
+            DedupEvent::CacheHit { .. } => "cache_hit",
+            DedupEvent::Full { .. } => "full",
+            DedupEvent::Cancelled { .. } => "cancelled",
+        }
+    }
+
+    fn is_warning(&self) -> bool {
+        matches!(self, DedupEvent::Full { .. })
+    }
+}

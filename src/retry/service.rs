@@ -1,0 +1,107 @@
+//! The retry service.
+
+use std::fmt;
+use std::task::{Context, Poll};
+
+use tower_service::Service;
+
+use super::future::{ResponseFuture, Shared};
+use super::{RetryHandle, RetryLayer, RetryPolicy};
+use crate::error::BoxError;
+
+/// Retries calls to `S` according to the policy `P`. Made by
+/// [`RetryLayer`].
+///
+/// Every clone shares the layer's configuration, budget and counts.
+pub struct Retry<S, P> {
+    inner: S,
+    shared: Shared<P>,
+}
+
+impl<S, P> Retry<S, P> {
+    pub(crate) fn from_shared(inner: S, shared: Shared<P>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// Wraps `inner` with `layer`'s configuration.
+    pub fn new(inner: S, layer: &RetryLayer<P>) -> Self
+    where
+        P: Clone,
+    {
+        Self::from_shared(inner, layer.shared.clone())
+    }
+
+    /// A handle on the layer's name and budget.
+    pub fn handle(&self) -> RetryHandle {
+        RetryHandle::new(&self.shared)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, P: Clone> Clone for Retry<S, P> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, P> fmt::Debug for Retry<S, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("inner", &self.inner)
+            .field("name", &self.shared.cfg.name)
+            .field("max_attempts", &self.shared.cfg.max_attempts)
+            .finish()
+    }
+}
+
+impl<S, P, Req> Service<Req> for Retry<S, P>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    Req: Clone,
+    P: RetryPolicy<Req, S::Response, S::Error> + Clone,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req, P>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    #[inline]
+    fn call(&mut self, req: Req) -> Self::Future {
+        // The readied service makes the first attempt; the clone left in
+        // its place serves the next caller. Later attempts ready their own
+        // service inside the future.
+        let clone = self.inner.clone();
+        let mut svc = std::mem::replace(&mut self.inner, clone);
+        let shared = &self.shared;
+        if let Some(sinks) = &shared.sinks {
+            if let Some(budget) = &sinks.budget {
+                budget.deposit();
+            }
+        }
+        let keep =
+            (shared.cfg.max_attempts > 1 && shared.policy.may_retry(&req)).then(|| req.clone());
+        let fut = svc.call(req);
+        ResponseFuture::new(self.shared.clone(), svc, fut, keep)
+    }
+}

@@ -1,0 +1,164 @@
+//! State backends: where a primitive keeps its shared state.
+//!
+//! By default every layer keeps its state in memory, behind the `Arc` its
+//! `build()` made: lock-free and allocation-free on the hot path. Two other
+//! homes let processes share one breaker, one bucket and one bulkhead:
+//!
+//! - [`file`](mod@file) (feature `file-store`): one versioned JSON file per scope,
+//!   for CLIs where every invocation is a new process (the seed-001 model);
+//! - [`redis`](mod@redis) (feature `redis`): a fleet of processes shares
+//!   one state through atomic Lua scripts on a Redis server.
+//!
+//! A breaker picks its backend at `build()`:
+//!
+//! ```no_run
+//! # #[cfg(all(feature = "circuit-breaker", feature = "file-store"))] {
+//! use tower_bulwark::store::file::FileStore;
+//! use tower_bulwark::CircuitBreakerLayer;
+//!
+//! let store = FileStore::builder().app("mycli").build()?;
+//! let breaker = CircuitBreakerLayer::builder()
+//!     .name("api")
+//!     .backend(store)
+//!     .build()?;
+//! # }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Neither backend holds a lock, or a remote lease, around the wrapped
+//! call: a file lock is held only for a read-modify-write of a few hundred
+//! bytes, and a Redis script runs atomically on the server.
+//!
+//! # Failure of the store itself
+//!
+//! A store that cannot be reached never hangs a call and never crashes the
+//! program: the file store proceeds without its lock after `lock_timeout`
+//! (100 ms by default) and recovers a corrupt file by starting afresh; the
+//! Redis store gives each command a timeout and then follows its
+//! [`Degrade`] policy. Each of these emits a [`StoreEvent`].
+
+// The breaker's parts of each store are used only with `circuit-breaker`.
+#![cfg_attr(not(feature = "circuit-breaker"), allow(dead_code))]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::observe::Event;
+
+#[cfg(feature = "file-store")]
+pub mod file;
+#[cfg(feature = "redis")]
+pub mod redis;
+
+/// What a store does while its shared state cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Degrade {
+    /// Keep serving from local, in-memory state (each process then enforces
+    /// the limits on its own). The default: an outage of the store is not
+    /// an outage of the service.
+    #[default]
+    FailOpenToLocal,
+    /// Reject every call that needs the shared state until it is back.
+    FailClosed,
+}
+
+/// Why a state file was set aside and started afresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Recovery {
+    /// The file was not valid JSON for the schema.
+    Corrupt,
+    /// The file was empty or cut short.
+    Truncated,
+    /// The file was written by a newer schema version than this one reads.
+    FutureVersion(u32),
+}
+
+/// Something a store did that deserves a line in the logs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum StoreEvent {
+    /// The file lock was not acquired within the lock timeout: the update
+    /// went ahead without it (fail-open), so it may race another process.
+    LockTimeout {
+        /// The scope's name.
+        name: Arc<str>,
+        /// The state file.
+        path: PathBuf,
+    },
+    /// An unreadable state file was moved aside and the state reset.
+    Recovered {
+        /// The scope's name.
+        name: Arc<str>,
+        /// The state file.
+        path: PathBuf,
+        /// What was wrong with it.
+        reason: Recovery,
+        /// Where the bad file was kept, if it could be moved.
+        kept_at: Option<PathBuf>,
+    },
+    /// Reading or writing the state failed; the call went ahead with the
+    /// state as last known.
+    IoError {
+        /// The scope's name.
+        name: Arc<str>,
+        /// What failed.
+        error: String,
+    },
+    /// The shared state could not be reached: the store now follows its
+    /// [`Degrade`] policy.
+    Degraded {
+        /// The store's name (its key prefix).
+        name: Arc<str>,
+        /// The policy now in force.
+        policy: Degrade,
+        /// Why.
+        error: String,
+    },
+    /// The shared state is reachable again after [`StoreEvent::Degraded`].
+    Restored {
+        /// The store's name (its key prefix).
+        name: Arc<str>,
+    },
+}
+
+impl Event for StoreEvent {
+    fn layer(&self) -> &'static str {
+        "store"
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            StoreEvent::LockTimeout { name, .. }
+            | StoreEvent::Recovered { name, .. }
+            | StoreEvent::IoError { name, .. }
+            | StoreEvent::Degraded { name, .. }
+            | StoreEvent::Restored { name } => name,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            StoreEvent::LockTimeout { .. } => "lock_timeout",
+            StoreEvent::Recovered { .. } => "recovered",
+            StoreEvent::IoError { .. } => "io_error",
+            StoreEvent::Degraded { .. } => "degraded",
+            StoreEvent::Restored { .. } => "restored",
+        }
+    }
+
+    fn is_warning(&self) -> bool {
+        !matches!(self, StoreEvent::Restored { .. })
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch: shared state is compared
+/// across processes (and hosts), so it cannot use a process's monotonic
+/// clock.
+#[cfg(feature = "file-store")]
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

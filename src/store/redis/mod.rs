@@ -1,0 +1,700 @@
+//! State shared across a fleet through Redis (feature `redis`).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower_bulwark::store::redis::RedisStore;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = RedisStore::builder("redis://127.0.0.1:6379/")
+//!     .prefix("myapp")
+//!     .timeout(Duration::from_millis(50))
+//!     .build()?;
+//! // 100 calls per second per key across every process, bursts of 20.
+//! let limiter = store.rate_limiter("api", 20.0, 100.0)?;
+//! match limiter.try_acquire("customer-42", 1).await {
+//!     Ok(()) => { /* call */ }
+//!     Err(wait) => eprintln!("over the fleet's limit, retry in {wait:?}"),
+//! }
+//! // At most 8 calls in flight across the fleet.
+//! let bulkhead = store.bulkhead("db", 8)?;
+//! if let Some(_lease) = bulkhead.try_acquire().await {
+//!     // ...
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Pass the store to `CircuitBreakerBuilder::backend` for a fleet breaker.
+//!
+//! # How
+//!
+//! Every decision is one atomic Lua script (sent with `EVALSHA`, loaded
+//! again after `NOSCRIPT`), reading time from Redis `TIME` so hosts with
+//! skewed clocks agree:
+//!
+//! - rate limit: GCRA per key, as redis-cell and redis_rate do; exact
+//!   across processes. Keys found over the limit are remembered locally
+//!   until their retry time, so a hot rejected key costs no round trip;
+//! - bulkhead: a sorted set of leases scored by expiry. A lease is renewed
+//!   while its call runs and expires `lease_ttl` after its process died;
+//! - breaker: the fleet's failures and state in a hash with a TTL; each
+//!   process keeps deciding locally and syncs within `sync_interval`
+//!   (see `circuit_breaker`).
+//!
+//! Keys are `{<prefix>:<name>}:<kind>[:<key>]`: the braces are a hash tag,
+//! so every key of one primitive lives in one cluster slot.
+//!
+//! # When Redis is down or slow
+//!
+//! Each command has a `timeout` (50 ms by default); the connection is
+//! re-established in the background. On a failure the store follows its
+//! [`Degrade`] policy and emits [`StoreEvent::Degraded`]; while degraded
+//! it does not wait on Redis again for `retry_interval` (1 s), then tries
+//! once more and emits [`StoreEvent::Restored`] when it answers. A call
+//! never waits longer than `timeout` on Redis.
+//!
+//! - [`Degrade::FailOpenToLocal`] (default): each process enforces the
+//!   same limits on its own, in memory;
+//! - [`Degrade::FailClosed`]: calls are rejected (the rate limiter answers
+//!   `Err(retry_interval)`, the bulkhead `None`).
+
+mod scripts;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{FromRedisValue, Script};
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+use super::{Degrade, StoreEvent};
+use crate::error::{Check, ConfigError};
+use crate::observe::Listeners;
+
+const LAYER: &str = "redis_store";
+
+/// A connection to the Redis server that holds a fleet's shared state.
+///
+/// Made with [`RedisStore::builder`]. Cheap to clone; clones share the
+/// connection and the degraded/healthy status.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: Arc<str>,
+    client: redis::Client,
+    conn: OnceCell<ConnectionManager>,
+    timeout: Duration,
+    retry_interval: Duration,
+    degrade: Degrade,
+    degraded: AtomicBool,
+    /// While degraded: no Redis call before this (ms since `origin`).
+    quiet_until: AtomicU64,
+    origin: Instant,
+    listeners: Listeners<StoreEvent>,
+    scripts: Scripts,
+}
+
+struct Scripts {
+    gcra: Script,
+    lease_acquire: Script,
+    lease_renew: Script,
+    lease_release: Script,
+    lease_count: Script,
+    breaker_sync: Script,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.inner.name)
+            .field("timeout", &self.inner.timeout)
+            .field("degrade", &self.inner.degrade)
+            .field("degraded", &self.is_degraded())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures a [`RedisStore`].
+pub struct RedisStoreBuilder {
+    url: String,
+    prefix: String,
+    timeout: Duration,
+    retry_interval: Duration,
+    degrade: Degrade,
+    listeners: Listeners<StoreEvent>,
+}
+
+impl fmt::Debug for RedisStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStoreBuilder")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("retry_interval", &self.retry_interval)
+            .field("degrade", &self.degrade)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// A builder for the server at `url` (`redis://host:port/db`): key
+    /// prefix `bulwark`, 50 ms per command, fail open to local state.
+    pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            url: url.into(),
+            prefix: "bulwark".to_owned(),
+            timeout: Duration::from_millis(50),
+            retry_interval: Duration::from_secs(1),
+            degrade: Degrade::default(),
+            listeners: Listeners::default(),
+        }
+    }
+}
+
+impl RedisStoreBuilder {
+    /// The prefix of every key (default `bulwark`).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The longest a call waits on Redis (default 50 ms).
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = d;
+        self
+    }
+
+    /// While degraded, how long to serve from the policy before asking
+    /// Redis again (default 1 s).
+    pub fn retry_interval(mut self, d: Duration) -> Self {
+        self.retry_interval = d;
+        self
+    }
+
+    /// What to do while Redis cannot be reached (default
+    /// [`Degrade::FailOpenToLocal`]).
+    pub fn degrade(mut self, policy: Degrade) -> Self {
+        self.degrade = policy;
+        self
+    }
+
+    /// Calls `f` on every [`StoreEvent`] (each switch to and from degraded).
+    pub fn on_event(mut self, f: impl Fn(&StoreEvent) + Send + Sync + 'static) -> Self {
+        self.listeners.push(f);
+        self
+    }
+
+    /// Validates the configuration and makes the store. No connection is
+    /// made until the first command.
+    pub fn build(self) -> Result<RedisStore, ConfigError> {
+        let check = Check { layer: LAYER };
+        check.non_zero_duration("timeout", self.timeout)?;
+        check.non_zero_duration("retry_interval", self.retry_interval)?;
+        if self.prefix.is_empty() || self.prefix.contains(['{', '}']) {
+            return Err(ConfigError::new(
+                LAYER,
+                "prefix",
+                "must be non-empty and free of `{` and `}` (they delimit the hash tag)",
+            ));
+        }
+        let client = redis::Client::open(self.url.as_str())
+            .map_err(|e| ConfigError::new(LAYER, "url", format!("is not a Redis URL: {e}")))?;
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                name: Arc::from(self.prefix),
+                client,
+                conn: OnceCell::new(),
+                timeout: self.timeout,
+                retry_interval: self.retry_interval,
+                degrade: self.degrade,
+                degraded: AtomicBool::new(false),
+                quiet_until: AtomicU64::new(0),
+                origin: Instant::now(),
+                listeners: self.listeners,
+                scripts: Scripts {
+                    gcra: Script::new(scripts::GCRA),
+                    lease_acquire: Script::new(scripts::LEASE_ACQUIRE),
+                    lease_renew: Script::new(scripts::LEASE_RENEW),
+                    lease_release: Script::new(scripts::LEASE_RELEASE),
+                    lease_count: Script::new(scripts::LEASE_COUNT),
+                    breaker_sync: Script::new(scripts::BREAKER_SYNC),
+                },
+            }),
+        })
+    }
+}
+
+/// Which script to run.
+#[derive(Clone, Copy)]
+enum Which {
+    Gcra,
+    LeaseAcquire,
+    LeaseRenew,
+    LeaseRelease,
+    LeaseCount,
+    BreakerSync,
+}
+
+impl RedisStore {
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The policy followed while Redis cannot be reached.
+    pub fn degrade_policy(&self) -> Degrade {
+        self.inner.degrade
+    }
+
+    /// Whether the last command failed (the store follows its policy).
+    pub fn is_degraded(&self) -> bool {
+        self.inner.degraded.load(Relaxed)
+    }
+
+    /// A GCRA rate limiter named `name`: bursts of up to `max_tokens`,
+    /// `refill_rate` per second sustained, per key, across the fleet.
+    pub fn rate_limiter(
+        &self,
+        name: &str,
+        max_tokens: f64,
+        refill_rate: f64,
+    ) -> Result<RedisRateLimiter, ConfigError> {
+        let check = Check { layer: LAYER };
+        check.positive("max_tokens", max_tokens)?;
+        check.positive("refill_rate", refill_rate)?;
+        let interval_us = 1e6 / refill_rate;
+        Ok(RedisRateLimiter {
+            store: self.clone(),
+            base: self.key(name, "gcra"),
+            interval_us,
+            capacity_us: interval_us * max_tokens,
+            over: Arc::new(Mutex::new(HashMap::new())),
+            local: Arc::new(Mutex::new(HashMap::new())),
+            local_cache: true,
+        })
+    }
+
+    /// A fleet-wide bulkhead named `name` of `max_concurrent` leases that
+    /// expire 30 s (`lease_ttl`) after their holder stops renewing them.
+    pub fn bulkhead(&self, name: &str, max_concurrent: u32) -> Result<RedisBulkhead, ConfigError> {
+        Check { layer: LAYER }.at_least_one("max_concurrent", u64::from(max_concurrent))?;
+        Ok(RedisBulkhead {
+            store: self.clone(),
+            key: Arc::from(self.key(name, "bulkhead")),
+            max: max_concurrent,
+            ttl: Duration::from_secs(30),
+            local: Arc::new(tokio::sync::Semaphore::new(max_concurrent as usize)),
+        })
+    }
+
+    /// `{prefix:name}:kind`: the braces make a hash tag.
+    pub(crate) fn key(&self, name: &str, kind: &str) -> String {
+        format!("{{{}:{}}}:{}", self.inner.name, name, kind)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.inner.origin.elapsed().as_millis() as u64
+    }
+
+    /// Runs a script with the store's timeout. `None` when Redis could not
+    /// answer in time (the caller then follows the policy), or while
+    /// degraded and not yet due to try again.
+    async fn run<T: FromRedisValue>(
+        &self,
+        which: Which,
+        keys: &[&str],
+        args: &[String],
+    ) -> Option<T> {
+        let inner = &*self.inner;
+        if inner.degraded.load(Relaxed) && self.now_ms() < inner.quiet_until.load(Relaxed) {
+            return None;
+        }
+        let script = match which {
+            Which::Gcra => &inner.scripts.gcra,
+            Which::LeaseAcquire => &inner.scripts.lease_acquire,
+            Which::LeaseRenew => &inner.scripts.lease_renew,
+            Which::LeaseRelease => &inner.scripts.lease_release,
+            Which::LeaseCount => &inner.scripts.lease_count,
+            Which::BreakerSync => &inner.scripts.breaker_sync,
+        };
+        let call = async {
+            let conn = inner
+                .conn
+                .get_or_try_init(|| async {
+                    let cfg = ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(inner.timeout))
+                        .set_response_timeout(Some(inner.timeout))
+                        .set_number_of_retries(1)
+                        .set_max_delay(inner.retry_interval);
+                    ConnectionManager::new_lazy_with_config(inner.client.clone(), cfg)
+                })
+                .await?;
+            let mut conn = conn.clone();
+            let mut inv = script.prepare_invoke();
+            for k in keys {
+                inv.key(*k);
+            }
+            for a in args {
+                inv.arg(a.as_str());
+            }
+            inv.invoke_async::<T>(&mut conn).await
+        };
+        let res = match tokio::time::timeout(inner.timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {:?}", inner.timeout)),
+        };
+        match res {
+            Ok(v) => {
+                if inner.degraded.swap(false, Relaxed) {
+                    inner.listeners.emit(&StoreEvent::Restored {
+                        name: inner.name.clone(),
+                    });
+                }
+                Some(v)
+            }
+            Err(error) => {
+                let until = self.now_ms() + inner.retry_interval.as_millis() as u64;
+                inner.quiet_until.store(until, Relaxed);
+                if !inner.degraded.swap(true, Relaxed) {
+                    inner.listeners.emit(&StoreEvent::Degraded {
+                        name: inner.name.clone(),
+                        policy: inner.degrade,
+                        error,
+                    });
+                }
+                None
+            }
+        }
+    }
+
+    /// One round of the fleet breaker protocol; `None` while unreachable.
+    pub(crate) async fn breaker_sync(
+        &self,
+        keys: &BreakerKeys,
+        report: &BreakerReport,
+    ) -> Option<FleetBreaker> {
+        let args = [
+            report.failures.to_string(),
+            u8::from(report.success_first).to_string(),
+            report.opened_ms.to_string(),
+            u8::from(report.closed_by_probe).to_string(),
+            u8::from(report.want_probe).to_string(),
+            keys.instance.clone(),
+            report.failure_threshold.to_string(),
+            report.open_timeout_ms.to_string(),
+            report.probe_lease_ms.to_string(),
+            report.half_open_max.to_string(),
+            report.ttl_ms.to_string(),
+            report.force.to_owned(),
+        ];
+        let v: Vec<i64> = self
+            .run(Which::BreakerSync, &[&keys.hash, &keys.probes], &args)
+            .await?;
+        Some(FleetBreaker {
+            state: *v.first()? as u8,
+            open_remaining_ms: (*v.get(1)?).max(0) as u64,
+            failures: (*v.get(2)?).max(0) as u32,
+            probe_granted: *v.get(3)? == 1,
+        })
+    }
+}
+
+/// The keys of one fleet breaker.
+#[derive(Debug)]
+pub(crate) struct BreakerKeys {
+    pub(crate) hash: String,
+    pub(crate) probes: String,
+    pub(crate) instance: String,
+}
+
+impl BreakerKeys {
+    pub(crate) fn new(store: &RedisStore, name: &str) -> Self {
+        Self {
+            hash: store.key(name, "breaker"),
+            probes: store.key(name, "breaker:probes"),
+            instance: instance_id(),
+        }
+    }
+}
+
+/// What one process tells the fleet breaker.
+#[derive(Debug, Default)]
+pub(crate) struct BreakerReport {
+    pub(crate) failures: u32,
+    pub(crate) success_first: bool,
+    pub(crate) opened_ms: u64,
+    pub(crate) closed_by_probe: bool,
+    pub(crate) want_probe: bool,
+    pub(crate) failure_threshold: u32,
+    pub(crate) open_timeout_ms: u64,
+    pub(crate) probe_lease_ms: u64,
+    pub(crate) half_open_max: u32,
+    pub(crate) ttl_ms: u64,
+    pub(crate) force: &'static str,
+}
+
+/// The fleet breaker as the last sync saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FleetBreaker {
+    /// 0 closed, 1 open, 2 half-open, 3 forced open.
+    pub(crate) state: u8,
+    pub(crate) open_remaining_ms: u64,
+    pub(crate) failures: u32,
+    pub(crate) probe_granted: bool,
+}
+
+/// A process-unique id: host-independent, random, with the PID for humans.
+fn instance_id() -> String {
+    format!("{}-{:016x}", std::process::id(), fastrand::u64(..))
+}
+
+/// A fleet-wide GCRA rate limiter: made by [`RedisStore::rate_limiter`].
+#[derive(Clone)]
+pub struct RedisRateLimiter {
+    store: RedisStore,
+    base: String,
+    interval_us: f64,
+    capacity_us: f64,
+    /// Keys known to be over the limit, until when (ms since the store's
+    /// origin): rejected without a round trip.
+    over: Arc<Mutex<HashMap<String, u64>>>,
+    /// The local fallback's theoretical arrival times (µs since origin).
+    local: Arc<Mutex<HashMap<String, f64>>>,
+    local_cache: bool,
+}
+
+impl fmt::Debug for RedisRateLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisRateLimiter")
+            .field("key", &self.base)
+            .field("refill_rate", &(1e6 / self.interval_us))
+            .field("max_tokens", &(self.capacity_us / self.interval_us))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Cap on the over-limit cache, so a flood of distinct keys cannot grow it
+/// without bound.
+const OVER_CACHE_MAX: usize = 10_000;
+
+impl RedisRateLimiter {
+    /// Whether keys found over the limit are remembered locally until their
+    /// retry time (default on). Turn off for an exact count of attempts in
+    /// Redis.
+    pub fn local_cache(mut self, on: bool) -> Self {
+        self.local_cache = on;
+        self
+    }
+
+    /// Takes `cost` for `key` (use `""` for one fleet-wide limit), or says
+    /// how long until it could be taken.
+    pub async fn try_acquire(&self, key: &str, cost: u32) -> Result<(), Duration> {
+        let now = self.store.now_ms();
+        if self.local_cache {
+            let over = self.over.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(&until) = over.get(key) {
+                if now < until {
+                    return Err(Duration::from_millis(until - now));
+                }
+            }
+        }
+        let redis_key = if key.is_empty() {
+            self.base.clone()
+        } else {
+            format!("{}:{key}", self.base)
+        };
+        let args = [
+            format!("{}", self.interval_us),
+            format!("{}", self.capacity_us),
+            cost.to_string(),
+        ];
+        let res: Option<Vec<i64>> = self.store.run(Which::Gcra, &[&redis_key], &args).await;
+        match res.as_deref() {
+            Some([1, ..]) => Ok(()),
+            Some([_, wait_us, ..]) => {
+                let wait = Duration::from_micros((*wait_us).max(0) as u64);
+                if self.local_cache {
+                    let mut over = self.over.lock().unwrap_or_else(|e| e.into_inner());
+                    if over.len() >= OVER_CACHE_MAX {
+                        over.retain(|_, &mut until| until > now);
+                    }
+                    if over.len() < OVER_CACHE_MAX {
+                        over.insert(key.to_owned(), now + wait.as_millis() as u64);
+                    }
+                }
+                Err(wait)
+            }
+            _ => match self.store.inner.degrade {
+                Degrade::FailClosed => Err(self.store.inner.retry_interval),
+                Degrade::FailOpenToLocal => self.local_acquire(key, cost),
+            },
+        }
+    }
+
+    /// The same GCRA, in this process only (the degraded fallback).
+    fn local_acquire(&self, key: &str, cost: u32) -> Result<(), Duration> {
+        let now = self.store.inner.origin.elapsed().as_micros() as f64;
+        let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        let tat = local.get(key).copied().unwrap_or(now).max(now);
+        let new_tat = tat + self.interval_us * f64::from(cost);
+        let diff = new_tat - now;
+        if diff > self.capacity_us {
+            return Err(Duration::from_micros(
+                (diff - self.capacity_us).ceil() as u64
+            ));
+        }
+        if local.len() >= OVER_CACHE_MAX && !local.contains_key(key) {
+            local.retain(|_, t| *t > now);
+        }
+        local.insert(key.to_owned(), new_tat);
+        Ok(())
+    }
+}
+
+/// A fleet-wide bulkhead: made by [`RedisStore::bulkhead`].
+#[derive(Clone)]
+pub struct RedisBulkhead {
+    store: RedisStore,
+    key: Arc<str>,
+    max: u32,
+    ttl: Duration,
+    /// The degraded fallback: the same cap in this process.
+    local: Arc<tokio::sync::Semaphore>,
+}
+
+impl fmt::Debug for RedisBulkhead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBulkhead")
+            .field("key", &self.key)
+            .field("max_concurrent", &self.max)
+            .field("lease_ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBulkhead {
+    /// How long a lease outlives a holder that stopped renewing it
+    /// (default 30 s). Leases are renewed every third of this while held.
+    pub fn lease_ttl(mut self, d: Duration) -> Self {
+        self.ttl = d.max(Duration::from_millis(30));
+        self
+    }
+
+    /// Takes a lease if the fleet holds fewer than `max_concurrent`.
+    /// Dropping the lease gives it back (in a background task).
+    pub async fn try_acquire(&self) -> Option<RedisLease> {
+        let id = instance_id();
+        let ttl_ms = self.ttl.as_millis() as u64;
+        let args = [self.max.to_string(), ttl_ms.to_string(), id.clone()];
+        let key: &str = &self.key;
+        match self
+            .store
+            .run::<i64>(Which::LeaseAcquire, &[key], &args)
+            .await
+        {
+            Some(1) => Some(RedisLease::remote(self, id)),
+            Some(_) => None,
+            None => match self.store.inner.degrade {
+                Degrade::FailClosed => None,
+                Degrade::FailOpenToLocal => {
+                    self.local
+                        .clone()
+                        .try_acquire_owned()
+                        .ok()
+                        .map(|p| RedisLease {
+                            kind: LeaseKind::Local(p),
+                        })
+                }
+            },
+        }
+    }
+
+    /// Leases held across the fleet now; `None` if Redis did not answer.
+    pub async fn in_use(&self) -> Option<u32> {
+        let key: &str = &self.key;
+        self.store
+            .run::<i64>(Which::LeaseCount, &[key], &[])
+            .await
+            .map(|n| n.max(0) as u32)
+    }
+}
+
+/// A bulkhead lease; dropping it gives it back.
+#[derive(Debug)]
+pub struct RedisLease {
+    kind: LeaseKind,
+}
+
+#[derive(Debug)]
+enum LeaseKind {
+    Remote {
+        store: RedisStore,
+        key: Arc<str>,
+        id: String,
+        renew: Option<tokio::task::JoinHandle<()>>,
+    },
+    Local(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit),
+}
+
+impl RedisLease {
+    fn remote(b: &RedisBulkhead, id: String) -> Self {
+        // Renew while held, so a long call keeps its lease and a dead
+        // process loses it within one ttl.
+        let renew = tokio::runtime::Handle::try_current().ok().map(|h| {
+            let (store, key, id, ttl) = (b.store.clone(), b.key.clone(), id.clone(), b.ttl);
+            h.spawn(async move {
+                let mut tick = tokio::time::interval(ttl / 3);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let args = [(ttl.as_millis() as u64).to_string(), id.clone()];
+                    let _ = store.run::<i64>(Which::LeaseRenew, &[&key], &args).await;
+                }
+            })
+        });
+        RedisLease {
+            kind: LeaseKind::Remote {
+                store: b.store.clone(),
+                key: b.key.clone(),
+                id,
+                renew,
+            },
+        }
+    }
+
+    /// Whether the lease is held in Redis (rather than locally, while
+    /// degraded).
+    pub fn is_fleet_wide(&self) -> bool {
+        matches!(self.kind, LeaseKind::Remote { .. })
+    }
+}
+
+impl Drop for RedisLease {
+    fn drop(&mut self) {
+        if let LeaseKind::Remote {
+            store,
+            key,
+            id,
+            renew,
+        } = &mut self.kind
+        {
+            if let Some(r) = renew.take() {
+                r.abort();
+            }
+            let (store, key, id) = (store.clone(), key.clone(), std::mem::take(id));
+            if let Ok(h) = tokio::runtime::Handle::try_current() {
+                h.spawn(async move {
+                    // An unanswered release expires with its ttl anyway.
+                    let _ = store.run::<i64>(Which::LeaseRelease, &[&key], &[id]).await;
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! Dedup layer, through the public API, with paused time.
+#![cfg(feature = "dedup")]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::join_all;
+use tokio::sync::watch;
+use tokio_test::{assert_pending, assert_ready};
+use tower::{service_fn, BoxError, Layer, Service, ServiceExt};
+use tower_bulwark::dedup::{DedupEvent, DedupLayer, Panicked, SharedError};
+
+fn counter() -> Arc<AtomicUsize> {
+    Arc::new(AtomicUsize::new(0))
+}
+
+/// An upstream that counts calls and answers `key * 10` after `delay`.
+fn slow(
+    calls: &Arc<AtomicUsize>,
+    delay: Duration,
+) -> impl Service<u32, Response = u32, Error = BoxError, Future: Send> + Clone + Send + 'static {
+    let calls = calls.clone();
+    service_fn(move |k: u32| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(delay).await;
+            Ok::<_, BoxError>(k * 10)
+        }
+    })
+}
+
+fn by_value() -> DedupLayer<impl tower_bulwark::dedup::DedupKey<u32, Key = u32>> {
+    DedupLayer::builder()
+        .key(|k: &u32| Some(*k))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_thousand_identical_calls_make_one() {
+    let calls = counter();
+    let layer = by_value();
+    let handle = layer.handle();
+    let svc = layer.layer(slow(&calls, Duration::from_secs(1)));
+    let answers = join_all((0..1000).map(|_| svc.clone().oneshot(7))).await;
+    assert!(answers.iter().all(|a| *a.as_ref().unwrap() == 70));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(handle.in_flight(), 0);
+    assert_eq!(handle.cached(), 0, "no cache unless asked");
+}
+
+#[tokio::test(start_paused = true)]
+async fn distinct_keys_do_not_coalesce() {
+    let calls = counter();
+    let svc = by_value().layer(slow(&calls, Duration::from_secs(1)));
+    let answers = join_all((0..10).map(|k| svc.clone().oneshot(k))).await;
+    for (k, a) in answers.into_iter().enumerate() {
+        assert_eq!(a.unwrap(), k as u32 * 10);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn keyless_requests_go_straight_through() {
+    let calls = counter();
+    let svc = DedupLayer::builder()
+        .key(|k: &u32| (*k != 0).then_some(*k))
+        .build()
+        .unwrap()
+        .layer(slow(&calls, Duration::from_secs(1)));
+    join_all((0..5).map(|_| svc.clone().oneshot(0))).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 5);
+}
+
+/// An upstream whose answer needs `steps` polls and then waits for `go`.
+/// Counts calls, and counts inner futures dropped before they finished.
+#[derive(Clone)]
+struct Gated {
+    calls: Arc<AtomicUsize>,
+    cancelled: Arc<AtomicUsize>,
+    go: watch::Receiver<bool>,
+}
+
+struct Cancel(Arc<AtomicUsize>, bool);
+impl Drop for Cancel {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Gated {
+    fn new() -> (Self, watch::Sender<bool>) {
+        let (tx, go) = watch::channel(false);
+        let g = Self {
+            calls: counter(),
+            cancelled: counter(),
+            go,
+        };
+        (g, tx)
+    }
+}
+
+impl Service<u32> for Gated {
+    type Response = u32;
+    type Error = BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<u32, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, k: u32) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut go = self.go.clone();
+        let guard = Cancel(self.cancelled.clone(), false);
+        Box::pin(async move {
+            let mut guard = guard;
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+            go.wait_for(|v| *v).await.unwrap();
+            guard.1 = true;
+            Ok(k + 1)
+        })
+    }
+}
+
+/// The response future of one call, made at once (not on first poll).
+async fn called<S: Service<u32> + Clone>(svc: &S, k: u32) -> S::Future
+where
+    S::Error: std::fmt::Debug,
+{
+    let mut svc = svc.clone();
+    svc.ready().await.unwrap();
+    svc.call(k)
+}
+
+#[tokio::test(start_paused = true)]
+async fn first_caller_dropped_at_every_point_others_still_answered() {
+    for polls in 0..6 {
+        let (gated, go) = Gated::new();
+        let svc = by_value().layer(gated.clone());
+        let mut first = tokio_test::task::spawn(called(&svc, 1).await);
+        let mut second = tokio_test::task::spawn(called(&svc, 1).await);
+        let mut third = tokio_test::task::spawn(called(&svc, 1).await);
+        for _ in 0..polls {
+            assert_pending!(first.poll());
+        }
+        assert_pending!(second.poll());
+        drop(first);
+        assert_pending!(third.poll());
+        go.send(true).unwrap();
+        // Whoever is polled now drives the shared call to its end.
+        let a = loop {
+            if let std::task::Poll::Ready(r) = second.poll() {
+                break r;
+            }
+            tokio::task::yield_now().await;
+        };
+        assert_eq!(a.unwrap(), 2);
+        assert!(third.is_woken());
+        assert_eq!(assert_ready!(third.poll()).unwrap(), 2);
+        assert_eq!(gated.calls.load(Ordering::SeqCst), 1, "after {polls} polls");
+        assert_eq!(gated.cancelled.load(Ordering::SeqCst), 0);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn all_callers_gone_cancels_the_call() {
+    for polls in 0..5 {
+        let (gated, go) = Gated::new();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let ev = events.clone();
+        let layer = DedupLayer::builder()
+            .key(|k: &u32| Some(*k))
+            .on_event(move |e: &DedupEvent| ev.lock().unwrap().push(e.clone()))
+            .build()
+            .unwrap();
+        let handle = layer.handle();
+        let svc = layer.layer(gated.clone());
+        let mut a = tokio_test::task::spawn(called(&svc, 1).await);
+        let mut b = tokio_test::task::spawn(called(&svc, 1).await);
+        for _ in 0..polls {
+            assert_pending!(a.poll());
+            assert_pending!(b.poll());
+        }
+        assert_eq!(handle.in_flight(), 1);
+        drop(a);
+        assert_eq!(gated.cancelled.load(Ordering::SeqCst), 0);
+        drop(b);
+        assert_eq!(
+            gated.cancelled.load(Ordering::SeqCst),
+            1,
+            "after {polls} polls"
+        );
+        assert_eq!(handle.in_flight(), 0);
+        assert!(matches!(
+            events.lock().unwrap().last(),
+            Some(DedupEvent::Cancelled { .. })
+        ));
+
+        // The key is free again: a new call starts a new inner call.
+        go.send(true).unwrap();
+        assert_eq!(svc.clone().oneshot(1).await.unwrap(), 2);
+        assert_eq!(gated.calls.load(Ordering::SeqCst), 2);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_answers_every_waiter_with_an_error() {
+    let calls = counter();
+    let c = calls.clone();
+    let svc = by_value().layer(service_fn(move |k: u32| {
+        let n = c.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if n == 0 {
+                panic!("upstream bug");
+            }
+            Ok::<_, BoxError>(k)
+        }
+    }));
+    let answers = join_all((0..20).map(|_| svc.clone().oneshot(3))).await;
+    for a in &answers {
+        let err = a.as_ref().unwrap_err();
+        let shared = err.downcast_ref::<SharedError>().expect("SharedError");
+        let p = shared
+            .get_ref()
+            .downcast_ref::<Panicked>()
+            .expect("Panicked");
+        assert_eq!(p.message(), Some("upstream bug"));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // The table is not wedged.
+    assert_eq!(svc.clone().oneshot(3).await.unwrap(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn answers_are_cached_for_the_ttl() {
+    let calls = counter();
+    let layer = DedupLayer::builder()
+        .key(|k: &u32| Some(*k))
+        .cache_ttl(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let svc = layer.layer(slow(&calls, Duration::from_millis(10)));
+    assert_eq!(svc.clone().oneshot(1).await.unwrap(), 10);
+    tokio::time::advance(Duration::from_millis(900)).await;
+    assert_eq!(svc.clone().oneshot(1).await.unwrap(), 10);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(handle.cached(), 1);
+    tokio::time::advance(Duration::from_millis(100)).await;
+    assert_eq!(svc.clone().oneshot(1).await.unwrap(), 10);
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "expired");
+    handle.clear_cache();
+    assert_eq!(handle.cached(), 0);
+}
+
+#[derive(Debug)]
+struct NotClone(&'static str);
+impl std::fmt::Display for NotClone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+impl std::error::Error for NotClone {}
+
+fn failing(
+    calls: &Arc<AtomicUsize>,
+) -> impl Service<u32, Response = u32, Error = NotClone, Future: Send> + Clone + Send + 'static {
+    let calls = calls.clone();
+    service_fn(move |_: u32| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Err::<u32, _>(NotClone("nope"))
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn errors_are_shared_but_not_cached_unless_asked() {
+    let calls = counter();
+    let layer = DedupLayer::builder()
+        .key(|k: &u32| Some(*k))
+        .cache_ttl(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let svc = layer.layer(failing(&calls));
+    let answers = join_all((0..3).map(|_| svc.clone().oneshot(1))).await;
+    for a in answers {
+        let err = a.unwrap_err();
+        assert_eq!(err.to_string(), "nope");
+        let shared = err.downcast_ref::<SharedError>().unwrap();
+        assert!(shared.get_ref().is::<NotClone>());
+        let source = std::error::Error::source(shared).unwrap();
+        assert!(source.is::<NotClone>());
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    svc.clone().oneshot(1).await.unwrap_err();
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "errors are not cached");
+
+    let calls = counter();
+    let layer = DedupLayer::builder()
+        .key(|k: &u32| Some(*k))
+        .error_ttl(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let svc = layer.layer(failing(&calls));
+    svc.clone().oneshot(1).await.unwrap_err();
+    svc.clone().oneshot(1).await.unwrap_err();
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "negative caching");
+    tokio::time::advance(Duration::from_secs(1)).await;
+    svc.clone().oneshot(1).await.unwrap_err();
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_is_bounded() {
+    let calls = counter();
+    let layer = DedupLayer::builder()
+        .key(|k: &u32| Some(*k))
+        .max_entries(2)
+        .cache_ttl(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let svc = layer.layer(slow(&calls, Duration::from_millis(10)));
+    for k in 0..5 {
+        svc.clone().oneshot(k).await.unwrap();
+    }
+    assert_eq!(handle.cached(), 2, "oldest answers evicted");
+
+    // Full of calls in flight: a new key goes straight through.
+    let (gated, go) = Gated::new();
+    let layer = DedupLayer::builder()
+        .key(|k: &u32| Some(*k))
+        .max_entries(1)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let svc = layer.layer(gated.clone());
+    let mut a = tokio_test::task::spawn(svc.clone().oneshot(1));
+    let mut b = tokio_test::task::spawn(svc.clone().oneshot(2));
+    assert_pending!(a.poll());
+    assert_pending!(b.poll());
+    assert_eq!(handle.in_flight(), 1);
+    assert_eq!(gated.calls.load(Ordering::SeqCst), 2);
+    go.send(true).unwrap();
+    drop((a, b));
+}
+
+#[test]
+fn build_validates() {
+    let err = DedupLayer::builder()
+        .key(|k: &u32| Some(*k))
+        .max_entries(0)
+        .build()
+        .unwrap_err();
+    assert_eq!((err.layer(), err.field()), ("dedup", "max_entries"));
+    let err = DedupLayer::builder()
+        .key(|k: &u32| Some(*k))
+        .cache_ttl(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "cache_ttl");
+}
+
+#[test]
+fn send_sync() {
+    fn is_send_sync<T: Send + Sync>(_: &T) {}
+    fn is_send<T: Send>(_: &T) {}
+    let layer = by_value();
+    is_send_sync(&layer);
+    is_send_sync(&layer.handle());
+    let mut svc = layer.layer(slow(&counter(), Duration::ZERO));
+    is_send_sync(&svc);
+    is_send(&svc.call(1));
+}

@@ -1,0 +1,506 @@
+//! The retry layer through its public API.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time;
+use tokio_test::{assert_pending, assert_ready_ok};
+use tower::{service_fn, Service, ServiceExt};
+use tower_bulwark::error::BoxError;
+use tower_bulwark::retry::{
+    AttemptTimedOut, Backoff, GiveUpReason, Jitter, RetryBudget, RetryEvent, RetryLayer,
+    RetryReason,
+};
+use tower_test::mock;
+
+const MS: Duration = Duration::from_millis(1);
+
+type Events = Arc<Mutex<Vec<RetryEvent>>>;
+
+fn recorder() -> (Events, impl Fn(&RetryEvent) + Send + Sync + 'static) {
+    let events: Events = Arc::default();
+    let sink = events.clone();
+    (events, move |e: &RetryEvent| {
+        sink.lock().unwrap().push(e.clone())
+    })
+}
+
+fn delays(events: &Events) -> Vec<(u32, Duration)> {
+    events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            RetryEvent::Retry { attempt, delay, .. } => Some((*attempt, *delay)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn public_names() {
+    let layer: Result<tower_bulwark::RetryLayer, _> = RetryLayer::builder()
+        .max_attempts(3)
+        .backoff(
+            Backoff::exponential(Duration::from_millis(100))
+                .max_delay(Duration::from_secs(60))
+                .jitter(Jitter::Full),
+        )
+        .build();
+    assert!(layer.is_ok());
+    let _budget: RetryBudget = RetryBudget::default();
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<RetryLayer>();
+    send_sync::<RetryBudget>();
+    send_sync::<AttemptTimedOut>();
+    send_sync::<tower_bulwark::retry::Retry<mock::Mock<u8, u8>, tower_bulwark::retry::DefaultPolicy>>(
+    );
+}
+
+#[test]
+fn backoff_sequences_and_caps() {
+    let b = Backoff::exponential(Duration::from_millis(100)).max_delay(Duration::from_secs(60));
+    let seq: Vec<_> = (1..=11).map(|n| b.delay(n)).collect();
+    assert_eq!(seq[..4], [100 * MS, 200 * MS, 400 * MS, 800 * MS]);
+    assert_eq!(seq[10], Duration::from_secs(60)); // 102.4 s, capped
+    assert_eq!(b.delay(1000), Duration::from_secs(60));
+    assert_eq!(b.delay(u32::MAX), Duration::from_secs(60));
+    let lin = Backoff::linear(Duration::from_secs(1)).max_delay(Duration::from_secs(5));
+    assert_eq!(lin.delay(1000), Duration::from_secs(5));
+    assert_eq!(Backoff::constant(7 * MS).delay(1000), 7 * MS);
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let e = RetryLayer::builder().max_attempts(0).build().unwrap_err();
+    assert_eq!(e.field(), "max_attempts");
+    let e = RetryLayer::builder()
+        .backoff(Backoff::exponential(Duration::from_secs(2)).max_delay(Duration::from_secs(1)))
+        .build()
+        .unwrap_err();
+    assert_eq!(e.field(), "backoff");
+    let e = RetryLayer::builder()
+        .attempt_timeout(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert_eq!(e.field(), "attempt_timeout");
+    let e = RetryLayer::builder()
+        .deadline(Duration::ZERO)
+        .build()
+        .unwrap_err();
+    assert_eq!(e.field(), "deadline");
+}
+
+/// Failures are retried after exactly the back-off's delays (no jitter),
+/// readiness is driven before each attempt, and the third answer wins.
+#[tokio::test(start_paused = true)]
+async fn retries_after_the_backoff_delays() {
+    let (events, listener) = recorder();
+    let layer = RetryLayer::builder()
+        .name("delays")
+        .max_attempts(3)
+        .backoff(Backoff::exponential(100 * MS))
+        .on_event(listener)
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_layer::<&str, &str, _>(layer);
+
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = tokio_test::task::spawn(svc.call("hi"));
+    assert_pending!(fut.poll());
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req, "hi");
+    send.send_error("boom");
+
+    // Waiting 100 ms: nothing reaches the upstream before then.
+    assert_pending!(fut.poll());
+    time::advance(99 * MS).await;
+    assert_pending!(fut.poll());
+    assert!(handle.poll_request().is_pending());
+    // The upstream is not ready when the delay ends: the attempt waits.
+    handle.allow(0);
+    time::advance(MS).await;
+    assert_pending!(fut.poll());
+    assert!(handle.poll_request().is_pending());
+    handle.allow(10);
+    assert_pending!(fut.poll());
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error("boom");
+
+    assert_pending!(fut.poll());
+    time::advance(199 * MS).await;
+    assert_pending!(fut.poll());
+    time::advance(MS).await;
+    assert_pending!(fut.poll());
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response("ok");
+    assert_eq!(assert_ready_ok!(fut.poll()), "ok");
+
+    assert_eq!(delays(&events), [(2, 100 * MS), (3, 200 * MS)]);
+    let reasons: Vec<_> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| match e {
+            RetryEvent::Retry { reason, name, .. } => {
+                assert_eq!(*name, "delays");
+                *reason
+            }
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(reasons, [RetryReason::Error, RetryReason::Error]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn gives_up_with_the_last_error() {
+    let (events, listener) = recorder();
+    let layer = RetryLayer::builder()
+        .max_attempts(2)
+        .backoff(Backoff::constant(10 * MS))
+        .on_event(listener)
+        .build()
+        .unwrap();
+    let calls = Arc::new(Mutex::new(0));
+    let c = calls.clone();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(move |_: ()| {
+            let n = {
+                let mut g = c.lock().unwrap();
+                *g += 1;
+                *g
+            };
+            async move { Err::<(), _>(std::io::Error::other(format!("failure {n}"))) }
+        }));
+    let err = svc.oneshot(()).await.unwrap_err();
+    assert_eq!(err.to_string(), "failure 2");
+    assert!(err.downcast_ref::<std::io::Error>().is_some());
+    assert_eq!(*calls.lock().unwrap(), 2);
+    let last = events.lock().unwrap().last().cloned().unwrap();
+    assert!(matches!(
+        last,
+        RetryEvent::GaveUp {
+            attempts: 2,
+            reason: GiveUpReason::Exhausted,
+            ..
+        }
+    ));
+}
+
+/// Dropping the response future while it waits out a back-off stops
+/// everything: no further attempt reaches the upstream, and the timer goes
+/// with the future.
+#[tokio::test(start_paused = true)]
+async fn dropping_mid_backoff_cancels() {
+    let layer = RetryLayer::builder()
+        .max_attempts(5)
+        .backoff(Backoff::constant(Duration::from_secs(1)))
+        .build()
+        .unwrap();
+    let (mut svc, mut handle) = mock::spawn_layer::<u8, u8, _>(layer);
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = tokio_test::task::spawn(svc.call(1));
+    assert_pending!(fut.poll());
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_error("boom");
+    assert_pending!(fut.poll()); // now in back-off
+    drop(fut);
+    time::advance(Duration::from_secs(10)).await;
+    assert!(handle.poll_request().is_pending());
+    // The service is still usable.
+    assert_ready_ok!(svc.poll_ready());
+    let mut fut = tokio_test::task::spawn(svc.call(2));
+    assert_pending!(fut.poll());
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req, 2);
+    send.send_response(4);
+    assert_eq!(assert_ready_ok!(fut.poll()), 4);
+}
+
+/// Dropping at every await point: mid-attempt, mid-back-off, while
+/// waiting for readiness.
+#[tokio::test(start_paused = true)]
+async fn dropping_at_any_point_cancels() {
+    for stage in 0..3 {
+        let layer = RetryLayer::builder()
+            .max_attempts(3)
+            .backoff(Backoff::constant(10 * MS))
+            .build()
+            .unwrap();
+        let (mut svc, mut handle) = mock::spawn_layer::<u8, u8, _>(layer);
+        assert_ready_ok!(svc.poll_ready());
+        let mut fut = tokio_test::task::spawn(svc.call(1));
+        assert_pending!(fut.poll());
+        let (_, send) = handle.next_request().await.unwrap();
+        if stage >= 1 {
+            send.send_error("boom");
+            assert_pending!(fut.poll());
+        }
+        if stage >= 2 {
+            handle.allow(0);
+            time::advance(10 * MS).await;
+            assert_pending!(fut.poll());
+        }
+        drop(fut);
+        handle.allow(10);
+        time::advance(Duration::from_secs(1)).await;
+        assert!(handle.poll_request().is_pending(), "stage {stage}");
+    }
+}
+
+/// The crate's own rejections are not retried into.
+#[tokio::test(start_paused = true)]
+async fn rejections_are_not_retried() {
+    use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen};
+    let breaker = CircuitBreakerLayer::builder().build().unwrap();
+    breaker.handle().force_open();
+    let calls = Arc::new(Mutex::new(0));
+    let c = calls.clone();
+    let (events, listener) = recorder();
+    let svc = tower::ServiceBuilder::new()
+        .layer(RetryLayer::builder().on_event(listener).build().unwrap())
+        .layer(breaker)
+        .service(service_fn(move |_: ()| {
+            *c.lock().unwrap() += 1;
+            async { Ok::<_, BoxError>(()) }
+        }));
+    let err = svc.oneshot(()).await.unwrap_err();
+    assert!(err.is::<CircuitOpen>());
+    assert_eq!(*calls.lock().unwrap(), 0);
+    assert!(events.lock().unwrap().is_empty());
+}
+
+/// An empty budget returns the original failure and says so.
+#[tokio::test(start_paused = true)]
+async fn budget_exhaustion_returns_the_failure() {
+    let budget = RetryBudget::builder()
+        .min_per_second(0)
+        .percent(50.0)
+        .build()
+        .unwrap();
+    let (events, listener) = recorder();
+    let layer = RetryLayer::builder()
+        .max_attempts(2)
+        .backoff(Backoff::constant(MS))
+        .budget(budget.clone())
+        .on_event(listener)
+        .build()
+        .unwrap();
+    assert!(layer.handle().budget().is_some());
+    let calls = Arc::new(Mutex::new(0u32));
+    let c = calls.clone();
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(move |_: ()| {
+            *c.lock().unwrap() += 1;
+            async { Err::<(), BoxError>("down".into()) }
+        }));
+    // Two calls earn one retry (50 %): the first call's failure has half
+    // a retry, the second call's a whole one.
+    for _ in 0..2 {
+        let err = svc.ready().await.unwrap().call(()).await.unwrap_err();
+        assert_eq!(err.to_string(), "down");
+    }
+    assert_eq!(*calls.lock().unwrap(), 1 + 2);
+    let kinds: Vec<_> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| tower_bulwark::observe::Event::kind(e))
+        .collect();
+    assert_eq!(kinds, ["budget_exhausted", "retry", "gave_up"]);
+    assert_eq!(budget.available(), 0);
+}
+
+/// A per-attempt timeout cuts a slow attempt short and retries; the last
+/// one fails with `AttemptTimedOut`.
+#[tokio::test(start_paused = true)]
+async fn attempt_timeout_retries_then_fails() {
+    let (events, listener) = recorder();
+    let layer = RetryLayer::builder()
+        .name("slow")
+        .max_attempts(2)
+        .backoff(Backoff::constant(10 * MS))
+        .attempt_timeout(Duration::from_secs(1))
+        .on_event(listener)
+        .build()
+        .unwrap();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(|_: ()| async {
+            time::sleep(Duration::from_secs(3600)).await;
+            Ok::<_, BoxError>(())
+        }));
+    let err = svc.oneshot(()).await.unwrap_err();
+    let t = err.downcast_ref::<AttemptTimedOut>().unwrap();
+    assert_eq!(
+        (t.name(), t.attempt(), t.timeout()),
+        ("slow", 2, Duration::from_secs(1))
+    );
+    assert_eq!(t.to_string(), "retry `slow` attempt 2 timed out after 1s");
+    assert!(matches!(
+        events.lock().unwrap()[0],
+        RetryEvent::Retry {
+            reason: RetryReason::Timeout,
+            ..
+        }
+    ));
+}
+
+/// A retry that would start after the deadline is not made.
+#[tokio::test(start_paused = true)]
+async fn deadline_stops_retries() {
+    let (events, listener) = recorder();
+    let layer = RetryLayer::builder()
+        .max_attempts(10)
+        .backoff(Backoff::exponential(Duration::from_secs(1)))
+        .deadline(Duration::from_secs(5))
+        .on_event(listener)
+        .build()
+        .unwrap();
+    let calls = Arc::new(Mutex::new(0u32));
+    let c = calls.clone();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(move |_: ()| {
+            *c.lock().unwrap() += 1;
+            async { Err::<(), BoxError>("down".into()) }
+        }));
+    let start = time::Instant::now();
+    svc.oneshot(()).await.unwrap_err();
+    // Delays 1 + 2 = 3 s; the next (4 s) would start at 7 s > 5 s.
+    assert_eq!(*calls.lock().unwrap(), 3);
+    assert_eq!(start.elapsed(), Duration::from_secs(3));
+    assert!(matches!(
+        events.lock().unwrap().last().unwrap(),
+        RetryEvent::GaveUp {
+            reason: GiveUpReason::Deadline,
+            attempts: 3,
+            ..
+        }
+    ));
+}
+
+/// A classifier's `retry_after` hint delays the next attempt at least that
+/// long; a closure predicate sees the request.
+#[tokio::test(start_paused = true)]
+async fn classifier_hint_and_closure_predicate() {
+    use tower_bulwark::classify::{Classify, Outcome};
+
+    #[derive(Clone)]
+    struct Busy;
+    impl Classify<u32, BoxError> for Busy {
+        fn classify(&self, r: &Result<u32, BoxError>, _: Duration) -> Outcome {
+            match r {
+                Ok(503) | Err(_) => Outcome::Failure,
+                Ok(_) => Outcome::Success,
+            }
+        }
+        fn retry_after(&self, r: &Result<u32, BoxError>) -> Option<Duration> {
+            matches!(r, Ok(503)).then_some(Duration::from_secs(2))
+        }
+    }
+
+    let (events, listener) = recorder();
+    let layer = RetryLayer::builder()
+        .backoff(Backoff::constant(10 * MS))
+        .classify(Busy)
+        .on_event(listener)
+        .build()
+        .unwrap();
+    let n = Arc::new(Mutex::new(0u32));
+    let c = n.clone();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(move |_: ()| {
+            let k = {
+                let mut g = c.lock().unwrap();
+                *g += 1;
+                *g
+            };
+            async move { Ok::<u32, BoxError>(if k == 1 { 503 } else { 200 }) }
+        }));
+    assert_eq!(svc.oneshot(()).await.unwrap(), 200);
+    assert_eq!(delays(&events), [(2, Duration::from_secs(2))]);
+
+    let layer = RetryLayer::builder()
+        .backoff(Backoff::constant(MS))
+        .retry_if(|req: &u32, res: &Result<u32, BoxError>| *req > 0 && res.is_err())
+        .build()
+        .unwrap();
+    let calls = Arc::new(Mutex::new(0u32));
+    let c = calls.clone();
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(move |_: u32| {
+            *c.lock().unwrap() += 1;
+            async { Err::<u32, BoxError>("no".into()) }
+        }));
+    svc.ready().await.unwrap().call(0).await.unwrap_err();
+    assert_eq!(*calls.lock().unwrap(), 1);
+    svc.ready().await.unwrap().call(1).await.unwrap_err();
+    assert_eq!(*calls.lock().unwrap(), 1 + 3);
+}
+
+/// Jittered delays stay within the back-off's bounds and are reproducible
+/// with a seed.
+#[tokio::test(start_paused = true)]
+async fn seeded_jitter_is_reproducible() {
+    async fn run(seed: u64) -> Vec<(u32, Duration)> {
+        let (events, listener) = recorder();
+        let layer = RetryLayer::builder()
+            .max_attempts(6)
+            .backoff(Backoff::exponential(100 * MS).jitter(Jitter::Full))
+            .seed(seed)
+            .on_event(listener)
+            .build()
+            .unwrap();
+        let svc = tower::ServiceBuilder::new()
+            .layer(layer)
+            .service(service_fn(|_: ()| async {
+                Err::<(), BoxError>("x".into())
+            }));
+        svc.oneshot(()).await.unwrap_err();
+        delays(&events)
+    }
+    let a = run(7).await;
+    assert_eq!(a, run(7).await);
+    assert_eq!(a.len(), 5);
+    for (attempt, d) in a {
+        assert!(d <= Backoff::exponential(100 * MS).delay(attempt - 1));
+    }
+}
+
+/// Every clone shares one budget.
+#[tokio::test(start_paused = true)]
+async fn clones_share_the_budget() {
+    let budget = RetryBudget::builder()
+        .min_per_second(0)
+        .percent(100.0)
+        .build()
+        .unwrap();
+    let layer = RetryLayer::builder()
+        .max_attempts(2)
+        .backoff(Backoff::constant(MS))
+        .budget(budget.clone())
+        .build()
+        .unwrap();
+    let svc = tower::ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(|ok: bool| async move {
+            if ok {
+                Ok(())
+            } else {
+                Err::<(), BoxError>("x".into())
+            }
+        }));
+    let mut a = svc.clone();
+    let mut b = svc;
+    a.ready().await.unwrap().call(true).await.unwrap();
+    b.ready().await.unwrap().call(true).await.unwrap();
+    assert_eq!(budget.available(), 2);
+    assert!(a.ready().await.unwrap().call(false).await.is_err());
+    // Three calls earned three retries; one was spent.
+    assert_eq!(budget.available(), 2);
+}

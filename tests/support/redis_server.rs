@@ -1,0 +1,93 @@
+//! A throwaway `redis-server` on a free loopback port, for the Redis tests.
+//!
+//! Without `redis-server` on the machine the tests say they were skipped,
+//! unless `BULWARK_REQUIRE_REDIS=1` (set by CI), which makes that a failure.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+fn binary() -> Option<&'static str> {
+    let ok = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then_some("redis-server")
+}
+
+impl RedisServer {
+    /// Starts a server, or returns `None` (after saying so) when
+    /// `redis-server` is not installed and not required.
+    pub fn start(test: &str) -> Option<Self> {
+        if binary().is_none() {
+            if std::env::var("BULWARK_REQUIRE_REDIS").as_deref() == Ok("1") {
+                panic!("redis-server is required (BULWARK_REQUIRE_REDIS=1) but not installed");
+            }
+            eprintln!("skipped {test}: redis-server is not installed");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut s = Self { child: None, port };
+        s.restart();
+        Some(s)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Kills the server (state is lost: it saves nothing).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and waits until it accepts
+    /// connections.
+    pub fn restart(&mut self) {
+        self.kill();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `f` until it returns true; fails after 10 s. For waiting on the
+/// background reconnection, never for asserting a duration.
+pub async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
