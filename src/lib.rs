@@ -78,12 +78,12 @@ pub mod dedup;
 pub mod fallback;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "rate-limit")]
+pub mod rate_limit;
 #[cfg(feature = "retry")]
 pub mod retry;
 #[cfg(any(feature = "file-store", feature = "redis"))]
 pub mod store;
-#[cfg(feature = "rate-limit")]
-pub mod rate_limit;
 
 #[cfg(feature = "bulkhead")]
 pub use bulkhead::BulkheadLayer;

@@ -15,7 +15,7 @@
 //!     .build()?;
 //! let handle = layer.handle();
 //! let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-//! let rx = std::sync::Mutex::new(Some(rx));
+//! let rx = std::sync::Arc::new(std::sync::Mutex::new(Some(rx)));
 //! let mut svc = ServiceBuilder::new().layer(layer).service(service_fn(move |_: ()| {
 //!     let rx = rx.lock().unwrap().take();
 //!     async move {
