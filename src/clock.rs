@@ -51,7 +51,7 @@ impl Clock {
         Self::with_source(ClockSource::Tokio)
     }
 
-    #[allow(unused_variables)]
+    #[allow(unused_variables, dead_code)]
     pub(crate) fn with_source(source: ClockSource) -> Self {
         Self {
             origin: Instant::now(),
