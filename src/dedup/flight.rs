@@ -54,6 +54,14 @@ where
 
 pub(crate) type Shared<T> = Result<T, SharedError>;
 
+/// A pinned, reusable home for an inner future: `None` once it finished.
+/// Leaders reuse the homes of finished calls, so a call that answers at
+/// once allocates nothing in the steady state.
+pub(crate) type Boxed<F> = Pin<Box<Option<F>>>;
+
+/// Spare homes kept per table.
+const SPARES: usize = 16;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic in a listener or a clone must not wedge the table.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -104,8 +112,9 @@ enum Slot<F, T> {
 
 /// What `Table::start` decided for one call.
 pub(crate) enum Start<F, T> {
-    /// This call leads a new call: it holds the inner future.
-    Leader(Ticket, F),
+    /// This call leads a new call: it holds the inner future (and a spare
+    /// home for it, if there was one).
+    Leader(Ticket, F, Option<Boxed<F>>),
     /// This call waits on a call already running.
     Joined(Ticket, Arc<Group<F, T>>),
     /// A cached answer.
@@ -117,6 +126,7 @@ pub(crate) enum Start<F, T> {
 struct Inner<K, F, T> {
     map: HashTable<Item<K, F, T>>,
     next_id: u64,
+    spares: Vec<Boxed<F>>,
 }
 
 /// In-flight calls and cached answers by key, shared by every service of a
@@ -141,6 +151,7 @@ where
             inner: Mutex::new(Inner {
                 map: HashTable::new(),
                 next_id: 0,
+                spares: Vec::new(),
             }),
         }
     }
@@ -185,7 +196,11 @@ where
                         inner.next_id += 1;
                         item.id = id;
                         item.slot = Slot::InFlight(None);
-                        (Start::Leader(Ticket { hash, id }, call()), Kind::Leader)
+                        let spare = inner.spares.pop();
+                        (
+                            Start::Leader(Ticket { hash, id }, call(), spare),
+                            Kind::Leader,
+                        )
                     }
                 }
             }
@@ -199,7 +214,11 @@ where
                     key,
                     slot: Slot::InFlight(None),
                 });
-                (Start::Leader(Ticket { hash, id }, call()), Kind::Leader)
+                let spare = inner.spares.pop();
+                (
+                    Start::Leader(Ticket { hash, id }, call(), spare),
+                    Kind::Leader,
+                )
             }
         };
         drop(guard);
@@ -224,12 +243,22 @@ where
 
     /// Takes a finished call out of the table, leaving its answer cached
     /// when the layer caches answers of that kind. Returns its group.
-    fn finish(&self, t: Ticket, outcome: &Shared<T>) -> Option<Arc<Group<F, T>>> {
+    fn finish(
+        &self,
+        t: Ticket,
+        outcome: &Shared<T>,
+        spare: Option<Boxed<F>>,
+    ) -> Option<Arc<Group<F, T>>> {
         let ttl = match outcome {
             Ok(_) => self.cfg.cache_ttl,
             Err(_) => self.cfg.error_ttl,
         };
         let mut inner = lock(&self.inner);
+        if let Some(home) = spare {
+            if inner.spares.len() < SPARES {
+                inner.spares.push(home);
+            }
+        }
         let Ok(mut e) = inner.map.find_entry(t.hash, |it| it.id == t.id) else {
             return None;
         };
@@ -258,8 +287,13 @@ where
 
     /// The leader's inner future answered (or panicked) on the leader's own
     /// poll. Returns the leader's answer and hands the others theirs.
-    pub(crate) fn finish_leader(&self, t: Ticket, outcome: Shared<T>) -> Shared<T> {
-        match self.finish(t, &outcome) {
+    pub(crate) fn finish_leader(
+        &self,
+        t: Ticket,
+        outcome: Shared<T>,
+        spare: Option<Boxed<F>>,
+    ) -> Shared<T> {
+        match self.finish(t, &outcome, spare) {
             None => outcome,
             Some(g) => g.settle(outcome),
         }
@@ -268,7 +302,7 @@ where
     /// The leader's inner future is pending: it goes to the call's group
     /// (made now if nobody joined yet), to be driven by whichever waiter is
     /// polled.
-    pub(crate) fn hand_over(&self, t: Ticket, fut: Pin<Box<F>>) -> Arc<Group<F, T>> {
+    pub(crate) fn hand_over(&self, t: Ticket, fut: Boxed<F>) -> Arc<Group<F, T>> {
         let mut inner = lock(&self.inner);
         let item = inner.map.find_mut(t.hash, |it| it.id == t.id);
         match item.map(|it| &mut it.slot) {
@@ -294,7 +328,7 @@ where
 
     /// The leader went away while holding the inner future: it goes to the
     /// others if anyone waits, else the call is cancelled.
-    pub(crate) fn leader_leave(&self, t: Ticket, fut: Pin<Box<F>>) {
+    pub(crate) fn leader_leave(&self, t: Ticket, fut: Boxed<F>) {
         let cancelled = {
             let mut inner = lock(&self.inner);
             let group = match inner.map.find(t.hash, |it| it.id == t.id) {
@@ -396,7 +430,7 @@ fn make_room<K, F, T>(map: &mut HashTable<Item<K, F, T>>, now: Nanos) -> bool {
 }
 
 struct State<F, T> {
-    fut: Option<Pin<Box<F>>>,
+    fut: Option<Boxed<F>>,
     done: Option<Shared<T>>,
     /// Someone has the future out to poll it (a waiter of the group, or the
     /// leader before it handed the future over).
@@ -430,7 +464,7 @@ pub(crate) struct Group<F, T> {
 }
 
 impl<F, T> Group<F, T> {
-    fn new(fut: Option<Pin<Box<F>>>, waiters: usize) -> Self {
+    fn new(fut: Option<Boxed<F>>, waiters: usize) -> Self {
         let held = fut.is_none();
         Self {
             state: Mutex::new(State {
@@ -510,12 +544,16 @@ impl<F, T> Group<F, T> {
 
 /// Polls `fut` once with `cx`, turning a panic into an error answer.
 #[inline]
-pub(crate) fn poll_call<F>(fut: &mut Pin<Box<F>>, cx: &mut Context<'_>) -> Poll<Shared<F::Ok>>
+pub(crate) fn poll_call<F>(fut: &mut Boxed<F>, cx: &mut Context<'_>) -> Poll<Shared<F::Ok>>
 where
     F: Call,
     F::Err: Into<BoxError>,
 {
-    match catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+    let polled = catch_unwind(AssertUnwindSafe(|| match fut.as_mut().as_pin_mut() {
+        Some(f) => f.poll(cx),
+        None => panic!("dedup: inner future polled after it finished"),
+    }));
+    match polled {
         Ok(Poll::Pending) => Poll::Pending,
         Ok(Poll::Ready(res)) => Poll::Ready(res.map_err(|e| SharedError::new(e.into()))),
         Err(payload) => Poll::Ready(Err(panicked(payload))),
@@ -528,9 +566,11 @@ fn panicked(payload: Box<dyn std::any::Any + Send>) -> SharedError {
 }
 
 /// Drops a finished (or panicked) inner future, keeping a panic from its
-/// destructor in here too.
-pub(crate) fn drop_quietly<F>(fut: Pin<Box<F>>) {
-    let _ = catch_unwind(AssertUnwindSafe(move || drop(fut)));
+/// destructor in here too. Returns its home for reuse, unless dropping it
+/// panicked.
+pub(crate) fn drop_quietly<F>(mut fut: Boxed<F>) -> Option<Boxed<F>> {
+    catch_unwind(AssertUnwindSafe(|| fut.as_mut().set(None))).ok()?;
+    Some(fut)
 }
 
 impl<F, T> Group<F, T>
@@ -581,12 +621,10 @@ where
                     st.fut = Some(fut);
                     continue;
                 }
-                Poll::Ready(res) => {
-                    drop_quietly(fut);
-                    res
-                }
+                Poll::Ready(res) => (res, drop_quietly(fut)),
             };
-            table.finish(ticket, &outcome);
+            let (outcome, home) = outcome;
+            table.finish(ticket, &outcome, home);
             return Poll::Ready(self.settle(outcome));
         }
     }

@@ -9,11 +9,11 @@ use std::task::{ready, Context, Poll};
 
 use pin_project_lite::pin_project;
 
-use super::flight::{drop_quietly, poll_call, Call, Group, Shared, Table, Ticket};
+use super::flight::{drop_quietly, poll_call, Boxed, Call, Group, Shared, Table, Ticket};
 use crate::error::BoxError;
 
 type Leave<K, F, T> = fn(&Table<K, F, T>, Ticket, &Arc<Group<F, T>>, Option<usize>);
-type LeaderLeave<K, F, T> = fn(&Table<K, F, T>, Ticket, Pin<Box<F>>);
+type LeaderLeave<K, F, T> = fn(&Table<K, F, T>, Ticket, Boxed<F>);
 
 /// The first caller of a call, holding the inner future while nobody else
 /// needs it. Dropping it before the answer hands the future to the others,
@@ -21,7 +21,7 @@ type LeaderLeave<K, F, T> = fn(&Table<K, F, T>, Ticket, Pin<Box<F>>);
 pub(crate) struct Leader<K, F, T> {
     table: Arc<Table<K, F, T>>,
     ticket: Ticket,
-    fut: Option<Pin<Box<F>>>,
+    fut: Option<Boxed<F>>,
     leave: LeaderLeave<K, F, T>,
 }
 
@@ -30,7 +30,7 @@ where
     K: Hash + Eq,
     T: Clone,
 {
-    pub(crate) fn new(table: Arc<Table<K, F, T>>, ticket: Ticket, fut: Pin<Box<F>>) -> Self {
+    pub(crate) fn new(table: Arc<Table<K, F, T>>, ticket: Ticket, fut: Boxed<F>) -> Self {
         Self {
             table,
             ticket,
@@ -188,12 +188,12 @@ where
     };
     match poll_call(fut, cx) {
         Poll::Ready(outcome) => {
-            if let Some(fut) = leader.fut.take() {
-                drop_quietly(fut);
-            }
-            Ok(Poll::Ready(
-                leader.table.finish_leader(leader.ticket, outcome),
-            ))
+            let home = leader.fut.take().and_then(drop_quietly);
+            Ok(Poll::Ready(leader.table.finish_leader(
+                leader.ticket,
+                outcome,
+                home,
+            )))
         }
         Poll::Pending => {
             let fut = leader.fut.take().expect("held above");

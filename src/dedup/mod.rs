@@ -104,9 +104,17 @@
 //!
 //! # Cost
 //!
-//! A request with a new key takes the table's lock twice (start and
-//! finish) and its flight's lock twice, and allocates the flight and the
-//! boxed inner future. Waiters take the flight's lock when polled.
+//! The first caller of a key (the leader) keeps the inner future to itself
+//! and polls it inline, with its own waker. A call that answers on its
+//! first poll hashes its key once (with std's randomly keyed `RandomState`),
+//! takes the table's lock twice (start and finish), and reuses the pinned
+//! box of an earlier call, so in the steady state it allocates nothing.
+//! Shared state (the waker list, the answer for the others, the future) is
+//! made only when a second caller joins, or when the inner future is
+//! pending on its first poll: the leader then hands the future over, and
+//! from there on whichever waiter is polled drives it. A caller that joins
+//! before the leader's first poll waits for that poll (or for the leader to
+//! go away, which hands the future over).
 
 mod error;
 mod flight;

@@ -121,8 +121,15 @@ where
         let table = self.table::<K::Key, S::Future, S::Response>();
         let inner = &mut self.inner;
         match table.start(key, || inner.call(req)) {
-            Start::Leader(ticket, fut) => {
-                ResponseFuture::leading(Leader::new(table, ticket, Box::pin(fut)))
+            Start::Leader(ticket, fut, spare) => {
+                let home = match spare {
+                    Some(mut home) => {
+                        home.set(Some(fut));
+                        home
+                    }
+                    None => Box::pin(Some(fut)),
+                };
+                ResponseFuture::leading(Leader::new(table, ticket, home))
             }
             Start::Joined(ticket, group) => {
                 ResponseFuture::waiting(Waiter::new(table, ticket, group))
