@@ -73,7 +73,11 @@
 //! by method, URI and the headers that change the answer (`Authorization`
 //! and `Cookie` included, so one user's answer never reaches another), and
 //! only safe methods (`GET`, `HEAD`, `OPTIONS`) are deduplicated; see
-//! `http::dedup`.
+//! `http::dedup`. Responses with a streaming body are not `Clone`: wrap the
+//! stack with `http::dedup::HttpDedupLayer`, which buffers the body once (up
+//! to a limit, 1 MiB by default) and shares the copy; a bigger body is not
+//! shared (the first waiter streams it, the others re-issue their own
+//! request).
 //!
 //! # Memory
 //!

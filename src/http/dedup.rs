@@ -153,7 +153,7 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// use tower_bulwark::dedup::DedupLayer;
 /// use tower_bulwark::http::dedup::{HttpDedupLayer, HttpKey};
 ///
-/// # fn wrap<S>(client: S) -> tower_bulwark::http::dedup::HttpDedup<S, HttpKey> {
+/// # fn wrap<S: Clone>(client: S) -> tower_bulwark::http::dedup::HttpDedup<S, HttpKey> {
 /// let dedup = DedupLayer::builder().key_by(HttpKey::new()).build().unwrap();
 /// let svc = HttpDedupLayer::new(dedup)
 ///     .body_limit(256 * 1024)
