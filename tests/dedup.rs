@@ -384,3 +384,63 @@ fn send_sync() {
     is_send_sync(&svc);
     is_send(&svc.call(1));
 }
+
+/// Callers that join before the leader's first poll are answered by the
+/// leader's inline poll, also when it panics at once.
+#[tokio::test(start_paused = true)]
+async fn followers_of_an_immediate_answer_or_panic() {
+    let calls = counter();
+    let c = calls.clone();
+    let svc = by_value().layer(service_fn(move |k: u32| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if k == 0 {
+                panic!("at once");
+            }
+            Ok::<_, BoxError>(k)
+        }
+    }));
+    for k in [0, 5] {
+        let mut futs = Vec::new();
+        for _ in 0..4 {
+            futs.push(tokio_test::task::spawn(called(&svc, k).await));
+        }
+        for f in &mut futs {
+            match assert_ready!(f.poll()) {
+                Ok(v) => assert_eq!(v, 5),
+                Err(e) => {
+                    let shared = e.downcast_ref::<SharedError>().unwrap();
+                    assert!(shared.get_ref().is::<Panicked>());
+                }
+            }
+        }
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+/// The leader's call is pending on its first poll and the leader goes
+/// away: the callers that joined before and after carry the same call on.
+#[tokio::test(start_paused = true)]
+async fn leader_pending_then_dropped_hands_the_call_over() {
+    let (gated, go) = Gated::new();
+    let svc = by_value().layer(gated.clone());
+    // The first call leads; `early` joins before the leader's first poll.
+    let mut leader = tokio_test::task::spawn(called(&svc, 1).await);
+    let mut early = tokio_test::task::spawn(called(&svc, 1).await);
+    assert_pending!(early.poll());
+    assert_pending!(leader.poll());
+    let mut late = tokio_test::task::spawn(called(&svc, 1).await);
+    assert_pending!(late.poll());
+    drop(leader);
+    go.send(true).unwrap();
+    let a = loop {
+        if let std::task::Poll::Ready(r) = early.poll() {
+            break r;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(a.unwrap(), 2);
+    assert_eq!(assert_ready!(late.poll()).unwrap(), 2);
+    assert_eq!(gated.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(gated.cancelled.load(Ordering::SeqCst), 0);
+}

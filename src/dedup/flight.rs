@@ -1,27 +1,37 @@
-//! The dedup table and its shared calls ("flights").
+//! The dedup table and its shared calls.
 //!
-//! A flight is one inner call that belongs to every caller waiting on it.
-//! Whichever waiter is polled drives the inner future (at most one at a
-//! time), with a waker that wakes every waiter, so the call keeps going for
-//! as long as anyone waits and no runtime is needed to spawn it. When the
-//! last waiter goes away before the answer, the inner future is dropped
-//! (cancelled). A panic while polling it becomes every waiter's error.
+//! A call with a new key is led by its first caller, who holds the boxed
+//! inner future privately and polls it inline, with its own waker and no
+//! lock. Most calls end there: if the inner future answers on its first
+//! poll, the call costs one table lock to start it, one to finish it, and
+//! the box. Shared state (a [`Group`]) is made only when a second caller
+//! joins, or when the inner future is pending on its first poll: then the
+//! leader hands the future to the group, and from there on whichever
+//! waiter is polled drives it (at most one at a time), with a waker that
+//! wakes every waiter, so the call keeps going for as long as anyone waits
+//! and no runtime is needed to spawn it. When the last waiter goes away
+//! before the answer, the inner future is dropped (cancelled). A panic
+//! while polling it becomes every waiter's error.
 //!
-//! Locks: the table's map lock is never taken while a flight's state lock
-//! is held, except in `leave` (map, then state); a flight's waker list is
-//! only ever locked last. The inner future is polled and dropped with no
-//! lock held.
+//! The table is hashed once per call with a randomly keyed hasher (std's
+//! `RandomState`, so keys chosen by a client cannot degrade it); the hash
+//! and a per-table call id are kept by each waiter, so finishing or leaving
+//! a call finds its entry without hashing or comparing the key again.
+//!
+//! Locks: the table's lock may be held while taking a group's state lock,
+//! never the other way round; a group's waker list is only ever locked
+//! last. The inner future is polled and dropped with no lock held.
 
-use std::collections::hash_map::Entry;
-use std::collections::HashMap;
 use std::future::Future;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash, RandomState};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
+
+use hashbrown::hash_table::{Entry, HashTable};
 
 use super::{DedupEvent, Panicked, SharedError};
 use crate::clock::{nanos, Clock, Nanos};
@@ -43,6 +53,14 @@ where
 }
 
 pub(crate) type Shared<T> = Result<T, SharedError>;
+
+/// A pinned, reusable home for an inner future: `None` once it finished.
+/// Leaders reuse the homes of finished calls, so a call that answers at
+/// once allocates nothing in the steady state.
+pub(crate) type Boxed<F> = Pin<Box<Option<F>>>;
+
+/// Spare homes kept per table.
+const SPARES: usize = 16;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic in a listener or a clone must not wedge the table.
@@ -68,21 +86,47 @@ enum Kind {
     Cancelled,
 }
 
-enum Slot<K, F, T> {
-    InFlight(Arc<Flight<K, F, T>>),
-    Cached { result: Shared<T>, until: Nanos },
+/// Where a call is in the table: its hash and its id.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ticket {
+    hash: u64,
+    id: u64,
+}
+
+struct Item<K, F, T> {
+    hash: u64,
+    id: u64,
+    key: K,
+    slot: Slot<F, T>,
+}
+
+enum Slot<F, T> {
+    /// In flight; the group exists once a second caller joined or the
+    /// inner future was pending.
+    InFlight(Option<Arc<Group<F, T>>>),
+    Cached {
+        result: Shared<T>,
+        until: Nanos,
+    },
 }
 
 /// What `Table::start` decided for one call.
-pub(crate) enum Start<K, F, T> {
-    /// This call leads a new flight.
-    Leader(Arc<Flight<K, F, T>>),
-    /// This call waits on a flight already running.
-    Joined(Arc<Flight<K, F, T>>),
+pub(crate) enum Start<F, T> {
+    /// This call leads a new call: it holds the inner future (and a spare
+    /// home for it, if there was one).
+    Leader(Ticket, F, Option<Boxed<F>>),
+    /// This call waits on a call already running.
+    Joined(Ticket, Arc<Group<F, T>>),
     /// A cached answer.
     Hit(Shared<T>),
     /// The table is full of calls in flight: this call goes straight through.
     Bypass(F),
+}
+
+struct Inner<K, F, T> {
+    map: HashTable<Item<K, F, T>>,
+    next_id: u64,
+    spares: Vec<Boxed<F>>,
 }
 
 /// In-flight calls and cached answers by key, shared by every service of a
@@ -90,19 +134,25 @@ pub(crate) enum Start<K, F, T> {
 pub(crate) struct Table<K, F, T> {
     pub(crate) cfg: Arc<Config>,
     clock: Clock,
-    map: Mutex<HashMap<K, Slot<K, F, T>>>,
+    hasher: RandomState,
+    inner: Mutex<Inner<K, F, T>>,
 }
 
 impl<K, F, T> Table<K, F, T>
 where
-    K: Hash + Eq + Clone,
+    K: Hash + Eq,
     T: Clone,
 {
     pub(crate) fn new(cfg: Arc<Config>) -> Self {
         Self {
             cfg,
             clock: Clock::new(),
-            map: Mutex::new(HashMap::new()),
+            hasher: RandomState::new(),
+            inner: Mutex::new(Inner {
+                map: HashTable::new(),
+                next_id: 0,
+                spares: Vec::new(),
+            }),
         }
     }
 
@@ -110,39 +160,68 @@ where
         self.cfg.cache_ttl.is_some() || self.cfg.error_ttl.is_some()
     }
 
-    /// Joins the flight for `key`, serves it from the cache, or starts a
-    /// new flight with `call`. `call` runs under the map lock, so a second
-    /// caller with the same key cannot miss the flight it starts.
-    pub(crate) fn start(&self, key: K, call: impl FnOnce() -> F) -> Start<K, F, T> {
+    /// Joins the call for `key`, serves it from the cache, or starts a new
+    /// call with `call`. `call` runs under the table's lock, so a second
+    /// caller with the same key cannot miss the call it starts.
+    pub(crate) fn start(&self, key: K, call: impl FnOnce() -> F) -> Start<F, T> {
+        let hash = self.hasher.hash_one(&key);
         let now = if self.caches() { self.clock.now() } else { 0 };
-        let mut map = lock(&self.map);
-        let mut full = map.len() >= self.cfg.max_entries;
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        let mut full = inner.map.len() >= self.cfg.max_entries;
         if full {
-            full = !make_room(&mut map, now);
+            full = !make_room(&mut inner.map, now);
         }
-        let (start, event) = match map.entry(key) {
-            Entry::Occupied(mut e) => match e.get() {
-                Slot::InFlight(f) => {
-                    f.waiters.fetch_add(1, Ordering::Relaxed);
-                    (Start::Joined(f.clone()), Kind::Joined)
+        let (start, event) = match inner.map.entry(hash, |it| it.key == key, |it| it.hash) {
+            Entry::Occupied(mut e) => {
+                let item = e.get_mut();
+                let ticket = Ticket { hash, id: item.id };
+                match &mut item.slot {
+                    Slot::InFlight(Some(g)) => {
+                        g.waiters.fetch_add(1, Ordering::Relaxed);
+                        (Start::Joined(ticket, g.clone()), Kind::Joined)
+                    }
+                    Slot::InFlight(group) => {
+                        // The leader holds the future: it hands it over at
+                        // its next poll, or finishes and answers us.
+                        let g = Arc::new(Group::new(None, 2));
+                        *group = Some(g.clone());
+                        (Start::Joined(ticket, g), Kind::Joined)
+                    }
+                    Slot::Cached { result, until } if now < *until => {
+                        (Start::Hit(result.clone()), Kind::CacheHit)
+                    }
+                    Slot::Cached { .. } => {
+                        let id = inner.next_id;
+                        inner.next_id += 1;
+                        item.id = id;
+                        item.slot = Slot::InFlight(None);
+                        let spare = inner.spares.pop();
+                        (
+                            Start::Leader(Ticket { hash, id }, call(), spare),
+                            Kind::Leader,
+                        )
+                    }
                 }
-                Slot::Cached { result, until } if now < *until => {
-                    (Start::Hit(result.clone()), Kind::CacheHit)
-                }
-                Slot::Cached { .. } => {
-                    let flight = Arc::new(Flight::new(e.key().clone(), call()));
-                    e.insert(Slot::InFlight(flight.clone()));
-                    (Start::Leader(flight), Kind::Leader)
-                }
-            },
+            }
             Entry::Vacant(_) if full => (Start::Bypass(call()), Kind::Full),
             Entry::Vacant(v) => {
-                let flight = Arc::new(Flight::new(v.key().clone(), call()));
-                v.insert(Slot::InFlight(flight.clone()));
-                (Start::Leader(flight), Kind::Leader)
+                let id = inner.next_id;
+                inner.next_id += 1;
+                v.insert(Item {
+                    hash,
+                    id,
+                    key,
+                    slot: Slot::InFlight(None),
+                });
+                let spare = inner.spares.pop();
+                (
+                    Start::Leader(Ticket { hash, id }, call(), spare),
+                    Kind::Leader,
+                )
             }
         };
-        drop(map);
+        drop(guard);
         self.emit(event);
         start
     }
@@ -162,56 +241,116 @@ where
         });
     }
 
-    /// Takes a finished flight out of the map, leaving its answer cached
-    /// when the layer caches answers of that kind.
-    fn finish(&self, flight: &Arc<Flight<K, F, T>>, outcome: &Shared<T>) {
+    /// Takes a finished call out of the table, leaving its answer cached
+    /// when the layer caches answers of that kind. Returns its group.
+    fn finish(
+        &self,
+        t: Ticket,
+        outcome: &Shared<T>,
+        spare: Option<Boxed<F>>,
+    ) -> Option<Arc<Group<F, T>>> {
         let ttl = match outcome {
             Ok(_) => self.cfg.cache_ttl,
             Err(_) => self.cfg.error_ttl,
         };
-        let mut map = lock(&self.map);
+        let mut inner = lock(&self.inner);
+        if let Some(home) = spare {
+            if inner.spares.len() < SPARES {
+                inner.spares.push(home);
+            }
+        }
+        let Ok(mut e) = inner.map.find_entry(t.hash, |it| it.id == t.id) else {
+            return None;
+        };
         match ttl {
             Some(ttl) => {
-                if let Some(slot) = map.get_mut(&flight.key) {
-                    if matches!(slot, Slot::InFlight(f) if Arc::ptr_eq(f, flight)) {
-                        let until = self.clock.now().saturating_add(nanos(ttl));
-                        let result = outcome.clone();
-                        *slot = Slot::Cached { result, until };
-                    }
+                let until = self.clock.now().saturating_add(nanos(ttl));
+                let result = outcome.clone();
+                match std::mem::replace(&mut e.get_mut().slot, Slot::Cached { result, until }) {
+                    Slot::InFlight(g) => g,
+                    Slot::Cached { .. } => None,
                 }
             }
-            None => {
-                if let Some(slot) = map.remove(&flight.key) {
-                    if !matches!(&slot, Slot::InFlight(f) if Arc::ptr_eq(f, flight)) {
-                        map.insert(flight.key.clone(), slot);
-                    }
-                }
-            }
+            None => match e.remove().0.slot {
+                Slot::InFlight(g) => g,
+                Slot::Cached { .. } => None,
+            },
         }
     }
 
-    /// A waiter went away before its answer. The last one cancels the call.
-    pub(crate) fn leave(&self, flight: &Arc<Flight<K, F, T>>, slot: Option<usize>) {
-        if let Some(i) = slot {
-            lock(&flight.wakers).remove(i);
+    /// Removes a call that every waiter left.
+    fn cancel(inner: &mut Inner<K, F, T>, t: Ticket) {
+        if let Ok(e) = inner.map.find_entry(t.hash, |it| it.id == t.id) {
+            e.remove();
         }
-        let cancelled = {
-            let mut map = lock(&self.map);
-            if flight.waiters.fetch_sub(1, Ordering::AcqRel) != 1 {
-                return;
+    }
+
+    /// The leader's inner future answered (or panicked) on the leader's own
+    /// poll. Returns the leader's answer and hands the others theirs.
+    pub(crate) fn finish_leader(
+        &self,
+        t: Ticket,
+        outcome: Shared<T>,
+        spare: Option<Boxed<F>>,
+    ) -> Shared<T> {
+        match self.finish(t, &outcome, spare) {
+            None => outcome,
+            Some(g) => g.settle(outcome),
+        }
+    }
+
+    /// The leader's inner future is pending: it goes to the call's group
+    /// (made now if nobody joined yet), to be driven by whichever waiter is
+    /// polled.
+    pub(crate) fn hand_over(&self, t: Ticket, fut: Boxed<F>) -> Arc<Group<F, T>> {
+        let mut inner = lock(&self.inner);
+        let item = inner.map.find_mut(t.hash, |it| it.id == t.id);
+        match item.map(|it| &mut it.slot) {
+            Some(Slot::InFlight(Some(g))) => {
+                let g = g.clone();
+                let mut st = lock(&g.state);
+                st.fut = Some(fut);
+                st.polling = false;
+                g.woken.store(true, Ordering::Release);
+                drop(st);
+                g
             }
-            let fut = {
-                let mut st = lock(&flight.state);
-                if st.done.is_some() {
+            Some(Slot::InFlight(slot)) => {
+                let g = Arc::new(Group::new(Some(fut), 1));
+                *slot = Some(g.clone());
+                g
+            }
+            // Not reachable: only a waiter finishes or cancels a call, and
+            // the leader is one. Keep going on a private group regardless.
+            _ => Arc::new(Group::new(Some(fut), 1)),
+        }
+    }
+
+    /// The leader went away while holding the inner future: it goes to the
+    /// others if anyone waits, else the call is cancelled.
+    pub(crate) fn leader_leave(&self, t: Ticket, fut: Boxed<F>) {
+        let cancelled = {
+            let mut inner = lock(&self.inner);
+            let group = match inner.map.find(t.hash, |it| it.id == t.id) {
+                Some(Item {
+                    slot: Slot::InFlight(Some(g)),
+                    ..
+                }) => Some(g.clone()),
+                _ => None,
+            };
+            if let Some(g) = group {
+                if g.waiters.fetch_sub(1, Ordering::AcqRel) != 1 {
+                    let mut st = lock(&g.state);
+                    st.fut = Some(fut);
+                    st.polling = false;
+                    g.woken.store(true, Ordering::Release);
+                    drop(st);
+                    drop(inner);
+                    g.wake_all();
                     return;
                 }
-                st.fut.take()
-            };
-            if let Some(slot) = map.remove(&flight.key) {
-                if !matches!(&slot, Slot::InFlight(f) if Arc::ptr_eq(f, flight)) {
-                    map.insert(flight.key.clone(), slot);
-                }
             }
+            Self::cancel(&mut inner, t);
             fut
         };
         // Dropped with no lock held: this is the cancellation.
@@ -219,34 +358,62 @@ where
         self.emit(Kind::Cancelled);
     }
 
+    /// A waiter of a group went away before its answer. The last one
+    /// cancels the call.
+    pub(crate) fn leave(&self, t: Ticket, group: &Arc<Group<F, T>>, slot: Option<usize>) {
+        if let Some(i) = slot {
+            lock(&group.wakers).remove(i);
+        }
+        let cancelled = {
+            let mut inner = lock(&self.inner);
+            if group.waiters.fetch_sub(1, Ordering::AcqRel) != 1 {
+                return;
+            }
+            let fut = {
+                let mut st = lock(&group.state);
+                if st.done.is_some() {
+                    return;
+                }
+                st.fut.take()
+            };
+            Self::cancel(&mut inner, t);
+            fut
+        };
+        drop(cancelled);
+        self.emit(Kind::Cancelled);
+    }
+
     /// Calls in flight and answers cached.
     pub(crate) fn counts(&self) -> (usize, usize) {
-        let map = lock(&self.map);
-        let flying = map
-            .values()
-            .filter(|s| matches!(s, Slot::InFlight(_)))
+        let inner = lock(&self.inner);
+        let flying = inner
+            .map
+            .iter()
+            .filter(|it| matches!(it.slot, Slot::InFlight(_)))
             .count();
-        (flying, map.len() - flying)
+        (flying, inner.map.len() - flying)
     }
 
     /// Forgets every cached answer.
     pub(crate) fn clear_cache(&self) {
-        lock(&self.map).retain(|_, s| matches!(s, Slot::InFlight(_)));
+        lock(&self.inner)
+            .map
+            .retain(|it| matches!(it.slot, Slot::InFlight(_)));
     }
 }
 
 /// Frees a place in a full map: drops expired answers, or else the cached
 /// answer that expires first. Returns whether there is room now.
-fn make_room<K: Hash + Eq, F, T>(map: &mut HashMap<K, Slot<K, F, T>>, now: Nanos) -> bool {
+fn make_room<K, F, T>(map: &mut HashTable<Item<K, F, T>>, now: Nanos) -> bool {
     let before = map.len();
-    map.retain(|_, s| !matches!(s, Slot::Cached { until, .. } if now >= *until));
+    map.retain(|it| !matches!(it.slot, Slot::Cached { until, .. } if now >= until));
     if map.len() < before {
         return true;
     }
     let oldest = map
-        .values()
-        .filter_map(|s| match s {
-            Slot::Cached { until, .. } => Some(*until),
+        .iter()
+        .filter_map(|it| match it.slot {
+            Slot::Cached { until, .. } => Some(until),
             Slot::InFlight(_) => None,
         })
         .min();
@@ -254,8 +421,8 @@ fn make_room<K: Hash + Eq, F, T>(map: &mut HashMap<K, Slot<K, F, T>>, now: Nanos
         return false;
     };
     let mut evicted = false;
-    map.retain(|_, s| {
-        let hit = !evicted && matches!(s, Slot::Cached { until, .. } if *until == oldest);
+    map.retain(|it| {
+        let hit = !evicted && matches!(it.slot, Slot::Cached { until, .. } if until == oldest);
         evicted |= hit;
         !hit
     });
@@ -263,9 +430,10 @@ fn make_room<K: Hash + Eq, F, T>(map: &mut HashMap<K, Slot<K, F, T>>, now: Nanos
 }
 
 struct State<F, T> {
-    fut: Option<Pin<Box<F>>>,
+    fut: Option<Boxed<F>>,
     done: Option<Shared<T>>,
-    /// A waiter has taken `fut` out to poll it.
+    /// Someone has the future out to poll it (a waiter of the group, or the
+    /// leader before it handed the future over).
     polling: bool,
 }
 
@@ -283,30 +451,30 @@ impl Wakers {
     }
 }
 
-/// One shared call.
-pub(crate) struct Flight<K, F, T> {
-    key: K,
+/// The shared state of a call that more than one caller waits on, or that
+/// did not answer at once.
+pub(crate) struct Group<F, T> {
     state: Mutex<State<F, T>>,
     /// The inner future asked to be polled again.
     woken: AtomicBool,
     wakers: Mutex<Wakers>,
     /// Callers that have not yet taken their answer or left. Changed under
-    /// the map lock when joining and leaving.
+    /// the table's lock when joining and leaving.
     waiters: AtomicUsize,
 }
 
-impl<K, F, T> Flight<K, F, T> {
-    fn new(key: K, fut: F) -> Self {
+impl<F, T> Group<F, T> {
+    fn new(fut: Option<Boxed<F>>, waiters: usize) -> Self {
+        let held = fut.is_none();
         Self {
-            key,
             state: Mutex::new(State {
-                fut: Some(Box::pin(fut)),
+                fut,
                 done: None,
-                polling: false,
+                polling: held,
             }),
-            woken: AtomicBool::new(true),
+            woken: AtomicBool::new(!held),
             wakers: Mutex::new(Wakers::default()),
-            waiters: AtomicUsize::new(1),
+            waiters: AtomicUsize::new(waiters),
         }
     }
 
@@ -351,11 +519,62 @@ impl<K, F, T> Flight<K, F, T> {
             st.done.clone().expect("answer kept until the last waiter")
         }
     }
+
+    /// The call is out of the table with this answer: the caller that
+    /// produced it takes its own, and the others are woken to theirs. No
+    /// one can join once the call is out of the table, so the waiter count
+    /// only goes down from here.
+    fn settle(&self, outcome: Shared<T>) -> Shared<T>
+    where
+        T: Clone,
+    {
+        let mut st = lock(&self.state);
+        st.polling = false;
+        if self.waiters.load(Ordering::Acquire) == 1 {
+            self.waiters.store(0, Ordering::Release);
+            return outcome;
+        }
+        st.done = Some(outcome);
+        let mine = self.read(&mut st);
+        drop(st);
+        self.wake_all();
+        mine
+    }
 }
 
-impl<K, F, T> Flight<K, F, T>
+/// Polls `fut` once with `cx`, turning a panic into an error answer.
+#[inline]
+pub(crate) fn poll_call<F>(fut: &mut Boxed<F>, cx: &mut Context<'_>) -> Poll<Shared<F::Ok>>
 where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
+    F: Call,
+    F::Err: Into<BoxError>,
+{
+    let polled = catch_unwind(AssertUnwindSafe(|| match fut.as_mut().as_pin_mut() {
+        Some(f) => f.poll(cx),
+        None => panic!("dedup: inner future polled after it finished"),
+    }));
+    match polled {
+        Ok(Poll::Pending) => Poll::Pending,
+        Ok(Poll::Ready(res)) => Poll::Ready(res.map_err(|e| SharedError::new(e.into()))),
+        Err(payload) => Poll::Ready(Err(panicked(payload))),
+    }
+}
+
+fn panicked(payload: Box<dyn std::any::Any + Send>) -> SharedError {
+    let panicked = Panicked::from_payload(&*payload);
+    SharedError::new(Box::new(panicked))
+}
+
+/// Drops a finished (or panicked) inner future, keeping a panic from its
+/// destructor in here too. Returns its home for reuse, unless dropping it
+/// panicked.
+pub(crate) fn drop_quietly<F>(mut fut: Boxed<F>) -> Option<Boxed<F>> {
+    catch_unwind(AssertUnwindSafe(|| fut.as_mut().set(None))).ok()?;
+    Some(fut)
+}
+
+impl<F, T> Group<F, T>
+where
     F: Call<Ok = T> + Send + 'static,
     T: Clone + Send + 'static,
     F::Err: Into<BoxError>,
@@ -363,12 +582,16 @@ where
     /// Polls on behalf of one waiter: reads the answer if there is one,
     /// else drives the inner future if nobody else is and it asked to be
     /// polled, else waits.
-    pub(crate) fn poll_waiter(
+    pub(crate) fn poll_waiter<K>(
         self: &Arc<Self>,
         table: &Table<K, F, T>,
+        ticket: Ticket,
         slot: &mut Option<usize>,
         cx: &mut Context<'_>,
-    ) -> Poll<Shared<T>> {
+    ) -> Poll<Shared<T>>
+    where
+        K: Hash + Eq,
+    {
         loop {
             let mut st = lock(&self.state);
             if st.done.is_some() {
@@ -382,55 +605,33 @@ where
                 }
                 return Poll::Pending;
             }
-            let mut fut = st.fut.take().expect("a running flight has its future");
+            let Some(mut fut) = st.fut.take() else {
+                // Cancelled under us: cannot happen while we wait.
+                self.register(slot, cx.waker());
+                return Poll::Pending;
+            };
             st.polling = true;
             drop(st);
 
             let waker = Waker::from(self.clone());
-            let polled = catch_unwind(AssertUnwindSafe(|| {
-                fut.as_mut().poll(&mut Context::from_waker(&waker))
-            }));
-            let outcome = match polled {
-                Ok(Poll::Pending) => {
+            let outcome = match poll_call(&mut fut, &mut Context::from_waker(&waker)) {
+                Poll::Pending => {
                     let mut st = lock(&self.state);
                     st.polling = false;
                     st.fut = Some(fut);
                     continue;
                 }
-                Ok(Poll::Ready(res)) => {
-                    drop(fut);
-                    res.map_err(|e| SharedError::new(e.into()))
-                }
-                Err(payload) => {
-                    // The future is in an unknown state: drop it, and keep
-                    // a second panic from its destructor in here too.
-                    let _ = catch_unwind(AssertUnwindSafe(move || drop(fut)));
-                    let panicked = Panicked::from_payload(&*payload);
-                    Err(SharedError::new(Box::new(panicked)))
-                }
+                Poll::Ready(res) => (res, drop_quietly(fut)),
             };
-
-            // No one can join once the flight is out of the map, so the
-            // waiter count only goes down from here.
-            table.finish(self, &outcome);
-            let mut st = lock(&self.state);
-            st.polling = false;
-            if self.waiters.load(Ordering::Acquire) == 1 {
-                self.waiters.store(0, Ordering::Release);
-                return Poll::Ready(outcome);
-            }
-            st.done = Some(outcome);
-            let mine = self.read(&mut st);
-            drop(st);
-            self.wake_all();
-            return Poll::Ready(mine);
+            let (outcome, home) = outcome;
+            table.finish(ticket, &outcome, home);
+            return Poll::Ready(self.settle(outcome));
         }
     }
 }
 
-impl<K, F, T> Wake for Flight<K, F, T>
+impl<F, T> Wake for Group<F, T>
 where
-    K: Send + Sync + 'static,
     F: Send + 'static,
     T: Send + 'static,
 {

@@ -73,7 +73,11 @@
 //! by method, URI and the headers that change the answer (`Authorization`
 //! and `Cookie` included, so one user's answer never reaches another), and
 //! only safe methods (`GET`, `HEAD`, `OPTIONS`) are deduplicated; see
-//! `http::dedup`.
+//! `http::dedup`. Responses with a streaming body are not `Clone`: wrap the
+//! stack with `http::dedup::HttpDedupLayer`, which buffers the body once (up
+//! to a limit, 1 MiB by default) and shares the copy; a bigger body is not
+//! shared (the first waiter streams it, the others re-issue their own
+//! request).
 //!
 //! # Memory
 //!
@@ -104,9 +108,17 @@
 //!
 //! # Cost
 //!
-//! A request with a new key takes the table's lock twice (start and
-//! finish) and its flight's lock twice, and allocates the flight and the
-//! boxed inner future. Waiters take the flight's lock when polled.
+//! The first caller of a key (the leader) keeps the inner future to itself
+//! and polls it inline, with its own waker. A call that answers on its
+//! first poll hashes its key once (with std's randomly keyed `RandomState`),
+//! takes the table's lock twice (start and finish), and reuses the pinned
+//! box of an earlier call, so in the steady state it allocates nothing.
+//! Shared state (the waker list, the answer for the others, the future) is
+//! made only when a second caller joins, or when the inner future is
+//! pending on its first poll: the leader then hands the future over, and
+//! from there on whichever waiter is polled drives it. A caller that joins
+//! before the leader's first poll waits for that poll (or for the leader to
+//! go away, which hands the future over).
 
 mod error;
 mod flight;

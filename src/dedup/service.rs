@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use tower_service::Service;
 
 use super::flight::{Start, Table};
-use super::future::{ResponseFuture, Waiter};
+use super::future::{Leader, ResponseFuture, Waiter};
 use super::layer::LayerShared;
 use super::{DedupHandle, DedupKey, DedupLayer};
 use crate::error::BoxError;
@@ -121,8 +121,18 @@ where
         let table = self.table::<K::Key, S::Future, S::Response>();
         let inner = &mut self.inner;
         match table.start(key, || inner.call(req)) {
-            Start::Leader(flight) | Start::Joined(flight) => {
-                ResponseFuture::waiting(Waiter::new(table, flight))
+            Start::Leader(ticket, fut, spare) => {
+                let home = match spare {
+                    Some(mut home) => {
+                        home.set(Some(fut));
+                        home
+                    }
+                    None => Box::pin(Some(fut)),
+                };
+                ResponseFuture::leading(Leader::new(table, ticket, home))
+            }
+            Start::Joined(ticket, group) => {
+                ResponseFuture::waiting(Waiter::new(table, ticket, group))
             }
             Start::Hit(res) => ResponseFuture::ready(res.map_err(Into::into)),
             Start::Bypass(fut) => ResponseFuture::direct(fut),

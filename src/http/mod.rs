@@ -11,7 +11,9 @@
 //!   with the `axum` feature, [`handle_error`] plugs it into axum's
 //!   `HandleErrorLayer`.
 //! - [`dedup::HttpKey`] (with `dedup`) keys requests for the dedup layer by
-//!   method, URI and the headers that change the answer.
+//!   method, URI and the headers that change the answer, and
+//!   [`dedup::HttpDedupLayer`] shares streaming responses by buffering the
+//!   body once, up to a limit.
 //! - [`ReplayBody`] buffers a streaming request body as it is sent, up to a
 //!   limit, so the request can be retried; with the `retry` feature,
 //!   [`HttpRetryPolicy`] retries idempotent requests on 5xx, 429 and
