@@ -221,7 +221,7 @@ impl RateLimitBuilder {
             key: Global,
             cost: FixedCost,
             hint: None,
-            clock: ClockSource::Tokio,
+            clock: ClockSource::default(),
             listeners: Listeners::default(),
         }
     }
@@ -353,9 +353,10 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
         }
     }
 
-    /// Where the limiter reads the time (default tokio's clock, which
-    /// `tokio::time::pause()` drives). [`ClockSource::Fast`] halves the
-    /// cost of an admitted call; see [`ClockSource`].
+    /// Where the limiter reads the time: by default the CPU's time-stamp
+    /// counter ([`ClockSource::Fast`]), or tokio's clock, which
+    /// `tokio::time::pause()` drives, with the `test-util` feature. See
+    /// [`ClockSource`].
     pub fn clock(mut self, source: ClockSource) -> Self {
         self.clock = source;
         self
