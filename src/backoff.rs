@@ -162,6 +162,10 @@ impl Backoff {
         }
     }
 
+    #[cfg_attr(
+        not(any(feature = "retry", feature = "circuit-breaker")),
+        allow(dead_code)
+    )]
     pub(crate) fn validate(
         &self,
         layer: &'static str,

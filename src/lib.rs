@@ -62,10 +62,41 @@
 
 pub mod backoff;
 pub mod classify;
+// Shared by the layers: with only some of them enabled, parts go unused.
+#[cfg_attr(
+    not(all(
+        feature = "circuit-breaker",
+        feature = "dedup",
+        feature = "bulkhead",
+        feature = "rate-limit",
+        feature = "retry"
+    )),
+    allow(dead_code, unused_imports)
+)]
 mod clock;
 pub mod error;
 pub mod observe;
+#[cfg_attr(
+    not(all(
+        feature = "circuit-breaker",
+        feature = "dedup",
+        feature = "bulkhead",
+        feature = "rate-limit",
+        feature = "retry"
+    )),
+    allow(dead_code, unused_imports)
+)]
 mod slot;
+#[cfg_attr(
+    not(all(
+        feature = "circuit-breaker",
+        feature = "dedup",
+        feature = "bulkhead",
+        feature = "rate-limit",
+        feature = "retry"
+    )),
+    allow(dead_code, unused_imports)
+)]
 mod sync;
 
 #[cfg(feature = "bulkhead")]
