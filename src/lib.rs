@@ -3,25 +3,50 @@
 //! that stacks with `ServiceBuilder`.
 //!
 //! ```
-//! # #[cfg(feature = "circuit-breaker")] {
+//! # #[cfg(all(feature = "circuit-breaker", feature = "fallback", feature = "dedup",
+//! #           feature = "bulkhead", feature = "rate-limit", feature = "retry"))] {
 //! use std::time::Duration;
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
-//! use tower_bulwark::CircuitBreakerLayer;
+//! use tower_bulwark::{
+//!     BulkheadLayer, CircuitBreakerLayer, DedupLayer, FallbackLayer, RateLimitLayer, RetryLayer,
+//! };
+//!
+//! #[derive(Clone)]
+//! struct Req {
+//!     id: String,
+//! }
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), tower_bulwark::error::BoxError> {
-//! let breaker = CircuitBreakerLayer::builder()
-//!     .name("payments")
-//!     .failure_threshold(5)
-//!     .open_timeout(Duration::from_secs(30))
-//!     .build()?;
+//! # async fn main() -> Result<(), tower_bulwark::BoxError> {
+//! let upstream = service_fn(|req: Req| async move { Ok::<_, std::io::Error>(format!("hello {}", req.id)) });
+//! let secondary = service_fn(|req: Req| async move { Ok::<_, std::io::Error>(format!("hi {}", req.id)) });
+//!
 //! let svc = ServiceBuilder::new()
-//!     .layer(breaker)
-//!     .service(service_fn(|n: u32| async move { Ok::<_, std::io::Error>(n * 2) }));
-//! assert_eq!(svc.oneshot(21).await?, 42);
+//!     // A secondary upstream, behind its own breaker, when the rest fails.
+//!     .layer(
+//!         FallbackLayer::builder()
+//!             .fallback("secondary", secondary)
+//!             .breaker(CircuitBreakerLayer::builder().failure_threshold(3))
+//!             .build()?,
+//!     )
+//!     .layer(RetryLayer::builder().max_attempts(3).build()?)
+//!     .layer(CircuitBreakerLayer::builder().name("payments").build()?)
+//!     .layer(RateLimitLayer::builder().max_tokens(50.0).refill_rate(10.0).build()?)
+//!     .layer(BulkheadLayer::builder().max_concurrent(10).build()?)
+//!     .layer(DedupLayer::builder().key(|req: &Req| Some(req.id.clone())).build()?)
+//!     .service(upstream);
+//!
+//! let answer = svc.oneshot(Req { id: "ada".into() }).await?;
+//! assert_eq!(answer, "hello ada");
 //! # Ok(()) }
 //! # }
 //! ```
+//!
+//! Outermost first: a call meets the fallback, then retry, the breaker, the
+//! rate limit, the bulkhead and dedup, in that order. Each layer's error is
+//! a [`BoxError`], so they compose in any order; the order above retries
+//! through the breaker (an open circuit is not retried into) and fails over
+//! only once retries are spent.
 //!
 //! # Shared state
 //!
