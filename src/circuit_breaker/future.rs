@@ -15,83 +15,76 @@ use crate::clock::Nanos;
 use crate::error::BoxError;
 use crate::slot::SlotRef;
 
-/// An admitted call.
+/// A call admitted by a breaker that is not on the slot path: probes,
+/// window mode, timed calls and shared backends. Dropping it before the
+/// call finished (the caller went away, or the inner service panicked)
+/// gives a probe slot back and counts as neither success nor failure.
 #[derive(Debug)]
-pub(crate) enum Permit {
-    /// A closed-breaker call in consecutive mode: it reaches the breaker
-    /// through its slot, without holding a reference count.
-    Slot { slot: SlotRef, gen: u32 },
-    /// Everything else: probes, window mode, timed calls.
-    Core {
-        core: Arc<Core>,
-        ticket: Ticket,
-        /// When the call started, if its duration is needed.
-        start: Option<Nanos>,
-    },
+pub(crate) struct Permit {
+    pub(crate) core: Arc<Core>,
+    pub(crate) ticket: Ticket,
+    /// When the call started, if its duration is needed.
+    pub(crate) start: Option<Nanos>,
 }
 
 impl Drop for Permit {
-    /// A call dropped before it finished (the caller went away, or the
-    /// inner service panicked) gives its probe slot back and counts as
-    /// neither success nor failure.
     fn drop(&mut self) {
-        if let Permit::Core { core, ticket, .. } = self {
-            if ticket.probe {
-                core.release_shared(*ticket);
-            }
+        if self.ticket.probe {
+            self.core.release_shared(self.ticket);
         }
     }
 }
 
 impl Permit {
-    #[inline]
     fn finish<C, T, E>(mut self, classifier: &C, res: &Result<T, E>)
     where
         C: Classify<T, E>,
     {
-        match &mut self {
-            Permit::Slot { slot, gen } => match classifier.classify(res, Duration::ZERO) {
-                Outcome::Success => record_success(&slot.slot.word, *gen),
-                Outcome::Failure => {
-                    // Cold: reach the whole breaker to count it, and maybe open.
-                    if let Some(core) = slot.upgrade::<Core>() {
-                        let ticket = Ticket {
-                            gen: *gen,
-                            probe: false,
-                        };
-                        core.record(ticket, true, false);
-                    }
-                }
-                Outcome::Ignore => {}
-            },
-            Permit::Core {
-                core,
-                ticket,
-                start,
-            } => {
-                let elapsed = match start {
-                    Some(start) => Duration::from_nanos(core.clock.now().saturating_sub(*start)),
-                    None => Duration::ZERO,
-                };
-                if core.cfg.honor_retry_after {
-                    if let Some(d) = classifier.retry_after(res) {
-                        core.hold_open_shared(d);
-                    }
-                }
-                let slow = core.cfg.slow_call_duration.is_some_and(|t| elapsed >= t);
-                match classifier.classify(res, elapsed) {
-                    Outcome::Success => core.record_shared(*ticket, false, slow),
-                    Outcome::Failure => core.record_shared(*ticket, true, slow),
-                    Outcome::Ignore => {
-                        if ticket.probe {
-                            core.release_shared(*ticket);
-                        }
-                    }
-                }
-                // The verdict is in: nothing left for the guard to undo.
-                ticket.probe = false;
+        let core = &self.core;
+        let ticket = self.ticket;
+        let elapsed = match self.start {
+            Some(start) => Duration::from_nanos(core.clock.now().saturating_sub(start)),
+            None => Duration::ZERO,
+        };
+        if core.cfg.honor_retry_after {
+            if let Some(d) = classifier.retry_after(res) {
+                core.hold_open_shared(d);
             }
         }
+        let slow = core.cfg.slow_call_duration.is_some_and(|t| elapsed >= t);
+        match classifier.classify(res, elapsed) {
+            Outcome::Success => core.record_shared(ticket, false, slow),
+            Outcome::Failure => core.record_shared(ticket, true, slow),
+            Outcome::Ignore => {
+                if ticket.probe {
+                    core.release_shared(ticket);
+                }
+            }
+        }
+        // The verdict is in: nothing left for the guard to undo.
+        self.ticket.probe = false;
+    }
+}
+
+/// Books a closed call that finished on the slot path: a success is one
+/// load (and a write only after failures); a failure, the cold path,
+/// reaches the whole breaker through the slot.
+#[inline]
+fn finish_on_slot<C, T, E>(slot: SlotRef, gen: u32, classifier: &C, res: &Result<T, E>)
+where
+    C: Classify<T, E>,
+{
+    match classifier.classify(res, Duration::ZERO) {
+        Outcome::Success => record_success(&slot.slot.word, gen),
+        Outcome::Failure => record_failure_on_slot(slot, gen),
+        Outcome::Ignore => {}
+    }
+}
+
+#[cold]
+fn record_failure_on_slot(slot: SlotRef, gen: u32) {
+    if let Some(core) = slot.upgrade::<Core>() {
+        core.record(Ticket { gen, probe: false }, true, false);
     }
 }
 
@@ -108,6 +101,14 @@ pin_project! {
     #[project = KindProj]
     #[derive(Debug)]
     enum Kind<F, C> {
+        // The hot path: nothing here needs dropping but the inner future.
+        Slot {
+            #[pin]
+            fut: F,
+            slot: SlotRef,
+            gen: u32,
+            classifier: C,
+        },
         Called {
             #[pin]
             fut: F,
@@ -122,6 +123,17 @@ pin_project! {
 
 impl<F, C> ResponseFuture<F, C> {
     #[inline]
+    pub(crate) fn on_slot(fut: F, slot: SlotRef, gen: u32, classifier: C) -> Self {
+        Self {
+            kind: Kind::Slot {
+                fut,
+                slot,
+                gen,
+                classifier,
+            },
+        }
+    }
+
     pub(crate) fn called(fut: F, permit: Permit, classifier: C) -> Self {
         let permit = Some(permit);
         Self {
@@ -151,6 +163,16 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
+            KindProj::Slot {
+                fut,
+                slot,
+                gen,
+                classifier,
+            } => {
+                let res = ready!(fut.poll(cx));
+                finish_on_slot(*slot, *gen, classifier, &res);
+                Poll::Ready(res.map_err(Into::into))
+            }
             KindProj::Called {
                 fut,
                 permit,

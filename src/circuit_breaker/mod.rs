@@ -109,7 +109,7 @@ pub use service::CircuitBreaker;
 pub use window::Window;
 // The fallback layer drives one breaker core per entry directly.
 #[cfg(feature = "fallback")]
-pub(crate) use state::{record_success, Ticket};
+pub(crate) use state::{closed_generation, record_success, Ticket};
 
 use crate::observe::Event;
 

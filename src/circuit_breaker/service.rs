@@ -7,10 +7,11 @@ use std::task::{Context, Poll};
 use tower_service::Service;
 
 use super::future::{Permit, ResponseFuture};
-use super::state::Core;
+use super::state::{closed_generation, Core};
 use super::{CircuitBreakerLayer, CircuitHandle};
 use crate::classify::Classify;
 use crate::error::BoxError;
+use crate::slot::SlotRef;
 
 /// A circuit breaker around `S`. Made by [`CircuitBreakerLayer`].
 ///
@@ -21,14 +22,20 @@ pub struct CircuitBreaker<S, C> {
     inner: S,
     core: Arc<Core>,
     classifier: C,
+    /// The breaker's slot when every closed call can finish through it
+    /// (memory backend, consecutive mode, nothing timed): the hot path
+    /// then reads one word without touching `core`.
+    slot: Option<SlotRef>,
 }
 
 impl<S, C> CircuitBreaker<S, C> {
     pub(crate) fn from_parts(inner: S, core: Arc<Core>, classifier: C) -> Self {
+        let slot = (core.remote.is_memory() && core.slot_path()).then(|| core.lease.get());
         Self {
             inner,
             core,
             classifier,
+            slot,
         }
     }
 
@@ -67,6 +74,7 @@ impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
             inner: self.inner.clone(),
             core: self.core.clone(),
             classifier: self.classifier.clone(),
+            slot: self.slot,
         }
     }
 }
@@ -100,6 +108,27 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
+        if let Some(slot) = self.slot {
+            if !Classify::<S::Response, S::Error>::uses_elapsed(&self.classifier) {
+                let gen = closed_generation(slot.slot);
+                if let Some(gen) = gen {
+                    let fut = self.inner.call(req);
+                    return ResponseFuture::on_slot(fut, slot, gen, self.classifier.clone());
+                }
+            }
+        }
+        self.call_core(req)
+    }
+}
+
+impl<S, C> CircuitBreaker<S, C> {
+    /// Every call that is not a closed call on the slot path.
+    fn call_core<Req>(&mut self, req: Req) -> ResponseFuture<S::Future, C>
+    where
+        S: Service<Req>,
+        S::Error: Into<BoxError>,
+        C: Classify<S::Response, S::Error> + Clone,
+    {
         let core = &self.core;
         if !core.remote.is_memory() {
             return self.call_shared(req);
@@ -108,19 +137,18 @@ where
             Ok(ticket) => {
                 let timed = core.needs_elapsed()
                     || Classify::<S::Response, S::Error>::uses_elapsed(&self.classifier);
-                let permit = if !ticket.probe && !timed && core.slot_path() {
-                    Permit::Slot {
-                        slot: core.lease.get(),
-                        gen: ticket.gen,
-                    }
-                } else {
-                    Permit::Core {
-                        core: core.clone(),
-                        ticket,
-                        start: timed.then(|| core.clock.now()),
-                    }
+                let classifier = self.classifier.clone();
+                if !ticket.probe && !timed && core.slot_path() {
+                    let slot = core.lease.get();
+                    let fut = self.inner.call(req);
+                    return ResponseFuture::on_slot(fut, slot, ticket.gen, classifier);
+                }
+                let permit = Permit {
+                    core: core.clone(),
+                    ticket,
+                    start: timed.then(|| core.clock.now()),
                 };
-                ResponseFuture::called(self.inner.call(req), permit, self.classifier.clone())
+                ResponseFuture::called(self.inner.call(req), permit, classifier)
             }
             Err(open) => ResponseFuture::rejected(open),
         }
@@ -141,7 +169,7 @@ impl<S, C> CircuitBreaker<S, C> {
             Ok(ticket) => {
                 let timed = core.needs_elapsed()
                     || Classify::<S::Response, S::Error>::uses_elapsed(&self.classifier);
-                let permit = Permit::Core {
+                let permit = Permit {
                     core: core.clone(),
                     ticket,
                     start: timed.then(|| core.clock.now()),

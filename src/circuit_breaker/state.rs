@@ -497,6 +497,14 @@ impl Core {
     }
 }
 
+/// The generation of a closed breaker's slot word, `None` in any other
+/// state: admission on the hot path.
+#[inline]
+pub(crate) fn closed_generation(slot: &Slot) -> Option<u32> {
+    let w = Word(slot.word.load(Acquire));
+    w.is_closed().then(|| w.gen())
+}
+
 /// Records a closed-generation success straight on a breaker's slot word:
 /// clears the consecutive-failure count if there is one. Usually a single
 /// load.

@@ -110,22 +110,22 @@ impl<Req, Res, C> Shared<Req, Res, C> {
         };
         if core.cfg.honor_retry_after {
             if let Some(d) = self.classifier.retry_after(res) {
-                core.hold_open(d);
+                core.hold_open_shared(d);
             }
         }
         let slow = core.cfg.slow_call_duration.is_some_and(|t| elapsed >= t);
         match self.classifier.classify(res, elapsed) {
             Outcome::Success => {
-                core.record(ticket, false, slow);
+                core.record_shared(ticket, false, slow);
                 false
             }
             Outcome::Failure => {
-                core.record(ticket, true, slow);
+                core.record_shared(ticket, true, slow);
                 true
             }
             Outcome::Ignore => {
                 if ticket.probe {
-                    core.release_probe(ticket);
+                    core.release_shared(ticket);
                 }
                 false
             }
@@ -135,7 +135,7 @@ impl<Req, Res, C> Shared<Req, Res, C> {
     /// Gives back a probe slot whose attempt ended without a verdict.
     pub(crate) fn release(&self, idx: usize, ticket: Ticket) {
         if ticket.probe {
-            self.entries[idx].breaker.core.release_probe(ticket);
+            self.entries[idx].breaker.core.release_shared(ticket);
         }
     }
 }

@@ -162,7 +162,7 @@ where
                     let mut next = None;
                     for i in g.idx + 1..shared.entries.len() {
                         let entry = &shared.entries[i];
-                        match entry.breaker.core.try_acquire() {
+                        match entry.breaker.core.acquire_shared() {
                             Ok(t) => {
                                 next = Some((i, t));
                                 break;

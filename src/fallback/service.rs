@@ -9,8 +9,10 @@ use tower_service::Service;
 use super::entry::Shared;
 use super::future::{ResponseFuture, SlowFuture};
 use super::{FallbackHandle, FallbackLayer, NotReady};
+use crate::circuit_breaker::closed_generation;
 use crate::classify::Classify;
 use crate::error::BoxError;
+use crate::slot::SlotRef;
 
 /// A primary service with ordered fallbacks, each behind its own circuit
 /// breaker. Made by [`FallbackLayer`].
@@ -22,16 +24,25 @@ pub struct Fallback<S, Req, Res, C> {
     handle: FallbackHandle,
     /// Whether the primary reported ready (always, unless `skip_not_ready`).
     primary_ready: bool,
+    /// The layer's and the primary breaker's slots, when a healthy call can
+    /// run on them alone (memory breaker in consecutive mode, nothing
+    /// timed, no readiness skipping).
+    fast: Option<(SlotRef, SlotRef)>,
 }
 
 impl<S, Req, Res, C> Fallback<S, Req, Res, C> {
     /// Wraps `primary` with the fallbacks of `layer`.
     pub fn new(primary: S, layer: &FallbackLayer<Req, Res, C>) -> Self {
+        let shared = &layer.shared;
+        let core = &shared.entries[0].breaker.core;
+        let fast = (core.remote.is_memory() && core.slot_path() && !shared.skip_not_ready)
+            .then(|| (shared.lease.get(), core.lease.get()));
         Self {
             primary,
-            shared: layer.shared.clone(),
+            shared: shared.clone(),
             handle: layer.handle.clone(),
             primary_ready: true,
+            fast,
         }
     }
 
@@ -63,6 +74,7 @@ impl<S: Clone, Req, Res, C> Clone for Fallback<S, Req, Res, C> {
             shared: self.shared.clone(),
             handle: self.handle.clone(),
             primary_ready: true,
+            fast: self.fast,
         }
     }
 }
@@ -108,18 +120,29 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
+        if let Some((layer, breaker)) = self.fast {
+            if !self.shared.classifier.uses_elapsed() {
+                if let Some(gen) = closed_generation(breaker.slot) {
+                    // The healthy path: no reference count, nothing boxed.
+                    let backup = self.shared.can_fail_over().then(|| req.clone());
+                    let fut = self.primary.call(req);
+                    let c = self.shared.classifier.clone();
+                    return ResponseFuture::fast(fut, c, layer, breaker, gen, backup);
+                }
+            }
+        }
         let shared = &self.shared;
         if !std::mem::replace(&mut self.primary_ready, true) {
             let err = NotReady::new(shared.name().clone()).into();
             return ResponseFuture::slow(SlowFuture::skipped(shared.clone(), err, Some(req)));
         }
         let core = &shared.entries[0].breaker.core;
-        match core.try_acquire() {
+        match core.acquire_shared() {
             Ok(ticket) => {
                 let timed = shared.timed(0);
                 let backup = shared.can_fail_over().then(|| req.clone());
                 let fut = self.primary.call(req);
-                if !ticket.probe && !timed && core.slot_path() {
+                if !ticket.probe && !timed && core.remote.is_memory() && core.slot_path() {
                     // The healthy path: no reference count, nothing boxed.
                     let breaker = core.lease.get();
                     let layer = shared.lease.get();
