@@ -83,6 +83,13 @@
 //! reaches the caller: the layer has already handed the stream out and
 //! cannot replay it from another entry. See `examples/llm_failover.rs`.
 //!
+//! # Requests
+//!
+//! Each attempt gets a clone of the request. An `http::Request` with a
+//! streaming body fails over when its body is wrapped in
+//! `http::ReplayBody` (feature `http`): the clone replays the bytes the
+//! primary already read, then the rest of the stream.
+//!
 //! # Errors
 //!
 //! The service's error is [`BoxError`](crate::error::BoxError): the
