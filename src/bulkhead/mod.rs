@@ -73,8 +73,9 @@
 //! # Cost
 //!
 //! In fail-fast mode a call takes its slot with one compare-and-swap on an
-//! atomic counter and gives it back with one subtraction, plus a reference
-//! count: no lock, no allocation. Waiting mode uses tokio's fair semaphore
+//! atomic counter and gives it back with one subtraction: no lock, no
+//! allocation, and no reference count (the counter lives in memory that
+//! outlives the layer, so the response future holds a plain reference). Waiting mode uses tokio's fair semaphore
 //! (whose release takes a short lock) and boxes the wait of a call that
 //! finds no free slot.
 
