@@ -81,6 +81,8 @@
 
 mod error;
 pub mod future;
+#[cfg(feature = "http")]
+mod hold;
 mod layer;
 mod service;
 mod state;
@@ -89,6 +91,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::BulkheadFull;
+#[cfg(feature = "http")]
+pub use hold::{BulkheadBody, HttpBulkhead, HttpBulkheadLayer};
 pub use layer::{BulkheadBuilder, BulkheadHandle, BulkheadLayer};
 pub use service::Bulkhead;
 
