@@ -17,6 +17,9 @@ use crate::error::BoxError;
 #[cfg(feature = "http")]
 pub use super::hold::HttpResponseFuture;
 
+/// A response with the slot it still holds.
+pub(crate) type Kept<T> = Result<(T, Option<Slot>), BoxError>;
+
 type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
 pin_project! {
@@ -109,7 +112,7 @@ where
     pub(crate) fn poll_keep_slot(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<(S::Response, Option<Slot>), BoxError>> {
+    ) -> Poll<Kept<S::Response>> {
         let mut kind = self.project().kind;
         loop {
             match kind.as_mut().project() {

@@ -46,6 +46,11 @@
 //! future and is given back when the call completes, when the future is
 //! dropped, or when the inner service panics.
 //!
+//! A streaming HTTP body is still work after the response head is ready.
+//! With the `http` feature, `BulkheadLayer::hold_until_body_end` makes an
+//! `HttpBulkheadLayer` whose responses carry a `BulkheadBody` holding the
+//! slot until the body ends, fails or is dropped.
+//!
 //! # Backpressure
 //!
 //! By default a full bulkhead fails fast with [`BulkheadFull`]. With
