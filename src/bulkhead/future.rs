@@ -14,6 +14,12 @@ use tower_service::Service;
 use super::state::{Core, Slot};
 use crate::error::BoxError;
 
+#[cfg(feature = "http")]
+pub use super::hold::HttpResponseFuture;
+
+/// A response with the slot it still holds.
+pub(crate) type Kept<T> = Result<(T, Option<Slot>), BoxError>;
+
 type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
 pin_project! {
@@ -95,23 +101,30 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
     }
 }
 
-impl<S, Req> Future for ResponseFuture<S, Req>
+impl<S, Req> ResponseFuture<S, Req>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
 {
-    type Output = Result<S::Response, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    /// Polls the call to its end and hands its slot over with a successful
+    /// response instead of giving it back; a failed call gives it back.
+    #[inline]
+    pub(crate) fn poll_keep_slot(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Kept<S::Response>> {
         let mut kind = self.project().kind;
         loop {
             match kind.as_mut().project() {
                 KindProj::Called { fut, slot } => {
                     let res = ready!(fut.poll(cx));
-                    // Give the slot back now rather than when the future is
-                    // dropped: the call is over.
-                    drop(slot.take());
-                    return Poll::Ready(res.map_err(Into::into));
+                    // The call is over: the slot leaves the future now
+                    // rather than when it is dropped.
+                    let slot = slot.take();
+                    return Poll::Ready(match res {
+                        Ok(resp) => Ok((resp, slot)),
+                        Err(e) => Err(e.into()),
+                    });
                 }
                 KindProj::Waiting { wait } => {
                     let w = wait.as_mut().project();
@@ -144,6 +157,21 @@ where
                 }
             }
         }
+    }
+}
+
+impl<S, Req> Future for ResponseFuture<S, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // The slot is dropped, so given back, as soon as the call is over.
+        self.poll_keep_slot(cx)
+            .map(|res| res.map(|(resp, _slot)| resp))
     }
 }
 

@@ -46,6 +46,11 @@
 //! future and is given back when the call completes, when the future is
 //! dropped, or when the inner service panics.
 //!
+//! A streaming HTTP body is still work after the response head is ready.
+//! With the `http` feature, `BulkheadLayer::hold_until_body_end` makes an
+//! `HttpBulkheadLayer` whose responses carry a `BulkheadBody` holding the
+//! slot until the body ends, fails or is dropped.
+//!
 //! # Backpressure
 //!
 //! By default a full bulkhead fails fast with [`BulkheadFull`]. With
@@ -73,13 +78,16 @@
 //! # Cost
 //!
 //! In fail-fast mode a call takes its slot with one compare-and-swap on an
-//! atomic counter and gives it back with one subtraction, plus a reference
-//! count: no lock, no allocation. Waiting mode uses tokio's fair semaphore
+//! atomic counter and gives it back with one subtraction: no lock, no
+//! allocation, and no reference count (the counter lives in memory that
+//! outlives the layer, so the response future holds a plain reference). Waiting mode uses tokio's fair semaphore
 //! (whose release takes a short lock) and boxes the wait of a call that
 //! finds no free slot.
 
 mod error;
 pub mod future;
+#[cfg(feature = "http")]
+mod hold;
 mod layer;
 mod service;
 mod state;
@@ -88,6 +96,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::BulkheadFull;
+#[cfg(feature = "http")]
+pub use hold::{BulkheadBody, HttpBulkhead, HttpBulkheadLayer};
 pub use layer::{BulkheadBuilder, BulkheadHandle, BulkheadLayer};
 pub use service::Bulkhead;
 

@@ -14,6 +14,9 @@
 //!   method, URI and the headers that change the answer, and
 //!   [`dedup::HttpDedupLayer`] shares streaming responses by buffering the
 //!   body once, up to a limit.
+//! - With `bulkhead`, `BulkheadLayer::hold_until_body_end` holds a
+//!   bulkhead slot until the response body ends (see
+//!   `tower_bulwark::bulkhead::HttpBulkheadLayer`).
 //! - [`ReplayBody`] buffers a streaming request body as it is sent, up to a
 //!   limit, so the request can be retried; with the `retry` feature,
 //!   [`HttpRetryPolicy`] retries idempotent requests on 5xx, 429 and
