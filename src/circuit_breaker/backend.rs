@@ -33,7 +33,7 @@ use crate::store::redis::RedisStore;
 ///   across the fleet, an opening reaches every process within about one
 ///   interval, and at most `half_open_max_calls` processes probe at once.
 ///   While Redis cannot be reached the store's
-///   [`Degrade`](crate::store::Degrade) policy applies: the local breaker
+///   `store::Degrade` policy applies: the local breaker
 ///   carries on alone, or (fail-closed) rejects every call.
 ///
 /// Both shared backends count consecutive failures; a [`Window`](super::Window)
