@@ -60,6 +60,12 @@
 
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+#[cfg(any(
+    feature = "circuit-breaker",
+    feature = "rate-limit",
+    feature = "bulkhead"
+))]
+mod backend;
 pub mod backoff;
 pub mod classify;
 mod clock;

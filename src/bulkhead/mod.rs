@@ -87,6 +87,7 @@ mod state;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::backend::Backend;
 pub use error::BulkheadFull;
 pub use layer::{BulkheadBuilder, BulkheadHandle, BulkheadLayer};
 pub use service::Bulkhead;

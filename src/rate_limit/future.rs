@@ -11,7 +11,9 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::layer::Shared;
+use super::remote::Admit;
 use crate::classify::Classify;
+use crate::clock::nanos;
 use crate::error::BoxError;
 
 /// A waiting request's reservation: dropping it before its turn came gives
@@ -59,6 +61,14 @@ pin_project! {
     }
 }
 
+/// A request waiting for a shared backend's answer.
+struct Admitting<S, Req, K, C, H> {
+    admit: Admit,
+    svc: Option<S>,
+    req: Option<Req>,
+    shared: Arc<Shared<K, C, H>>,
+}
+
 pin_project! {
     #[project = KindProj]
     enum Kind<S, Req, K, C, H>
@@ -74,6 +84,10 @@ pin_project! {
         Waiting {
             wait: Pin<Box<Wait<S, Req>>>,
             hint: Option<Arc<Shared<K, C, H>>>,
+        },
+        // Boxed: only requests to a Redis backend take this path.
+        Remote {
+            admitting: Box<Admitting<S, Req, K, C, H>>,
         },
         Rejected {
             err: Option<BoxError>,
@@ -104,6 +118,19 @@ impl<S: Service<Req>, Req, K, C, H> ResponseFuture<S, Req, K, C, H> {
                     refund,
                 }),
                 hint,
+            },
+        }
+    }
+
+    pub(crate) fn admitting(admit: Admit, svc: S, req: Req, shared: Arc<Shared<K, C, H>>) -> Self {
+        Self {
+            kind: Kind::Remote {
+                admitting: Box::new(Admitting {
+                    admit,
+                    svc: Some(svc),
+                    req: Some(req),
+                    shared,
+                }),
             },
         }
     }
@@ -148,6 +175,26 @@ where
                     let fut = svc.call(req);
                     kind.set(Kind::Called { fut, hint });
                 }
+                KindProj::Remote { admitting } => {
+                    let a = &mut **admitting;
+                    let res = ready!(a.admit.as_mut().poll(cx));
+                    let shared = a.shared.clone();
+                    match res {
+                        Ok(()) => {
+                            let mut svc = a.svc.take().expect("polled after completion");
+                            let req = a.req.take().expect("polled after completion");
+                            let hint = shared.hint.is_some().then_some(shared);
+                            let fut = svc.call(req);
+                            kind.set(Kind::Called { fut, hint });
+                        }
+                        Err(wait) => {
+                            let err = shared.core.rejected(nanos(wait), 0.0);
+                            kind.set(Kind::Rejected {
+                                err: Some(err.into()),
+                            });
+                        }
+                    }
+                }
                 KindProj::Rejected { err } => {
                     return Poll::Ready(Err(err.take().expect("polled after completion")));
                 }
@@ -161,6 +208,7 @@ impl<S: Service<Req>, Req, K, C, H> fmt::Debug for ResponseFuture<S, Req, K, C, 
         let state = match &self.kind {
             Kind::Called { .. } => "called",
             Kind::Waiting { .. } => "waiting",
+            Kind::Remote { .. } => "admitting",
             Kind::Rejected { .. } => "rejected",
         };
         f.debug_struct("ResponseFuture")

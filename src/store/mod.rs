@@ -45,6 +45,13 @@ use std::sync::Arc;
 
 use crate::observe::Event;
 
+#[cfg(any(
+    feature = "circuit-breaker",
+    feature = "rate-limit",
+    feature = "bulkhead"
+))]
+pub use crate::backend::Backend;
+
 #[cfg(feature = "file-store")]
 pub mod file;
 #[cfg(feature = "redis")]
