@@ -69,6 +69,32 @@ struct Admitting<S, Req, K, C, H> {
     shared: Arc<Shared<K, C, H>>,
 }
 
+impl<S, Req, K, C, H> Admitting<S, Req, K, C, H> {
+    /// Out of line, so the memory path's `poll` stays small.
+    #[inline(never)]
+    fn poll_admit(&mut self, cx: &mut Context<'_>) -> Poll<Kind<S, Req, K, C, H>>
+    where
+        S: Service<Req>,
+    {
+        let res = ready!(self.admit.as_mut().poll(cx));
+        let shared = self.shared.clone();
+        Poll::Ready(match res {
+            Ok(()) => {
+                let mut svc = self.svc.take().expect("polled after completion");
+                let req = self.req.take().expect("polled after completion");
+                let hint = shared.hint.is_some().then_some(shared);
+                Kind::Called {
+                    fut: svc.call(req),
+                    hint,
+                }
+            }
+            Err(wait) => Kind::Rejected {
+                err: Some(shared.core.rejected(nanos(wait), 0.0).into()),
+            },
+        })
+    }
+}
+
 pin_project! {
     #[project = KindProj]
     enum Kind<S, Req, K, C, H>
@@ -176,24 +202,8 @@ where
                     kind.set(Kind::Called { fut, hint });
                 }
                 KindProj::Remote { admitting } => {
-                    let a = &mut **admitting;
-                    let res = ready!(a.admit.as_mut().poll(cx));
-                    let shared = a.shared.clone();
-                    match res {
-                        Ok(()) => {
-                            let mut svc = a.svc.take().expect("polled after completion");
-                            let req = a.req.take().expect("polled after completion");
-                            let hint = shared.hint.is_some().then_some(shared);
-                            let fut = svc.call(req);
-                            kind.set(Kind::Called { fut, hint });
-                        }
-                        Err(wait) => {
-                            let err = shared.core.rejected(nanos(wait), 0.0);
-                            kind.set(Kind::Rejected {
-                                err: Some(err.into()),
-                            });
-                        }
-                    }
+                    let next = ready!(admitting.poll_admit(cx));
+                    kind.set(next);
                 }
                 KindProj::Rejected { err } => {
                     return Poll::Ready(Err(err.take().expect("polled after completion")));
