@@ -13,7 +13,6 @@ use tower_service::Service;
 use super::layer::Shared;
 use super::remote::Admit;
 use crate::classify::Classify;
-use crate::clock::nanos;
 use crate::error::BoxError;
 
 /// A waiting request's reservation: dropping it before its turn came gives
@@ -52,46 +51,16 @@ pin_project! {
 }
 
 pin_project! {
+    /// A request waiting for its turn (memory, `max_wait`) or for a shared
+    /// backend's answer (Redis). One variant of the future for both keeps
+    /// the admitted path's future as it was.
     struct Wait<S, Req> {
         #[pin]
-        sleep: Sleep,
+        sleep: Option<Sleep>,
+        admit: Option<Admit>,
         svc: Option<S>,
         req: Option<Req>,
         refund: Refund,
-    }
-}
-
-/// A request waiting for a shared backend's answer.
-struct Admitting<S, Req, K, C, H> {
-    admit: Admit,
-    svc: Option<S>,
-    req: Option<Req>,
-    shared: Arc<Shared<K, C, H>>,
-}
-
-impl<S, Req, K, C, H> Admitting<S, Req, K, C, H> {
-    /// Out of line, so the memory path's `poll` stays small.
-    #[inline(never)]
-    fn poll_admit(&mut self, cx: &mut Context<'_>) -> Poll<Kind<S, Req, K, C, H>>
-    where
-        S: Service<Req>,
-    {
-        let res = ready!(self.admit.as_mut().poll(cx));
-        let shared = self.shared.clone();
-        Poll::Ready(match res {
-            Ok(()) => {
-                let mut svc = self.svc.take().expect("polled after completion");
-                let req = self.req.take().expect("polled after completion");
-                let hint = shared.hint.is_some().then_some(shared);
-                Kind::Called {
-                    fut: svc.call(req),
-                    hint,
-                }
-            }
-            Err(wait) => Kind::Rejected {
-                err: Some(shared.core.rejected(nanos(wait), 0.0).into()),
-            },
-        })
     }
 }
 
@@ -110,10 +79,6 @@ pin_project! {
         Waiting {
             wait: Pin<Box<Wait<S, Req>>>,
             hint: Option<Arc<Shared<K, C, H>>>,
-        },
-        // Boxed: only requests to a Redis backend take this path.
-        Remote {
-            admitting: Box<Admitting<S, Req, K, C, H>>,
         },
         Rejected {
             err: Option<BoxError>,
@@ -138,7 +103,8 @@ impl<S: Service<Req>, Req, K, C, H> ResponseFuture<S, Req, K, C, H> {
         Self {
             kind: Kind::Waiting {
                 wait: Box::pin(Wait {
-                    sleep: tokio::time::sleep_until(at),
+                    sleep: Some(tokio::time::sleep_until(at)),
+                    admit: None,
                     svc: Some(svc),
                     req: Some(req),
                     refund,
@@ -148,15 +114,23 @@ impl<S: Service<Req>, Req, K, C, H> ResponseFuture<S, Req, K, C, H> {
         }
     }
 
-    pub(crate) fn admitting(admit: Admit, svc: S, req: Req, shared: Arc<Shared<K, C, H>>) -> Self {
+    /// Waits for a shared backend's admission, then calls.
+    pub(crate) fn admitting(
+        admit: Admit,
+        svc: S,
+        req: Req,
+        hint: Option<Arc<Shared<K, C, H>>>,
+    ) -> Self {
         Self {
-            kind: Kind::Remote {
-                admitting: Box::new(Admitting {
-                    admit,
+            kind: Kind::Waiting {
+                wait: Box::pin(Wait {
+                    sleep: None,
+                    admit: Some(admit),
                     svc: Some(svc),
                     req: Some(req),
-                    shared,
+                    refund: Refund(None),
                 }),
+                hint,
             },
         }
     }
@@ -166,6 +140,33 @@ impl<S: Service<Req>, Req, K, C, H> ResponseFuture<S, Req, K, C, H> {
             kind: Kind::Rejected { err: Some(err) },
         }
     }
+}
+
+/// The waiting arm, out of line so the admitted path's `poll` stays small:
+/// the next state once the turn came (or the backend answered).
+#[inline(never)]
+fn poll_wait<S, Req, K, C, H>(
+    wait: Pin<&mut Wait<S, Req>>,
+    hint: &mut Option<Arc<Shared<K, C, H>>>,
+    cx: &mut Context<'_>,
+) -> Poll<Kind<S, Req, K, C, H>>
+where
+    S: Service<Req>,
+{
+    let w = wait.project();
+    if let Some(admit) = w.admit {
+        if let Err(err) = ready!(admit.as_mut().poll(cx)) {
+            return Poll::Ready(Kind::Rejected { err: Some(err) });
+        }
+    } else if let Some(sleep) = w.sleep.as_pin_mut() {
+        ready!(sleep.poll(cx));
+    }
+    w.refund.disarm();
+    let mut svc = w.svc.take().expect("polled after completion");
+    let req = w.req.take().expect("polled after completion");
+    let hint = hint.take();
+    let fut = svc.call(req);
+    Poll::Ready(Kind::Called { fut, hint })
 }
 
 impl<S, Req, K, C, H> Future for ResponseFuture<S, Req, K, C, H>
@@ -191,18 +192,7 @@ where
                     return Poll::Ready(res.map_err(Into::into));
                 }
                 KindProj::Waiting { wait, hint } => {
-                    let w = wait.as_mut().project();
-                    ready!(w.sleep.poll(cx));
-                    w.refund.disarm();
-                    let (svc, req) = (w.svc, w.req);
-                    let mut svc = svc.take().expect("polled after completion");
-                    let req = req.take().expect("polled after completion");
-                    let hint = hint.take();
-                    let fut = svc.call(req);
-                    kind.set(Kind::Called { fut, hint });
-                }
-                KindProj::Remote { admitting } => {
-                    let next = ready!(admitting.poll_admit(cx));
+                    let next = ready!(poll_wait(wait.as_mut(), hint, cx));
                     kind.set(next);
                 }
                 KindProj::Rejected { err } => {
@@ -218,7 +208,6 @@ impl<S: Service<Req>, Req, K, C, H> fmt::Debug for ResponseFuture<S, Req, K, C, 
         let state = match &self.kind {
             Kind::Called { .. } => "called",
             Kind::Waiting { .. } => "waiting",
-            Kind::Remote { .. } => "admitting",
             Kind::Rejected { .. } => "rejected",
         };
         f.debug_struct("ResponseFuture")

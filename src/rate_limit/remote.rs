@@ -11,8 +11,11 @@ use crate::store::file::FileRateLimiter;
 #[cfg(feature = "redis")]
 use crate::store::redis::RedisRateLimiter;
 
-/// An admission in flight: `Err` carries how long until it could pass.
-pub(crate) type Admit = Pin<Box<dyn Future<Output = Result<(), Duration>> + Send>>;
+/// An admission in flight: `Err` is the rejection.
+pub(crate) type Admit = Pin<Box<dyn Future<Output = Result<(), crate::BoxError>> + Send>>;
+
+/// A Redis admission before it knows how to reject.
+pub(crate) type Pending = Pin<Box<dyn Future<Output = Result<(), Duration>> + Send>>;
 
 /// The shared bucket(s) of a limiter built with a shared backend.
 pub(crate) enum Remote {
@@ -42,7 +45,7 @@ pub(crate) enum Verdict {
     /// Decided now (the file): admitted, or rejected with a retry time.
     Now(Result<(), Duration>),
     /// To be decided in the response future (Redis).
-    Later(Admit),
+    Later(Pending),
 }
 
 impl Remote {

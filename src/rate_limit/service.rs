@@ -123,10 +123,16 @@ where
                 let left = remote.tokens().unwrap_or(0.0);
                 ResponseFuture::rejected(core.rejected(nanos(wait), left).into())
             }
-            Verdict::Later(admit) => {
+            Verdict::Later(pending) => {
+                let owner = shared.clone();
+                let admit = Box::pin(async move {
+                    pending
+                        .await
+                        .map_err(|wait| owner.core.rejected(nanos(wait), 0.0).into())
+                });
                 let clone = self.inner.clone();
                 let svc = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::admitting(admit, svc, req, shared.clone())
+                ResponseFuture::admitting(admit, svc, req, hint)
             }
         }
     }
