@@ -50,6 +50,33 @@ fn ok_service() -> tower::util::ServiceFn<fn(u32) -> Ok> {
     service_fn((|x| std::future::ready(Ok(x))) as fn(u32) -> Ok)
 }
 
+/// A service whose calls signal `entered` and then run until `gate` lets
+/// them finish.
+fn held_service() -> (
+    Arc<Semaphore>,
+    Arc<Semaphore>,
+    impl tower::Service<
+            u32,
+            Response = u32,
+            Error = Infallible,
+            Future = impl std::future::Future<Output = Result<u32, Infallible>> + Send,
+        > + Clone
+        + Send,
+) {
+    let gate = Arc::new(Semaphore::new(0));
+    let entered = Arc::new(Semaphore::new(0));
+    let (g, e) = (gate.clone(), entered.clone());
+    let svc = service_fn(move |x: u32| {
+        let (gate, entered) = (g.clone(), e.clone());
+        async move {
+            entered.add_permits(1);
+            gate.acquire().await.unwrap().forget();
+            Ok::<_, Infallible>(x)
+        }
+    });
+    (gate, entered, svc)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layers_on_different_connections_share_one_limit_exactly() {
     let Some(server) = RedisServer::start("layers_share_one_limit") else {
@@ -132,18 +159,7 @@ async fn bulkhead_layer_caps_the_fleet() {
     let Some(server) = RedisServer::start("bulkhead_layer_caps_the_fleet") else {
         return;
     };
-    // Calls that run until the test lets them finish.
-    let gate = Arc::new(Semaphore::new(0));
-    let held = {
-        let gate = gate.clone();
-        service_fn(move |x: u32| {
-            let gate = gate.clone();
-            async move {
-                gate.acquire().await.unwrap().forget();
-                Ok::<_, Infallible>(x)
-            }
-        })
-    };
+    let (gate, entered, held) = held_service();
     let a = ServiceBuilder::new()
         .layer(bulkhead(store(&server, "fleet"), 2))
         .service(held.clone());
@@ -153,12 +169,9 @@ async fn bulkhead_layer_caps_the_fleet() {
         .service(held.clone());
     let c1 = tokio::spawn(a.clone().oneshot(1));
     let c2 = tokio::spawn(b.clone().oneshot(2));
-    eventually("both calls to hold a lease", async || {
-        let probe = bulkhead(store(&server, "fleet"), 2);
-        let svc = ServiceBuilder::new().layer(probe).service(ok_service());
-        svc.oneshot(0).await.is_err()
-    })
-    .await;
+    entered.acquire_many(2).await.unwrap().forget();
+    let engine = store(&server, "fleet").bulkhead("db", 2).unwrap();
+    assert_eq!(engine.in_use().await, Some(2), "both calls hold a lease");
     assert_eq!(b_layer.handle().in_flight(), 1, "this instance's own lease");
     for svc in [a.clone(), b.clone()] {
         let err = tokio::time::timeout(Duration::from_secs(5), svc.oneshot(3))
@@ -171,10 +184,7 @@ async fn bulkhead_layer_caps_the_fleet() {
     assert_eq!(c1.await.unwrap().unwrap(), 1);
     assert_eq!(c2.await.unwrap().unwrap(), 2);
     eventually("the leases to be given back", async || {
-        let svc = ServiceBuilder::new()
-            .layer(bulkhead(store(&server, "fleet"), 1))
-            .service(ok_service());
-        svc.oneshot(4).await.is_ok()
+        engine.in_use().await == Some(0)
     })
     .await;
     assert_eq!(b_layer.handle().in_flight(), 0);
@@ -211,17 +221,7 @@ async fn redis_killed_mid_test_fails_open_to_local_limits_through_the_layers() {
     let rate = ServiceBuilder::new()
         .layer(limiter(store.clone(), 3.0, 0.001))
         .service(ok_service());
-    let gate = Arc::new(Semaphore::new(0));
-    let held = {
-        let gate = gate.clone();
-        service_fn(move |x: u32| {
-            let gate = gate.clone();
-            async move {
-                gate.acquire().await.unwrap().forget();
-                Ok::<_, Infallible>(x)
-            }
-        })
-    };
+    let (gate, entered, held) = held_service();
     let bh = ServiceBuilder::new()
         .layer(bulkhead(store.clone(), 1))
         .service(held);
@@ -242,13 +242,14 @@ async fn redis_killed_mid_test_fails_open_to_local_limits_through_the_layers() {
     assert_eq!(admitted, 3, "the same limit, enforced in this process");
     // The bulkhead's local fallback holds the same cap.
     let first = tokio::spawn(bh.clone().oneshot(1));
-    eventually("the local slot to be taken", async || {
-        matches!(
-            tokio::time::timeout(Duration::from_secs(5), bh.clone().oneshot(2)).await,
-            Ok(Err(e)) if e.is::<BulkheadFull>()
-        )
-    })
-    .await;
+    entered.acquire().await.unwrap().forget();
+    let second = tokio::time::timeout(Duration::from_secs(5), bh.clone().oneshot(2))
+        .await
+        .expect("a full bulkhead rejects at once");
+    assert!(
+        second.unwrap_err().is::<BulkheadFull>(),
+        "the local cap holds"
+    );
     gate.add_permits(1);
     assert_eq!(first.await.unwrap().unwrap(), 1);
     assert_eq!(events.lock().unwrap().first(), Some(&"degraded"));
