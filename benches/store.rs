@@ -1,6 +1,7 @@
-//! Per-call cost of each breaker backend (memory, state file, Redis on
-//! loopback) against the bare service, in one run, plus the store engines'
-//! own round trips (a file token bucket, a Redis GCRA). The Redis figures
+//! Per-call cost of each backend (memory, state file, Redis on loopback)
+//! for the breaker, the rate limiter and the bulkhead, against the bare
+//! service, in one run, plus the store engines' own round trips (a file
+//! token bucket, a Redis GCRA). The Redis figures
 //! need `redis-server` on the machine (started here on a free port);
 //! without it they are skipped.
 #![allow(missing_docs)]
@@ -11,8 +12,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use tower::Layer;
+use tower::{Layer, Service, ServiceExt};
+use tower_bulwark::bulkhead::BulkheadLayer;
 use tower_bulwark::circuit_breaker::CircuitBreakerLayer;
+use tower_bulwark::rate_limit::RateLimitLayer;
 use tower_bulwark::store::file::FileStore;
 use tower_bulwark::store::redis::RedisStore;
 
@@ -72,9 +75,9 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("store/breaker closed");
     macro_rules! one {
-        ($name:expr, $svc:expr) => {{
+        ($g:expr, $name:expr, $svc:expr) => {{
             let mut svc = $svc;
-            g.bench_function($name, |b| {
+            $g.bench_function($name, |b| {
                 let mut i = 0u64;
                 b.iter(|| {
                     i += 1;
@@ -83,12 +86,14 @@ fn bench(c: &mut Criterion) {
             });
         }};
     }
-    one!("bare", Bare);
+    one!(g, "bare", Bare);
     one!(
+        g,
         "memory",
         CircuitBreakerLayer::builder().build().unwrap().layer(Bare)
     );
     one!(
+        g,
         "file",
         CircuitBreakerLayer::builder()
             .backend(file.clone())
@@ -98,9 +103,82 @@ fn bench(c: &mut Criterion) {
     );
     if let Some(redis) = &redis {
         one!(
+            g,
             "redis",
             CircuitBreakerLayer::builder()
                 .name("bench")
+                .backend(redis.clone())
+                .build()
+                .unwrap()
+                .layer(Bare)
+        );
+    }
+    g.finish();
+
+    // The rate limiter and the bulkhead: memory and file decide in `call`;
+    // Redis answers in the response future, so it is driven to completion
+    // on the runtime.
+    macro_rules! remote {
+        ($g:expr, $name:expr, $svc:expr) => {{
+            let mut svc = $svc;
+            $g.bench_function($name, |b| {
+                let mut i = 0u64;
+                b.iter(|| {
+                    i += 1;
+                    let r = rt.block_on(async {
+                        let s = svc.ready().await.unwrap();
+                        s.call(black_box(i)).await
+                    });
+                    black_box(r.ok())
+                })
+            });
+        }};
+    }
+    let limiter = || {
+        RateLimitLayer::builder()
+            .name("bench")
+            .max_tokens(1e9)
+            .refill_rate(1e9)
+    };
+    let mut g = c.benchmark_group("store/rate limit admitted");
+    one!(g, "bare", Bare);
+    one!(g, "memory", limiter().build().unwrap().layer(Bare));
+    one!(
+        g,
+        "file",
+        limiter().backend(file.clone()).build().unwrap().layer(Bare)
+    );
+    if let Some(redis) = &redis {
+        remote!(
+            g,
+            "redis",
+            limiter()
+                .backend(redis.clone())
+                .build()
+                .unwrap()
+                .layer(Bare)
+        );
+    }
+    g.finish();
+
+    let bulkhead = || BulkheadLayer::builder().name("bench").max_concurrent(64);
+    let mut g = c.benchmark_group("store/bulkhead admitted");
+    one!(g, "bare", Bare);
+    one!(g, "memory", bulkhead().build().unwrap().layer(Bare));
+    one!(
+        g,
+        "file",
+        bulkhead()
+            .backend(file.clone())
+            .build()
+            .unwrap()
+            .layer(Bare)
+    );
+    if let Some(redis) = &redis {
+        remote!(
+            g,
+            "redis",
+            bulkhead()
                 .backend(redis.clone())
                 .build()
                 .unwrap()

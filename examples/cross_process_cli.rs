@@ -1,5 +1,7 @@
 //! A CLI whose every invocation is a new process, yet all invocations share
-//! one circuit breaker and one token bucket through a state file.
+//! one token bucket, one bulkhead and one circuit breaker through a state
+//! file: three layers with the file backend, stacked in the seed's gate
+//! order (rate limit, bulkhead, then breaker).
 //!
 //! Try it from two shells at once:
 //!
@@ -16,7 +18,9 @@
 use std::time::Duration;
 
 use tower::{service_fn, ServiceBuilder, ServiceExt};
+use tower_bulwark::bulkhead::{BulkheadFull, BulkheadLayer};
 use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen};
+use tower_bulwark::rate_limit::{RateLimitLayer, RateLimited};
 use tower_bulwark::store::file::FileStore;
 
 #[tokio::main(flavor = "current_thread")]
@@ -34,35 +38,43 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .backend(store.clone())
         .build()?;
     let handle = breaker.handle();
-    let bucket = store.rate_limiter(5.0, 0.5)?;
+    // 5 calls in a burst, then one every 2 s, across every invocation.
+    let bucket = RateLimitLayer::builder()
+        .name("api")
+        .max_tokens(5.0)
+        .refill_rate(0.5)
+        .backend(store.clone())
+        .build()?;
+    let tokens = bucket.handle();
+    // At most 2 invocations talk to the upstream at once.
+    let bulkhead = BulkheadLayer::builder()
+        .name("api")
+        .max_concurrent(2)
+        .backend(store.clone())
+        .build()?;
 
     match cmd.as_str() {
         "status" => {
             let s = store.load();
             println!(
-                "breaker {} ({} failures), {:.1} tokens, file {}",
+                "breaker {} ({} failures), {:.1} tokens, {} slots in use, file {}",
                 handle.state(),
                 s.circuit_breaker.failures,
-                bucket.tokens(),
+                tokens.tokens(),
+                bulkhead.handle().in_flight(),
                 store.path().display()
             );
             return Ok(());
         }
         "reset" => {
             handle.reset();
-            bucket.reset();
+            tokens.reset();
             println!("breaker and bucket reset");
             return Ok(());
         }
         _ => {}
     }
 
-    // The seed's gate order: the bucket first, then the breaker, so a
-    // rejected call never holds a half-open probe.
-    if let Err(wait) = bucket.try_acquire(1.0) {
-        println!("rate limited: try again in {wait:.1?}");
-        return Ok(());
-    }
     let fail = cmd == "fail";
     let upstream = service_fn(move |()| async move {
         if fail {
@@ -71,13 +83,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             Ok("200 OK")
         }
     });
-    let svc = ServiceBuilder::new().layer(breaker).service(upstream);
+    // The seed's gate order, outermost first: the bucket and the bulkhead
+    // before the breaker, so a call they reject never takes (or leaks) a
+    // half-open probe.
+    let svc = ServiceBuilder::new()
+        .layer(bucket)
+        .layer(bulkhead)
+        .layer(breaker)
+        .service(upstream);
     match svc.oneshot(()).await {
         Ok(body) => println!("upstream: {body} (breaker {})", handle.state()),
-        Err(e) => match e.downcast_ref::<CircuitOpen>() {
-            Some(open) => println!("rejected by another process's breaker: {open}"),
-            None => println!("upstream failed: {e} (breaker {})", handle.state()),
-        },
+        Err(e) => {
+            if let Some(limited) = e.downcast_ref::<RateLimited>() {
+                println!("rate limited: try again in {:.1?}", limited.retry_after());
+            } else if let Some(full) = e.downcast_ref::<BulkheadFull>() {
+                println!("too many invocations at once: {full}");
+            } else if let Some(open) = e.downcast_ref::<CircuitOpen>() {
+                println!("rejected by the shared breaker: {open}");
+            } else {
+                println!("upstream failed: {e} (breaker {})", handle.state());
+            }
+        }
     }
     Ok(())
 }

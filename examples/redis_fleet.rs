@@ -1,5 +1,6 @@
 //! Several workers, each with its own Redis connection (as separate
-//! processes would have), share one rate limit exactly.
+//! processes would have), share one rate limit exactly: each wraps its
+//! upstream in a `RateLimitLayer` with the Redis backend.
 //!
 //! ```text
 //! redis-server --port 6379 --save '' --appendonly no &
@@ -11,6 +12,8 @@
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+use tower_bulwark::rate_limit::{RateLimitLayer, RateLimited};
 use tower_bulwark::store::redis::RedisStore;
 
 #[tokio::main]
@@ -29,13 +32,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 .on_event(move |e| eprintln!("worker {w}: {e:?}"))
                 .build()
                 .expect("valid config");
-            let limiter = store.rate_limiter(&run, 10.0, 10.0).expect("valid limit");
+            // The limit's Redis key is `{bulwark-example:<run>}:gcra`.
+            let limiter = RateLimitLayer::builder()
+                .name(run.as_str())
+                .max_tokens(10.0)
+                .refill_rate(10.0)
+                .backend(store.clone())
+                .build()
+                .expect("valid limit");
+            let upstream = service_fn(|i: u32| async move { Ok::<_, std::convert::Infallible>(i) });
+            let mut svc = ServiceBuilder::new().layer(limiter).service(upstream);
             tokio::spawn(async move {
                 let mut admitted = 0u32;
                 while start.elapsed() < Duration::from_secs(secs) {
-                    match limiter.try_acquire("", 1).await {
-                        Ok(()) => admitted += 1,
-                        Err(wait) => tokio::time::sleep(wait.min(Duration::from_millis(50))).await,
+                    let call = svc.ready().await.expect("always ready").call(admitted);
+                    match call.await {
+                        Ok(_) => admitted += 1,
+                        Err(e) => {
+                            let wait = e
+                                .downcast_ref::<RateLimited>()
+                                .map_or(Duration::from_millis(50), RateLimited::retry_after);
+                            tokio::time::sleep(wait.min(Duration::from_millis(50))).await;
+                        }
                     }
                 }
                 (w, admitted, store.is_degraded())

@@ -85,6 +85,12 @@
 
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+#[cfg(any(
+    feature = "circuit-breaker",
+    feature = "rate-limit",
+    feature = "bulkhead"
+))]
+mod backend;
 pub mod backoff;
 pub mod classify;
 // Shared by the layers: with only some of them enabled, parts go unused.

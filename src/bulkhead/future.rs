@@ -5,6 +5,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+#[cfg(feature = "redis")]
+use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit};
@@ -46,6 +48,20 @@ pin_project! {
     }
 }
 
+/// A lease being asked of Redis.
+#[cfg(feature = "redis")]
+pub(crate) type Lease =
+    Pin<Box<dyn Future<Output = Option<crate::store::redis::RedisLease>> + Send>>;
+
+/// A call waiting for a Redis lease.
+#[cfg(feature = "redis")]
+struct Leasing<S, Req> {
+    lease: Lease,
+    core: Arc<Core>,
+    svc: Option<S>,
+    req: Option<Req>,
+}
+
 pin_project! {
     #[project = KindProj]
     enum Kind<S, Req>
@@ -61,13 +77,37 @@ pin_project! {
         Waiting {
             wait: Pin<Box<Wait<S, Req>>>,
         },
+        // Boxed: only calls to a Redis bulkhead take this path.
+        Remote {
+            leasing: Box<Remote<S, Req>>,
+        },
         Rejected {
             err: Option<BoxError>,
         },
     }
 }
 
+/// `Leasing` with the `redis` feature, uninhabited without it.
+#[cfg(feature = "redis")]
+type Remote<S, Req> = Leasing<S, Req>;
+#[cfg(not(feature = "redis"))]
+type Remote<S, Req> = (std::convert::Infallible, std::marker::PhantomData<(S, Req)>);
+
 impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
+    #[cfg(feature = "redis")]
+    pub(crate) fn leasing(core: Arc<Core>, lease: Lease, svc: S, req: Req) -> Self {
+        Self {
+            kind: Kind::Remote {
+                leasing: Box::new(Leasing {
+                    lease,
+                    core,
+                    svc: Some(svc),
+                    req: Some(req),
+                }),
+            },
+        }
+    }
+
     #[inline]
     pub(crate) fn called(fut: S::Future, slot: Slot) -> Self {
         Self {
@@ -152,6 +192,33 @@ where
                         slot: Some(slot),
                     });
                 }
+                #[cfg(feature = "redis")]
+                KindProj::Remote { leasing } => {
+                    let l = &mut **leasing;
+                    let kind_next = match ready!(l.lease.as_mut().poll(cx)) {
+                        Some(lease) => {
+                            if let super::state::Slots::Redis { here, .. } = &l.core.slots {
+                                here.try_acquire(usize::MAX);
+                            }
+                            let slot = Slot::Redis(Box::new(super::state::RedisSlot {
+                                lease,
+                                core: l.core.clone(),
+                            }));
+                            let mut svc = l.svc.take().expect("polled after completion");
+                            let req = l.req.take().expect("polled after completion");
+                            Kind::Called {
+                                fut: svc.call(req),
+                                slot: Some(slot),
+                            }
+                        }
+                        None => Kind::Rejected {
+                            err: Some(l.core.rejected(Duration::ZERO).into()),
+                        },
+                    };
+                    kind.set(kind_next);
+                }
+                #[cfg(not(feature = "redis"))]
+                KindProj::Remote { leasing } => match leasing.0 {},
                 KindProj::Rejected { err } => {
                     return Poll::Ready(Err(err.take().expect("polled after completion")));
                 }
@@ -180,6 +247,7 @@ impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
         let state = match &self.kind {
             Kind::Called { .. } => "called",
             Kind::Waiting { .. } => "waiting",
+            Kind::Remote { .. } => "leasing",
             Kind::Rejected { .. } => "rejected",
         };
         f.debug_struct("ResponseFuture")

@@ -7,8 +7,10 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
-use super::state::{Config, Core};
+#[allow(unused_imports)]
+use super::state::{Config, Core, Slots};
 use super::{Bulkhead, BulkheadEvent};
+use crate::backend::Backend;
 use crate::error::{Check, ConfigError};
 use crate::observe::Listeners;
 
@@ -63,6 +65,7 @@ pub struct BulkheadBuilder {
     max_wait: Duration,
     soft_limit: Option<usize>,
     listeners: Listeners<BulkheadEvent>,
+    backend: Backend,
 }
 
 impl BulkheadBuilder {
@@ -73,6 +76,7 @@ impl BulkheadBuilder {
             max_wait: Duration::ZERO,
             soft_limit: None,
             listeners: Listeners::default(),
+            backend: Backend::Memory,
         }
     }
 
@@ -111,6 +115,23 @@ impl BulkheadBuilder {
         self
     }
 
+    /// Where the slots live (default [`Backend::Memory`]): a
+    /// `FileStore` shares them across the
+    /// processes using one state file (each slot owned by a PID; those of
+    /// dead processes are reclaimed), a
+    /// `RedisStore` across a fleet
+    /// (leases at `{<prefix>:<name>}:bulkhead`, the name defaulting to
+    /// `bulkhead`, renewed while the call runs and expiring 30 s after a
+    /// process died). See [`Backend`].
+    ///
+    /// A shared bulkhead fails fast: `max_wait` and `soft_limit` need the
+    /// memory backend. [`BulkheadHandle::in_flight`] reads the file, or
+    /// counts this process's Redis leases.
+    pub fn backend(mut self, backend: impl Into<Backend>) -> Self {
+        self.backend = backend.into();
+        self
+    }
+
     /// Validates the configuration and makes the layer.
     pub fn build(self) -> Result<BulkheadLayer, ConfigError> {
         let check = Check { layer: LAYER };
@@ -133,6 +154,43 @@ impl BulkheadBuilder {
                 ));
             }
         }
+        if !self.backend.is_memory() {
+            if !self.max_wait.is_zero() {
+                return Err(ConfigError::new(
+                    LAYER,
+                    "max_wait",
+                    "waiting for a slot needs the memory backend: a shared bulkhead fails fast",
+                ));
+            }
+            if self.soft_limit.is_some() {
+                return Err(ConfigError::new(
+                    LAYER,
+                    "soft_limit",
+                    "needs the memory backend",
+                ));
+            }
+            check.at_most(
+                "max_concurrent",
+                self.max_concurrent as u64,
+                u64::from(u32::MAX),
+            )?;
+        }
+        #[allow(unused_variables)]
+        let name = self
+            .name
+            .as_deref()
+            .filter(|n| !n.is_empty())
+            .unwrap_or(LAYER);
+        let shared = match &self.backend {
+            Backend::Memory => None,
+            #[cfg(feature = "file-store")]
+            Backend::File(store) => Some(Slots::File(store.bulkhead(self.max_concurrent as u32)?)),
+            #[cfg(feature = "redis")]
+            Backend::Redis(store) => Some(Slots::Redis {
+                bulkhead: store.bulkhead(name, self.max_concurrent as u32)?,
+                here: super::state::Counter::new(),
+            }),
+        };
         let cfg = Config {
             name: Arc::from(self.name.unwrap_or_default()),
             capacity: self.max_concurrent,
@@ -140,7 +198,7 @@ impl BulkheadBuilder {
             soft_limit: self.soft_limit,
         };
         Ok(BulkheadLayer {
-            core: Arc::new(Core::new(cfg, self.listeners)),
+            core: Arc::new(Core::new(cfg, self.listeners, shared)),
         })
     }
 }
@@ -152,6 +210,7 @@ impl fmt::Debug for BulkheadBuilder {
             .field("max_concurrent", &self.max_concurrent)
             .field("max_wait", &self.max_wait)
             .field("soft_limit", &self.soft_limit)
+            .field("backend", &self.backend)
             .finish_non_exhaustive()
     }
 }

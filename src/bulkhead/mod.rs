@@ -95,6 +95,7 @@ mod state;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::backend::Backend;
 pub use error::BulkheadFull;
 #[cfg(feature = "http")]
 pub use hold::{BulkheadBody, HttpBulkhead, HttpBulkheadLayer};

@@ -98,6 +98,16 @@ where
             Slots::Counter(_) => {
                 ResponseFuture::rejected(self.core.rejected(Duration::ZERO).into())
             }
+            #[cfg(feature = "file-store")]
+            Slots::File(_) => ResponseFuture::rejected(self.core.rejected(Duration::ZERO).into()),
+            #[cfg(feature = "redis")]
+            Slots::Redis { bulkhead, .. } => {
+                let bulkhead = bulkhead.clone();
+                let lease = Box::pin(async move { bulkhead.try_acquire().await });
+                let clone = self.inner.clone();
+                let svc = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::leasing(self.core.clone(), lease, svc, req)
+            }
             Slots::Queue(sem) => {
                 let acquire = Box::pin(sem.clone().acquire_owned());
                 // The readied service goes into the future; this one gets a

@@ -98,6 +98,12 @@ impl Counter {
     pub(crate) fn in_flight(&self) -> usize {
         (self.cell.word.load(Acquire) & !ORPHAN) as usize
     }
+
+    /// Gives back a slot taken from this (still alive) counter.
+    #[cfg(feature = "redis")]
+    pub(crate) fn release(&self) {
+        release(self.cell);
+    }
 }
 
 impl Drop for Counter {
@@ -130,6 +136,15 @@ fn last_of_orphan(cell: &'static Cell) {
 pub(crate) enum Slots {
     Counter(Counter),
     Queue(Arc<Semaphore>),
+    /// Slots owned by PIDs in a state file.
+    #[cfg(feature = "file-store")]
+    File(crate::store::file::FileBulkhead),
+    /// Leases in Redis; `here` counts this process's.
+    #[cfg(feature = "redis")]
+    Redis {
+        bulkhead: crate::store::redis::RedisBulkhead,
+        here: Counter,
+    },
 }
 
 #[derive(Debug)]
@@ -144,6 +159,30 @@ pub(crate) struct Core {
 pub(crate) enum Slot {
     Counter(&'static Cell),
     Permit(#[allow(dead_code)] OwnedSemaphorePermit),
+    /// Given back to the file by its own drop.
+    #[cfg(feature = "file-store")]
+    File(#[allow(dead_code)] crate::store::file::FileSlot),
+    /// Boxed: keeps the memory path's future small.
+    #[cfg(feature = "redis")]
+    Redis(#[allow(dead_code)] Box<RedisSlot>),
+}
+
+/// A Redis lease and the count of this process's leases it is part of.
+#[cfg(feature = "redis")]
+#[derive(Debug)]
+pub(crate) struct RedisSlot {
+    #[allow(dead_code)]
+    pub(crate) lease: crate::store::redis::RedisLease,
+    pub(crate) core: Arc<Core>,
+}
+
+#[cfg(feature = "redis")]
+impl Drop for RedisSlot {
+    fn drop(&mut self) {
+        if let Slots::Redis { here, .. } = &self.core.slots {
+            here.release();
+        }
+    }
 }
 
 impl Drop for Slot {
@@ -156,11 +195,15 @@ impl Drop for Slot {
 }
 
 impl Core {
-    pub(crate) fn new(cfg: Config, listeners: Listeners<BulkheadEvent>) -> Self {
-        let slots = if cfg.max_wait.is_zero() {
-            Slots::Counter(Counter::new())
-        } else {
-            Slots::Queue(Arc::new(Semaphore::new(cfg.capacity)))
+    pub(crate) fn new(
+        cfg: Config,
+        listeners: Listeners<BulkheadEvent>,
+        shared: Option<Slots>,
+    ) -> Self {
+        let slots = match shared {
+            Some(s) => s,
+            None if cfg.max_wait.is_zero() => Slots::Counter(Counter::new()),
+            None => Slots::Queue(Arc::new(Semaphore::new(cfg.capacity))),
         };
         Self {
             cfg,
@@ -185,6 +228,11 @@ impl Core {
                 self.acquired();
                 Some(Slot::Permit(permit))
             }
+            #[cfg(feature = "file-store")]
+            Slots::File(b) => b.try_acquire().map(Slot::File),
+            // Needs a round trip: taken in the response future.
+            #[cfg(feature = "redis")]
+            Slots::Redis { .. } => None,
         }
     }
 
@@ -221,6 +269,10 @@ impl Core {
         match &self.slots {
             Slots::Counter(c) => c.in_flight(),
             Slots::Queue(sem) => self.cfg.capacity - sem.available_permits().min(self.cfg.capacity),
+            #[cfg(feature = "file-store")]
+            Slots::File(b) => b.in_use() as usize,
+            #[cfg(feature = "redis")]
+            Slots::Redis { here, .. } => here.in_flight(),
         }
     }
 }

@@ -11,72 +11,7 @@ use std::time::Duration;
 use super::state::{Core, Ticket};
 use super::CircuitOpen;
 
-#[cfg(feature = "file-store")]
-use crate::store::file::FileStore;
-#[cfg(feature = "redis")]
-use crate::store::redis::RedisStore;
-
-/// Where a breaker keeps its state, chosen with
-/// [`CircuitBreakerBuilder::backend`](super::CircuitBreakerBuilder::backend).
-///
-/// - [`Backend::Memory`] (default): this process only; lock-free.
-/// - `Backend::File` (feature `file-store`): every process using the same
-///   state file shares one breaker. A closed breaker's admission only reads
-///   the file (and reuses it while unchanged); failures, and every step
-///   while open or half-open, are written under the file lock. Half-open
-///   probes are reserved in the file, so `half_open_max_calls` holds
-///   across processes; the probes of a process that died are reclaimed
-///   (at once by PID, else after `stale_attempt_timeout`).
-/// - `Backend::Redis` (feature `redis`): a fleet shares one breaker. Each
-///   process keeps deciding locally, lock-free, and syncs with Redis every
-///   `sync_interval` (500 ms) and at once when it opens: failures add up
-///   across the fleet, an opening reaches every process within about one
-///   interval, and at most `half_open_max_calls` processes probe at once.
-///   While Redis cannot be reached the store's
-///   `store::Degrade` policy applies: the local breaker
-///   carries on alone, or (fail-closed) rejects every call.
-///
-/// Both shared backends count consecutive failures; a [`Window`](super::Window)
-/// needs the memory backend.
-#[derive(Clone, Default)]
-#[non_exhaustive]
-pub enum Backend {
-    /// State in this process.
-    #[default]
-    Memory,
-    /// State in a file shared by processes.
-    #[cfg(feature = "file-store")]
-    File(FileStore),
-    /// State in Redis shared by a fleet.
-    #[cfg(feature = "redis")]
-    Redis(RedisStore),
-}
-
-impl fmt::Debug for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Backend::Memory => f.write_str("Memory"),
-            #[cfg(feature = "file-store")]
-            Backend::File(s) => f.debug_tuple("File").field(s).finish(),
-            #[cfg(feature = "redis")]
-            Backend::Redis(s) => f.debug_tuple("Redis").field(s).finish(),
-        }
-    }
-}
-
-#[cfg(feature = "file-store")]
-impl From<FileStore> for Backend {
-    fn from(s: FileStore) -> Self {
-        Backend::File(s)
-    }
-}
-
-#[cfg(feature = "redis")]
-impl From<RedisStore> for Backend {
-    fn from(s: RedisStore) -> Self {
-        Backend::Redis(s)
-    }
-}
+pub use crate::backend::Backend;
 
 /// Settings of the shared backends.
 #[derive(Debug, Clone, Copy)]

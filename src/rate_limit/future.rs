@@ -11,6 +11,7 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::layer::Shared;
+use super::remote::Admit;
 use crate::classify::Classify;
 use crate::error::BoxError;
 
@@ -50,9 +51,13 @@ pin_project! {
 }
 
 pin_project! {
+    /// A request waiting for its turn (memory, `max_wait`) or for a shared
+    /// backend's answer (Redis). One variant of the future for both keeps
+    /// the admitted path's future as it was.
     struct Wait<S, Req> {
         #[pin]
-        sleep: Sleep,
+        sleep: Option<Sleep>,
+        admit: Option<Admit>,
         svc: Option<S>,
         req: Option<Req>,
         refund: Refund,
@@ -98,10 +103,32 @@ impl<S: Service<Req>, Req, K, C, H> ResponseFuture<S, Req, K, C, H> {
         Self {
             kind: Kind::Waiting {
                 wait: Box::pin(Wait {
-                    sleep: tokio::time::sleep_until(at),
+                    sleep: Some(tokio::time::sleep_until(at)),
+                    admit: None,
                     svc: Some(svc),
                     req: Some(req),
                     refund,
+                }),
+                hint,
+            },
+        }
+    }
+
+    /// Waits for a shared backend's admission, then calls.
+    pub(crate) fn admitting(
+        admit: Admit,
+        svc: S,
+        req: Req,
+        hint: Option<Arc<Shared<K, C, H>>>,
+    ) -> Self {
+        Self {
+            kind: Kind::Waiting {
+                wait: Box::pin(Wait {
+                    sleep: None,
+                    admit: Some(admit),
+                    svc: Some(svc),
+                    req: Some(req),
+                    refund: Refund(None),
                 }),
                 hint,
             },
@@ -113,6 +140,33 @@ impl<S: Service<Req>, Req, K, C, H> ResponseFuture<S, Req, K, C, H> {
             kind: Kind::Rejected { err: Some(err) },
         }
     }
+}
+
+/// The waiting arm, out of line so the admitted path's `poll` stays small:
+/// the next state once the turn came (or the backend answered).
+#[inline(never)]
+fn poll_wait<S, Req, K, C, H>(
+    wait: Pin<&mut Wait<S, Req>>,
+    hint: &mut Option<Arc<Shared<K, C, H>>>,
+    cx: &mut Context<'_>,
+) -> Poll<Kind<S, Req, K, C, H>>
+where
+    S: Service<Req>,
+{
+    let w = wait.project();
+    if let Some(admit) = w.admit {
+        if let Err(err) = ready!(admit.as_mut().poll(cx)) {
+            return Poll::Ready(Kind::Rejected { err: Some(err) });
+        }
+    } else if let Some(sleep) = w.sleep.as_pin_mut() {
+        ready!(sleep.poll(cx));
+    }
+    w.refund.disarm();
+    let mut svc = w.svc.take().expect("polled after completion");
+    let req = w.req.take().expect("polled after completion");
+    let hint = hint.take();
+    let fut = svc.call(req);
+    Poll::Ready(Kind::Called { fut, hint })
 }
 
 impl<S, Req, K, C, H> Future for ResponseFuture<S, Req, K, C, H>
@@ -138,15 +192,8 @@ where
                     return Poll::Ready(res.map_err(Into::into));
                 }
                 KindProj::Waiting { wait, hint } => {
-                    let w = wait.as_mut().project();
-                    ready!(w.sleep.poll(cx));
-                    w.refund.disarm();
-                    let (svc, req) = (w.svc, w.req);
-                    let mut svc = svc.take().expect("polled after completion");
-                    let req = req.take().expect("polled after completion");
-                    let hint = hint.take();
-                    let fut = svc.call(req);
-                    kind.set(Kind::Called { fut, hint });
+                    let next = ready!(poll_wait(wait.as_mut(), hint, cx));
+                    kind.set(next);
                 }
                 KindProj::Rejected { err } => {
                     return Poll::Ready(Err(err.take().expect("polled after completion")));

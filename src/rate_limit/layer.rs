@@ -10,8 +10,10 @@ use tower_layer::Layer;
 
 use super::gcra::Params;
 use super::keyed::KeyMap;
+use super::remote::Remote;
 use super::state::{Config, Core};
 use super::{RateLimit, RateLimitEvent};
+use crate::backend::Backend;
 use crate::classify::DefaultClassifier;
 use crate::clock::{nanos, Clock, ClockSource};
 use crate::error::{Check, ConfigError};
@@ -28,6 +30,8 @@ pub struct Global;
 pub struct Keyed<F, K> {
     pub(crate) f: F,
     pub(crate) map: KeyMap<K>,
+    /// Names a key in Redis; set by the keyed builder's `backend`.
+    pub(crate) remote_key: Option<fn(&K) -> String>,
 }
 
 impl<F, K> fmt::Debug for Keyed<F, K> {
@@ -207,6 +211,7 @@ pub struct RateLimitBuilder<K = Global, C = FixedCost, H = DefaultClassifier> {
     hint: Option<H>,
     clock: ClockSource,
     listeners: Listeners<RateLimitEvent>,
+    backend: Backend,
 }
 
 impl RateLimitBuilder {
@@ -223,6 +228,7 @@ impl RateLimitBuilder {
             hint: None,
             clock: ClockSource::default(),
             listeners: Listeners::default(),
+            backend: Backend::Memory,
         }
     }
 }
@@ -301,11 +307,13 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
             key: Keyed {
                 f,
                 map: KeyMap::new(1),
+                remote_key: None,
             },
             cost: self.cost,
             hint: self.hint,
             clock: self.clock,
             listeners: self.listeners,
+            backend: self.backend,
         }
     }
 
@@ -328,6 +336,7 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
             hint: self.hint,
             clock: self.clock,
             listeners: self.listeners,
+            backend: self.backend,
         }
     }
 
@@ -350,6 +359,7 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
             hint: Some(classifier),
             clock: self.clock,
             listeners: self.listeners,
+            backend: self.backend,
         }
     }
 
@@ -371,6 +381,13 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
 
     fn core(&self) -> Result<Core, ConfigError> {
         let check = Check { layer: LAYER };
+        if !self.backend.is_memory() && !self.max_wait.is_zero() {
+            return Err(ConfigError::new(
+                LAYER,
+                "max_wait",
+                "waiting for tokens needs the memory backend: a shared bucket rejects at once",
+            ));
+        }
         check.positive("max_tokens", self.max_tokens)?;
         check.positive("refill_rate", self.refill_rate)?;
         check.positive("tokens_per_request", self.tokens_per_request)?;
@@ -398,12 +415,65 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
             max_tokens: self.max_tokens,
             tokens_per_request: self.tokens_per_request,
         };
-        Ok(Core::new(
+        let mut core = Core::new(
             cfg,
             params,
             Clock::with_source(self.clock),
             self.listeners.clone(),
-        ))
+        );
+        core.remote = self.remote()?;
+        Ok(core)
+    }
+
+    /// The shared bucket(s) of a file or Redis backend.
+    fn remote(&self) -> Result<Option<Remote>, ConfigError> {
+        Ok(match &self.backend {
+            Backend::Memory => None,
+            #[cfg(feature = "file-store")]
+            Backend::File(store) => Some(Remote::File(
+                store.rate_limiter(self.max_tokens, self.refill_rate)?,
+            )),
+            #[cfg(feature = "redis")]
+            Backend::Redis(store) => {
+                let name = self.name.as_deref().filter(|n| !n.is_empty());
+                Some(Remote::Redis(Arc::new(store.rate_limiter(
+                    name.unwrap_or(LAYER),
+                    self.max_tokens,
+                    self.refill_rate,
+                )?)))
+            }
+        })
+    }
+}
+
+impl<C, H> RateLimitBuilder<Global, C, H> {
+    /// Where the bucket lives (default [`Backend::Memory`]): a
+    /// `FileStore` shares it across the
+    /// processes using one state file, a
+    /// `RedisStore` across a fleet
+    /// (its Redis key is `{<prefix>:<name>}:gcra`, the name defaulting to
+    /// `rate_limit`). See [`Backend`] and the `store`
+    /// module for how to stack it with a shared breaker.
+    ///
+    /// A shared bucket rejects at once (`max_wait` must stay zero). With
+    /// Redis, an upstream's `Retry-After` is kept by this process only.
+    pub fn backend(mut self, backend: impl Into<Backend>) -> Self {
+        self.backend = backend.into();
+        self
+    }
+}
+
+impl<F, K: fmt::Display, C, H> RateLimitBuilder<Keyed<F, K>, C, H> {
+    /// Where the buckets live (default [`Backend::Memory`]). With a
+    /// `RedisStore`, each key's GCRA
+    /// word lives in Redis at `{<prefix>:<name>}:gcra:<key>` (the key
+    /// written with `Display`), shared exactly across the fleet. The file
+    /// backend keeps one bucket per file and is refused for a keyed
+    /// limiter. Call it after [`key`](RateLimitBuilder::key).
+    pub fn backend(mut self, backend: impl Into<Backend>) -> Self {
+        self.backend = backend.into();
+        self.key.remote_key = Some(<K as ToString>::to_string);
+        self
     }
 }
 
@@ -425,6 +495,25 @@ impl<C, H> RateLimitBuilder<Global, C, H> {
 impl<F, K: Hash + Eq, C, H> RateLimitBuilder<Keyed<F, K>, C, H> {
     /// Validates the configuration and makes the layer.
     pub fn build(self) -> Result<RateLimitLayer<Keyed<F, K>, C, H>, ConfigError> {
+        match &self.backend {
+            Backend::Memory => {}
+            #[cfg(feature = "file-store")]
+            Backend::File(_) => return Err(ConfigError::new(
+                LAYER,
+                "backend",
+                "a state file holds one bucket: a keyed limiter needs the memory or Redis backend",
+            )),
+            #[allow(unreachable_patterns)]
+            _ if self.key.remote_key.is_none() => {
+                return Err(ConfigError::new(
+                    LAYER,
+                    "backend",
+                    "set a shared backend after `.key(...)`, whose key must implement Display",
+                ))
+            }
+            #[allow(unreachable_patterns)]
+            _ => {}
+        }
         let core = self.core()?;
         Ok(RateLimitLayer {
             shared: Arc::new(Shared {
@@ -432,6 +521,7 @@ impl<F, K: Hash + Eq, C, H> RateLimitBuilder<Keyed<F, K>, C, H> {
                 key: Keyed {
                     f: self.key.f,
                     map: KeyMap::new(self.max_keys),
+                    remote_key: self.key.remote_key,
                 },
                 cost: self.cost,
                 hint: self.hint,
@@ -451,6 +541,7 @@ impl<K, C, H> fmt::Debug for RateLimitBuilder<K, C, H> {
             .field("max_keys", &self.max_keys)
             .field("key", &std::any::type_name::<K>())
             .field("cost", &std::any::type_name::<C>())
+            .field("backend", &self.backend)
             .finish_non_exhaustive()
     }
 }

@@ -105,12 +105,14 @@ pub mod future;
 mod gcra;
 mod keyed;
 mod layer;
+mod remote;
 mod service;
 mod state;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::backend::Backend;
 pub use error::{CostTooHigh, RateLimited};
 pub use layer::{
     Cost, CostFn, FixedCost, Global, Keyed, RateLimitBuilder, RateLimitHandle, RateLimitLayer,

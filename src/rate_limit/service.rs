@@ -10,9 +10,10 @@ use tower_service::Service;
 use super::future::{Refund, ResponseFuture};
 use super::gcra::Decision;
 use super::layer::{Cost, Global, Keyed, Shared};
+use super::remote::Verdict;
 use super::{CostTooHigh, RateLimitEvent, RateLimitLayer};
 use crate::classify::Classify;
-use crate::clock::Nanos;
+use crate::clock::{nanos, Nanos};
 use crate::error::BoxError;
 
 /// A rate limiter around `S`. Made by [`RateLimitLayer`].
@@ -92,6 +93,50 @@ where
         }
     }
 
+    /// Admission through a file or Redis backend. `key` names the bucket
+    /// in Redis (`None`: the limiter's one bucket).
+    #[inline(never)]
+    fn call_remote<Req>(&mut self, req: Req, key: Option<String>) -> ResponseFuture<S, Req, K, C, H>
+    where
+        S: Service<Req> + Clone,
+        C: Cost<Req>,
+    {
+        let shared = &self.shared;
+        let core = &shared.core;
+        let tokens = shared
+            .cost
+            .cost(&req)
+            .unwrap_or(core.cfg.tokens_per_request);
+        if core.params.increment(tokens).is_none() {
+            let e = CostTooHigh::new(core.cfg.name.clone(), tokens, core.cfg.max_tokens);
+            return ResponseFuture::rejected(e.into());
+        }
+        // An upstream's block this process keeps (Redis).
+        if let Some(left) = core.blocked(core.clock.now()) {
+            return ResponseFuture::rejected(core.rejected(left, 0.0).into());
+        }
+        let remote = core.remote.as_ref().expect("a shared backend");
+        let hint = shared.hint.as_ref().map(|_| shared.clone());
+        match remote.admit(key, tokens) {
+            Verdict::Now(Ok(())) => ResponseFuture::called(self.inner.call(req), hint),
+            Verdict::Now(Err(wait)) => {
+                let left = remote.tokens().unwrap_or(0.0);
+                ResponseFuture::rejected(core.rejected(nanos(wait), left).into())
+            }
+            Verdict::Later(pending) => {
+                let owner = shared.clone();
+                let admit = Box::pin(async move {
+                    pending
+                        .await
+                        .map_err(|wait| owner.core.rejected(nanos(wait), 0.0).into())
+                });
+                let clone = self.inner.clone();
+                let svc = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::admitting(admit, svc, req, hint)
+            }
+        }
+    }
+
     /// Carries the decision out: call now, wait in the future, or reject.
     #[inline]
     fn dispatch<Req>(
@@ -145,6 +190,9 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
+        if self.shared.core.remote.is_some() {
+            return self.call_remote(req, None);
+        }
         let inc = match self.increment(&req) {
             Ok(inc) => inc,
             Err(e) => return ResponseFuture::rejected(e.into()),
@@ -180,6 +228,11 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
+        if self.shared.core.remote.is_some() {
+            let keyed = &self.shared.key;
+            let name = keyed.remote_key.map(|f| f(&(keyed.f)(&req)));
+            return self.call_remote(req, name);
+        }
         let inc = match self.increment(&req) {
             Ok(inc) => inc,
             Err(e) => return ResponseFuture::rejected(e.into()),

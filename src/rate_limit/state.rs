@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::gcra::{self, Decision, Params};
+use super::remote::Remote;
 use super::{RateLimitEvent, RateLimited};
 use crate::clock::{nanos, Clock, Nanos};
 use crate::observe::Listeners;
@@ -90,6 +91,9 @@ pub(crate) struct Core {
     pub(crate) blocked_until: AtomicU64,
     pub(crate) clock: Clock,
     pub(crate) listeners: Listeners<RateLimitEvent>,
+    /// The shared bucket(s), for a limiter built with a file or Redis
+    /// backend; `None` (memory) on the hot path.
+    pub(crate) remote: Option<Remote>,
 }
 
 impl Core {
@@ -110,6 +114,7 @@ impl Core {
             blocked_until: AtomicU64::new(0),
             clock,
             listeners,
+            remote: None,
         }
     }
 
@@ -134,6 +139,16 @@ impl Core {
     pub(crate) fn block_for(&self, d: Duration) {
         let now = self.clock.now();
         let until = now.saturating_add(nanos(d));
+        // A file-backed bucket keeps the block for every process; Redis
+        // keeps it here (checked before each round trip).
+        let shared = self.remote.as_ref().is_some_and(|r| r.block_for(d));
+        if shared {
+            self.listeners.emit(&RateLimitEvent::Blocked {
+                name: self.cfg.name.clone(),
+                duration: d,
+            });
+            return;
+        }
         self.bucket.block_until(until, self.inc, &self.params);
         let _ = self.blocked_until.fetch_max(until, AcqRel);
         self.listeners.emit(&RateLimitEvent::Blocked {
@@ -150,11 +165,17 @@ impl Core {
     }
 
     pub(crate) fn reset(&self) {
+        if let Some(r) = &self.remote {
+            r.reset();
+        }
         self.bucket.reset();
         self.blocked_until.store(0, Relaxed);
     }
 
     pub(crate) fn tokens(&self) -> f64 {
+        if let Some(t) = self.remote.as_ref().and_then(Remote::tokens) {
+            return t;
+        }
         gcra::tokens(self.bucket.load(), self.clock.now(), &self.params)
     }
 }

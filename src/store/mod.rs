@@ -9,21 +9,44 @@
 //! - [`redis`](mod@redis) (feature `redis`): a fleet of processes shares
 //!   one state through atomic Lua scripts on a Redis server.
 //!
-//! A breaker picks its backend at `build()`:
+//! The breaker, the rate limiter and the bulkhead each pick their backend
+//! at `build()`, with `.backend(store)` taking the same `Backend`.
+//!
+//! # Gate order
+//!
+//! Stack shared layers as seed 001 gates its calls: **rate limit and
+//! bulkhead before the breaker**. With `ServiceBuilder` the first layer
+//! added is the outermost, so:
 //!
 //! ```no_run
-//! # #[cfg(all(feature = "circuit-breaker", feature = "file-store"))] {
+//! # #[cfg(all(feature = "circuit-breaker", feature = "rate-limit",
+//! #           feature = "bulkhead", feature = "file-store"))] {
+//! use tower::{service_fn, ServiceBuilder};
 //! use tower_bulwark::store::file::FileStore;
-//! use tower_bulwark::CircuitBreakerLayer;
+//! use tower_bulwark::{BulkheadLayer, CircuitBreakerLayer, RateLimitLayer};
 //!
 //! let store = FileStore::builder().app("mycli").build()?;
-//! let breaker = CircuitBreakerLayer::builder()
-//!     .name("api")
-//!     .backend(store)
-//!     .build()?;
+//! let svc = ServiceBuilder::new()
+//!     // 1. the token bucket, shared by every process
+//!     .layer(RateLimitLayer::builder().backend(store.clone()).build()?)
+//!     // 2. the bulkhead: slots owned by PIDs
+//!     .layer(BulkheadLayer::builder().max_concurrent(4).backend(store.clone()).build()?)
+//!     // 3. the breaker, innermost: it only sees calls that will run
+//!     .layer(CircuitBreakerLayer::builder().name("api").backend(store).build()?)
+//!     .service(service_fn(|req: String| async move { Ok::<_, std::io::Error>(req) }));
+//! # let _ = svc;
 //! # }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! A half-open breaker reserves its probe slot in the shared state when it
+//! admits a call. Were the breaker outside, a call it admitted as the probe
+//! and the bucket then rejected would spend the probe on a call that never
+//! reached the upstream (and count as its failure), and a process killed in
+//! between would hold the slot until `stale_attempt_timeout`. Inside, a
+//! rejected call never reaches the breaker. The price, as in the seed: a
+//! call the bulkhead or the open breaker rejects has already spent its
+//! token.
 //!
 //! Neither backend holds a lock, or a remote lease, around the wrapped
 //! call: a file lock is held only for a read-modify-write of a few hundred
@@ -44,6 +67,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::observe::Event;
+
+#[cfg(any(
+    feature = "circuit-breaker",
+    feature = "rate-limit",
+    feature = "bulkhead"
+))]
+pub use crate::backend::Backend;
 
 #[cfg(feature = "file-store")]
 pub mod file;

@@ -496,6 +496,12 @@ impl RedisRateLimiter {
     /// Takes `cost` for `key` (use `""` for one fleet-wide limit), or says
     /// how long until it could be taken.
     pub async fn try_acquire(&self, key: &str, cost: u32) -> Result<(), Duration> {
+        self.acquire(key, f64::from(cost)).await
+    }
+
+    /// [`try_acquire`](Self::try_acquire) with a fractional cost (the rate
+    /// limit layer's `cost` is in `f64` tokens).
+    pub(crate) async fn acquire(&self, key: &str, cost: f64) -> Result<(), Duration> {
         let now = self.store.now_ms();
         if self.local_cache {
             let over = self.over.lock().unwrap_or_else(|e| e.into_inner());
@@ -539,11 +545,11 @@ impl RedisRateLimiter {
     }
 
     /// The same GCRA, in this process only (the degraded fallback).
-    fn local_acquire(&self, key: &str, cost: u32) -> Result<(), Duration> {
+    fn local_acquire(&self, key: &str, cost: f64) -> Result<(), Duration> {
         let now = self.store.inner.origin.elapsed().as_micros() as f64;
         let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
         let tat = local.get(key).copied().unwrap_or(now).max(now);
-        let new_tat = tat + self.interval_us * f64::from(cost);
+        let new_tat = tat + self.interval_us * cost;
         let diff = new_tat - now;
         if diff > self.capacity_us {
             return Err(Duration::from_micros(

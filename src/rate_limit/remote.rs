@@ -1,0 +1,101 @@
+//! A limiter whose buckets live outside this process: in a state file or
+//! in Redis. The memory path never comes here (one `Option` check).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+#[cfg(feature = "file-store")]
+use crate::store::file::FileRateLimiter;
+#[cfg(feature = "redis")]
+use crate::store::redis::RedisRateLimiter;
+
+/// An admission in flight: `Err` is the rejection.
+pub(crate) type Admit = Pin<Box<dyn Future<Output = Result<(), crate::BoxError>> + Send>>;
+
+/// A Redis admission before it knows how to reject.
+pub(crate) type Pending = Pin<Box<dyn Future<Output = Result<(), Duration>> + Send>>;
+
+/// The shared bucket(s) of a limiter built with a shared backend.
+pub(crate) enum Remote {
+    /// One bucket in a state file, shared by every process using it.
+    #[cfg(feature = "file-store")]
+    File(FileRateLimiter),
+    /// GCRA words in Redis, one per key.
+    #[cfg(feature = "redis")]
+    Redis(std::sync::Arc<RedisRateLimiter>),
+}
+
+impl fmt::Debug for Remote {
+    #[allow(unused_variables)]
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            #[cfg(feature = "file-store")]
+            Remote::File(ref r) => f.debug_tuple("File").field(r).finish(),
+            #[cfg(feature = "redis")]
+            Remote::Redis(ref r) => f.debug_tuple("Redis").field(r).finish(),
+        }
+    }
+}
+
+/// How a shared backend answers a request.
+#[allow(dead_code)]
+pub(crate) enum Verdict {
+    /// Decided now (the file): admitted, or rejected with a retry time.
+    Now(Result<(), Duration>),
+    /// To be decided in the response future (Redis).
+    Later(Pending),
+}
+
+impl Remote {
+    /// Takes `tokens` for `key` (`None`: the limiter's one bucket).
+    #[allow(unused_variables)]
+    pub(crate) fn admit(&self, key: Option<String>, tokens: f64) -> Verdict {
+        match *self {
+            #[cfg(feature = "file-store")]
+            Remote::File(ref f) => Verdict::Now(f.try_acquire(tokens)),
+            #[cfg(feature = "redis")]
+            Remote::Redis(ref r) => {
+                let r = r.clone();
+                Verdict::Later(Box::pin(async move {
+                    r.acquire(key.as_deref().unwrap_or(""), tokens).await
+                }))
+            }
+        }
+    }
+
+    /// Tokens left, as far as this process can tell without waiting.
+    pub(crate) fn tokens(&self) -> Option<f64> {
+        match *self {
+            #[cfg(feature = "file-store")]
+            Remote::File(ref f) => Some(f.tokens()),
+            #[cfg(feature = "redis")]
+            Remote::Redis(_) => None,
+        }
+    }
+
+    /// An upstream asked for a pause: applies it where the bucket lives.
+    /// `false` when only this process can keep it (Redis).
+    #[allow(unused_variables)]
+    pub(crate) fn block_for(&self, d: Duration) -> bool {
+        match *self {
+            #[cfg(feature = "file-store")]
+            Remote::File(ref f) => {
+                f.set_retry_after(d);
+                true
+            }
+            #[cfg(feature = "redis")]
+            Remote::Redis(_) => false,
+        }
+    }
+
+    pub(crate) fn reset(&self) {
+        match *self {
+            #[cfg(feature = "file-store")]
+            Remote::File(ref f) => f.reset(),
+            #[cfg(feature = "redis")]
+            Remote::Redis(_) => {}
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! The rate limit, bulkhead and breaker layers on the file backend, across
+//! real processes: this test binary re-executes itself (the `child` test,
+//! selected with `BULWARK_CHILD`), as tests/file_store.rs does.
+#![cfg(all(
+    feature = "file-store",
+    feature = "circuit-breaker",
+    feature = "rate-limit",
+    feature = "bulkhead"
+))]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_bulwark::bulkhead::{BulkheadFull, BulkheadLayer};
+use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen};
+use tower_bulwark::rate_limit::{RateLimitLayer, RateLimited};
+use tower_bulwark::store::file::{FileStore, Phase};
+use tower_bulwark::ConfigError;
+
+const ROLE: &str = "BULWARK_CHILD";
+const DIR: &str = "BULWARK_CHILD_DIR";
+
+fn store(dir: &Path) -> FileStore {
+    FileStore::builder()
+        .dir(dir)
+        .lock_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+fn spawn_child(role: &str, dir: &Path) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child", "--nocapture", "--test-threads=1"])
+        .env(ROLE, role)
+        .env(DIR, dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn outputs(child: Child) -> Vec<String> {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "child failed");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once("OUT ").map(|(_, v)| v.to_owned()))
+        .collect()
+}
+
+fn wait_ready(child: &mut Child) {
+    let stdout = child.stdout.as_mut().unwrap();
+    for line in BufReader::new(stdout).lines() {
+        if line.unwrap().ends_with("OUT ready") {
+            return;
+        }
+    }
+    panic!("child exited before it was ready");
+}
+
+/// A bucket of 25 that does not refill while the tests run.
+fn bucket(store: &FileStore) -> RateLimitLayer {
+    RateLimitLayer::builder()
+        .name("api")
+        .max_tokens(25.0)
+        .refill_rate(1e-6)
+        .backend(store.clone())
+        .build()
+        .unwrap()
+}
+
+fn bulkhead(store: &FileStore) -> BulkheadLayer {
+    BulkheadLayer::builder()
+        .name("api")
+        .max_concurrent(1)
+        .backend(store.clone())
+        .build()
+        .unwrap()
+}
+
+fn ok_service() -> impl Service<u32, Response = u32, Error = BoxError> + Clone {
+    service_fn(|x: u32| async move { Ok::<_, BoxError>(x) })
+}
+
+/// The body of every child process. A no-op in a normal test run.
+#[test]
+fn child() {
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
+    let dir = PathBuf::from(std::env::var(DIR).unwrap());
+    let store = store(&dir);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        match role.as_str() {
+            "layer_bucket" => {
+                let mut svc = ServiceBuilder::new()
+                    .layer(bucket(&store))
+                    .service(ok_service());
+                let mut admitted = 0;
+                for i in 0..40 {
+                    match svc.ready().await.unwrap().call(i).await {
+                        Ok(_) => admitted += 1,
+                        Err(e) => assert!(e.is::<RateLimited>(), "{e}"),
+                    }
+                }
+                println!("OUT {admitted}");
+            }
+            "layer_hold_slot" => {
+                let svc = ServiceBuilder::new()
+                    .layer(bulkhead(&store))
+                    .service(service_fn(|()| async {
+                        println!("OUT ready");
+                        std::future::pending::<Result<(), BoxError>>().await
+                    }));
+                let _ = svc.oneshot(()).await;
+            }
+            other => panic!("unknown role {other}"),
+        }
+    });
+}
+
+#[test]
+fn rate_limit_layer_never_over_admits_across_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let children: Vec<_> = (0..4)
+        .map(|_| spawn_child("layer_bucket", dir.path()))
+        .collect();
+    let total: usize = children
+        .into_iter()
+        .map(|c| outputs(c)[0].parse::<usize>().unwrap())
+        .sum();
+    assert_eq!(total, 25, "4 processes x 40 calls share one bucket of 25");
+}
+
+#[tokio::test]
+async fn bulkhead_layer_slot_of_a_killed_process_is_reclaimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_child("layer_hold_slot", dir.path());
+    wait_ready(&mut child);
+    let layer = bulkhead(&store(dir.path()));
+    assert_eq!(layer.handle().in_flight(), 1, "the child's call holds it");
+    let svc = ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(ok_service());
+    let err = svc.clone().oneshot(1).await.unwrap_err();
+    assert!(err.is::<BulkheadFull>(), "{err}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        svc.clone().oneshot(2).await.unwrap(),
+        2,
+        "dead PID reclaimed"
+    );
+    assert_eq!(layer.handle().in_flight(), 0, "and our slot given back");
+}
+
+/// Seed 001's gate order, outermost first: rate limit, bulkhead, breaker.
+/// A call the bucket or the bulkhead rejects never reaches the breaker, so
+/// it never takes (or leaks) the shared half-open probe slot.
+#[tokio::test]
+async fn rejected_calls_never_take_a_half_open_probe() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let breaker = CircuitBreakerLayer::builder()
+        .name("api")
+        .half_open_max_calls(1)
+        .success_threshold(1)
+        .backend(s.clone())
+        .build()
+        .unwrap();
+    let limiter = RateLimitLayer::builder()
+        .max_tokens(1.0)
+        .refill_rate(1e-6)
+        .backend(s.clone())
+        .build()
+        .unwrap();
+    let gate = |inner| {
+        ServiceBuilder::new()
+            .layer(limiter.clone())
+            .layer(bulkhead(&s))
+            .layer(breaker.clone())
+            .service(inner)
+    };
+    // Open, its open period over: the next call the breaker sees probes.
+    let half_open = || {
+        s.update(|st| {
+            st.circuit_breaker.state = Phase::Open;
+            st.circuit_breaker.open_until = Some(0);
+        })
+    };
+    half_open();
+
+    // The bulkhead is full (another process holds the one slot).
+    s.update(|st| st.bulkhead.active_pids = vec![std::process::id()]);
+    let err = gate(ok_service()).oneshot(1).await.unwrap_err();
+    assert!(err.is::<BulkheadFull>(), "{err}");
+    // Free the slot; empty the bucket.
+    s.update(|st| st.bulkhead.active_pids.clear());
+    limiter.handle().set_retry_after(Duration::from_secs(600));
+    let err = gate(ok_service()).oneshot(2).await.unwrap_err();
+    assert!(err.is::<RateLimited>(), "{err}");
+
+    let b = s.load().circuit_breaker;
+    assert_eq!(b.half_open_attempts, 0, "no probe taken by a rejected call");
+    assert!(b.half_open_pids.is_empty());
+    assert_eq!(b.state, Phase::Open, "the breaker never saw those calls");
+
+    // The probe slot is still there for the first call admitted.
+    limiter.handle().reset();
+    assert_eq!(gate(ok_service()).oneshot(3).await.unwrap(), 3);
+    let b = s.load().circuit_breaker;
+    assert_eq!((b.state, b.half_open_attempts), (Phase::Closed, 0));
+
+    // The other order leaks nothing either way a test can see in one
+    // process, but it spends the probe on a call the bucket rejects:
+    half_open();
+    limiter.handle().set_retry_after(Duration::from_secs(600));
+    let wrong = ServiceBuilder::new()
+        .layer(breaker.clone())
+        .layer(limiter.clone())
+        .service(ok_service());
+    let err = wrong.oneshot(4).await.unwrap_err();
+    assert!(err.is::<RateLimited>(), "{err}");
+    assert_eq!(
+        s.load().circuit_breaker.state,
+        Phase::Open,
+        "the rejection was counted as the probe's failure and reopened the breaker"
+    );
+    let err = gate(ok_service()).oneshot(5).await.unwrap_err();
+    assert!(err.is::<RateLimited>() || err.is::<CircuitOpen>(), "{err}");
+}
+
+#[test]
+fn keyed_limits_and_waiting_are_refused_on_the_file_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let err: ConfigError = RateLimitLayer::builder()
+        .key(|r: &String| r.clone())
+        .backend(s.clone())
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "backend");
+    let err = RateLimitLayer::builder()
+        .backend(s.clone())
+        .key(|r: &String| r.clone())
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "backend");
+    let err = RateLimitLayer::builder()
+        .max_wait(Duration::from_secs(1))
+        .backend(s.clone())
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "max_wait");
+    let err = BulkheadLayer::builder()
+        .max_wait(Duration::from_secs(1))
+        .backend(s.clone())
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "max_wait");
+}
+
+#[tokio::test]
+async fn retry_after_through_the_layer_blocks_every_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let a = bucket(&s);
+    a.handle().set_retry_after(Duration::from_secs(600));
+    // Another process's layer on the same file (a fresh store: nothing
+    // cached in memory) sees the block.
+    let b = bucket(&store(dir.path()));
+    let err = ServiceBuilder::new()
+        .layer(b.clone())
+        .service(ok_service())
+        .oneshot(1)
+        .await
+        .unwrap_err();
+    let limited = err.downcast_ref::<RateLimited>().unwrap();
+    assert!(limited.retry_after() > Duration::from_secs(500));
+    assert!(s.load().rate_limiter.retry_after_until.is_some());
+}
