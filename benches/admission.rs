@@ -77,23 +77,23 @@ const HUGE: f64 = 1e12;
 fn rate_limit(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _g = rt.enter();
+    // The default clock (the TSC unless the `test-util` feature is on).
     let ours = tower_bulwark::RateLimitLayer::builder()
         .max_tokens(HUGE)
         .refill_rate(HUGE)
         .build()
         .unwrap()
         .layer(Bare);
-    let ours_fast = tower_bulwark::RateLimitLayer::builder()
+    let ours_tokio = tower_bulwark::RateLimitLayer::builder()
         .max_tokens(HUGE)
         .refill_rate(HUGE)
-        .clock(tower_bulwark::ClockSource::Fast)
+        .clock(tower_bulwark::ClockSource::Tokio)
         .build()
         .unwrap()
         .layer(Bare);
     let ours_keyed = tower_bulwark::RateLimitLayer::builder()
         .max_tokens(HUGE)
         .refill_rate(HUGE)
-        .clock(tower_bulwark::ClockSource::Fast)
         .key(|r: &u64| r % 1024)
         .build()
         .unwrap()
@@ -118,8 +118,8 @@ fn rate_limit(c: &mut Criterion) {
         g.bench_function("bulwark", |b| {
             b.iter_custom(|n| support::threaded(&ours, threads, n))
         });
-        g.bench_function("bulwark_fast_clock", |b| {
-            b.iter_custom(|n| support::threaded(&ours_fast, threads, n))
+        g.bench_function("bulwark_tokio_clock", |b| {
+            b.iter_custom(|n| support::threaded(&ours_tokio, threads, n))
         });
         let gv = gov.clone();
         g.bench_function("governor_check", |b| {
@@ -134,7 +134,7 @@ fn rate_limit(c: &mut Criterion) {
         g.bench_function("tower_resilience", |b| {
             b.iter_custom(|n| threaded_rt(&rt, &resilience, threads, n))
         });
-        g.bench_function("bulwark_keyed_fast_clock", |b| {
+        g.bench_function("bulwark_keyed", |b| {
             b.iter_custom(|n| support::threaded(&ours_keyed, threads, n))
         });
         let gk = gov_keyed.clone();
