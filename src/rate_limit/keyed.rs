@@ -22,6 +22,7 @@ use crate::clock::Nanos;
 
 const MAX_SHARDS: usize = 64;
 const MIN_SWEEP: usize = 64;
+const MIN_PER_SHARD: usize = 64;
 
 #[derive(Debug)]
 struct ShardMap<K> {
@@ -49,7 +50,11 @@ impl<K: Hash + Eq> KeyMap<K> {
         let max_keys = max_keys.max(1);
         // The largest power of two not above `max_keys`, so the shards'
         // shares never add up to more than the cap.
-        let shards = (1usize << max_keys.ilog2()).min(MAX_SHARDS);
+        // Enough keys per shard that a small cap is exact: with `max_keys`
+        // of 10, two live keys must never evict each other because they
+        // happened to hash to the same shard.
+        let wanted = (max_keys / MIN_PER_SHARD).max(1);
+        let shards = (1usize << wanted.ilog2()).min(MAX_SHARDS);
         let per_shard = max_keys / shards;
         Self {
             shards: (0..shards)
@@ -213,6 +218,12 @@ mod tests {
         assert!(matches!(m.acquire("b", 0, S, &p).0, Decision::Admit { .. }));
         assert_eq!(m.tokens(&"a", 0, &p), 0.0);
         assert_eq!(m.tokens(&"zzz", 0, &p), 2.0);
+        // However the keys hash, a cap of 10 holds 10 live keys.
+        for k in ["c", "d", "e", "f", "g", "h", "i", "j"] {
+            m.acquire(k, 0, S, &p);
+        }
+        assert_eq!(m.len(), 10);
+        assert_eq!(m.tokens(&"a", 0, &p), 0.0, "no live key was evicted");
         m.clear();
         assert_eq!(m.len(), 0);
     }
