@@ -162,10 +162,6 @@ impl Backoff {
         }
     }
 
-    #[cfg_attr(
-        not(any(feature = "retry", feature = "circuit-breaker")),
-        allow(dead_code)
-    )]
     pub(crate) fn validate(
         &self,
         layer: &'static str,

@@ -96,17 +96,6 @@ pub(crate) struct Check {
     pub(crate) layer: &'static str,
 }
 
-// Shared by the layers: with only some of them enabled, parts go unused.
-#[cfg_attr(
-    not(all(
-        feature = "circuit-breaker",
-        feature = "dedup",
-        feature = "bulkhead",
-        feature = "rate-limit",
-        feature = "retry"
-    )),
-    allow(dead_code, unused_imports)
-)]
 impl Check {
     pub(crate) fn at_least_one(&self, field: &'static str, v: u64) -> Result<(), ConfigError> {
         if v == 0 {
@@ -187,16 +176,6 @@ pub trait Rejection: Error + Send + Sync + 'static {
 
 type Probe = for<'a> fn(&'a (dyn Error + 'static)) -> Option<&'a dyn Rejection>;
 
-#[cfg_attr(
-    not(all(
-        feature = "circuit-breaker",
-        feature = "dedup",
-        feature = "bulkhead",
-        feature = "rate-limit",
-        feature = "retry"
-    )),
-    allow(dead_code, unused_imports)
-)]
 fn probe<'a, T: Rejection>(err: &'a (dyn Error + 'static)) -> Option<&'a dyn Rejection> {
     err.downcast_ref::<T>().map(|r| r as &dyn Rejection)
 }

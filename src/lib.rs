@@ -84,6 +84,19 @@
 //! [tower]: https://docs.rs/tower
 
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
+// The internal helpers (clock, slots, validation, events) are shared by the
+// layers; with only some layers enabled, parts of them go unused. With all
+// layers on, as CI lints, dead code is still an error.
+#![cfg_attr(
+    not(all(
+        feature = "circuit-breaker",
+        feature = "dedup",
+        feature = "bulkhead",
+        feature = "rate-limit",
+        feature = "retry"
+    )),
+    allow(dead_code, unused_imports)
+)]
 
 #[cfg(any(
     feature = "circuit-breaker",
@@ -93,41 +106,10 @@
 mod backend;
 pub mod backoff;
 pub mod classify;
-// Shared by the layers: with only some of them enabled, parts go unused.
-#[cfg_attr(
-    not(all(
-        feature = "circuit-breaker",
-        feature = "dedup",
-        feature = "bulkhead",
-        feature = "rate-limit",
-        feature = "retry"
-    )),
-    allow(dead_code, unused_imports)
-)]
 mod clock;
 pub mod error;
 pub mod observe;
-#[cfg_attr(
-    not(all(
-        feature = "circuit-breaker",
-        feature = "dedup",
-        feature = "bulkhead",
-        feature = "rate-limit",
-        feature = "retry"
-    )),
-    allow(dead_code, unused_imports)
-)]
 mod slot;
-#[cfg_attr(
-    not(all(
-        feature = "circuit-breaker",
-        feature = "dedup",
-        feature = "bulkhead",
-        feature = "rate-limit",
-        feature = "retry"
-    )),
-    allow(dead_code, unused_imports)
-)]
 mod sync;
 
 #[cfg(feature = "bulkhead")]

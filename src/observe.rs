@@ -72,17 +72,6 @@ impl<E> Listeners<E> {
     }
 }
 
-// Shared by the layers: with only some of them enabled, parts go unused.
-#[cfg_attr(
-    not(all(
-        feature = "circuit-breaker",
-        feature = "dedup",
-        feature = "bulkhead",
-        feature = "rate-limit",
-        feature = "retry"
-    )),
-    allow(dead_code, unused_imports)
-)]
 impl<E: Event> Listeners<E> {
     pub(crate) fn push(&mut self, f: impl Fn(&E) + Send + Sync + 'static) {
         self.listeners.push(Arc::new(f));
@@ -162,16 +151,6 @@ fn trace_event<E: Event>(_event: &E) {}
 
 /// Sets a gauge through the `metrics` facade (a no-op without the feature).
 #[allow(unused_variables)]
-#[cfg_attr(
-    not(all(
-        feature = "circuit-breaker",
-        feature = "dedup",
-        feature = "bulkhead",
-        feature = "rate-limit",
-        feature = "retry"
-    )),
-    allow(dead_code, unused_imports)
-)]
 pub(crate) fn gauge(metric: &'static str, name: &str, value: f64) {
     #[cfg(feature = "metrics")]
     metrics::gauge!(metric, "name" => name.to_owned()).set(value);
