@@ -3,9 +3,7 @@
 //! processes hammer one state file.
 #![cfg(all(feature = "file-store", feature = "circuit-breaker"))]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,8 +12,9 @@ use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, CircuitSt
 use tower_bulwark::store::file::{FileStore, Phase, State};
 use tower_bulwark::store::{Recovery, StoreEvent};
 
-const ROLE: &str = "BULWARK_CHILD";
-const DIR: &str = "BULWARK_CHILD_DIR";
+#[path = "support/child.rs"]
+mod child_process;
+use child_process::{outputs, spawn_child, wait_ready, DIR, ROLE};
 
 fn store(dir: &Path) -> FileStore {
     // A generous lock timeout: these tests check the locking, not the
@@ -25,40 +24,6 @@ fn store(dir: &Path) -> FileStore {
         .lock_timeout(Duration::from_secs(10))
         .build()
         .unwrap()
-}
-
-fn spawn_child(role: &str, dir: &Path) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child", "--nocapture", "--test-threads=1"])
-        .env(ROLE, role)
-        .env(DIR, dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-/// The lines a child printed with the `OUT ` prefix.
-fn outputs(child: Child) -> Vec<String> {
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "child failed");
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split_once("OUT ").map(|(_, v)| v.to_owned()))
-        .collect()
-}
-
-/// Waits until a long-running child says it is ready.
-fn wait_ready(child: &mut Child) {
-    let stdout = child.stdout.as_mut().unwrap();
-    for line in BufReader::new(stdout).lines() {
-        // libtest prints `test child ... ` before the child's own output.
-        if line.unwrap().ends_with("OUT ready") {
-            return;
-        }
-    }
-    panic!("child exited before it was ready");
 }
 
 /// The body of every child process. A no-op in a normal test run.

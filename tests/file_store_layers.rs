@@ -8,9 +8,7 @@
     feature = "bulkhead"
 ))]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
@@ -20,8 +18,9 @@ use tower_bulwark::rate_limit::{RateLimitLayer, RateLimited};
 use tower_bulwark::store::file::{FileStore, Phase};
 use tower_bulwark::ConfigError;
 
-const ROLE: &str = "BULWARK_CHILD";
-const DIR: &str = "BULWARK_CHILD_DIR";
+#[path = "support/child.rs"]
+mod child_process;
+use child_process::{outputs, spawn_child, wait_ready, DIR, ROLE};
 
 fn store(dir: &Path) -> FileStore {
     FileStore::builder()
@@ -29,37 +28,6 @@ fn store(dir: &Path) -> FileStore {
         .lock_timeout(Duration::from_secs(10))
         .build()
         .unwrap()
-}
-
-fn spawn_child(role: &str, dir: &Path) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child", "--nocapture", "--test-threads=1"])
-        .env(ROLE, role)
-        .env(DIR, dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn outputs(child: Child) -> Vec<String> {
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "child failed");
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split_once("OUT ").map(|(_, v)| v.to_owned()))
-        .collect()
-}
-
-fn wait_ready(child: &mut Child) {
-    let stdout = child.stdout.as_mut().unwrap();
-    for line in BufReader::new(stdout).lines() {
-        if line.unwrap().ends_with("OUT ready") {
-            return;
-        }
-    }
-    panic!("child exited before it was ready");
 }
 
 /// A bucket of 25 that does not refill while the tests run.
