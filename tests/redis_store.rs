@@ -2,17 +2,16 @@
 //! loopback port.
 #![cfg(all(feature = "redis", feature = "circuit-breaker"))]
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, CircuitState};
 use tower_bulwark::store::redis::RedisStore;
-use tower_bulwark::store::{Degrade, StoreEvent};
+use tower_bulwark::store::Degrade;
 
 #[path = "support/redis_server.rs"]
 mod redis_server;
-use redis_server::{eventually, RedisServer};
+use redis_server::{degrading_store, eventually, RedisServer};
 
 fn store(server: &RedisServer, prefix: &str) -> RedisStore {
     RedisStore::builder(server.url())
@@ -20,28 +19,6 @@ fn store(server: &RedisServer, prefix: &str) -> RedisStore {
         .timeout(Duration::from_millis(500))
         .build()
         .unwrap()
-}
-
-type Events = Arc<Mutex<Vec<&'static str>>>;
-
-fn degrading_store(server: &RedisServer, policy: Degrade) -> (RedisStore, Events) {
-    let events = Events::default();
-    let sink = events.clone();
-    let store = RedisStore::builder(server.url())
-        .prefix("degrade")
-        .timeout(Duration::from_millis(100))
-        .retry_interval(Duration::from_millis(50))
-        .degrade(policy)
-        .on_event(move |e| {
-            sink.lock().unwrap().push(match e {
-                StoreEvent::Degraded { .. } => "degraded",
-                StoreEvent::Restored { .. } => "restored",
-                _ => "other",
-            })
-        })
-        .build()
-        .unwrap();
-    (store, events)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

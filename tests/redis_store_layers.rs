@@ -3,7 +3,7 @@
 #![cfg(all(feature = "redis", feature = "rate-limit", feature = "bulkhead"))]
 
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
@@ -11,11 +11,11 @@ use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_bulwark::bulkhead::{BulkheadFull, BulkheadLayer};
 use tower_bulwark::rate_limit::{RateLimitLayer, RateLimited};
 use tower_bulwark::store::redis::RedisStore;
-use tower_bulwark::store::{Degrade, StoreEvent};
+use tower_bulwark::store::Degrade;
 
 #[path = "support/redis_server.rs"]
 mod redis_server;
-use redis_server::{eventually, RedisServer};
+use redis_server::{degrading_store, eventually, RedisServer};
 
 fn store(server: &RedisServer, prefix: &str) -> RedisStore {
     RedisStore::builder(server.url())
@@ -188,28 +188,6 @@ async fn bulkhead_layer_caps_the_fleet() {
     })
     .await;
     assert_eq!(b_layer.handle().in_flight(), 0);
-}
-
-type Events = Arc<Mutex<Vec<&'static str>>>;
-
-fn degrading_store(server: &RedisServer, policy: Degrade) -> (RedisStore, Events) {
-    let events = Events::default();
-    let sink = events.clone();
-    let store = RedisStore::builder(server.url())
-        .prefix("degrade")
-        .timeout(Duration::from_millis(100))
-        .retry_interval(Duration::from_millis(50))
-        .degrade(policy)
-        .on_event(move |e| {
-            sink.lock().unwrap().push(match e {
-                StoreEvent::Degraded { .. } => "degraded",
-                StoreEvent::Restored { .. } => "restored",
-                _ => "other",
-            })
-        })
-        .build()
-        .unwrap();
-    (store, events)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,3 +91,33 @@ pub async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The store events a test watches: "degraded", "restored" or "other".
+pub type Events = std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>;
+
+/// A store on `server` with short timeouts and the given degrade policy,
+/// recording its degrade/restore events.
+#[cfg(feature = "redis")]
+pub fn degrading_store(
+    server: &RedisServer,
+    policy: tower_bulwark::store::Degrade,
+) -> (tower_bulwark::store::redis::RedisStore, Events) {
+    use tower_bulwark::store::StoreEvent;
+    let events = Events::default();
+    let sink = events.clone();
+    let store = tower_bulwark::store::redis::RedisStore::builder(server.url())
+        .prefix("degrade")
+        .timeout(Duration::from_millis(100))
+        .retry_interval(Duration::from_millis(50))
+        .degrade(policy)
+        .on_event(move |e| {
+            sink.lock().unwrap().push(match e {
+                StoreEvent::Degraded { .. } => "degraded",
+                StoreEvent::Restored { .. } => "restored",
+                _ => "other",
+            })
+        })
+        .build()
+        .unwrap();
+    (store, events)
+}
