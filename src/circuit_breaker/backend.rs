@@ -369,7 +369,11 @@ pub(crate) mod fleet {
             };
             APPLYING.with(|a| a.set(true));
             let local = core.state();
-            let hold = self.interval * 2;
+            // Until the next view can arrive: the sync task waits one
+            // interval between rounds and a round takes at most the store's
+            // timeout. A shorter hold would let a fail-closed breaker admit
+            // a local probe while a slow round is still deciding.
+            let hold = self.interval * 2 + self.store.timeout();
             match view {
                 View::Unavailable => core.hold_open(hold),
                 View::Fleet(fb, seen) => match fb.state {

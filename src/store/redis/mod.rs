@@ -252,6 +252,11 @@ impl RedisStore {
         self.inner.degrade
     }
 
+    /// The per-command timeout.
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
     /// Whether the last command failed (the store follows its policy).
     pub fn is_degraded(&self) -> bool {
         self.inner.degraded.load(Relaxed)
