@@ -10,6 +10,7 @@ use tokio::time::{advance, pause};
 use tower::{service_fn, BoxError, Layer, Service, ServiceExt};
 use tower_bulwark::classify::{Classify, Outcome};
 use tower_bulwark::rate_limit::{CostTooHigh, RateLimitEvent, RateLimitLayer, RateLimited};
+use tower_bulwark::ClockSource;
 
 fn echo() -> impl Service<u32, Response = u32, Error = BoxError, Future = impl Send> + Clone {
     service_fn(|n: u32| async move { Ok::<_, BoxError>(n) })
@@ -33,6 +34,7 @@ fn limited(r: Result<u32, BoxError>) -> RateLimited {
 async fn burst_reject_then_refill() {
     pause();
     let layer = RateLimitLayer::builder()
+        .clock(ClockSource::Tokio) // paused time drives these tests
         .name("api")
         .max_tokens(3.0)
         .refill_rate(2.0)
@@ -68,6 +70,7 @@ async fn burst_reject_then_refill() {
 async fn clones_and_services_share_one_bucket() {
     pause();
     let layer = RateLimitLayer::builder()
+        .clock(ClockSource::Tokio) // paused time drives these tests
         .max_tokens(2.0)
         .refill_rate(1.0)
         .build()
@@ -84,6 +87,7 @@ async fn clones_and_services_share_one_bucket() {
 async fn cost_from_the_request() {
     pause();
     let layer = RateLimitLayer::builder()
+        .clock(ClockSource::Tokio) // paused time drives these tests
         .max_tokens(10.0)
         .refill_rate(1.0)
         .cost(|n: &u32| f64::from(*n))
@@ -107,6 +111,7 @@ async fn cost_from_the_request() {
 async fn waits_up_to_max_wait_in_arrival_order() {
     pause();
     let layer = RateLimitLayer::builder()
+        .clock(ClockSource::Tokio) // paused time drives these tests
         .max_tokens(1.0)
         .refill_rate(1.0)
         .max_wait(Duration::from_secs(2))
@@ -140,6 +145,7 @@ async fn waits_up_to_max_wait_in_arrival_order() {
 async fn dropped_waiters_give_their_tokens_back() {
     pause();
     let layer = RateLimitLayer::builder()
+        .clock(ClockSource::Tokio) // paused time drives these tests
         .max_tokens(1.0)
         .refill_rate(1.0)
         .max_wait(Duration::from_secs(10))
@@ -187,6 +193,7 @@ async fn dropped_waiters_give_their_tokens_back() {
 async fn waiter_dropped_mid_wait_never_calls_inner() {
     pause();
     let layer = RateLimitLayer::builder()
+        .clock(ClockSource::Tokio) // paused time drives these tests
         .max_tokens(1.0)
         .refill_rate(1.0)
         .max_wait(Duration::from_secs(5))
@@ -215,6 +222,7 @@ async fn handle_set_retry_after_and_reset() {
     let events = Arc::new(Mutex::new(Vec::new()));
     let ev = events.clone();
     let layer = RateLimitLayer::builder()
+        .clock(ClockSource::Tokio) // paused time drives these tests
         .name("up")
         .max_tokens(5.0)
         .refill_rate(1.0)
@@ -274,6 +282,7 @@ impl Classify<u32, Busy> for Hint {
 async fn upstream_retry_after_blocks_the_limiter() {
     pause();
     let layer = RateLimitLayer::builder()
+        .clock(ClockSource::Tokio) // paused time drives these tests
         .max_tokens(10.0)
         .refill_rate(10.0)
         .retry_after_from(Hint)
@@ -299,6 +308,7 @@ async fn upstream_retry_after_blocks_the_limiter() {
 async fn keyed_buckets_are_independent_and_bounded() {
     pause();
     let layer = RateLimitLayer::builder()
+        .clock(ClockSource::Tokio) // paused time drives these tests
         .max_tokens(2.0)
         .refill_rate(1.0)
         .max_keys(1000)
@@ -328,27 +338,32 @@ async fn keyed_buckets_are_independent_and_bounded() {
 #[test]
 fn config_is_validated() {
     let e = RateLimitLayer::builder()
+        .clock(ClockSource::Tokio) // paused time drives these tests
         .max_tokens(0.0)
         .build()
         .unwrap_err();
     assert_eq!(e.field(), "max_tokens");
     let e = RateLimitLayer::builder()
+        .clock(ClockSource::Tokio) // paused time drives these tests
         .refill_rate(f64::NAN)
         .build()
         .unwrap_err();
     assert_eq!(e.field(), "refill_rate");
     let e = RateLimitLayer::builder()
+        .clock(ClockSource::Tokio) // paused time drives these tests
         .tokens_per_request(-1.0)
         .build()
         .unwrap_err();
     assert_eq!(e.field(), "tokens_per_request");
     let e = RateLimitLayer::builder()
+        .clock(ClockSource::Tokio) // paused time drives these tests
         .max_tokens(1.0)
         .tokens_per_request(2.0)
         .build()
         .unwrap_err();
     assert_eq!(e.field(), "tokens_per_request");
     let e = RateLimitLayer::builder()
+        .clock(ClockSource::Tokio) // paused time drives these tests
         .max_keys(0)
         .key(|n: &u32| *n)
         .build()
