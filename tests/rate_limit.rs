@@ -9,8 +9,18 @@ use futures::FutureExt;
 use tokio::time::{advance, pause};
 use tower::{service_fn, BoxError, Layer, Service, ServiceExt};
 use tower_bulwark::classify::{Classify, Outcome};
-use tower_bulwark::rate_limit::{CostTooHigh, RateLimitEvent, RateLimitLayer, RateLimited};
+use tower_bulwark::rate_limit::{
+    CostTooHigh, RateLimitBuilder, RateLimitEvent, RateLimitLayer, RateLimited,
+};
 use tower_bulwark::ClockSource;
+
+/// A limiter on tokio's clock, which the paused-time tests drive.
+fn bucket(max_tokens: f64, refill_rate: f64) -> RateLimitBuilder {
+    RateLimitLayer::builder()
+        .clock(ClockSource::Tokio)
+        .max_tokens(max_tokens)
+        .refill_rate(refill_rate)
+}
 
 fn echo() -> impl Service<u32, Response = u32, Error = BoxError, Future = impl Send> + Clone {
     service_fn(|n: u32| async move { Ok::<_, BoxError>(n) })
@@ -34,7 +44,7 @@ fn limited(r: Result<u32, BoxError>) -> RateLimited {
 async fn burst_reject_then_refill() {
     pause();
     let layer = RateLimitLayer::builder()
-        .clock(ClockSource::Tokio) // paused time drives these tests
+        .clock(ClockSource::Tokio)
         .name("api")
         .max_tokens(3.0)
         .refill_rate(2.0)
@@ -69,12 +79,7 @@ async fn burst_reject_then_refill() {
 #[tokio::test]
 async fn clones_and_services_share_one_bucket() {
     pause();
-    let layer = RateLimitLayer::builder()
-        .clock(ClockSource::Tokio) // paused time drives these tests
-        .max_tokens(2.0)
-        .refill_rate(1.0)
-        .build()
-        .unwrap();
+    let layer = bucket(2.0, 1.0).build().unwrap();
     let mut a = layer.layer(echo());
     let mut b = layer.clone().layer(echo());
     let mut c = a.clone();
@@ -86,10 +91,7 @@ async fn clones_and_services_share_one_bucket() {
 #[tokio::test]
 async fn cost_from_the_request() {
     pause();
-    let layer = RateLimitLayer::builder()
-        .clock(ClockSource::Tokio) // paused time drives these tests
-        .max_tokens(10.0)
-        .refill_rate(1.0)
+    let layer = bucket(10.0, 1.0)
         .cost(|n: &u32| f64::from(*n))
         .build()
         .unwrap();
@@ -110,10 +112,7 @@ async fn cost_from_the_request() {
 #[tokio::test]
 async fn waits_up_to_max_wait_in_arrival_order() {
     pause();
-    let layer = RateLimitLayer::builder()
-        .clock(ClockSource::Tokio) // paused time drives these tests
-        .max_tokens(1.0)
-        .refill_rate(1.0)
+    let layer = bucket(1.0, 1.0)
         .max_wait(Duration::from_secs(2))
         .build()
         .unwrap();
@@ -144,10 +143,7 @@ async fn waits_up_to_max_wait_in_arrival_order() {
 #[tokio::test]
 async fn dropped_waiters_give_their_tokens_back() {
     pause();
-    let layer = RateLimitLayer::builder()
-        .clock(ClockSource::Tokio) // paused time drives these tests
-        .max_tokens(1.0)
-        .refill_rate(1.0)
+    let layer = bucket(1.0, 1.0)
         .max_wait(Duration::from_secs(10))
         .build()
         .unwrap();
@@ -192,10 +188,7 @@ async fn dropped_waiters_give_their_tokens_back() {
 #[tokio::test]
 async fn waiter_dropped_mid_wait_never_calls_inner() {
     pause();
-    let layer = RateLimitLayer::builder()
-        .clock(ClockSource::Tokio) // paused time drives these tests
-        .max_tokens(1.0)
-        .refill_rate(1.0)
+    let layer = bucket(1.0, 1.0)
         .max_wait(Duration::from_secs(5))
         .build()
         .unwrap();
@@ -222,7 +215,7 @@ async fn handle_set_retry_after_and_reset() {
     let events = Arc::new(Mutex::new(Vec::new()));
     let ev = events.clone();
     let layer = RateLimitLayer::builder()
-        .clock(ClockSource::Tokio) // paused time drives these tests
+        .clock(ClockSource::Tokio)
         .name("up")
         .max_tokens(5.0)
         .refill_rate(1.0)
@@ -281,13 +274,7 @@ impl Classify<u32, Busy> for Hint {
 #[tokio::test]
 async fn upstream_retry_after_blocks_the_limiter() {
     pause();
-    let layer = RateLimitLayer::builder()
-        .clock(ClockSource::Tokio) // paused time drives these tests
-        .max_tokens(10.0)
-        .refill_rate(10.0)
-        .retry_after_from(Hint)
-        .build()
-        .unwrap();
+    let layer = bucket(10.0, 10.0).retry_after_from(Hint).build().unwrap();
     let handle = layer.handle();
     let mut svc = layer.layer(service_fn(|n: u32| async move {
         if n == 0 {
@@ -307,10 +294,7 @@ async fn upstream_retry_after_blocks_the_limiter() {
 #[tokio::test]
 async fn keyed_buckets_are_independent_and_bounded() {
     pause();
-    let layer = RateLimitLayer::builder()
-        .clock(ClockSource::Tokio) // paused time drives these tests
-        .max_tokens(2.0)
-        .refill_rate(1.0)
+    let layer = bucket(2.0, 1.0)
         .max_keys(1000)
         .key(|n: &u32| n % 10_000)
         .build()
@@ -338,32 +322,27 @@ async fn keyed_buckets_are_independent_and_bounded() {
 #[test]
 fn config_is_validated() {
     let e = RateLimitLayer::builder()
-        .clock(ClockSource::Tokio) // paused time drives these tests
         .max_tokens(0.0)
         .build()
         .unwrap_err();
     assert_eq!(e.field(), "max_tokens");
     let e = RateLimitLayer::builder()
-        .clock(ClockSource::Tokio) // paused time drives these tests
         .refill_rate(f64::NAN)
         .build()
         .unwrap_err();
     assert_eq!(e.field(), "refill_rate");
     let e = RateLimitLayer::builder()
-        .clock(ClockSource::Tokio) // paused time drives these tests
         .tokens_per_request(-1.0)
         .build()
         .unwrap_err();
     assert_eq!(e.field(), "tokens_per_request");
     let e = RateLimitLayer::builder()
-        .clock(ClockSource::Tokio) // paused time drives these tests
         .max_tokens(1.0)
         .tokens_per_request(2.0)
         .build()
         .unwrap_err();
     assert_eq!(e.field(), "tokens_per_request");
     let e = RateLimitLayer::builder()
-        .clock(ClockSource::Tokio) // paused time drives these tests
         .max_keys(0)
         .key(|n: &u32| *n)
         .build()
