@@ -200,15 +200,21 @@ impl<S, K, C, H> Layer<S> for RateLimitLayer<K, C, H> {
 
 /// Configures a [`RateLimitLayer`]. See the [module docs](super).
 pub struct RateLimitBuilder<K = Global, C = FixedCost, H = DefaultClassifier> {
+    settings: Settings,
+    key: K,
+    cost: C,
+    hint: Option<H>,
+}
+
+/// The builder's settings that do not change its type, so the methods that
+/// do (`key`, `cost`, `retry_after_from`) move them as one.
+struct Settings {
     name: Option<String>,
     max_tokens: f64,
     refill_rate: f64,
     tokens_per_request: f64,
     max_wait: Duration,
     max_keys: usize,
-    key: K,
-    cost: C,
-    hint: Option<H>,
     clock: ClockSource,
     listeners: Listeners<RateLimitEvent>,
     backend: Backend,
@@ -217,18 +223,20 @@ pub struct RateLimitBuilder<K = Global, C = FixedCost, H = DefaultClassifier> {
 impl RateLimitBuilder {
     fn new() -> Self {
         Self {
-            name: None,
-            max_tokens: 50.0,
-            refill_rate: 10.0,
-            tokens_per_request: 1.0,
-            max_wait: Duration::ZERO,
-            max_keys: 100_000,
+            settings: Settings {
+                name: None,
+                max_tokens: 50.0,
+                refill_rate: 10.0,
+                tokens_per_request: 1.0,
+                max_wait: Duration::ZERO,
+                max_keys: 100_000,
+                clock: ClockSource::default(),
+                listeners: Listeners::default(),
+                backend: Backend::Memory,
+            },
             key: Global,
             cost: FixedCost,
             hint: None,
-            clock: ClockSource::default(),
-            listeners: Listeners::default(),
-            backend: Backend::Memory,
         }
     }
 }
@@ -236,26 +244,26 @@ impl RateLimitBuilder {
 impl<K, C, H> RateLimitBuilder<K, C, H> {
     /// The limiter's name, used in errors, events and metrics.
     pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.name = Some(name.into());
+        self.settings.name = Some(name.into());
         self
     }
 
     /// The bucket's size: the largest burst (default 50).
     pub fn max_tokens(mut self, n: f64) -> Self {
-        self.max_tokens = n;
+        self.settings.max_tokens = n;
         self
     }
 
     /// Tokens added per second (default 10).
     pub fn refill_rate(mut self, per_second: f64) -> Self {
-        self.refill_rate = per_second;
+        self.settings.refill_rate = per_second;
         self
     }
 
     /// Tokens one request costs when no [`cost`](Self::cost) function says
     /// otherwise (default 1).
     pub fn tokens_per_request(mut self, n: f64) -> Self {
-        self.tokens_per_request = n;
+        self.settings.tokens_per_request = n;
         self
     }
 
@@ -263,14 +271,14 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
     /// future (default zero: reject at once). A request that would wait
     /// longer is rejected at once with the time it would have needed.
     pub fn max_wait(mut self, d: Duration) -> Self {
-        self.max_wait = d;
+        self.settings.max_wait = d;
         self
     }
 
     /// The most keys a keyed limiter remembers (default 100,000). See
     /// [`key`](Self::key).
     pub fn max_keys(mut self, n: usize) -> Self {
-        self.max_keys = n;
+        self.settings.max_keys = n;
         self
     }
 
@@ -298,12 +306,7 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
         K2: Hash + Eq,
     {
         RateLimitBuilder {
-            name: self.name,
-            max_tokens: self.max_tokens,
-            refill_rate: self.refill_rate,
-            tokens_per_request: self.tokens_per_request,
-            max_wait: self.max_wait,
-            max_keys: self.max_keys,
+            settings: self.settings,
             key: Keyed {
                 f,
                 map: KeyMap::new(1),
@@ -311,9 +314,6 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
             },
             cost: self.cost,
             hint: self.hint,
-            clock: self.clock,
-            listeners: self.listeners,
-            backend: self.backend,
         }
     }
 
@@ -325,18 +325,10 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
         F: Fn(&Req) -> f64,
     {
         RateLimitBuilder {
-            name: self.name,
-            max_tokens: self.max_tokens,
-            refill_rate: self.refill_rate,
-            tokens_per_request: self.tokens_per_request,
-            max_wait: self.max_wait,
-            max_keys: self.max_keys,
+            settings: self.settings,
             key: self.key,
             cost: CostFn { f },
             hint: self.hint,
-            clock: self.clock,
-            listeners: self.listeners,
-            backend: self.backend,
         }
     }
 
@@ -348,18 +340,10 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
     /// [`set_retry_after`](RateLimitHandle::set_retry_after) does.
     pub fn retry_after_from<H2>(self, classifier: H2) -> RateLimitBuilder<K, C, H2> {
         RateLimitBuilder {
-            name: self.name,
-            max_tokens: self.max_tokens,
-            refill_rate: self.refill_rate,
-            tokens_per_request: self.tokens_per_request,
-            max_wait: self.max_wait,
-            max_keys: self.max_keys,
+            settings: self.settings,
             key: self.key,
             cost: self.cost,
             hint: Some(classifier),
-            clock: self.clock,
-            listeners: self.listeners,
-            backend: self.backend,
         }
     }
 
@@ -368,42 +352,46 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
     /// `tokio::time::pause()` drives, with the `test-util` feature. See
     /// [`ClockSource`].
     pub fn clock(mut self, source: ClockSource) -> Self {
-        self.clock = source;
+        self.settings.clock = source;
         self
     }
 
     /// Calls `f` on every event (rejections, upstream blocks, evictions).
     /// Listeners add up; each must be quick and must not block.
     pub fn on_event(mut self, f: impl Fn(&RateLimitEvent) + Send + Sync + 'static) -> Self {
-        self.listeners.push(f);
+        self.settings.listeners.push(f);
         self
     }
 
     fn core(&self) -> Result<Core, ConfigError> {
         let check = Check { layer: LAYER };
-        if !self.backend.is_memory() && !self.max_wait.is_zero() {
+        if !self.settings.backend.is_memory() && !self.settings.max_wait.is_zero() {
             return Err(ConfigError::new(
                 LAYER,
                 "max_wait",
                 "waiting for tokens needs the memory backend: a shared bucket rejects at once",
             ));
         }
-        check.positive("max_tokens", self.max_tokens)?;
-        check.positive("refill_rate", self.refill_rate)?;
-        check.positive("tokens_per_request", self.tokens_per_request)?;
-        if self.tokens_per_request > self.max_tokens {
+        check.positive("max_tokens", self.settings.max_tokens)?;
+        check.positive("refill_rate", self.settings.refill_rate)?;
+        check.positive("tokens_per_request", self.settings.tokens_per_request)?;
+        if self.settings.tokens_per_request > self.settings.max_tokens {
             return Err(ConfigError::new(
                 LAYER,
                 "tokens_per_request",
                 format!(
                     "must not exceed max_tokens ({} > {})",
-                    self.tokens_per_request, self.max_tokens
+                    self.settings.tokens_per_request, self.settings.max_tokens
                 ),
             ));
         }
-        check.at_least_one("max_keys", self.max_keys as u64)?;
-        let params = Params::new(self.max_tokens, self.refill_rate, nanos(self.max_wait));
-        if params.increment(self.tokens_per_request).is_none() {
+        check.at_least_one("max_keys", self.settings.max_keys as u64)?;
+        let params = Params::new(
+            self.settings.max_tokens,
+            self.settings.refill_rate,
+            nanos(self.settings.max_wait),
+        );
+        if params.increment(self.settings.tokens_per_request).is_none() {
             return Err(ConfigError::new(
                 LAYER,
                 "max_tokens",
@@ -411,15 +399,15 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
             ));
         }
         let cfg = Config {
-            name: Arc::from(self.name.as_deref().unwrap_or_default()),
-            max_tokens: self.max_tokens,
-            tokens_per_request: self.tokens_per_request,
+            name: Arc::from(self.settings.name.as_deref().unwrap_or_default()),
+            max_tokens: self.settings.max_tokens,
+            tokens_per_request: self.settings.tokens_per_request,
         };
         let mut core = Core::new(
             cfg,
             params,
-            Clock::with_source(self.clock),
-            self.listeners.clone(),
+            Clock::with_source(self.settings.clock),
+            self.settings.listeners.clone(),
         );
         core.remote = self.remote()?;
         Ok(core)
@@ -427,19 +415,19 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
 
     /// The shared bucket(s) of a file or Redis backend.
     fn remote(&self) -> Result<Option<Remote>, ConfigError> {
-        Ok(match &self.backend {
+        Ok(match &self.settings.backend {
             Backend::Memory => None,
             #[cfg(feature = "file-store")]
             Backend::File(store) => Some(Remote::File(
-                store.rate_limiter(self.max_tokens, self.refill_rate)?,
+                store.rate_limiter(self.settings.max_tokens, self.settings.refill_rate)?,
             )),
             #[cfg(feature = "redis")]
             Backend::Redis(store) => {
-                let name = self.name.as_deref().filter(|n| !n.is_empty());
+                let name = self.settings.name.as_deref().filter(|n| !n.is_empty());
                 Some(Remote::Redis(Arc::new(store.rate_limiter(
                     name.unwrap_or(LAYER),
-                    self.max_tokens,
-                    self.refill_rate,
+                    self.settings.max_tokens,
+                    self.settings.refill_rate,
                 )?)))
             }
         })
@@ -458,7 +446,7 @@ impl<C, H> RateLimitBuilder<Global, C, H> {
     /// A shared bucket rejects at once (`max_wait` must stay zero). With
     /// Redis, an upstream's `Retry-After` is kept by this process only.
     pub fn backend(mut self, backend: impl Into<Backend>) -> Self {
-        self.backend = backend.into();
+        self.settings.backend = backend.into();
         self
     }
 }
@@ -471,7 +459,7 @@ impl<F, K: fmt::Display, C, H> RateLimitBuilder<Keyed<F, K>, C, H> {
     /// backend keeps one bucket per file and is refused for a keyed
     /// limiter. Call it after [`key`](RateLimitBuilder::key).
     pub fn backend(mut self, backend: impl Into<Backend>) -> Self {
-        self.backend = backend.into();
+        self.settings.backend = backend.into();
         self.key.remote_key = Some(<K as ToString>::to_string);
         self
     }
@@ -495,7 +483,7 @@ impl<C, H> RateLimitBuilder<Global, C, H> {
 impl<F, K: Hash + Eq, C, H> RateLimitBuilder<Keyed<F, K>, C, H> {
     /// Validates the configuration and makes the layer.
     pub fn build(self) -> Result<RateLimitLayer<Keyed<F, K>, C, H>, ConfigError> {
-        match &self.backend {
+        match &self.settings.backend {
             Backend::Memory => {}
             #[cfg(feature = "file-store")]
             Backend::File(_) => return Err(ConfigError::new(
@@ -520,7 +508,7 @@ impl<F, K: Hash + Eq, C, H> RateLimitBuilder<Keyed<F, K>, C, H> {
                 core,
                 key: Keyed {
                     f: self.key.f,
-                    map: KeyMap::new(self.max_keys),
+                    map: KeyMap::new(self.settings.max_keys),
                     remote_key: self.key.remote_key,
                 },
                 cost: self.cost,
@@ -533,15 +521,15 @@ impl<F, K: Hash + Eq, C, H> RateLimitBuilder<Keyed<F, K>, C, H> {
 impl<K, C, H> fmt::Debug for RateLimitBuilder<K, C, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimitBuilder")
-            .field("name", &self.name)
-            .field("max_tokens", &self.max_tokens)
-            .field("refill_rate", &self.refill_rate)
-            .field("tokens_per_request", &self.tokens_per_request)
-            .field("max_wait", &self.max_wait)
-            .field("max_keys", &self.max_keys)
+            .field("name", &self.settings.name)
+            .field("max_tokens", &self.settings.max_tokens)
+            .field("refill_rate", &self.settings.refill_rate)
+            .field("tokens_per_request", &self.settings.tokens_per_request)
+            .field("max_wait", &self.settings.max_wait)
+            .field("max_keys", &self.settings.max_keys)
             .field("key", &std::any::type_name::<K>())
             .field("cost", &std::any::type_name::<C>())
-            .field("backend", &self.backend)
+            .field("backend", &self.settings.backend)
             .finish_non_exhaustive()
     }
 }
