@@ -7,8 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+#[path = "support/breaker_call.rs"]
+mod breaker_call;
+use breaker_call::call;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
-use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, CircuitState};
+use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitState};
 use tower_bulwark::store::file::{FileStore, Phase, State};
 use tower_bulwark::store::{Recovery, StoreEvent};
 
@@ -64,25 +67,6 @@ fn breaker(store: FileStore) -> CircuitBreakerLayer {
         .backend(store)
         .build()
         .unwrap()
-}
-
-/// Calls through a file-backed breaker: `Some(true)` succeeded, `Some(false)`
-/// failed, `None` rejected by the breaker.
-async fn call(layer: &CircuitBreakerLayer, fail: bool) -> Option<bool> {
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .service(service_fn(|fail: bool| async move {
-            if fail {
-                Err("upstream down")
-            } else {
-                Ok(())
-            }
-        }));
-    match svc.oneshot(fail).await {
-        Ok(()) => Some(true),
-        Err(e) if e.is::<CircuitOpen>() => None,
-        Err(_) => Some(false),
-    }
 }
 
 async fn breaker_child(role: &str, store: FileStore) {

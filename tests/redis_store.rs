@@ -4,8 +4,10 @@
 
 use std::time::Duration;
 
-use tower::{service_fn, ServiceBuilder, ServiceExt};
-use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, CircuitState};
+#[path = "support/breaker_call.rs"]
+mod breaker_call;
+use breaker_call::call;
+use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitState};
 use tower_bulwark::store::redis::RedisStore;
 use tower_bulwark::store::Degrade;
 
@@ -191,24 +193,6 @@ fn fleet_breaker(store: RedisStore) -> CircuitBreakerLayer {
         .backend(store)
         .build()
         .unwrap()
-}
-
-/// `Some(true)` succeeded, `Some(false)` failed, `None` rejected.
-async fn call(layer: &CircuitBreakerLayer, fail: bool) -> Option<bool> {
-    let svc = ServiceBuilder::new()
-        .layer(layer.clone())
-        .service(service_fn(|fail: bool| async move {
-            if fail {
-                Err("upstream down")
-            } else {
-                Ok(())
-            }
-        }));
-    match svc.oneshot(fail).await {
-        Ok(()) => Some(true),
-        Err(e) if e.is::<CircuitOpen>() => None,
-        Err(_) => Some(false),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
