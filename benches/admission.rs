@@ -10,66 +10,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use governor::{Quota, RateLimiter as Governor};
-use tower::{Layer, Service};
+use tower::Layer;
 
 use support::{drive, Bare};
-
-/// Like `support::threaded`, but each thread runs inside the tokio
-/// runtime, which the tower-resilience futures need.
-fn threaded_rt<S>(rt: &tokio::runtime::Runtime, svc: &S, threads: u64, iters: u64) -> Duration
-where
-    S: Service<u64> + Clone + Send + 'static,
-{
-    let per = iters.div_ceil(threads);
-    let barrier = std::sync::Arc::new(std::sync::Barrier::new(threads as usize + 1));
-    let handles: Vec<_> = (0..threads)
-        .map(|_| {
-            let mut svc = svc.clone();
-            let barrier = barrier.clone();
-            let h = rt.handle().clone();
-            std::thread::spawn(move || {
-                let _g = h.enter();
-                barrier.wait();
-                for i in 0..per {
-                    let _ = black_box(drive(&mut svc, black_box(i)));
-                }
-            })
-        })
-        .collect();
-    barrier.wait();
-    let start = Instant::now();
-    for h in handles {
-        h.join().expect("bench thread panicked");
-    }
-    start.elapsed()
-}
-
-/// Runs `f` on `threads` threads sharing whatever it captures.
-fn threaded_fn<F>(threads: u64, iters: u64, f: F) -> Duration
-where
-    F: Fn(u64) + Send + Sync + Clone + 'static,
-{
-    let per = iters.div_ceil(threads);
-    let barrier = std::sync::Arc::new(std::sync::Barrier::new(threads as usize + 1));
-    let handles: Vec<_> = (0..threads)
-        .map(|_| {
-            let f = f.clone();
-            let barrier = barrier.clone();
-            std::thread::spawn(move || {
-                barrier.wait();
-                for i in 0..per {
-                    f(black_box(i));
-                }
-            })
-        })
-        .collect();
-    barrier.wait();
-    let start = Instant::now();
-    for h in handles {
-        h.join().expect("bench thread panicked");
-    }
-    start.elapsed()
-}
 
 /// A bucket no benchmark loop can empty.
 const HUGE: f64 = 1e12;
@@ -124,15 +67,17 @@ fn rate_limit(c: &mut Criterion) {
         let gv = gov.clone();
         g.bench_function("governor_check", |b| {
             b.iter_custom(|n| {
-                let gv = gv.clone();
-                threaded_fn(threads, n, move |i| {
-                    let _ = black_box(gv.check());
-                    let _ = black_box(drive(&mut Bare, i));
+                support::run_threads(None, threads, n, || {
+                    let gv = gv.clone();
+                    move |i| {
+                        let _ = black_box(gv.check());
+                        let _ = black_box(drive(&mut Bare, i));
+                    }
                 })
             })
         });
         g.bench_function("tower_resilience", |b| {
-            b.iter_custom(|n| threaded_rt(&rt, &resilience, threads, n))
+            b.iter_custom(|n| support::threaded_on(Some(rt.handle()), &resilience, threads, n))
         });
         g.bench_function("bulwark_keyed", |b| {
             b.iter_custom(|n| support::threaded(&ours_keyed, threads, n))
@@ -140,10 +85,12 @@ fn rate_limit(c: &mut Criterion) {
         let gk = gov_keyed.clone();
         g.bench_function("governor_keyed", |b| {
             b.iter_custom(|n| {
-                let gk = gk.clone();
-                threaded_fn(threads, n, move |i| {
-                    let _ = black_box(gk.check_key(&(i % 1024)));
-                    let _ = black_box(drive(&mut Bare, i));
+                support::run_threads(None, threads, n, || {
+                    let gk = gk.clone();
+                    move |i| {
+                        let _ = black_box(gk.check_key(&(i % 1024)));
+                        let _ = black_box(drive(&mut Bare, i));
+                    }
                 })
             })
         });
@@ -177,7 +124,7 @@ fn bulkhead(c: &mut Criterion) {
             b.iter_custom(|n| support::threaded(&limit, threads, n))
         });
         g.bench_function("tower_resilience", |b| {
-            b.iter_custom(|n| threaded_rt(&rt, &resilience, threads, n))
+            b.iter_custom(|n| support::threaded_on(Some(rt.handle()), &resilience, threads, n))
         });
         g.finish();
     }

@@ -61,16 +61,53 @@ pub fn threaded<S>(svc: &S, threads: u64, iters: u64) -> Duration
 where
     S: Service<u64> + Clone + Send + 'static,
 {
+    threaded_on(None, svc, threads, iters)
+}
+
+/// [`threaded`], with each thread inside `rt` (for peers whose futures
+/// need a tokio runtime).
+pub fn threaded_on<S>(
+    rt: Option<&tokio::runtime::Handle>,
+    svc: &S,
+    threads: u64,
+    iters: u64,
+) -> Duration
+where
+    S: Service<u64> + Clone + Send + 'static,
+{
+    run_threads(rt, threads, iters, || {
+        let mut svc = svc.clone();
+        move |i| {
+            let _ = black_box(drive(&mut svc, black_box(i)));
+        }
+    })
+}
+
+/// Runs `iters` steps split over `threads` threads; `make` builds each
+/// thread's step function (called with the step number). Returns the wall
+/// time from a common start.
+pub fn run_threads<M, F>(
+    rt: Option<&tokio::runtime::Handle>,
+    threads: u64,
+    iters: u64,
+    make: M,
+) -> Duration
+where
+    M: Fn() -> F,
+    F: FnMut(u64) + Send + 'static,
+{
     let per = iters.div_ceil(threads);
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(threads as usize + 1));
     let handles: Vec<_> = (0..threads)
         .map(|_| {
-            let mut svc = svc.clone();
+            let mut step = make();
             let barrier = barrier.clone();
+            let rt = rt.cloned();
             std::thread::spawn(move || {
+                let _rt = rt.as_ref().map(|h| h.enter());
                 barrier.wait();
                 for i in 0..per {
-                    let _ = black_box(drive(&mut svc, black_box(i)));
+                    step(black_box(i));
                 }
             })
         })
