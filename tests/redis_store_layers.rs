@@ -15,18 +15,7 @@ use tower_bulwark::store::Degrade;
 
 #[path = "support/redis_server.rs"]
 mod redis_server;
-use redis_server::{degrading_store, eventually, RedisServer};
-
-fn store(server: &RedisServer, prefix: &str) -> RedisStore {
-    // A generous timeout: these tests check sharing, not degrading (tested
-    // on its own with short timeouts); on a loaded machine a first
-    // connection plus script load can take longer than a production budget.
-    RedisStore::builder(server.url())
-        .prefix(prefix)
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap()
-}
+use redis_server::{degrading_store, eventually, store, RedisServer};
 
 fn limiter(store: RedisStore, max: f64, rate: f64) -> RateLimitLayer {
     RateLimitLayer::builder()

@@ -69,7 +69,16 @@ impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
 }
 
 /// Configures a [`CircuitBreakerLayer`]. See the [module docs](super).
+#[derive(Clone)]
 pub struct CircuitBreakerBuilder<C = DefaultClassifier> {
+    settings: Settings,
+    classifier: C,
+}
+
+/// The builder's settings apart from the classifier, which alone changes
+/// its type: `classify` moves them as one.
+#[derive(Clone)]
+struct Settings {
     name: Option<String>,
     failure_threshold: u32,
     open_timeout: Duration,
@@ -85,30 +94,31 @@ pub struct CircuitBreakerBuilder<C = DefaultClassifier> {
     backend: Backend,
     stale_attempt_timeout: Duration,
     sync_interval: Duration,
-    classifier: C,
     listeners: Listeners<CircuitEvent>,
 }
 
 impl CircuitBreakerBuilder {
     fn new() -> Self {
         Self {
-            name: None,
-            failure_threshold: 5,
-            open_timeout: Duration::from_secs(30),
-            open_backoff: None,
-            half_open_max_calls: 1,
-            success_threshold: 2,
-            window: None,
-            failure_rate_threshold: 0.5,
-            minimum_calls: None,
-            slow_call_duration: None,
-            slow_call_rate_threshold: 1.0,
-            honor_retry_after: false,
-            backend: Backend::Memory,
-            stale_attempt_timeout: Duration::from_secs(120),
-            sync_interval: Duration::from_millis(500),
+            settings: Settings {
+                name: None,
+                failure_threshold: 5,
+                open_timeout: Duration::from_secs(30),
+                open_backoff: None,
+                half_open_max_calls: 1,
+                success_threshold: 2,
+                window: None,
+                failure_rate_threshold: 0.5,
+                minimum_calls: None,
+                slow_call_duration: None,
+                slow_call_rate_threshold: 1.0,
+                honor_retry_after: false,
+                backend: Backend::Memory,
+                stale_attempt_timeout: Duration::from_secs(120),
+                sync_interval: Duration::from_millis(500),
+                listeners: Listeners::default(),
+            },
             classifier: DefaultClassifier,
-            listeners: Listeners::default(),
         }
     }
 }
@@ -116,21 +126,21 @@ impl CircuitBreakerBuilder {
 impl<C> CircuitBreakerBuilder<C> {
     /// The breaker's name, used in errors, events and metrics.
     pub fn name(mut self, name: impl Into<String>) -> Self {
-        self.name = Some(name.into());
+        self.settings.name = Some(name.into());
         self
     }
 
     /// Consecutive failures that open a closed breaker (default 5). Used
     /// when no [`window`](Self::window) is set.
     pub fn failure_threshold(mut self, n: u32) -> Self {
-        self.failure_threshold = n;
+        self.settings.failure_threshold = n;
         self
     }
 
     /// How long the breaker stays open before admitting a probe (default
     /// 30 s).
     pub fn open_timeout(mut self, d: Duration) -> Self {
-        self.open_timeout = d;
+        self.settings.open_timeout = d;
         self
     }
 
@@ -139,34 +149,34 @@ impl<C> CircuitBreakerBuilder<C> {
     /// back-off says so, and capped by its `max_delay`). Replaces
     /// [`open_timeout`](Self::open_timeout).
     pub fn open_backoff(mut self, backoff: Backoff) -> Self {
-        self.open_backoff = Some(backoff);
+        self.settings.open_backoff = Some(backoff);
         self
     }
 
     /// Probes admitted at once while half-open (default 1).
     pub fn half_open_max_calls(mut self, n: u32) -> Self {
-        self.half_open_max_calls = n;
+        self.settings.half_open_max_calls = n;
         self
     }
 
     /// Probe successes that close a half-open breaker (default 2). A
     /// single failed probe opens it again.
     pub fn success_threshold(mut self, n: u32) -> Self {
-        self.success_threshold = n;
+        self.settings.success_threshold = n;
         self
     }
 
     /// Switches from consecutive failures to a failure rate over a sliding
     /// window of calls ([`Window::count`]) or of time ([`Window::time`]).
     pub fn window(mut self, window: Window) -> Self {
-        self.window = Some(window);
+        self.settings.window = Some(window);
         self
     }
 
     /// The failure rate in `(0, 1]` that opens the breaker in window mode
     /// (default 0.5).
     pub fn failure_rate_threshold(mut self, rate: f64) -> Self {
-        self.failure_rate_threshold = rate;
+        self.settings.failure_rate_threshold = rate;
         self
     }
 
@@ -174,7 +184,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// or the count window's size if smaller). Honoured before a count
     /// window is full.
     pub fn minimum_calls(mut self, n: u32) -> Self {
-        self.minimum_calls = Some(n);
+        self.settings.minimum_calls = Some(n);
         self
     }
 
@@ -183,14 +193,14 @@ impl<C> CircuitBreakerBuilder<C> {
     /// in consecutive mode, and for probes, a slow call counts as a failure.
     /// Setting this makes the breaker read the clock twice per call.
     pub fn slow_call_duration(mut self, d: Duration) -> Self {
-        self.slow_call_duration = Some(d);
+        self.settings.slow_call_duration = Some(d);
         self
     }
 
     /// The slow-call rate in `(0, 1]` that opens the breaker in window mode
     /// (default 1.0).
     pub fn slow_call_rate_threshold(mut self, rate: f64) -> Self {
-        self.slow_call_rate_threshold = rate;
+        self.settings.slow_call_rate_threshold = rate;
         self
     }
 
@@ -198,30 +208,15 @@ impl<C> CircuitBreakerBuilder<C> {
     /// (with the `http` feature's `StatusClassifier`: the `Retry-After` of a
     /// 429 or 503 answer). Off by default.
     pub fn honor_retry_after(mut self, yes: bool) -> Self {
-        self.honor_retry_after = yes;
+        self.settings.honor_retry_after = yes;
         self
     }
 
     /// Decides which results are failures (default: every `Err`).
     pub fn classify<C2>(self, classifier: C2) -> CircuitBreakerBuilder<C2> {
         CircuitBreakerBuilder {
-            name: self.name,
-            failure_threshold: self.failure_threshold,
-            open_timeout: self.open_timeout,
-            open_backoff: self.open_backoff,
-            half_open_max_calls: self.half_open_max_calls,
-            success_threshold: self.success_threshold,
-            window: self.window,
-            failure_rate_threshold: self.failure_rate_threshold,
-            minimum_calls: self.minimum_calls,
-            slow_call_duration: self.slow_call_duration,
-            slow_call_rate_threshold: self.slow_call_rate_threshold,
-            honor_retry_after: self.honor_retry_after,
-            backend: self.backend,
-            stale_attempt_timeout: self.stale_attempt_timeout,
-            sync_interval: self.sync_interval,
+            settings: self.settings,
             classifier,
-            listeners: self.listeners,
         }
     }
 
@@ -229,7 +224,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// `store::file::FileStore` shares it across processes, a
     /// `store::redis::RedisStore` across a fleet. See [`Backend`].
     pub fn backend(mut self, backend: impl Into<Backend>) -> Self {
-        self.backend = backend.into();
+        self.settings.backend = backend.into();
         self
     }
 
@@ -237,7 +232,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// unanswered before it is taken to be from a crashed or hung process
     /// and freed (default 2 min). Make it longer than your slowest call.
     pub fn stale_attempt_timeout(mut self, d: Duration) -> Self {
-        self.stale_attempt_timeout = d;
+        self.settings.stale_attempt_timeout = d;
         self
     }
 
@@ -245,14 +240,14 @@ impl<C> CircuitBreakerBuilder<C> {
     /// 500 ms, so a state change is seen fleet-wide within about 1 s). An
     /// opening is reported at once.
     pub fn sync_interval(mut self, d: Duration) -> Self {
-        self.sync_interval = d;
+        self.settings.sync_interval = d;
         self
     }
 
     /// Calls `f` on every event (state changes, rejections). Listeners add
     /// up; each must be quick and must not block.
     pub fn on_event(mut self, f: impl Fn(&CircuitEvent) + Send + Sync + 'static) -> Self {
-        self.listeners.push(f);
+        self.settings.listeners.push(f);
         self
     }
 
@@ -264,20 +259,26 @@ impl<C> CircuitBreakerBuilder<C> {
             check.at_most(field, u64::from(v), MAX_COUNT)?;
             Ok(v as u16)
         };
-        let failure_threshold = count("failure_threshold", self.failure_threshold)?;
-        let half_open_max_calls = count("half_open_max_calls", self.half_open_max_calls)?;
-        let success_threshold = count("success_threshold", self.success_threshold)?;
-        check.non_zero_duration("open_timeout", self.open_timeout)?;
-        if let Some(b) = &self.open_backoff {
+        let failure_threshold = count("failure_threshold", self.settings.failure_threshold)?;
+        let half_open_max_calls = count("half_open_max_calls", self.settings.half_open_max_calls)?;
+        let success_threshold = count("success_threshold", self.settings.success_threshold)?;
+        check.non_zero_duration("open_timeout", self.settings.open_timeout)?;
+        if let Some(b) = &self.settings.open_backoff {
             b.validate(LAYER, "open_backoff")?;
             check.non_zero_duration("open_backoff", b.max())?;
         }
-        check.ratio("failure_rate_threshold", self.failure_rate_threshold)?;
-        check.ratio("slow_call_rate_threshold", self.slow_call_rate_threshold)?;
-        if let Some(d) = self.slow_call_duration {
+        check.ratio(
+            "failure_rate_threshold",
+            self.settings.failure_rate_threshold,
+        )?;
+        check.ratio(
+            "slow_call_rate_threshold",
+            self.settings.slow_call_rate_threshold,
+        )?;
+        if let Some(d) = self.settings.slow_call_duration {
             check.non_zero_duration("slow_call_duration", d)?;
         }
-        let minimum_calls = match (self.window, self.minimum_calls) {
+        let minimum_calls = match (self.settings.window, self.settings.minimum_calls) {
             (Some(Window::Count(0)), _) => {
                 return Err(ConfigError::new(
                     LAYER,
@@ -306,9 +307,9 @@ impl<C> CircuitBreakerBuilder<C> {
             (Some(Window::Count(n)), None) => n.min(10),
             (_, None) => 10,
         };
-        check.non_zero_duration("stale_attempt_timeout", self.stale_attempt_timeout)?;
-        check.non_zero_duration("sync_interval", self.sync_interval)?;
-        if !matches!(self.backend, Backend::Memory) && self.window.is_some() {
+        check.non_zero_duration("stale_attempt_timeout", self.settings.stale_attempt_timeout)?;
+        check.non_zero_duration("sync_interval", self.settings.sync_interval)?;
+        if !matches!(self.settings.backend, Backend::Memory) && self.settings.window.is_some() {
             return Err(ConfigError::new(
                 LAYER,
                 "window",
@@ -316,26 +317,26 @@ impl<C> CircuitBreakerBuilder<C> {
             ));
         }
         let cfg = Config {
-            name: Arc::from(self.name.unwrap_or_default()),
+            name: Arc::from(self.settings.name.unwrap_or_default()),
             failure_threshold,
-            open_timeout: self.open_timeout,
-            open_backoff: self.open_backoff,
+            open_timeout: self.settings.open_timeout,
+            open_backoff: self.settings.open_backoff,
             half_open_max_calls,
             success_threshold,
-            window: self.window,
-            failure_rate_threshold: self.failure_rate_threshold,
+            window: self.settings.window,
+            failure_rate_threshold: self.settings.failure_rate_threshold,
             minimum_calls,
-            slow_call_duration: self.slow_call_duration,
-            slow_call_rate_threshold: self.slow_call_rate_threshold,
-            honor_retry_after: self.honor_retry_after,
+            slow_call_duration: self.settings.slow_call_duration,
+            slow_call_rate_threshold: self.settings.slow_call_rate_threshold,
+            honor_retry_after: self.settings.honor_retry_after,
         };
         let remote_cfg = RemoteCfg {
-            stale_attempt_timeout: self.stale_attempt_timeout,
-            sync_interval: self.sync_interval,
+            stale_attempt_timeout: self.settings.stale_attempt_timeout,
+            sync_interval: self.settings.sync_interval,
         };
         #[allow(unused_mut)]
-        let mut listeners = self.listeners;
-        let remote = match self.backend {
+        let mut listeners = self.settings.listeners;
+        let remote = match self.settings.backend {
             Backend::Memory => Remote::None,
             #[cfg(feature = "file-store")]
             Backend::File(store) => Remote::File(super::backend::file::FileRemote {
@@ -366,12 +367,12 @@ impl<C> CircuitBreakerBuilder<C> {
 impl<C> fmt::Debug for CircuitBreakerBuilder<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreakerBuilder")
-            .field("name", &self.name)
-            .field("failure_threshold", &self.failure_threshold)
-            .field("open_timeout", &self.open_timeout)
-            .field("half_open_max_calls", &self.half_open_max_calls)
-            .field("success_threshold", &self.success_threshold)
-            .field("window", &self.window)
+            .field("name", &self.settings.name)
+            .field("failure_threshold", &self.settings.failure_threshold)
+            .field("open_timeout", &self.settings.open_timeout)
+            .field("half_open_max_calls", &self.settings.half_open_max_calls)
+            .field("success_threshold", &self.settings.success_threshold)
+            .field("window", &self.settings.window)
             .field("classifier", &std::any::type_name::<C>())
             .finish_non_exhaustive()
     }
@@ -482,26 +483,3 @@ impl fmt::Debug for CircuitHandle {
 
 // Lets one configuration build several independent breakers (the fallback
 // layer makes one per entry).
-impl<C: Clone> Clone for CircuitBreakerBuilder<C> {
-    fn clone(&self) -> Self {
-        Self {
-            name: self.name.clone(),
-            failure_threshold: self.failure_threshold,
-            open_timeout: self.open_timeout,
-            open_backoff: self.open_backoff,
-            half_open_max_calls: self.half_open_max_calls,
-            success_threshold: self.success_threshold,
-            window: self.window,
-            failure_rate_threshold: self.failure_rate_threshold,
-            minimum_calls: self.minimum_calls,
-            slow_call_duration: self.slow_call_duration,
-            slow_call_rate_threshold: self.slow_call_rate_threshold,
-            honor_retry_after: self.honor_retry_after,
-            backend: self.backend.clone(),
-            stale_attempt_timeout: self.stale_attempt_timeout,
-            sync_interval: self.sync_interval,
-            classifier: self.classifier.clone(),
-            listeners: self.listeners.clone(),
-        }
-    }
-}

@@ -123,3 +123,16 @@ pub fn degrading_store(
         .unwrap();
     (store, events)
 }
+
+/// A store on `server` for the sharing tests. A generous timeout: they
+/// check sharing, not degrading (tested on its own with short timeouts),
+/// and on a loaded machine a first connection plus script load can take
+/// longer than a production budget.
+#[cfg(feature = "redis")]
+pub fn store(server: &RedisServer, prefix: &str) -> tower_bulwark::store::redis::RedisStore {
+    tower_bulwark::store::redis::RedisStore::builder(server.url())
+        .prefix(prefix)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
