@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::time;
 use tokio_test::{assert_pending, assert_ready_ok};
-use tower::{service_fn, Service, ServiceExt};
+use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
 use tower_bulwark::error::BoxError;
 use tower_bulwark::retry::{
     AttemptTimedOut, Backoff, GiveUpReason, Jitter, RetryBudget, RetryEvent, RetryLayer,
@@ -218,34 +218,85 @@ async fn dropping_mid_backoff_cancels() {
     assert_eq!(assert_ready_ok!(fut.poll()), 4);
 }
 
+/// The three shapes a call starts in: plain, reporting to a listener
+/// (shared sinks), and timed (boxed from the start).
+fn shaped(shape: u8) -> RetryLayer {
+    let builder = RetryLayer::builder()
+        .max_attempts(3)
+        .backoff(Backoff::constant(10 * MS));
+    match shape {
+        0 => builder,
+        1 => builder.on_event(|_| {}),
+        _ => builder.attempt_timeout(Duration::from_secs(60)),
+    }
+    .build()
+    .unwrap()
+}
+
 /// Dropping at every await point: mid-attempt, mid-back-off, while
-/// waiting for readiness.
+/// waiting for readiness; in every shape a call can start in.
 #[tokio::test(start_paused = true)]
 async fn dropping_at_any_point_cancels() {
-    for stage in 0..3 {
-        let layer = RetryLayer::builder()
-            .max_attempts(3)
-            .backoff(Backoff::constant(10 * MS))
-            .build()
-            .unwrap();
-        let (mut svc, mut handle) = mock::spawn_layer::<u8, u8, _>(layer);
-        assert_ready_ok!(svc.poll_ready());
-        let mut fut = tokio_test::task::spawn(svc.call(1));
-        assert_pending!(fut.poll());
-        let (_, send) = handle.next_request().await.unwrap();
-        if stage >= 1 {
-            send.send_error("boom");
+    for shape in 0..3 {
+        for stage in 0..3 {
+            let (mut svc, mut handle) = mock::spawn_layer::<u8, u8, _>(shaped(shape));
+            assert_ready_ok!(svc.poll_ready());
+            let mut fut = tokio_test::task::spawn(svc.call(1));
             assert_pending!(fut.poll());
+            let (_, send) = handle.next_request().await.unwrap();
+            if stage >= 1 {
+                send.send_error("boom");
+                assert_pending!(fut.poll());
+            }
+            if stage >= 2 {
+                handle.allow(0);
+                time::advance(10 * MS).await;
+                assert_pending!(fut.poll());
+            }
+            drop(fut);
+            handle.allow(10);
+            time::advance(Duration::from_secs(1)).await;
+            assert!(
+                handle.poll_request().is_pending(),
+                "shape {shape} stage {stage}"
+            );
         }
-        if stage >= 2 {
-            handle.allow(0);
-            time::advance(10 * MS).await;
-            assert_pending!(fut.poll());
+    }
+}
+
+/// Whatever the shape and wherever the call stops, the copy of the
+/// request kept for the next attempt is freed with the future.
+#[tokio::test(start_paused = true)]
+async fn the_kept_request_is_freed() {
+    for shape in 0..3 {
+        for fail_first in [false, true] {
+            let req = Arc::new(7u8);
+            let mut svc = ServiceBuilder::new()
+                .layer(shaped(shape))
+                .service(service_fn(move |r: Arc<u8>| async move {
+                    if fail_first {
+                        Err::<u8, _>("boom")
+                    } else {
+                        Ok(*r)
+                    }
+                }));
+            let fut = svc.ready().await.unwrap().call(req.clone());
+            let mut fut = tokio_test::task::spawn(fut);
+            if fail_first {
+                // The first attempt failed: now in back-off, holding a copy.
+                assert_pending!(fut.poll());
+                assert!(Arc::strong_count(&req) > 1);
+                drop(fut);
+            } else {
+                assert_eq!(assert_ready_ok!(fut.poll()), 7);
+                drop(fut);
+            }
+            assert_eq!(
+                Arc::strong_count(&req),
+                1,
+                "shape {shape} fail {fail_first}"
+            );
         }
-        drop(fut);
-        handle.allow(10);
-        time::advance(Duration::from_secs(1)).await;
-        assert!(handle.poll_request().is_pending(), "stage {stage}");
     }
 }
 

@@ -50,6 +50,17 @@ pub(crate) struct Shared<P> {
     pub(crate) sinks: Option<Arc<Sinks>>,
 }
 
+impl Sinks {
+    /// A call is starting: it earns the budget its share. Out of line so
+    /// a call without a budget carries none of its code.
+    #[inline(never)]
+    pub(crate) fn on_call(&self) {
+        if let Some(budget) = &self.budget {
+            budget.deposit();
+        }
+    }
+}
+
 impl<P> Shared<P> {
     fn emit(&self, event: RetryEvent) {
         match &self.sinks {
@@ -63,57 +74,62 @@ impl<P> Shared<P> {
     }
 }
 
+/// Whether a call can start light: no timer and no clock read before the
+/// first attempt answers. Worked out once per layer.
+#[inline]
+pub(crate) fn starts_light(cfg: &Config) -> bool {
+    cfg.attempt_timeout.is_none() && cfg.deadline.is_none()
+}
+
 pin_project! {
     /// The response future of [`Retry`](super::Retry).
     ///
-    /// The first attempt is polled in place: no box, and no timer unless a
-    /// per-attempt timeout is configured. Dropping the future at any point
-    /// (mid-attempt or mid-back-off) drops the attempt's future and the
-    /// timer; nothing else is held.
+    /// A call with neither a per-attempt timeout nor a deadline starts as
+    /// its first attempt's future with the request's copy beside it: no
+    /// box, no timer, no clock read, and nothing to drop but those. Only
+    /// when an attempt is to be retried (or a timer is needed from the
+    /// start) does the retry machinery move into one box. Dropping the
+    /// future at any point (mid-attempt or mid-back-off) drops the
+    /// attempt's future and the timer; nothing else is held.
     pub struct ResponseFuture<S, Req, P>
     where
         S: Service<Req>,
     {
-        shared: Shared<P>,
-        svc: S,
-        // A copy for the next attempt; `None` when there will be none.
-        req: Option<Req>,
-        started: Option<Instant>,
-        // Made at the first retry.
-        retrying: Option<Box<Retrying>>,
         #[pin]
-        state: State<S::Future>,
-        timer: Timer,
+        inner: Inner<S, Req, P>,
     }
 }
 
 pin_project! {
-    #[project = StateProj]
-    enum State<F> {
-        Calling { #[pin] fut: F },
-        Waiting,
-        Readying,
-    }
-}
-
-/// The per-attempt timeout and the back-off share one timer, made the
-/// first time either is needed. It is boxed so the future stays small: a
-/// call that needs neither moves 8 bytes for it, not a whole `Sleep`.
-struct Timer(Option<Pin<Box<Sleep>>>);
-
-impl Timer {
-    fn arm(&mut self, at: Instant) {
-        match &mut self.0 {
-            Some(sleep) => sleep.as_mut().reset(at),
-            None => self.0 = Some(Box::pin(tokio::time::sleep_until(at))),
-        }
-    }
-
-    fn poll_elapsed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        match &mut self.0 {
-            Some(sleep) => sleep.as_mut().poll(cx),
-            None => Poll::Ready(()),
-        }
+    #[project = InnerProj]
+    #[project_replace = InnerTaken]
+    enum Inner<S, Req, P>
+    where
+        S: Service<Req>,
+    {
+        // The first attempt of a call with no timer, no budget and no
+        // listener: nothing here needs dropping unless the request does.
+        First {
+            #[pin]
+            fut: S::Future,
+            svc: S,
+            // A copy for the next attempt; `None` when there will be none.
+            req: Option<Req>,
+            cfg: &'static Config,
+            policy: P,
+        },
+        // The same with a budget or listeners to report to.
+        Counted {
+            #[pin]
+            fut: S::Future,
+            svc: S,
+            req: Option<Req>,
+            shared: Shared<P>,
+        },
+        // Retrying, or timed from the start.
+        Driven { driver: Boxed<S, Req, P> },
+        // Only while moving from the first to the second.
+        Moving,
     }
 }
 
@@ -121,35 +137,57 @@ impl<S, Req, P> ResponseFuture<S, Req, P>
 where
     S: Service<Req>,
 {
+    /// A call with no timer and nothing shared to report to.
     #[inline]
-    pub(crate) fn new(shared: Shared<P>, svc: S, fut: S::Future, req: Option<Req>) -> Self {
-        let started = shared.cfg.deadline.map(|_| Instant::now());
-        let mut timer = Timer(None);
-        if let Some(t) = shared.cfg.attempt_timeout {
-            timer.arm(Instant::now() + t);
-        }
+    pub(crate) fn plain(
+        cfg: &'static Config,
+        policy: P,
+        svc: S,
+        fut: S::Future,
+        req: Option<Req>,
+    ) -> Self {
         Self {
-            shared,
-            svc,
-            req,
-            started,
-            retrying: None,
-            state: State::Calling { fut },
-            timer,
+            inner: Inner::First {
+                fut,
+                svc,
+                req,
+                cfg,
+                policy,
+            },
         }
     }
-}
 
-/// What only a call that retries needs, boxed to keep the future small.
-struct Retrying {
-    attempt: u32,
-    prev_delay: Duration,
-    rng: fastrand::Rng,
-}
-
-enum Finished<T, E> {
-    Done(Result<T, E>),
-    TimedOut,
+    /// Any call; `timed`: the layer has a per-attempt timeout or a
+    /// deadline.
+    pub(crate) fn new(
+        shared: Shared<P>,
+        timed: bool,
+        svc: S,
+        fut: S::Future,
+        req: Option<Req>,
+    ) -> Self {
+        let inner = if timed {
+            Inner::Driven {
+                driver: Boxed(Some(Driver::timed(shared, svc, fut, req))),
+            }
+        } else if shared.sinks.is_some() {
+            Inner::Counted {
+                fut,
+                svc,
+                req,
+                shared,
+            }
+        } else {
+            Inner::First {
+                fut,
+                svc,
+                req,
+                cfg: shared.cfg,
+                policy: shared.policy,
+            }
+        };
+        Self { inner }
+    }
 }
 
 impl<S, Req, P> Future for ResponseFuture<S, Req, P>
@@ -164,153 +202,273 @@ where
     /// The success path, inlined into the caller: the first attempt
     /// answered and the policy does not retry it.
     #[inline]
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.as_mut().project();
-        if let StateProj::Calling { fut } = this.state.project() {
-            match fut.poll(cx) {
-                Poll::Ready(res) => {
-                    let again = match this.req.as_ref() {
-                        Some(req) => this.shared.policy.should_retry(req, &res),
-                        None => false,
-                    };
-                    if !again {
-                        return Poll::Ready(res.map_err(Into::into));
-                    }
-                    return self.drive(cx, Some(res));
-                }
-                Poll::Pending if this.shared.cfg.attempt_timeout.is_none() => return Poll::Pending,
-                Poll::Pending => {}
-            }
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut inner = self.project().inner;
+        let (fut, req, policy) = match inner.as_mut().project() {
+            InnerProj::First {
+                fut, req, policy, ..
+            } => (fut, req, &*policy),
+            InnerProj::Counted {
+                fut, req, shared, ..
+            } => (fut, req, &shared.policy),
+            _ => return poll_slow(inner, cx, None),
+        };
+        let res = ready!(fut.poll(cx));
+        let again = match req.as_ref() {
+            Some(req) => policy.should_retry(req, &res),
+            None => false,
+        };
+        if !again {
+            return Poll::Ready(res.map_err(Into::into));
         }
-        self.drive(cx, None)
+        poll_slow(inner, cx, Some(res))
     }
 }
 
-impl<S, Req, P> ResponseFuture<S, Req, P>
+/// The way out of the success path, shaped so that the caller keeps the
+/// success's result in registers: the slow path hands its result back
+/// through a slot that is read only when it answered.
+#[inline(always)]
+fn poll_slow<S, Req, P>(
+    inner: Pin<&mut Inner<S, Req, P>>,
+    cx: &mut Context<'_>,
+    first: Option<Result<S::Response, S::Error>>,
+) -> Poll<Result<S::Response, BoxError>>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
     Req: Clone,
     P: RetryPolicy<Req, S::Response, S::Error>,
 {
-    /// Everything but the success path. `first`, when given, is an
-    /// attempt's result that the policy already chose to retry.
-    #[inline(never)]
-    fn drive(
+    let mut out = None;
+    match first {
+        Some(res) => escalate(inner, cx, res, &mut out),
+        None => poll_driven(inner, cx, &mut out),
+    }
+    match out {
+        Some(out) => Poll::Ready(out),
+        None => Poll::Pending,
+    }
+}
+
+/// The first attempt failed and the policy wants another: the retry
+/// machinery moves into its box and takes over.
+#[cold]
+#[inline(never)]
+fn escalate<S, Req, P>(
+    mut inner: Pin<&mut Inner<S, Req, P>>,
+    cx: &mut Context<'_>,
+    res: Result<S::Response, S::Error>,
+    out: &mut Option<Result<S::Response, BoxError>>,
+) where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    Req: Clone,
+    P: RetryPolicy<Req, S::Response, S::Error>,
+{
+    let (svc, req, shared) = match inner.as_mut().project_replace(Inner::Moving) {
+        InnerTaken::First {
+            svc,
+            req,
+            cfg,
+            policy,
+            ..
+        } => (
+            svc,
+            req,
+            Shared {
+                cfg,
+                policy,
+                sinks: None,
+            },
+        ),
+        InnerTaken::Counted {
+            svc, req, shared, ..
+        } => (svc, req, shared),
+        _ => unreachable!("escalate is called on the first attempt only"),
+    };
+    let mut driver = Box::pin(Driver {
+        shared,
+        svc,
+        req,
+        started: None,
+        attempt: 1,
+        prev_delay: Duration::ZERO,
+        rng: None,
+        state: State::Readying,
+        timer: None,
+    });
+    *out = driver.as_mut().project().judge(Finished::Done(res), true);
+    if out.is_none() {
+        inner.set(Inner::Driven {
+            driver: Boxed(Some(driver)),
+        });
+        poll_driven(inner, cx, out);
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn poll_driven<S, Req, P>(
+    inner: Pin<&mut Inner<S, Req, P>>,
+    cx: &mut Context<'_>,
+    out: &mut Option<Result<S::Response, BoxError>>,
+) where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    Req: Clone,
+    P: RetryPolicy<Req, S::Response, S::Error>,
+{
+    match inner.project() {
+        InnerProj::Driven { driver } => {
+            if let Poll::Ready(done) = driver.get().poll_drive(cx) {
+                *out = Some(done);
+            }
+        }
+        InnerProj::First { .. } | InnerProj::Counted { .. } => {
+            unreachable!("the first attempt is polled in place")
+        }
+        InnerProj::Moving => panic!("retry future polled after a panic"),
+    }
+}
+
+/// The boxed driver, dropped out of line: the response future's own drop
+/// then stays small enough to inline into the caller, where the success
+/// path (which never has a driver) drops nothing.
+struct Boxed<S, Req, P>(Option<Pin<Box<Driver<S, Req, P>>>>)
+where
+    S: Service<Req>;
+
+impl<S, Req, P> Boxed<S, Req, P>
+where
+    S: Service<Req>,
+{
+    fn get(&mut self) -> Pin<&mut Driver<S, Req, P>> {
+        self.0
+            .as_mut()
+            .expect("a driven future has its driver")
+            .as_mut()
+    }
+}
+
+impl<S, Req, P> Drop for Boxed<S, Req, P>
+where
+    S: Service<Req>,
+{
+    #[inline]
+    fn drop(&mut self) {
+        #[inline(never)]
+        fn drop_driver<T>(driver: T) {
+            drop(driver);
+        }
+        if let Some(driver) = self.0.take() {
+            drop_driver(driver);
+        }
+    }
+}
+
+pin_project! {
+    /// Everything a call that retries (or is timed) needs, in one box.
+    #[project = DriverProj]
+    struct Driver<S, Req, P>
+    where
+        S: Service<Req>,
+    {
+        shared: Shared<P>,
+        svc: S,
+        req: Option<Req>,
+        // When the call began, for the deadline.
+        started: Option<Instant>,
+        // The attempt running or last finished, 1-based.
+        attempt: u32,
+        prev_delay: Duration,
+        // Made at the first jittered delay.
+        rng: Option<fastrand::Rng>,
+        #[pin]
+        state: State<S::Future>,
+        // The per-attempt timeout and the back-off share one timer.
+        #[pin]
+        timer: Option<Sleep>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Calling { #[pin] fut: F },
+        Waiting,
+        Readying,
+    }
+}
+
+impl<S, Req, P> Driver<S, Req, P>
+where
+    S: Service<Req>,
+{
+    /// A call with a per-attempt timeout or a deadline: its clock starts
+    /// with the first attempt.
+    #[cold]
+    fn timed(shared: Shared<P>, svc: S, fut: S::Future, req: Option<Req>) -> Pin<Box<Self>> {
+        let now = Instant::now();
+        let cfg = shared.cfg;
+        Box::pin(Self {
+            started: cfg.deadline.map(|_| now),
+            timer: cfg
+                .attempt_timeout
+                .map(|t| tokio::time::sleep_until(now + t)),
+            shared,
+            svc,
+            req,
+            attempt: 1,
+            prev_delay: Duration::ZERO,
+            rng: None,
+            state: State::Calling { fut },
+        })
+    }
+}
+
+enum Finished<T, E> {
+    Done(Result<T, E>),
+    TimedOut,
+}
+
+impl<S, Req, P> Driver<S, Req, P>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    Req: Clone,
+    P: RetryPolicy<Req, S::Response, S::Error>,
+{
+    fn poll_drive(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        mut first: Option<Result<S::Response, S::Error>>,
     ) -> Poll<Result<S::Response, BoxError>> {
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
                 StateProj::Calling { fut } => {
-                    let (finished, decided) = match first.take() {
-                        Some(res) => (Finished::Done(res), true),
-                        None => match fut.poll(cx) {
-                            Poll::Ready(res) => (Finished::Done(res), false),
-                            Poll::Pending => {
-                                if this.shared.cfg.attempt_timeout.is_none() {
-                                    return Poll::Pending;
-                                }
-                                ready!(this.timer.poll_elapsed(cx));
-                                (Finished::TimedOut, false)
-                            }
-                        },
-                    };
-                    let shared = &*this.shared;
-                    let attempt = this.retrying.as_ref().map_or(1, |r| r.attempt);
-                    let (retry, reason, hint) = match (&finished, this.req.as_ref()) {
-                        (_, None) => (false, RetryReason::Error, None),
-                        (Finished::Done(res), Some(req)) => {
-                            if !decided && !shared.policy.should_retry(req, res) {
-                                (false, RetryReason::Error, None)
-                            } else {
-                                let reason = if res.is_ok() {
-                                    RetryReason::Response
-                                } else {
-                                    RetryReason::Error
-                                };
-                                (true, reason, shared.policy.retry_after(res))
-                            }
-                        }
-                        (Finished::TimedOut, Some(req)) => {
-                            (shared.policy.retry_timeout(req), RetryReason::Timeout, None)
+                    let finished = match fut.poll(cx) {
+                        Poll::Ready(res) => Finished::Done(res),
+                        Poll::Pending => {
+                            // The timer times this attempt only when a
+                            // timeout is set; otherwise it is a spent
+                            // back-off.
+                            let timer = match this.timer.as_mut().as_pin_mut() {
+                                Some(t) if this.shared.cfg.attempt_timeout.is_some() => t,
+                                _ => return Poll::Pending,
+                            };
+                            ready!(timer.poll(cx));
+                            Finished::TimedOut
                         }
                     };
-                    let give_up =
-                        |fin: Finished<S::Response, S::Error>| -> Result<S::Response, BoxError> {
-                            match fin {
-                                Finished::Done(res) => res.map_err(Into::into),
-                                Finished::TimedOut => Err(AttemptTimedOut::new(
-                                    shared.cfg.name,
-                                    attempt,
-                                    shared.cfg.attempt_timeout.unwrap_or_default(),
-                                )
-                                .into()),
-                            }
-                        };
-                    if !retry {
-                        return Poll::Ready(give_up(finished));
-                    }
-                    let r = this.retrying.get_or_insert_with(|| {
-                        Box::new(Retrying {
-                            attempt: 1,
-                            prev_delay: Duration::ZERO,
-                            rng: shared
-                                .cfg
-                                .seed
-                                .map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed),
-                        })
-                    });
-                    match plan(
-                        shared,
-                        attempt,
-                        r.prev_delay,
-                        hint,
-                        *this.started,
-                        &mut r.rng,
-                    ) {
-                        Ok(delay) => {
-                            r.prev_delay = delay;
-                            r.attempt = attempt + 1;
-                            shared.emit(RetryEvent::Retry {
-                                name: shared.cfg.name,
-                                attempt: attempt + 1,
-                                delay,
-                                reason,
-                            });
-                            // The failed attempt (and any response body) goes now.
-                            drop(finished);
-                            if delay.is_zero() {
-                                this.state.set(State::Readying);
-                            } else {
-                                this.timer.arm(Instant::now() + delay);
-                                this.state.set(State::Waiting);
-                            }
-                        }
-                        Err(stop) => {
-                            match stop {
-                                Stop::GiveUp(reason) => {
-                                    shared.emit(RetryEvent::GaveUp {
-                                        name: shared.cfg.name,
-                                        attempts: attempt,
-                                        reason,
-                                    });
-                                }
-                                Stop::Budget => {
-                                    shared.emit(RetryEvent::BudgetExhausted {
-                                        name: shared.cfg.name,
-                                        attempts: attempt,
-                                    });
-                                }
-                            }
-                            return Poll::Ready(give_up(finished));
-                        }
+                    if let Some(out) = this.judge(finished, false) {
+                        return Poll::Ready(out);
                     }
                 }
                 StateProj::Waiting => {
-                    ready!(this.timer.poll_elapsed(cx));
+                    if let Some(timer) = this.timer.as_mut().as_pin_mut() {
+                        ready!(timer.poll(cx));
+                    }
                     this.state.set(State::Readying);
                 }
                 StateProj::Readying => {
@@ -326,10 +484,111 @@ where
                         .clone();
                     let fut = this.svc.call(req);
                     if let Some(t) = this.shared.cfg.attempt_timeout {
-                        this.timer.arm(Instant::now() + t);
+                        arm(this.timer.as_mut(), Instant::now() + t);
                     }
                     this.state.set(State::Calling { fut });
                 }
+            }
+        }
+    }
+}
+
+/// Points the shared timer at `at`, making it the first time.
+fn arm(mut timer: Pin<&mut Option<Sleep>>, at: Instant) {
+    match timer.as_mut().as_pin_mut() {
+        Some(sleep) => sleep.reset(at),
+        None => timer.set(Some(tokio::time::sleep_until(at))),
+    }
+}
+
+impl<S, Req, P> DriverProj<'_, S, Req, P>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    Req: Clone,
+    P: RetryPolicy<Req, S::Response, S::Error>,
+{
+    /// Decides what follows an attempt: the call's result (`Some`), or the
+    /// next attempt, set up to wait or to ready its service. `decided`: the
+    /// policy has already chosen to retry this result.
+    fn judge(
+        &mut self,
+        finished: Finished<S::Response, S::Error>,
+        decided: bool,
+    ) -> Option<Result<S::Response, BoxError>> {
+        let shared = &*self.shared;
+        let attempt = *self.attempt;
+        let (retry, reason, hint) = match (&finished, self.req.as_ref()) {
+            (_, None) => (false, RetryReason::Error, None),
+            (Finished::Done(res), Some(req)) => {
+                if !decided && !shared.policy.should_retry(req, res) {
+                    (false, RetryReason::Error, None)
+                } else {
+                    let reason = if res.is_ok() {
+                        RetryReason::Response
+                    } else {
+                        RetryReason::Error
+                    };
+                    (true, reason, shared.policy.retry_after(res))
+                }
+            }
+            (Finished::TimedOut, Some(req)) => {
+                (shared.policy.retry_timeout(req), RetryReason::Timeout, None)
+            }
+        };
+        let give_up = |fin: Finished<S::Response, S::Error>| -> Result<S::Response, BoxError> {
+            match fin {
+                Finished::Done(res) => res.map_err(Into::into),
+                Finished::TimedOut => Err(AttemptTimedOut::new(
+                    shared.cfg.name,
+                    attempt,
+                    shared.cfg.attempt_timeout.unwrap_or_default(),
+                )
+                .into()),
+            }
+        };
+        if !retry {
+            return Some(give_up(finished));
+        }
+        let rng = self.rng.get_or_insert_with(|| {
+            shared
+                .cfg
+                .seed
+                .map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed)
+        });
+        match plan(shared, attempt, *self.prev_delay, hint, *self.started, rng) {
+            Ok(delay) => {
+                *self.prev_delay = delay;
+                *self.attempt = attempt + 1;
+                shared.emit(RetryEvent::Retry {
+                    name: shared.cfg.name,
+                    attempt: attempt + 1,
+                    delay,
+                    reason,
+                });
+                // The failed attempt (and any response body) goes now.
+                drop(finished);
+                if delay.is_zero() {
+                    self.state.set(State::Readying);
+                } else {
+                    arm(self.timer.as_mut(), Instant::now() + delay);
+                    self.state.set(State::Waiting);
+                }
+                None
+            }
+            Err(stop) => {
+                match stop {
+                    Stop::GiveUp(reason) => shared.emit(RetryEvent::GaveUp {
+                        name: shared.cfg.name,
+                        attempts: attempt,
+                        reason,
+                    }),
+                    Stop::Budget => shared.emit(RetryEvent::BudgetExhausted {
+                        name: shared.cfg.name,
+                        attempts: attempt,
+                    }),
+                }
+                Some(give_up(finished))
             }
         }
     }
@@ -382,14 +641,28 @@ where
     S: Service<Req>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match self.state {
-            State::Calling { .. } => "calling",
-            State::Waiting => "waiting",
-            State::Readying => "readying",
+        let (name, attempt, state) = match &self.inner {
+            Inner::First { cfg, .. } => (cfg.name, 1, "calling"),
+            Inner::Counted { shared, .. } => (shared.cfg.name, 1, "calling"),
+            Inner::Driven {
+                driver: Boxed(Some(driver)),
+            } => (
+                driver.shared.cfg.name,
+                driver.attempt,
+                match driver.state {
+                    State::Calling { .. } => "calling",
+                    State::Waiting => "waiting",
+                    State::Readying => "readying",
+                },
+            ),
+            Inner::Driven {
+                driver: Boxed(None),
+            }
+            | Inner::Moving => ("", 0, "moving"),
         };
         f.debug_struct("ResponseFuture")
-            .field("name", &self.shared.cfg.name)
-            .field("attempt", &self.retrying.as_ref().map_or(1, |r| r.attempt))
+            .field("name", &name)
+            .field("attempt", &attempt)
             .field("state", &state)
             .finish()
     }

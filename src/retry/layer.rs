@@ -226,17 +226,18 @@ impl<P> RetryBuilder<P> {
                 listeners: self.listeners,
             })
         });
+        let cfg = intern_config(Config {
+            name: intern(self.name.unwrap_or_default()),
+            max_attempts: self.max_attempts,
+            backoff: self.backoff,
+            attempt_timeout: self.attempt_timeout,
+            deadline: self.deadline,
+            max_retry_after: self.max_retry_after,
+            seed: self.seed,
+        });
         Ok(RetryLayer {
             shared: Shared {
-                cfg: intern_config(Config {
-                    name: intern(self.name.unwrap_or_default()),
-                    max_attempts: self.max_attempts,
-                    backoff: self.backoff,
-                    attempt_timeout: self.attempt_timeout,
-                    deadline: self.deadline,
-                    max_retry_after: self.max_retry_after,
-                    seed: self.seed,
-                }),
+                cfg,
                 policy: self.policy,
                 sinks,
             },

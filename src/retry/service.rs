@@ -5,7 +5,7 @@ use std::task::{Context, Poll};
 
 use tower_service::Service;
 
-use super::future::{ResponseFuture, Shared};
+use super::future::{starts_light, ResponseFuture, Shared};
 use super::{RetryHandle, RetryLayer, RetryPolicy};
 use crate::error::BoxError;
 
@@ -16,11 +16,22 @@ use crate::error::BoxError;
 pub struct Retry<S, P> {
     inner: S,
     shared: Shared<P>,
+    // Read from `shared.cfg` once, so a call need not follow the pointer.
+    retries: bool,
+    timed: bool,
+    // Neither timed nor shared: no budget, no listener.
+    plain: bool,
 }
 
 impl<S, P> Retry<S, P> {
     pub(crate) fn from_shared(inner: S, shared: Shared<P>) -> Self {
-        Self { inner, shared }
+        Self {
+            inner,
+            retries: shared.cfg.max_attempts > 1,
+            timed: !starts_light(shared.cfg),
+            plain: starts_light(shared.cfg) && shared.sinks.is_none(),
+            shared,
+        }
     }
 
     /// Wraps `inner` with `layer`'s configuration.
@@ -57,6 +68,9 @@ impl<S: Clone, P: Clone> Clone for Retry<S, P> {
         Self {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
+            retries: self.retries,
+            timed: self.timed,
+            plain: self.plain,
         }
     }
 }
@@ -68,6 +82,29 @@ impl<S: fmt::Debug, P> fmt::Debug for Retry<S, P> {
             .field("name", &self.shared.cfg.name)
             .field("max_attempts", &self.shared.cfg.max_attempts)
             .finish()
+    }
+}
+
+impl<S, P> Retry<S, P> {
+    /// A call that is timed or reports to shared sinks: kept out of line so
+    /// that the plain call stays small enough to inline.
+    #[cold]
+    #[inline(never)]
+    fn call_full<Req>(
+        &mut self,
+        mut svc: S,
+        req: Req,
+        keep: Option<Req>,
+    ) -> ResponseFuture<S, Req, P>
+    where
+        S: Service<Req>,
+        P: Clone,
+    {
+        if let Some(sinks) = &self.shared.sinks {
+            sinks.on_call();
+        }
+        let fut = svc.call(req);
+        ResponseFuture::new(self.shared.clone(), self.timed, svc, fut, keep)
     }
 }
 
@@ -93,15 +130,12 @@ where
         // service inside the future.
         let clone = self.inner.clone();
         let mut svc = std::mem::replace(&mut self.inner, clone);
-        let shared = &self.shared;
-        if let Some(sinks) = &shared.sinks {
-            if let Some(budget) = &sinks.budget {
-                budget.deposit();
-            }
+        let keep = (self.retries && self.shared.policy.may_retry(&req)).then(|| req.clone());
+        if self.plain {
+            let fut = svc.call(req);
+            let policy = self.shared.policy.clone();
+            return ResponseFuture::plain(self.shared.cfg, policy, svc, fut, keep);
         }
-        let keep =
-            (shared.cfg.max_attempts > 1 && shared.policy.may_retry(&req)).then(|| req.clone());
-        let fut = svc.call(req);
-        ResponseFuture::new(self.shared.clone(), svc, fut, keep)
+        self.call_full(svc, req, keep)
     }
 }
