@@ -1,71 +1,183 @@
 //! The limiter's in-memory state: one GCRA word per bucket, the settings,
 //! the clock and the listeners. The service and futures only call in.
 
-use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use super::gcra::{self, Decision, Params};
+use super::gcra::{self, Decision, Freed, Params, Slot};
 use super::remote::Remote;
 use super::{RateLimitEvent, RateLimited};
 use crate::clock::{nanos, Clock, Nanos};
 use crate::observe::Listeners;
-use crate::sync::AtomicU64;
+use crate::sync::{AtomicU64, AtomicUsize, Mutex};
 
-/// One bucket: its whole state is the GCRA word, updated by
-/// compare-and-swap. The store a backend would replace.
+/// Freed reservations an unkeyed bucket keeps (see [`Freed`]).
+const FREED: usize = 32;
+
+/// A GCRA word, updated by compare-and-swap: the whole state of a bucket
+/// as far as admitting now goes.
 #[derive(Debug)]
-pub(crate) struct Bucket {
-    tat: AtomicU64,
-}
+pub(crate) struct Word(AtomicU64);
 
-impl Bucket {
+impl Word {
     pub(crate) fn new() -> Self {
-        Self {
-            tat: AtomicU64::new(0),
-        }
+        Self(AtomicU64::new(0))
     }
 
-    /// Decides and, unless rejected, records the request.
+    /// Decides and, unless rejected, records the request. Before a wait or
+    /// a rejection is settled, `freed` may answer instead (with a freed
+    /// reservation); it is asked at most once, and never on the admit-now
+    /// path.
     #[inline]
-    pub(crate) fn acquire(&self, now: Nanos, inc: Nanos, p: &Params) -> Decision {
-        let mut cur = self.tat.load(Acquire);
+    pub(crate) fn acquire(
+        &self,
+        now: Nanos,
+        inc: Nanos,
+        p: &Params,
+        mut freed: impl FnMut() -> Option<Decision>,
+    ) -> Decision {
+        let mut cur = self.0.load(Acquire);
+        let mut asked = false;
         loop {
             let d = gcra::decide(cur, now, inc, p);
             let next = match d {
-                Decision::Admit { tat } | Decision::Wait { tat, .. } => tat,
+                Decision::Admit { tat } => tat,
+                _ if !asked => {
+                    asked = true;
+                    if let Some(d) = freed() {
+                        return d;
+                    }
+                    continue;
+                }
+                Decision::Wait { tat, .. } => tat,
                 Decision::Reject { .. } => return d,
             };
-            match self.tat.compare_exchange_weak(cur, next, AcqRel, Acquire) {
+            match self.0.compare_exchange_weak(cur, next, AcqRel, Acquire) {
                 Ok(_) => return d,
                 Err(actual) => cur = actual,
             }
         }
     }
 
-    /// Gives back the reservation `mine` if no later one was made.
-    pub(crate) fn refund(&self, mine: Nanos, inc: Nanos) -> bool {
-        match gcra::refund(mine, mine, inc) {
-            Some(back) => self
-                .tat
-                .compare_exchange(mine, back, AcqRel, Relaxed)
-                .is_ok(),
-            None => false,
+    /// Admits now or does nothing (`None`: the request would wait or be
+    /// rejected).
+    #[inline]
+    pub(crate) fn try_admit(&self, now: Nanos, inc: Nanos, p: &Params) -> Option<Decision> {
+        let mut cur = self.0.load(Acquire);
+        loop {
+            let d = gcra::decide(cur, now, inc, p);
+            let Decision::Admit { tat } = d else {
+                return None;
+            };
+            match self.0.compare_exchange_weak(cur, tat, AcqRel, Acquire) {
+                Ok(_) => return Some(d),
+                Err(actual) => cur = actual,
+            }
         }
     }
 
+    /// Moves the word from `from` to `to` unless it moved meanwhile
+    /// (`Err`: where it is).
+    pub(crate) fn set(&self, from: Nanos, to: Nanos) -> Result<(), Nanos> {
+        self.0.compare_exchange(from, to, AcqRel, Acquire).map(drop)
+    }
+
     pub(crate) fn block_until(&self, until: Nanos, inc: Nanos, p: &Params) {
-        let _ = self.tat.fetch_update(AcqRel, Acquire, |t| {
+        let _ = self.0.fetch_update(AcqRel, Acquire, |t| {
             Some(gcra::block_until(t, until, inc, p))
         });
     }
 
-    pub(crate) fn reset(&self) {
-        self.tat.store(0, Relaxed);
+    pub(crate) fn store(&self, tat: Nanos) {
+        self.0.store(tat, Release);
     }
 
     pub(crate) fn load(&self) -> Nanos {
-        self.tat.load(Acquire)
+        self.0.load(Acquire)
+    }
+}
+
+/// An unkeyed limiter's bucket: the GCRA word, and beside it the
+/// reservations given back while a later one was held.
+#[derive(Debug)]
+pub(crate) struct Bucket {
+    word: Word,
+    freed: Mutex<Freed<FREED>>,
+    /// How many `freed` holds, so that a wait or a rejection only takes
+    /// the lock when there may be something to hand on.
+    freed_len: AtomicUsize,
+}
+
+impl Bucket {
+    pub(crate) fn new() -> Self {
+        Self {
+            word: Word::new(),
+            freed: Mutex::new(Freed::new()),
+            freed_len: AtomicUsize::new(0),
+        }
+    }
+
+    /// Decides and, unless rejected, records the request: admitted now on
+    /// the word alone, else handed a freed reservation if one serves, else
+    /// queued behind the TAT or rejected.
+    #[inline]
+    pub(crate) fn acquire(&self, now: Nanos, inc: Nanos, p: &Params) -> Decision {
+        self.word.acquire(now, inc, p, || {
+            if self.freed_len.load(Relaxed) == 0 {
+                None
+            } else {
+                self.take_freed(now, inc, p)
+            }
+        })
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn take_freed(&self, now: Nanos, inc: Nanos, p: &Params) -> Option<Decision> {
+        let mut freed = self.lock();
+        let d = freed.take(now, inc, p);
+        self.freed_len.store(freed.len(), Relaxed);
+        d
+    }
+
+    /// Gives back the reservation `mine`, its waiter gone before its call.
+    ///
+    /// Every roll-back of the word happens under the lock, so two releases
+    /// cannot miss each other (one finding the TAT above it and keeping its
+    /// stretch while the other rolls the TAT down to that stretch's end).
+    /// Admissions race on without the lock; they only raise the word, which
+    /// fails a roll-back's compare-and-swap and leaves the stretch kept.
+    #[cold]
+    pub(crate) fn release(&self, mine: Slot, now: Nanos) {
+        let mut freed = self.lock();
+        let tat = self.word.load();
+        freed.release(tat, mine, now, |from, to| self.word.set(from, to));
+        self.freed_len.store(freed.len(), Relaxed);
+    }
+
+    /// An upstream's block; freed reservations lapse, as handing them on
+    /// would admit before `until`.
+    pub(crate) fn block_until(&self, until: Nanos, inc: Nanos, p: &Params) {
+        let mut freed = self.lock();
+        self.word.block_until(until, inc, p);
+        freed.clear();
+        self.freed_len.store(0, Relaxed);
+    }
+
+    pub(crate) fn reset(&self) {
+        let mut freed = self.lock();
+        self.word.store(0);
+        freed.clear();
+        self.freed_len.store(0, Relaxed);
+    }
+
+    pub(crate) fn load(&self) -> Nanos {
+        self.word.load()
+    }
+
+    fn lock(&self) -> impl std::ops::DerefMut<Target = Freed<FREED>> + '_ {
+        self.freed.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
