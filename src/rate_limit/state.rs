@@ -319,36 +319,102 @@ mod loom_tests {
         });
     }
 
-    /// Waiters racing with a refund: a refund only lands when it is the
-    /// newest reservation, so the word never falls below what the admitted
-    /// requests account for.
+    const S: u64 = 1_000_000_000;
+
+    /// A bucket of one token a second, waits up to 10 s, after one
+    /// admission and a waiter for each `end` given.
+    fn queued(ends: &[u64]) -> (Params, Arc<Bucket>) {
+        let p = Params::new(1.0, 1.0, 10 * S);
+        let b = Arc::new(Bucket::new());
+        let Decision::Admit { .. } = b.acquire(0, S, &p) else {
+            panic!()
+        };
+        for &end in ends {
+            let Decision::Wait { tat, .. } = b.acquire(0, S, &p) else {
+                panic!()
+            };
+            assert_eq!(tat, end);
+        }
+        (p, b)
+    }
+
+    fn mine(end: u64) -> Slot {
+        Slot { end, inc: S }
+    }
+
+    /// A newcomer racing the release of the newest waiter: either the
+    /// release goes first and the newcomer queues in the freed turn, or
+    /// the newcomer queues behind and the freed turn is kept, for the next
+    /// one. Never both, never neither.
     #[test]
     fn loom_gcra_refund_races_reserve() {
         loom::model(|| {
-            const S: u64 = 1_000_000_000;
-            let p = Params::new(1.0, 1.0, 10 * S);
-            let b = Arc::new(Bucket::new());
-            let Decision::Admit { .. } = b.acquire(0, S, &p) else {
-                panic!()
-            };
-            let Decision::Wait { tat: mine, .. } = b.acquire(0, S, &p) else {
-                panic!()
-            };
+            let (p, b) = queued(&[2 * S]);
             let b2 = b.clone();
             let other = thread::spawn(move || b2.acquire(0, S, &p));
-            let refunded = b.refund(mine, S);
+            b.release(mine(2 * S), 0);
             let d = other.join().unwrap();
             let Decision::Wait { tat: theirs, .. } = d else {
                 panic!("{d:?}")
             };
-            if refunded {
-                // The refund went first; the newcomer took the freed slot.
-                assert_eq!(theirs, 2 * S);
+            if theirs == 2 * S {
                 assert_eq!(b.load(), 2 * S);
+                assert_eq!(b.freed_len.load(Relaxed), 0);
             } else {
                 assert_eq!(theirs, 3 * S);
                 assert_eq!(b.load(), 3 * S);
+                // The next newcomer gets the freed turn, at its time.
+                assert_eq!(
+                    b.acquire(0, S, &p),
+                    Decision::Wait {
+                        tat: 2 * S,
+                        inc: S,
+                        wait: S
+                    }
+                );
             }
+        });
+    }
+
+    /// A newcomer racing the release of the waiter above a freed turn:
+    /// whether it takes the freed turn or the release rolls back through
+    /// it first, the newcomer waits for the same instant and the word ends
+    /// where that one reservation puts it.
+    #[test]
+    fn loom_gcra_slot_take_races_cascade() {
+        loom::model(|| {
+            let (p, b) = queued(&[2 * S, 3 * S]);
+            b.release(mine(2 * S), 0);
+            assert_eq!(b.load(), 3 * S);
+            let b2 = b.clone();
+            let other = thread::spawn(move || b2.acquire(0, S, &p));
+            b.release(mine(3 * S), 0);
+            let d = other.join().unwrap();
+            assert_eq!(
+                d,
+                Decision::Wait {
+                    tat: 2 * S,
+                    inc: S,
+                    wait: S
+                }
+            );
+            assert_eq!(b.load(), 2 * S);
+            assert_eq!(b.freed_len.load(Relaxed), 0);
+        });
+    }
+
+    /// Two waiters released at once, the older while the newer still
+    /// stands: neither reservation is lost between them.
+    #[test]
+    fn loom_gcra_releases_race() {
+        loom::model(|| {
+            let (_, b) = queued(&[2 * S, 3 * S]);
+            let b2 = b.clone();
+            let older = thread::spawn(move || b2.release(mine(2 * S), 0));
+            b.release(mine(3 * S), 0);
+            older.join().unwrap();
+            assert_eq!(b.load(), S);
+            assert_eq!(b.freed_len.load(Relaxed), 0);
         });
     }
 }
