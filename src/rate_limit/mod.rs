@@ -29,9 +29,10 @@
 //!
 //! # Algorithm
 //!
-//! GCRA, the token bucket kept as a single number: the whole state of a
-//! bucket is one `AtomicU64` updated by compare-and-swap, so the hot path
-//! takes no lock and allocates nothing. It is exact: over any window of
+//! GCRA, the token bucket kept as a single number: what admitting reads
+//! and writes is one `AtomicU64` updated by compare-and-swap, so the hot
+//! path takes no lock and allocates nothing (the reservations of dropped
+//! waiters, kept beside it, are only looked at by requests that would wait). It is exact: over any window of
 //! `elapsed`, the cost admitted never exceeds `max_tokens + refill_rate *
 //! elapsed`. Defaults (from seed 001): 50 tokens, refilled at 10 a second,
 //! 1 token a request.

@@ -197,7 +197,7 @@ pub(crate) struct Core {
     /// The increment of `tokens_per_request`.
     pub(crate) inc: Nanos,
     /// The bucket of an unkeyed limiter. An upstream's `Retry-After` is
-    /// folded into it, so the whole state stays one word.
+    /// folded into it, so admitting stays a matter of one word.
     pub(crate) bucket: Bucket,
     /// Keyed limiters only: no key is admitted before this instant.
     pub(crate) blocked_until: AtomicU64,
