@@ -162,11 +162,13 @@ impl<K: Hash + Eq> KeyMap<K> {
                 }
             }
         }
-        self.insert(shard, key, now, inc, p)
+        self.acquire_locked(shard, key, now, inc, p)
     }
 
+    /// With the shard's write lock: a new key, or a request for one holding
+    /// freed reservations that would wait or be rejected.
     #[cold]
-    fn insert(
+    fn acquire_locked(
         &self,
         shard: &RwLock<ShardMap<K>>,
         key: K,
@@ -277,6 +279,39 @@ mod tests {
             m.acquire(k + 200_000, 10 * S, S, &p);
         }
         assert!(m.len() <= 1000);
+    }
+
+    #[test]
+    fn a_key_hands_its_freed_turns_on() {
+        let p = Params::new(1.0, 1.0, 10 * S);
+        let m = KeyMap::<&str>::new(10);
+        let wait = |d: Decision| match d {
+            Decision::Wait { tat, inc, .. } => Slot { end: tat, inc },
+            d => panic!("{d:?}"),
+        };
+        assert!(matches!(m.acquire("a", 0, S, &p).0, Decision::Admit { .. }));
+        let first = wait(m.acquire("a", 0, S, &p).0);
+        let second = wait(m.acquire("a", 0, S, &p).0);
+        m.release(&"a", first, 0);
+        // Another key is not handed a's turn.
+        assert!(matches!(m.acquire("b", 0, S, &p).0, Decision::Admit { .. }));
+        let taken = wait(m.acquire("a", 0, S, &p).0);
+        assert_eq!(taken, first);
+        let has_list = |m: &KeyMap<&str>| {
+            let s = m.shard(&"a").read().unwrap();
+            s.map.get(&"a").unwrap().freed.is_some()
+        };
+        assert!(!has_list(&m), "an empty list is not kept");
+        m.release(&"a", taken, 0);
+        assert!(has_list(&m));
+        m.release(&"a", second, 0);
+        assert!(!has_list(&m));
+        assert_eq!(m.tokens(&"a", 0, &p), 0.0);
+        assert_eq!(m.tokens(&"a", S, &p), 1.0);
+        // A forgotten key's reservations lapse with it.
+        m.clear();
+        m.release(&"a", second, 0);
+        assert_eq!(m.len(), 0);
     }
 
     #[test]

@@ -292,6 +292,55 @@ impl Core {
     }
 }
 
+#[cfg(all(test, not(bulwark_loom)))]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn freed_turns_are_handed_on_until_a_block_or_reset() {
+        let p = Params::new(1.0, 1.0, 10 * S);
+        let b = Bucket::new();
+        let queue = |b: &Bucket| {
+            assert!(matches!(b.acquire(0, S, &p), Decision::Admit { .. }));
+            for _ in 0..2 {
+                assert!(matches!(b.acquire(0, S, &p), Decision::Wait { .. }));
+            }
+        };
+        queue(&b);
+        b.release(Slot { end: 2 * S, inc: S }, 0);
+        let handed = Decision::Wait {
+            tat: 2 * S,
+            inc: S,
+            wait: S,
+        };
+        assert_eq!(b.acquire(0, S, &p), handed);
+        assert_eq!(b.freed_len.load(Relaxed), 0);
+        // Handing it on would admit before an upstream's block ends.
+        b.release(Slot { end: 2 * S, inc: S }, 0);
+        b.block_until(5 * S, S, &p);
+        assert_eq!(
+            b.acquire(0, S, &p),
+            Decision::Wait {
+                tat: 6 * S,
+                inc: S,
+                wait: 5 * S
+            }
+        );
+        // A reset forgets them too; a reservation from before it that ends
+        // above the word belongs to nothing and is not kept.
+        b.reset();
+        queue(&b);
+        b.release(Slot { end: 9 * S, inc: S }, 0);
+        assert_eq!(b.freed_len.load(Relaxed), 0);
+        b.release(Slot { end: 2 * S, inc: S }, 0);
+        b.reset();
+        assert_eq!(b.freed_len.load(Relaxed), 0);
+        assert_eq!(b.load(), 0);
+    }
+}
+
 #[cfg(all(test, bulwark_loom))]
 mod loom_tests {
     use super::*;
