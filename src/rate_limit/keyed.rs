@@ -57,7 +57,7 @@ impl Bucket {
     /// word meanwhile.
     fn settle(&mut self, now: Nanos, inc: Nanos, p: &Params) -> Decision {
         let Some(freed) = self.freed.as_deref_mut() else {
-            return self.word.acquire(now, inc, p, || None);
+            return self.word.acquire(now, inc, p);
         };
         let (d, tat) = freed.decide(self.word.load(), now, inc, p);
         self.word.store(tat);
@@ -153,7 +153,7 @@ impl<K: Hash + Eq> KeyMap<K> {
             let s = shard.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(b) = s.map.get(&key) {
                 if b.freed.is_none() {
-                    return (b.word.acquire(now, inc, p, || None), Evicted::default());
+                    return (b.word.acquire(now, inc, p), Evicted::default());
                 }
                 // Freed reservations: admitting now still needs no more
                 // than the read lock; a wait or rejection may be handed one.

@@ -25,32 +25,14 @@ impl Word {
         Self(AtomicU64::new(0))
     }
 
-    /// Decides and, unless rejected, records the request. Before a wait or
-    /// a rejection is settled, `freed` may answer instead (with a freed
-    /// reservation); it is asked at most once, and never on the admit-now
-    /// path.
+    /// Decides and, unless rejected, records the request.
     #[inline]
-    pub(crate) fn acquire(
-        &self,
-        now: Nanos,
-        inc: Nanos,
-        p: &Params,
-        mut freed: impl FnMut() -> Option<Decision>,
-    ) -> Decision {
+    pub(crate) fn acquire(&self, now: Nanos, inc: Nanos, p: &Params) -> Decision {
         let mut cur = self.0.load(Acquire);
-        let mut asked = false;
         loop {
             let d = gcra::decide(cur, now, inc, p);
             let next = match d {
-                Decision::Admit { tat } => tat,
-                _ if !asked => {
-                    asked = true;
-                    if let Some(d) = freed() {
-                        return d;
-                    }
-                    continue;
-                }
-                Decision::Wait { tat, .. } => tat,
+                Decision::Admit { tat } | Decision::Wait { tat, .. } => tat,
                 Decision::Reject { .. } => return d,
             };
             match self.0.compare_exchange_weak(cur, next, AcqRel, Acquire) {
@@ -123,22 +105,32 @@ impl Bucket {
     /// queued behind the TAT or rejected.
     #[inline]
     pub(crate) fn acquire(&self, now: Nanos, inc: Nanos, p: &Params) -> Decision {
-        self.word.acquire(now, inc, p, || {
-            if self.freed_len.load(Relaxed) == 0 {
-                None
-            } else {
-                self.take_freed(now, inc, p)
-            }
-        })
+        let d = self.word.acquire(now, inc, p);
+        // The admit-now path is the word's alone, as it was before any
+        // reservation could be handed on.
+        if matches!(d, Decision::Admit { .. }) || self.freed_len.load(Relaxed) == 0 {
+            return d;
+        }
+        self.hand_on(d, now, inc, p)
     }
 
+    /// A request that queued (or was rejected) while freed reservations
+    /// are kept: it takes the earliest that serves it and gives back the
+    /// one it just made, as any waiter would.
     #[cold]
     #[inline(never)]
-    fn take_freed(&self, now: Nanos, inc: Nanos, p: &Params) -> Option<Decision> {
+    fn hand_on(&self, d: Decision, now: Nanos, inc: Nanos, p: &Params) -> Decision {
         let mut freed = self.lock();
-        let d = freed.take(now, inc, p);
+        let Some(taken) = freed.take(now, inc, p) else {
+            return d;
+        };
+        if let Decision::Wait { tat, inc: own, .. } = d {
+            let mine = Slot { end: tat, inc: own };
+            let tat = self.word.load();
+            freed.release(tat, mine, now, |from, to| self.word.set(from, to));
+        }
         self.freed_len.store(freed.len(), Relaxed);
-        d
+        taken
     }
 
     /// Gives back the reservation `mine`, its waiter gone before its call.
