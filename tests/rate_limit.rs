@@ -173,16 +173,170 @@ async fn dropped_waiters_give_their_tokens_back() {
     call(&mut svc, 9).await.unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 
-    // A waiter dropped behind a later one lapses instead (the later one
-    // keeps its turn), and the bucket still recovers fully with time.
+    // Dropped behind a later waiter, a reservation goes to the next
+    // newcomer; in the end every one comes back. Unkeyed, then keyed.
+    let layer = bucket(1.0, 1.0)
+        .max_wait(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let h = layer.handle();
+    hands_a_dropped_turn_on(layer.layer(recorded(&order)), &order, || h.tokens(), false).await;
+
+    let layer = bucket(1.0, 1.0)
+        .max_wait(Duration::from_secs(10))
+        .key(|n: &u32| n / 100)
+        .build()
+        .unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let keyed = layer.clone();
+    let svc = layer.layer(recorded(&order));
+    hands_a_dropped_turn_on(svc, &order, || keyed.tokens_for(&0), true).await;
+}
+
+/// A service recording the requests it is called with.
+fn recorded(
+    order: &Arc<Mutex<Vec<u32>>>,
+) -> impl Service<u32, Response = u32, Error = BoxError, Future = impl Send> + Clone {
+    let order = order.clone();
+    service_fn(move |n: u32| {
+        order.lock().unwrap().push(n);
+        async move { Ok::<_, BoxError>(n) }
+    })
+}
+
+/// On a bucket of one token a second, a call, then waiters A and B; A is
+/// dropped. A newcomer C gets A's turn: it answers at A's time, before B.
+/// Then again with B and C dropped as well (in either order): the bucket
+/// is back where the first call left it.
+async fn hands_a_dropped_turn_on<S>(
+    mut svc: S,
+    order: &Mutex<Vec<u32>>,
+    tokens: impl Fn() -> f64,
+    c_first: bool,
+) where
+    S: Service<u32, Response = u32, Error = BoxError>,
+{
+    call(&mut svc, 0).await.unwrap();
+    let mut a = Box::pin(svc.ready().await.unwrap().call(1));
+    let mut b = Box::pin(svc.ready().await.unwrap().call(2));
+    assert!((&mut a).now_or_never().is_none());
+    drop(a);
+    let mut c = Box::pin(svc.ready().await.unwrap().call(3));
+    // (Timers fire on whole milliseconds of the runtime's clock, which
+    // need not fall on the limiter's: a margin either side.)
+    advance(Duration::from_millis(900)).await;
+    assert!((&mut c).now_or_never().is_none());
+    advance(Duration::from_millis(200)).await;
+    assert_eq!((&mut c).now_or_never().unwrap().unwrap(), 3);
+    assert!((&mut b).now_or_never().is_none());
+    advance(Duration::from_secs(1)).await;
+    assert_eq!((&mut b).now_or_never().unwrap().unwrap(), 2);
+    assert_eq!(*order.lock().unwrap(), [0, 3, 2]);
+
+    advance(Duration::from_secs(10)).await;
+    assert_eq!(tokens(), 1.0);
+    call(&mut svc, 0).await.unwrap();
     let a = svc.ready().await.unwrap().call(1);
     let b = svc.ready().await.unwrap().call(2);
     drop(a);
-    advance(Duration::from_secs(2)).await;
-    assert_eq!(b.await.unwrap(), 2);
-    advance(Duration::from_secs(5)).await;
-    let h = layer.handle();
-    assert_eq!(h.tokens(), 1.0);
+    let c = svc.ready().await.unwrap().call(3);
+    advance(Duration::from_millis(500)).await;
+    if c_first {
+        drop(c);
+        drop(b);
+    } else {
+        drop(b);
+        drop(c);
+    }
+    // Half a second after the call, half a token: nothing else is held.
+    assert_eq!(tokens(), 0.5);
+    advance(Duration::from_millis(500)).await;
+    let now = svc.ready().await.unwrap().call(4).now_or_never();
+    assert_eq!(now.expect("admitted at once").unwrap(), 4);
+    assert_eq!(*order.lock().unwrap(), [0, 3, 2, 0, 4]);
+}
+
+/// Where a waiter handed a dropped turn is itself dropped.
+#[derive(Debug, Clone, Copy)]
+enum DropAt {
+    NeverPolled,
+    PolledOnce,
+    MidWait,
+    /// Its time came, but it was not polled again.
+    DueNotPolled,
+    /// Its time came and the inner service was called: the tokens are spent.
+    InFlight,
+}
+
+#[tokio::test]
+async fn a_handed_on_turn_is_given_back_wherever_its_waiter_is_dropped() {
+    pause();
+    for at in [
+        DropAt::NeverPolled,
+        DropAt::PolledOnce,
+        DropAt::MidWait,
+        DropAt::DueNotPolled,
+        DropAt::InFlight,
+    ] {
+        let layer = bucket(1.0, 1.0)
+            .max_wait(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let mut svc = layer.layer(service_fn(move |n: u32| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n == 3 {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, BoxError>(n)
+            }
+        }));
+        call(&mut svc, 0).await.unwrap();
+        let a = svc.ready().await.unwrap().call(1);
+        let b = svc.ready().await.unwrap().call(2);
+        drop(a);
+        // C takes A's turn, due in a second.
+        let mut c = Box::pin(svc.ready().await.unwrap().call(3));
+        let elapsed = match at {
+            DropAt::NeverPolled => 0,
+            DropAt::PolledOnce => {
+                assert!((&mut c).now_or_never().is_none());
+                0
+            }
+            DropAt::MidWait => {
+                assert!((&mut c).now_or_never().is_none());
+                advance(Duration::from_millis(500)).await;
+                assert!((&mut c).now_or_never().is_none());
+                500
+            }
+            DropAt::DueNotPolled => {
+                advance(Duration::from_millis(1100)).await;
+                1100
+            }
+            DropAt::InFlight => {
+                advance(Duration::from_millis(1100)).await;
+                assert!((&mut c).now_or_never().is_none());
+                1100
+            }
+        };
+        drop(c);
+        drop(b);
+        let h = layer.handle();
+        let tokens = h.tokens();
+        if let DropAt::InFlight = at {
+            // C's call holds the bucket until 2 s.
+            assert_eq!(calls.load(Ordering::SeqCst), 2, "{at:?}");
+            assert!((tokens - 0.1).abs() < 1e-9, "{at:?}: {tokens}");
+        } else {
+            // Only the first call holds the bucket, until 1 s.
+            assert_eq!(calls.load(Ordering::SeqCst), 1, "{at:?}");
+            let want = (elapsed as f64 / 1000.0).min(1.0);
+            assert!((tokens - want).abs() < 1e-9, "{at:?}: {tokens}");
+        }
+    }
 }
 
 #[tokio::test]

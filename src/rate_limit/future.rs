@@ -16,8 +16,8 @@ use crate::classify::Classify;
 use crate::error::BoxError;
 
 /// A waiting request's reservation: dropping it before its turn came gives
-/// the tokens back (see `gcra::refund`). Boxed, as only waiting requests
-/// carry one.
+/// the tokens back (see "Giving reservations back" in `gcra`). Boxed, as
+/// only waiting requests carry one.
 pub(crate) struct Refund(Option<Box<dyn FnOnce() + Send>>);
 
 impl Refund {

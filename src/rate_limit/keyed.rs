@@ -2,27 +2,90 @@
 //!
 //! Keys are spread over a fixed number of shards, each a `RwLock`ed map
 //! from key to its GCRA word: a known key costs a read lock and one
-//! compare-and-swap; only a new key takes the write lock.
+//! compare-and-swap; only a new key takes the write lock. So does
+//! everything about reservations given back (rare: a waiter dropped
+//! early): releasing one, and a wait or rejection for a key holding freed
+//! ones, which may be handed one.
 //!
 //! Memory stays bounded however many keys arrive:
 //! - a bucket that is full again (`tat <= now`) decides exactly like a
-//!   fresh one, so forgetting it is lossless; each shard sweeps such idle
+//!   fresh one, so forgetting it is lossless (its freed reservations all
+//!   end by then, so they could give nothing back); each shard sweeps such idle
 //!   buckets whenever it has doubled since its last sweep;
 //! - each shard holds at most its share of `max_keys`. When a shard is
 //!   full of live buckets, it forgets the quarter closest to full: those
 //!   keys start afresh, the price of a cap an attacker cannot exceed.
+//!
+//! A bucket is its word plus, only while it holds freed reservations, a
+//! boxed list of them: one pointer per key otherwise.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::{PoisonError, RwLock};
 
-use super::gcra::{self, Decision, Params};
-use super::state::Bucket;
+use super::gcra::{self, Decision, Freed, Params, Slot};
+use super::state::Word;
 use crate::clock::Nanos;
 
 const MAX_SHARDS: usize = 64;
+/// Freed reservations a key's bucket keeps (see [`Freed`]).
+const FREED: usize = 8;
 const MIN_SWEEP: usize = 64;
 const MIN_PER_SHARD: usize = 64;
+
+/// One key's bucket.
+#[derive(Debug)]
+struct Bucket {
+    word: Word,
+    /// Allocated only while some reservation given back is kept.
+    freed: Option<Box<Freed<FREED>>>,
+}
+
+impl Bucket {
+    fn new() -> Self {
+        Self {
+            word: Word::new(),
+            freed: None,
+        }
+    }
+
+    fn load(&self) -> Nanos {
+        self.word.load()
+    }
+
+    /// Decides with the shard's write lock held: nothing else touches the
+    /// word meanwhile.
+    fn settle(&mut self, now: Nanos, inc: Nanos, p: &Params) -> Decision {
+        let Some(freed) = self.freed.as_deref_mut() else {
+            return self.word.acquire(now, inc, p);
+        };
+        let (d, tat) = freed.decide(self.word.load(), now, inc, p);
+        self.word.store(tat);
+        self.drop_empty();
+        d
+    }
+
+    /// Gives back `mine`, with the shard's write lock held.
+    fn release(&mut self, mine: Slot, now: Nanos) {
+        let tat = self.word.load();
+        if self.freed.is_none() && tat == mine.end {
+            // The newest reservation, nothing under it to roll back
+            // through: no list needed.
+            self.word.store(mine.start());
+            return;
+        }
+        let freed = self.freed.get_or_insert_with(|| Box::new(Freed::new()));
+        let tat = freed.release(tat, mine, now, |_, _| Ok(()));
+        self.word.store(tat);
+        self.drop_empty();
+    }
+
+    fn drop_empty(&mut self) {
+        if self.freed.as_ref().is_some_and(|f| f.is_empty()) {
+            self.freed = None;
+        }
+    }
+}
 
 #[derive(Debug)]
 struct ShardMap<K> {
@@ -89,14 +152,23 @@ impl<K: Hash + Eq> KeyMap<K> {
         {
             let s = shard.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(b) = s.map.get(&key) {
-                return (b.acquire(now, inc, p), Evicted::default());
+                if b.freed.is_none() {
+                    return (b.word.acquire(now, inc, p), Evicted::default());
+                }
+                // Freed reservations: admitting now still needs no more
+                // than the read lock; a wait or rejection may be handed one.
+                if let Some(d) = b.word.try_admit(now, inc, p) {
+                    return (d, Evicted::default());
+                }
             }
         }
-        self.insert(shard, key, now, inc, p)
+        self.acquire_locked(shard, key, now, inc, p)
     }
 
+    /// With the shard's write lock: a new key, or a request for one holding
+    /// freed reservations that would wait or be rejected.
     #[cold]
-    fn insert(
+    fn acquire_locked(
         &self,
         shard: &RwLock<ShardMap<K>>,
         key: K,
@@ -105,23 +177,27 @@ impl<K: Hash + Eq> KeyMap<K> {
         p: &Params,
     ) -> (Decision, Evicted) {
         let mut s = shard.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(b) = s.map.get(&key) {
-            return (b.acquire(now, inc, p), Evicted::default());
+        if let Some(b) = s.map.get_mut(&key) {
+            return (b.settle(now, inc, p), Evicted::default());
         }
         let evicted = make_room(&mut s, now, self.per_shard);
-        let b = Bucket::new();
+        let mut b = Bucket::new();
         // A fresh bucket admits any valid increment at once.
-        let d = b.acquire(now, inc, p);
+        let d = b.settle(now, inc, p);
         s.map.insert(key, b);
         (d, evicted)
     }
 
-    pub(crate) fn refund(&self, key: &K, mine: Nanos, inc: Nanos) -> bool {
-        let s = self
+    /// Gives back `key`'s reservation `mine`; nothing if the key was
+    /// forgotten since (its reservations lapse with it).
+    pub(crate) fn release(&self, key: &K, mine: Slot, now: Nanos) {
+        let mut s = self
             .shard(key)
-            .read()
+            .write()
             .unwrap_or_else(PoisonError::into_inner);
-        s.map.get(key).is_some_and(|b| b.refund(mine, inc))
+        if let Some(b) = s.map.get_mut(key) {
+            b.release(mine, now);
+        }
     }
 
     pub(crate) fn tokens(&self, key: &K, now: Nanos, p: &Params) -> f64 {
@@ -203,6 +279,39 @@ mod tests {
             m.acquire(k + 200_000, 10 * S, S, &p);
         }
         assert!(m.len() <= 1000);
+    }
+
+    #[test]
+    fn a_key_hands_its_freed_turns_on() {
+        let p = Params::new(1.0, 1.0, 10 * S);
+        let m = KeyMap::<&str>::new(10);
+        let wait = |d: Decision| match d {
+            Decision::Wait { tat, inc, .. } => Slot { end: tat, inc },
+            d => panic!("{d:?}"),
+        };
+        assert!(matches!(m.acquire("a", 0, S, &p).0, Decision::Admit { .. }));
+        let first = wait(m.acquire("a", 0, S, &p).0);
+        let second = wait(m.acquire("a", 0, S, &p).0);
+        m.release(&"a", first, 0);
+        // Another key is not handed a's turn.
+        assert!(matches!(m.acquire("b", 0, S, &p).0, Decision::Admit { .. }));
+        let taken = wait(m.acquire("a", 0, S, &p).0);
+        assert_eq!(taken, first);
+        let has_list = |m: &KeyMap<&str>| {
+            let s = m.shard(&"a").read().unwrap();
+            s.map.get(&"a").unwrap().freed.is_some()
+        };
+        assert!(!has_list(&m), "an empty list is not kept");
+        m.release(&"a", taken, 0);
+        assert!(has_list(&m));
+        m.release(&"a", second, 0);
+        assert!(!has_list(&m));
+        assert_eq!(m.tokens(&"a", 0, &p), 0.0);
+        assert_eq!(m.tokens(&"a", S, &p), 1.0);
+        // A forgotten key's reservations lapse with it.
+        m.clear();
+        m.release(&"a", second, 0);
+        assert_eq!(m.len(), 0);
     }
 
     #[test]

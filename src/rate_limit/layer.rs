@@ -269,7 +269,10 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
 
     /// How long a request may wait for its tokens inside its response
     /// future (default zero: reject at once). A request that would wait
-    /// longer is rejected at once with the time it would have needed.
+    /// longer is rejected at once with the time it would have needed. A
+    /// waiting request dropped before its call gives its tokens back, to
+    /// the bucket or to the next request that would otherwise wait (see
+    /// the [module docs](super#cancellation)).
     pub fn max_wait(mut self, d: Duration) -> Self {
         self.settings.max_wait = d;
         self

@@ -29,9 +29,10 @@
 //!
 //! # Algorithm
 //!
-//! GCRA, the token bucket kept as a single number: the whole state of a
-//! bucket is one `AtomicU64` updated by compare-and-swap, so the hot path
-//! takes no lock and allocates nothing. It is exact: over any window of
+//! GCRA, the token bucket kept as a single number: what admitting reads
+//! and writes is one `AtomicU64` updated by compare-and-swap, so the hot
+//! path takes no lock and allocates nothing (the reservations of dropped
+//! waiters, kept beside it, are only looked at by requests that would wait). It is exact: over any window of
 //! `elapsed`, the cost admitted never exceeds `max_tokens + refill_rate *
 //! elapsed`. Defaults (from seed 001): 50 tokens, refilled at 10 a second,
 //! 1 token a request.
@@ -42,7 +43,8 @@
 //! [`max_wait`](RateLimitBuilder::max_wait), a request whose tokens come
 //! within that time reserves them and waits inside its response future,
 //! then calls the inner service; later requests queue behind it in arrival
-//! order. One that would wait longer is rejected at once.
+//! order. One that would wait longer is rejected at once. A waiting request
+//! that is dropped gives its turn back (see [Cancellation](#cancellation)).
 //!
 //! # Cost and keys
 //!
@@ -73,11 +75,21 @@
 //!
 //! # Cancellation
 //!
-//! A waiting request's reservation belongs to its response future. Dropped
-//! before its turn, the future gives the tokens back when no later request
-//! has reserved since; otherwise the later requests keep their turns and
-//! the dropped reservation simply lapses at its time, so the bound is never
-//! broken to refund it.
+//! A waiting request's reservation belongs to its response future.
+//! Dropped before it calls the inner service, the future gives the tokens
+//! back. The newest reservation simply comes off the bucket. One with
+//! later requests queued behind it goes to the next request that would
+//! otherwise wait longer or be rejected, if it costs no more: that request
+//! is admitted at the dropped one's time, and the later ones keep their
+//! turns. Once the requests behind are gone as well, every reservation is
+//! back in the bucket. The bound holds throughout: a reservation changes
+//! hands only while the request taking it can still call within the times
+//! that reservation allows (the reasoning is in `gcra.rs`).
+//!
+//! Up to 32 dropped reservations are kept for an unkeyed limiter, 8 for
+//! each key (a key's list allocated only while it holds one). Beyond
+//! that, and when an upstream's `Retry-After` blocks the limiter, or a key
+//! is forgotten, they lapse instead: their tokens come back with time.
 //!
 //! # Clone
 //!

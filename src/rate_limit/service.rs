@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use tower_service::Service;
 
 use super::future::{Refund, ResponseFuture};
-use super::gcra::Decision;
+use super::gcra::{Decision, Slot};
 use super::layer::{Cost, Global, Keyed, Shared};
 use super::remote::Verdict;
 use super::{CostTooHigh, RateLimitEvent, RateLimitLayer};
@@ -145,7 +145,7 @@ where
         now: Nanos,
         decision: Decision,
         inc: Nanos,
-        refund: impl FnOnce(&Arc<Shared<K, C, H>>, Nanos) -> Refund,
+        refund: impl FnOnce(&Arc<Shared<K, C, H>>, Slot) -> Refund,
     ) -> ResponseFuture<S, Req, K, C, H>
     where
         S: Service<Req> + Clone,
@@ -153,8 +153,12 @@ where
         let hint = self.shared.hint.as_ref().map(|_| self.shared.clone());
         match decision {
             Decision::Admit { .. } => ResponseFuture::called(self.inner.call(req), hint),
-            Decision::Wait { tat, wait } => {
-                let refund = refund(&self.shared, tat);
+            Decision::Wait {
+                tat,
+                inc: own,
+                wait,
+            } => {
+                let refund = refund(&self.shared, Slot { end: tat, inc: own });
                 // The readied service goes into the future; this one gets a
                 // fresh clone that will be readied before its own call.
                 let clone = self.inner.clone();
@@ -200,10 +204,11 @@ where
         let core = &self.shared.core;
         let now = core.clock.now();
         let decision = core.bucket.acquire(now, inc, &core.params);
-        self.dispatch(req, now, decision, inc, |shared, tat| {
+        self.dispatch(req, now, decision, inc, |shared, mine| {
             let shared = shared.clone();
             Refund::new(move || {
-                shared.core.bucket.refund(tat, inc);
+                let core = &shared.core;
+                core.bucket.release(mine, core.clock.now());
             })
         })
     }
@@ -255,11 +260,11 @@ where
                 live: evicted.live,
             });
         }
-        self.dispatch(req, now, decision, inc, |shared, tat| {
+        self.dispatch(req, now, decision, inc, |shared, mine| {
             let shared = shared.clone();
             Refund::new(move || {
                 if let Some(key) = kept {
-                    shared.key.map.refund(&key, tat, inc);
+                    shared.key.map.release(&key, mine, shared.core.clock.now());
                 }
             })
         })

@@ -1,71 +1,175 @@
 //! The limiter's in-memory state: one GCRA word per bucket, the settings,
 //! the clock and the listeners. The service and futures only call in.
 
-use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use super::gcra::{self, Decision, Params};
+use super::gcra::{self, Decision, Freed, Params, Slot};
 use super::remote::Remote;
 use super::{RateLimitEvent, RateLimited};
 use crate::clock::{nanos, Clock, Nanos};
 use crate::observe::Listeners;
-use crate::sync::AtomicU64;
+use crate::sync::{AtomicU64, AtomicUsize, Mutex};
 
-/// One bucket: its whole state is the GCRA word, updated by
-/// compare-and-swap. The store a backend would replace.
+/// Freed reservations an unkeyed bucket keeps (see [`Freed`]).
+const FREED: usize = 32;
+
+/// A GCRA word, updated by compare-and-swap: the whole state of a bucket
+/// as far as admitting now goes.
 #[derive(Debug)]
-pub(crate) struct Bucket {
-    tat: AtomicU64,
-}
+pub(crate) struct Word(AtomicU64);
 
-impl Bucket {
+impl Word {
     pub(crate) fn new() -> Self {
-        Self {
-            tat: AtomicU64::new(0),
-        }
+        Self(AtomicU64::new(0))
     }
 
     /// Decides and, unless rejected, records the request.
     #[inline]
     pub(crate) fn acquire(&self, now: Nanos, inc: Nanos, p: &Params) -> Decision {
-        let mut cur = self.tat.load(Acquire);
+        let mut cur = self.0.load(Acquire);
         loop {
             let d = gcra::decide(cur, now, inc, p);
             let next = match d {
                 Decision::Admit { tat } | Decision::Wait { tat, .. } => tat,
                 Decision::Reject { .. } => return d,
             };
-            match self.tat.compare_exchange_weak(cur, next, AcqRel, Acquire) {
+            match self.0.compare_exchange_weak(cur, next, AcqRel, Acquire) {
                 Ok(_) => return d,
                 Err(actual) => cur = actual,
             }
         }
     }
 
-    /// Gives back the reservation `mine` if no later one was made.
-    pub(crate) fn refund(&self, mine: Nanos, inc: Nanos) -> bool {
-        match gcra::refund(mine, mine, inc) {
-            Some(back) => self
-                .tat
-                .compare_exchange(mine, back, AcqRel, Relaxed)
-                .is_ok(),
-            None => false,
+    /// Admits now or does nothing (`None`: the request would wait or be
+    /// rejected).
+    #[inline]
+    pub(crate) fn try_admit(&self, now: Nanos, inc: Nanos, p: &Params) -> Option<Decision> {
+        let mut cur = self.0.load(Acquire);
+        loop {
+            let d = gcra::decide(cur, now, inc, p);
+            let Decision::Admit { tat } = d else {
+                return None;
+            };
+            match self.0.compare_exchange_weak(cur, tat, AcqRel, Acquire) {
+                Ok(_) => return Some(d),
+                Err(actual) => cur = actual,
+            }
         }
     }
 
+    /// Moves the word from `from` to `to` unless it moved meanwhile
+    /// (`Err`: where it is).
+    pub(crate) fn set(&self, from: Nanos, to: Nanos) -> Result<(), Nanos> {
+        self.0.compare_exchange(from, to, AcqRel, Acquire).map(drop)
+    }
+
     pub(crate) fn block_until(&self, until: Nanos, inc: Nanos, p: &Params) {
-        let _ = self.tat.fetch_update(AcqRel, Acquire, |t| {
+        let _ = self.0.fetch_update(AcqRel, Acquire, |t| {
             Some(gcra::block_until(t, until, inc, p))
         });
     }
 
-    pub(crate) fn reset(&self) {
-        self.tat.store(0, Relaxed);
+    pub(crate) fn store(&self, tat: Nanos) {
+        self.0.store(tat, Release);
     }
 
     pub(crate) fn load(&self) -> Nanos {
-        self.tat.load(Acquire)
+        self.0.load(Acquire)
+    }
+}
+
+/// An unkeyed limiter's bucket: the GCRA word, and beside it the
+/// reservations given back while a later one was held.
+#[derive(Debug)]
+pub(crate) struct Bucket {
+    word: Word,
+    freed: Mutex<Freed<FREED>>,
+    /// How many `freed` holds, so that a wait or a rejection only takes
+    /// the lock when there may be something to hand on.
+    freed_len: AtomicUsize,
+}
+
+impl Bucket {
+    pub(crate) fn new() -> Self {
+        Self {
+            word: Word::new(),
+            freed: Mutex::new(Freed::new()),
+            freed_len: AtomicUsize::new(0),
+        }
+    }
+
+    /// Decides and, unless rejected, records the request: admitted now on
+    /// the word alone, else handed a freed reservation if one serves, else
+    /// queued behind the TAT or rejected.
+    #[inline]
+    pub(crate) fn acquire(&self, now: Nanos, inc: Nanos, p: &Params) -> Decision {
+        let d = self.word.acquire(now, inc, p);
+        // The admit-now path is the word's alone, as it was before any
+        // reservation could be handed on.
+        if matches!(d, Decision::Admit { .. }) || self.freed_len.load(Relaxed) == 0 {
+            return d;
+        }
+        self.hand_on(d, now, inc, p)
+    }
+
+    /// A request that queued (or was rejected) while freed reservations
+    /// are kept: it takes the earliest that serves it and gives back the
+    /// one it just made, as any waiter would.
+    #[cold]
+    #[inline(never)]
+    fn hand_on(&self, d: Decision, now: Nanos, inc: Nanos, p: &Params) -> Decision {
+        let mut freed = self.lock();
+        let Some(taken) = freed.take(now, inc, p) else {
+            return d;
+        };
+        if let Decision::Wait { tat, inc: own, .. } = d {
+            let mine = Slot { end: tat, inc: own };
+            let tat = self.word.load();
+            freed.release(tat, mine, now, |from, to| self.word.set(from, to));
+        }
+        self.freed_len.store(freed.len(), Relaxed);
+        taken
+    }
+
+    /// Gives back the reservation `mine`, its waiter gone before its call.
+    ///
+    /// Every roll-back of the word happens under the lock, so two releases
+    /// cannot miss each other (one finding the TAT above it and keeping its
+    /// stretch while the other rolls the TAT down to that stretch's end).
+    /// Admissions race on without the lock; they only raise the word, which
+    /// fails a roll-back's compare-and-swap and leaves the stretch kept.
+    #[cold]
+    pub(crate) fn release(&self, mine: Slot, now: Nanos) {
+        let mut freed = self.lock();
+        let tat = self.word.load();
+        freed.release(tat, mine, now, |from, to| self.word.set(from, to));
+        self.freed_len.store(freed.len(), Relaxed);
+    }
+
+    /// An upstream's block; freed reservations lapse, as handing them on
+    /// would admit before `until`.
+    pub(crate) fn block_until(&self, until: Nanos, inc: Nanos, p: &Params) {
+        let mut freed = self.lock();
+        self.word.block_until(until, inc, p);
+        freed.clear();
+        self.freed_len.store(0, Relaxed);
+    }
+
+    pub(crate) fn reset(&self) {
+        let mut freed = self.lock();
+        self.word.store(0);
+        freed.clear();
+        self.freed_len.store(0, Relaxed);
+    }
+
+    pub(crate) fn load(&self) -> Nanos {
+        self.word.load()
+    }
+
+    fn lock(&self) -> impl std::ops::DerefMut<Target = Freed<FREED>> + '_ {
+        self.freed.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -85,7 +189,7 @@ pub(crate) struct Core {
     /// The increment of `tokens_per_request`.
     pub(crate) inc: Nanos,
     /// The bucket of an unkeyed limiter. An upstream's `Retry-After` is
-    /// folded into it, so the whole state stays one word.
+    /// folded into it, so admitting stays a matter of one word.
     pub(crate) bucket: Bucket,
     /// Keyed limiters only: no key is admitted before this instant.
     pub(crate) blocked_until: AtomicU64,
@@ -180,6 +284,55 @@ impl Core {
     }
 }
 
+#[cfg(all(test, not(bulwark_loom)))]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn freed_turns_are_handed_on_until_a_block_or_reset() {
+        let p = Params::new(1.0, 1.0, 10 * S);
+        let b = Bucket::new();
+        let queue = |b: &Bucket| {
+            assert!(matches!(b.acquire(0, S, &p), Decision::Admit { .. }));
+            for _ in 0..2 {
+                assert!(matches!(b.acquire(0, S, &p), Decision::Wait { .. }));
+            }
+        };
+        queue(&b);
+        b.release(Slot { end: 2 * S, inc: S }, 0);
+        let handed = Decision::Wait {
+            tat: 2 * S,
+            inc: S,
+            wait: S,
+        };
+        assert_eq!(b.acquire(0, S, &p), handed);
+        assert_eq!(b.freed_len.load(Relaxed), 0);
+        // Handing it on would admit before an upstream's block ends.
+        b.release(Slot { end: 2 * S, inc: S }, 0);
+        b.block_until(5 * S, S, &p);
+        assert_eq!(
+            b.acquire(0, S, &p),
+            Decision::Wait {
+                tat: 6 * S,
+                inc: S,
+                wait: 5 * S
+            }
+        );
+        // A reset forgets them too; a reservation from before it that ends
+        // above the word belongs to nothing and is not kept.
+        b.reset();
+        queue(&b);
+        b.release(Slot { end: 9 * S, inc: S }, 0);
+        assert_eq!(b.freed_len.load(Relaxed), 0);
+        b.release(Slot { end: 2 * S, inc: S }, 0);
+        b.reset();
+        assert_eq!(b.freed_len.load(Relaxed), 0);
+        assert_eq!(b.load(), 0);
+    }
+}
+
 #[cfg(all(test, bulwark_loom))]
 mod loom_tests {
     use super::*;
@@ -207,36 +360,102 @@ mod loom_tests {
         });
     }
 
-    /// Waiters racing with a refund: a refund only lands when it is the
-    /// newest reservation, so the word never falls below what the admitted
-    /// requests account for.
+    const S: u64 = 1_000_000_000;
+
+    /// A bucket of one token a second, waits up to 10 s, after one
+    /// admission and a waiter for each `end` given.
+    fn queued(ends: &[u64]) -> (Params, Arc<Bucket>) {
+        let p = Params::new(1.0, 1.0, 10 * S);
+        let b = Arc::new(Bucket::new());
+        let Decision::Admit { .. } = b.acquire(0, S, &p) else {
+            panic!()
+        };
+        for &end in ends {
+            let Decision::Wait { tat, .. } = b.acquire(0, S, &p) else {
+                panic!()
+            };
+            assert_eq!(tat, end);
+        }
+        (p, b)
+    }
+
+    fn mine(end: u64) -> Slot {
+        Slot { end, inc: S }
+    }
+
+    /// A newcomer racing the release of the newest waiter: either the
+    /// release goes first and the newcomer queues in the freed turn, or
+    /// the newcomer queues behind and the freed turn is kept, for the next
+    /// one. Never both, never neither.
     #[test]
     fn loom_gcra_refund_races_reserve() {
         loom::model(|| {
-            const S: u64 = 1_000_000_000;
-            let p = Params::new(1.0, 1.0, 10 * S);
-            let b = Arc::new(Bucket::new());
-            let Decision::Admit { .. } = b.acquire(0, S, &p) else {
-                panic!()
-            };
-            let Decision::Wait { tat: mine, .. } = b.acquire(0, S, &p) else {
-                panic!()
-            };
+            let (p, b) = queued(&[2 * S]);
             let b2 = b.clone();
             let other = thread::spawn(move || b2.acquire(0, S, &p));
-            let refunded = b.refund(mine, S);
+            b.release(mine(2 * S), 0);
             let d = other.join().unwrap();
             let Decision::Wait { tat: theirs, .. } = d else {
                 panic!("{d:?}")
             };
-            if refunded {
-                // The refund went first; the newcomer took the freed slot.
-                assert_eq!(theirs, 2 * S);
+            if theirs == 2 * S {
                 assert_eq!(b.load(), 2 * S);
+                assert_eq!(b.freed_len.load(Relaxed), 0);
             } else {
                 assert_eq!(theirs, 3 * S);
                 assert_eq!(b.load(), 3 * S);
+                // The next newcomer gets the freed turn, at its time.
+                assert_eq!(
+                    b.acquire(0, S, &p),
+                    Decision::Wait {
+                        tat: 2 * S,
+                        inc: S,
+                        wait: S
+                    }
+                );
             }
+        });
+    }
+
+    /// A newcomer racing the release of the waiter above a freed turn:
+    /// whether it takes the freed turn or the release rolls back through
+    /// it first, the newcomer waits for the same instant and the word ends
+    /// where that one reservation puts it.
+    #[test]
+    fn loom_gcra_slot_take_races_cascade() {
+        loom::model(|| {
+            let (p, b) = queued(&[2 * S, 3 * S]);
+            b.release(mine(2 * S), 0);
+            assert_eq!(b.load(), 3 * S);
+            let b2 = b.clone();
+            let other = thread::spawn(move || b2.acquire(0, S, &p));
+            b.release(mine(3 * S), 0);
+            let d = other.join().unwrap();
+            assert_eq!(
+                d,
+                Decision::Wait {
+                    tat: 2 * S,
+                    inc: S,
+                    wait: S
+                }
+            );
+            assert_eq!(b.load(), 2 * S);
+            assert_eq!(b.freed_len.load(Relaxed), 0);
+        });
+    }
+
+    /// Two waiters released at once, the older while the newer still
+    /// stands: neither reservation is lost between them.
+    #[test]
+    fn loom_gcra_releases_race() {
+        loom::model(|| {
+            let (_, b) = queued(&[2 * S, 3 * S]);
+            let b2 = b.clone();
+            let older = thread::spawn(move || b2.release(mine(2 * S), 0));
+            b.release(mine(3 * S), 0);
+            older.join().unwrap();
+            assert_eq!(b.load(), S);
+            assert_eq!(b.freed_len.load(Relaxed), 0);
         });
     }
 }
