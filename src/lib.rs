@@ -109,6 +109,7 @@ pub mod classify;
 mod clock;
 pub mod error;
 pub mod observe;
+mod outline;
 mod slot;
 mod sync;
 

@@ -13,6 +13,7 @@ use super::CircuitOpen;
 use crate::classify::{Classify, Outcome};
 use crate::clock::Nanos;
 use crate::error::BoxError;
+use crate::outline::OutOfLine;
 use crate::slot::SlotRef;
 
 /// A call admitted by a breaker that is not on the slot path: probes,
@@ -109,14 +110,16 @@ pin_project! {
             gen: u32,
             classifier: C,
         },
+        // Out of line, so that the future's drop stays small enough to
+        // inline on the hot path.
         Called {
             #[pin]
             fut: F,
-            permit: Option<Permit>,
+            permit: OutOfLine<Permit>,
             classifier: C,
         },
         Rejected {
-            err: Option<CircuitOpen>,
+            err: OutOfLine<CircuitOpen>,
         },
     }
 }
@@ -135,7 +138,7 @@ impl<F, C> ResponseFuture<F, C> {
     }
 
     pub(crate) fn called(fut: F, permit: Permit, classifier: C) -> Self {
-        let permit = Some(permit);
+        let permit = OutOfLine::new(permit);
         Self {
             kind: Kind::Called {
                 fut,
@@ -147,7 +150,9 @@ impl<F, C> ResponseFuture<F, C> {
 
     pub(crate) fn rejected(err: CircuitOpen) -> Self {
         Self {
-            kind: Kind::Rejected { err: Some(err) },
+            kind: Kind::Rejected {
+                err: OutOfLine::new(err),
+            },
         }
     }
 }
@@ -160,34 +165,61 @@ where
 {
     type Output = Result<T, BoxError>;
 
+    /// The closed path inline; the others out of line, handing their
+    /// result back through a slot so the caller keeps the closed path's in
+    /// registers.
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Slot {
-                fut,
-                slot,
-                gen,
-                classifier,
-            } => {
-                let res = ready!(fut.poll(cx));
-                finish_on_slot(*slot, *gen, classifier, &res);
-                Poll::Ready(res.map_err(Into::into))
-            }
-            KindProj::Called {
-                fut,
-                permit,
-                classifier,
-            } => {
-                let res = ready!(fut.poll(cx));
-                permit
-                    .take()
-                    .expect("polled after completion")
-                    .finish(classifier, &res);
-                Poll::Ready(res.map_err(Into::into))
-            }
-            KindProj::Rejected { err } => {
-                Poll::Ready(Err(err.take().expect("polled after completion").into()))
-            }
+        let mut kind = self.project().kind;
+        if let KindProj::Slot {
+            fut,
+            slot,
+            gen,
+            classifier,
+        } = kind.as_mut().project()
+        {
+            let res = ready!(fut.poll(cx));
+            finish_on_slot(*slot, *gen, classifier, &res);
+            return Poll::Ready(res.map_err(Into::into));
+        }
+        let mut out = None;
+        poll_cold(kind, cx, &mut out);
+        match out {
+            Some(out) => Poll::Ready(out),
+            None => Poll::Pending,
         }
     }
+}
+
+#[cold]
+#[inline(never)]
+fn poll_cold<F, C, T, E>(
+    kind: Pin<&mut Kind<F, C>>,
+    cx: &mut Context<'_>,
+    out: &mut Option<Result<T, BoxError>>,
+) where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+    C: Classify<T, E>,
+{
+    *out = match kind.project() {
+        KindProj::Slot { .. } => unreachable!("the closed path is polled inline"),
+        KindProj::Called {
+            fut,
+            permit,
+            classifier,
+        } => {
+            let Poll::Ready(res) = fut.poll(cx) else {
+                return;
+            };
+            permit
+                .take()
+                .expect("polled after completion")
+                .finish(classifier, &res);
+            Some(res.map_err(Into::into))
+        }
+        KindProj::Rejected { err } => {
+            Some(Err(err.take().expect("polled after completion").into()))
+        }
+    };
 }

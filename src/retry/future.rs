@@ -15,6 +15,7 @@ use super::{AttemptTimedOut, GiveUpReason, RetryBudget, RetryEvent, RetryPolicy,
 use crate::backoff::Backoff;
 use crate::error::BoxError;
 use crate::observe::Listeners;
+use crate::outline::OutOfLine;
 
 /// The plain settings. Interned for the life of the process (one copy per
 /// distinct configuration) so a response future carries them as one
@@ -84,13 +85,14 @@ pub(crate) fn starts_light(cfg: &Config) -> bool {
 pin_project! {
     /// The response future of [`Retry`](super::Retry).
     ///
-    /// A call with neither a per-attempt timeout nor a deadline starts as
-    /// its first attempt's future with the request's copy beside it: no
-    /// box, no timer, no clock read, and nothing to drop but those. Only
-    /// when an attempt is to be retried (or a timer is needed from the
-    /// start) does the retry machinery move into one box. Dropping the
-    /// future at any point (mid-attempt or mid-back-off) drops the
-    /// attempt's future and the timer; nothing else is held.
+    /// A call without a per-attempt timeout starts as its first attempt's
+    /// future with the request's copy beside it: no box and no timer (and,
+    /// with no budget, listener or deadline, no reference count, no clock
+    /// read, and nothing to drop but those). Only when an attempt is to be
+    /// retried (or a timeout needs a timer from the start) does the retry
+    /// machinery move into one box. Dropping the future at any point
+    /// (mid-attempt or mid-back-off) drops the attempt's future and the
+    /// timer; nothing else is held.
     pub struct ResponseFuture<S, Req, P>
     where
         S: Service<Req>,
@@ -118,15 +120,17 @@ pin_project! {
             cfg: &'static Config,
             policy: P,
         },
-        // The same with a budget or listeners to report to.
+        // The same with a budget or listeners to report to, or a deadline.
         Counted {
             #[pin]
             fut: S::Future,
             svc: S,
             req: Option<Req>,
             shared: Shared<P>,
+            // When the call began, if there is a deadline.
+            started: Option<Instant>,
         },
-        // Retrying, or timed from the start.
+        // Retrying, or with a per-attempt timeout from the start.
         Driven { driver: Boxed<S, Req, P> },
         // Only while moving from the first to the second.
         Moving,
@@ -157,8 +161,7 @@ where
         }
     }
 
-    /// Any call; `timed`: the layer has a per-attempt timeout or a
-    /// deadline.
+    /// Any call; `timed`: the layer has a per-attempt timeout.
     pub(crate) fn new(
         shared: Shared<P>,
         timed: bool,
@@ -168,10 +171,11 @@ where
     ) -> Self {
         let inner = if timed {
             Inner::Driven {
-                driver: Boxed(Some(Driver::timed(shared, svc, fut, req))),
+                driver: OutOfLine::new(Driver::timed(shared, svc, fut, req)),
             }
-        } else if shared.sinks.is_some() {
+        } else if shared.sinks.is_some() || shared.cfg.deadline.is_some() {
             Inner::Counted {
+                started: shared.cfg.deadline.map(|_| Instant::now()),
                 fut,
                 svc,
                 req,
@@ -266,7 +270,7 @@ fn escalate<S, Req, P>(
     Req: Clone,
     P: RetryPolicy<Req, S::Response, S::Error>,
 {
-    let (svc, req, shared) = match inner.as_mut().project_replace(Inner::Moving) {
+    let (svc, req, shared, started) = match inner.as_mut().project_replace(Inner::Moving) {
         InnerTaken::First {
             svc,
             req,
@@ -281,17 +285,22 @@ fn escalate<S, Req, P>(
                 policy,
                 sinks: None,
             },
+            None,
         ),
         InnerTaken::Counted {
-            svc, req, shared, ..
-        } => (svc, req, shared),
+            svc,
+            req,
+            shared,
+            started,
+            ..
+        } => (svc, req, shared, started),
         _ => unreachable!("escalate is called on the first attempt only"),
     };
     let mut driver = Box::pin(Driver {
         shared,
         svc,
         req,
-        started: None,
+        started,
         attempt: 1,
         prev_delay: Duration::ZERO,
         rng: None,
@@ -301,7 +310,7 @@ fn escalate<S, Req, P>(
     *out = driver.as_mut().project().judge(Finished::Done(res), true);
     if out.is_none() {
         inner.set(Inner::Driven {
-            driver: Boxed(Some(driver)),
+            driver: OutOfLine::new(driver),
         });
         poll_driven(inner, cx, out);
     }
@@ -321,7 +330,8 @@ fn poll_driven<S, Req, P>(
 {
     match inner.project() {
         InnerProj::Driven { driver } => {
-            if let Poll::Ready(done) = driver.get().poll_drive(cx) {
+            let driver = driver.get_mut().expect("a driven future has its driver");
+            if let Poll::Ready(done) = driver.as_mut().poll_drive(cx) {
                 *out = Some(done);
             }
         }
@@ -335,37 +345,7 @@ fn poll_driven<S, Req, P>(
 /// The boxed driver, dropped out of line: the response future's own drop
 /// then stays small enough to inline into the caller, where the success
 /// path (which never has a driver) drops nothing.
-struct Boxed<S, Req, P>(Option<Pin<Box<Driver<S, Req, P>>>>)
-where
-    S: Service<Req>;
-
-impl<S, Req, P> Boxed<S, Req, P>
-where
-    S: Service<Req>,
-{
-    fn get(&mut self) -> Pin<&mut Driver<S, Req, P>> {
-        self.0
-            .as_mut()
-            .expect("a driven future has its driver")
-            .as_mut()
-    }
-}
-
-impl<S, Req, P> Drop for Boxed<S, Req, P>
-where
-    S: Service<Req>,
-{
-    #[inline]
-    fn drop(&mut self) {
-        #[inline(never)]
-        fn drop_driver<T>(driver: T) {
-            drop(driver);
-        }
-        if let Some(driver) = self.0.take() {
-            drop_driver(driver);
-        }
-    }
-}
+type Boxed<S, Req, P> = OutOfLine<Pin<Box<Driver<S, Req, P>>>>;
 
 pin_project! {
     /// Everything a call that retries (or is timed) needs, in one box.
@@ -405,8 +385,8 @@ impl<S, Req, P> Driver<S, Req, P>
 where
     S: Service<Req>,
 {
-    /// A call with a per-attempt timeout or a deadline: its clock starts
-    /// with the first attempt.
+    /// A call with a per-attempt timeout: its timer (and clock, with a
+    /// deadline) starts with the first attempt.
     #[cold]
     fn timed(shared: Shared<P>, svc: S, fut: S::Future, req: Option<Req>) -> Pin<Box<Self>> {
         let now = Instant::now();
@@ -644,21 +624,19 @@ where
         let (name, attempt, state) = match &self.inner {
             Inner::First { cfg, .. } => (cfg.name, 1, "calling"),
             Inner::Counted { shared, .. } => (shared.cfg.name, 1, "calling"),
-            Inner::Driven {
-                driver: Boxed(Some(driver)),
-            } => (
-                driver.shared.cfg.name,
-                driver.attempt,
-                match driver.state {
-                    State::Calling { .. } => "calling",
-                    State::Waiting => "waiting",
-                    State::Readying => "readying",
-                },
-            ),
-            Inner::Driven {
-                driver: Boxed(None),
-            }
-            | Inner::Moving => ("", 0, "moving"),
+            Inner::Driven { driver } => match driver.get() {
+                Some(driver) => (
+                    driver.shared.cfg.name,
+                    driver.attempt,
+                    match driver.state {
+                        State::Calling { .. } => "calling",
+                        State::Waiting => "waiting",
+                        State::Readying => "readying",
+                    },
+                ),
+                None => ("", 0, "moving"),
+            },
+            Inner::Moving => ("", 0, "moving"),
         };
         f.debug_struct("ResponseFuture")
             .field("name", &name)

@@ -91,8 +91,8 @@
 //!
 //! # Clone
 //!
-//! The configuration and budget are made by `build()`: the layer, its clones, every service it makes and their
-//! clones share them. A [`RetryBudget`] is itself a shared handle: give the
+//! The configuration and budget are made by `build()`: the layer, its
+//! clones, every service it makes and their clones share them. A [`RetryBudget`] is itself a shared handle: give the
 //! same one to several layers to limit them together.
 //!
 //! # Cost
@@ -100,8 +100,11 @@
 //! A call whose first attempt succeeds clones the inner service and the
 //! request (as tower's `Retry` does) and makes one policy check: no lock,
 //! no allocation, no boxed future, no clock read, no timer, and no
-//! reference count unless a budget or a listener is configured. A budget adds one clock read and one compare-and-swap per
-//! call, a deadline one clock read, a per-attempt timeout one timer.
+//! reference count unless a budget or a listener is configured. A budget
+//! adds one clock read and one compare-and-swap per call, a deadline one
+//! clock read, a per-attempt timeout one timer (in the one box a call
+//! that retries needs anyway). The retry machinery (attempt count, RNG,
+//! back-off timer) is boxed when a first attempt is to be retried.
 //!
 //! To get there, a layer's plain settings (attempts, back-off, timeouts,
 //! name) are interned for the life of the process, one copy per distinct

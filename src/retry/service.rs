@@ -18,8 +18,9 @@ pub struct Retry<S, P> {
     shared: Shared<P>,
     // Read from `shared.cfg` once, so a call need not follow the pointer.
     retries: bool,
+    // A per-attempt timeout: the call needs a timer from the start.
     timed: bool,
-    // Neither timed nor shared: no budget, no listener.
+    // No timeout, no deadline, no budget, no listener.
     plain: bool,
 }
 
@@ -28,7 +29,7 @@ impl<S, P> Retry<S, P> {
         Self {
             inner,
             retries: shared.cfg.max_attempts > 1,
-            timed: !starts_light(shared.cfg),
+            timed: shared.cfg.attempt_timeout.is_some(),
             plain: starts_light(shared.cfg) && shared.sinks.is_none(),
             shared,
         }
