@@ -26,6 +26,27 @@ fn echo() -> impl Service<u32, Response = u32, Error = BoxError, Future = impl S
     service_fn(|n: u32| async move { Ok::<_, BoxError>(n) })
 }
 
+/// An echo service that counts its calls; the request `hang` never answers.
+fn counting(
+    hang: Option<u32>,
+) -> (
+    Arc<AtomicUsize>,
+    impl Service<u32, Response = u32, Error = BoxError, Future = impl Send> + Clone,
+) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let svc = service_fn(move |n: u32| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if Some(n) == hang {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, BoxError>(n)
+        }
+    });
+    (calls, svc)
+}
+
 async fn call<S: Service<u32, Response = u32, Error = BoxError>>(
     svc: &mut S,
     n: u32,
@@ -147,12 +168,7 @@ async fn dropped_waiters_give_their_tokens_back() {
         .max_wait(Duration::from_secs(10))
         .build()
         .unwrap();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let c = calls.clone();
-    let inner = service_fn(move |n: u32| {
-        c.fetch_add(1, Ordering::SeqCst);
-        async move { Ok::<_, BoxError>(n) }
-    });
+    let (calls, inner) = counting(None);
     let mut svc = layer.layer(inner);
     call(&mut svc, 0).await.unwrap();
     // Newest first: every reservation comes back.
@@ -283,17 +299,8 @@ async fn a_handed_on_turn_is_given_back_wherever_its_waiter_is_dropped() {
             .max_wait(Duration::from_secs(10))
             .build()
             .unwrap();
-        let calls = Arc::new(AtomicUsize::new(0));
-        let c = calls.clone();
-        let mut svc = layer.layer(service_fn(move |n: u32| {
-            c.fetch_add(1, Ordering::SeqCst);
-            async move {
-                if n == 3 {
-                    std::future::pending::<()>().await;
-                }
-                Ok::<_, BoxError>(n)
-            }
-        }));
+        let (calls, inner) = counting(Some(3));
+        let mut svc = layer.layer(inner);
         call(&mut svc, 0).await.unwrap();
         let a = svc.ready().await.unwrap().call(1);
         let b = svc.ready().await.unwrap().call(2);
@@ -346,12 +353,8 @@ async fn waiter_dropped_mid_wait_never_calls_inner() {
         .max_wait(Duration::from_secs(5))
         .build()
         .unwrap();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let c = calls.clone();
-    let mut svc = layer.layer(service_fn(move |n: u32| {
-        c.fetch_add(1, Ordering::SeqCst);
-        async move { Ok::<_, BoxError>(n) }
-    }));
+    let (calls, inner) = counting(None);
+    let mut svc = layer.layer(inner);
     call(&mut svc, 0).await.unwrap();
     let mut w = Box::pin(svc.ready().await.unwrap().call(1));
     assert!((&mut w).now_or_never().is_none());
