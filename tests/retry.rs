@@ -6,6 +6,7 @@ use std::time::Duration;
 use tokio::time;
 use tokio_test::{assert_pending, assert_ready_ok};
 use tower::{service_fn, Service, ServiceBuilder, ServiceExt};
+use tower_bulwark::classify::{Classify, Outcome};
 use tower_bulwark::error::BoxError;
 use tower_bulwark::retry::{
     AttemptTimedOut, Backoff, GiveUpReason, Jitter, RetryBudget, RetryEvent, RetryLayer,
@@ -433,46 +434,56 @@ async fn deadline_stops_retries() {
     ));
 }
 
+/// Answers 503 (a failure) with a `retry_after` hint of `.0`; anything
+/// else is a success.
+#[derive(Clone)]
+struct Busy(Duration);
+
+impl Classify<u32, BoxError> for Busy {
+    fn classify(&self, r: &Result<u32, BoxError>, _: Duration) -> Outcome {
+        match r {
+            Ok(503) | Err(_) => Outcome::Failure,
+            Ok(_) => Outcome::Success,
+        }
+    }
+    fn retry_after(&self, r: &Result<u32, BoxError>) -> Option<Duration> {
+        matches!(r, Ok(503)).then_some(self.0)
+    }
+}
+
+/// An upstream that answers 503 once, then 200; and its call count.
+fn busy_once() -> (
+    Arc<Mutex<u32>>,
+    impl Service<(), Response = u32, Error = BoxError, Future = impl Send> + Clone,
+) {
+    let n = Arc::new(Mutex::new(0u32));
+    let c = n.clone();
+    let svc = service_fn(move |_: ()| {
+        let k = {
+            let mut g = c.lock().unwrap();
+            *g += 1;
+            *g
+        };
+        async move { Ok::<u32, BoxError>(if k == 1 { 503 } else { 200 }) }
+    });
+    (n, svc)
+}
+
 /// A classifier's `retry_after` hint delays the next attempt at least that
 /// long; a closure predicate sees the request.
 #[tokio::test(start_paused = true)]
 async fn classifier_hint_and_closure_predicate() {
-    use tower_bulwark::classify::{Classify, Outcome};
-
-    #[derive(Clone)]
-    struct Busy;
-    impl Classify<u32, BoxError> for Busy {
-        fn classify(&self, r: &Result<u32, BoxError>, _: Duration) -> Outcome {
-            match r {
-                Ok(503) | Err(_) => Outcome::Failure,
-                Ok(_) => Outcome::Success,
-            }
-        }
-        fn retry_after(&self, r: &Result<u32, BoxError>) -> Option<Duration> {
-            matches!(r, Ok(503)).then_some(Duration::from_secs(2))
-        }
-    }
-
     let (events, listener) = recorder();
     let layer = RetryLayer::builder()
         .backoff(Backoff::constant(10 * MS))
-        .classify(Busy)
+        .classify(Busy(Duration::from_secs(2)))
         .on_event(listener)
         .build()
         .unwrap();
-    let n = Arc::new(Mutex::new(0u32));
-    let c = n.clone();
-    let svc = tower::ServiceBuilder::new()
-        .layer(layer)
-        .service(service_fn(move |_: ()| {
-            let k = {
-                let mut g = c.lock().unwrap();
-                *g += 1;
-                *g
-            };
-            async move { Ok::<u32, BoxError>(if k == 1 { 503 } else { 200 }) }
-        }));
+    let (n, upstream) = busy_once();
+    let svc = tower::ServiceBuilder::new().layer(layer).service(upstream);
     assert_eq!(svc.oneshot(()).await.unwrap(), 200);
+    assert_eq!(*n.lock().unwrap(), 2);
     assert_eq!(delays(&events), [(2, Duration::from_secs(2))]);
 
     let layer = RetryLayer::builder()
@@ -492,6 +503,47 @@ async fn classifier_hint_and_closure_predicate() {
     assert_eq!(*calls.lock().unwrap(), 1);
     svc.ready().await.unwrap().call(1).await.unwrap_err();
     assert_eq!(*calls.lock().unwrap(), 1 + 3);
+}
+
+/// An upstream's `Retry-After` that would make the next attempt start past
+/// the deadline ends the call at once, with the answer in hand; without a
+/// deadline, one longer than `max_retry_after` does the same.
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_too_long_gives_up_at_once() {
+    for deadline in [true, false] {
+        let (events, listener) = recorder();
+        let builder = RetryLayer::builder()
+            .max_attempts(5)
+            .backoff(Backoff::constant(MS))
+            .classify(Busy(Duration::from_secs(10)))
+            .on_event(listener);
+        let layer = if deadline {
+            builder.deadline(Duration::from_secs(5))
+        } else {
+            builder.max_retry_after(Duration::from_secs(5))
+        }
+        .build()
+        .unwrap();
+        let (n, upstream) = busy_once();
+        let svc = tower::ServiceBuilder::new().layer(layer).service(upstream);
+        let start = time::Instant::now();
+        assert_eq!(svc.oneshot(()).await.unwrap(), 503);
+        assert_eq!(start.elapsed(), Duration::ZERO, "deadline {deadline}");
+        assert_eq!(*n.lock().unwrap(), 1);
+        let want = if deadline {
+            GiveUpReason::Deadline
+        } else {
+            GiveUpReason::RetryAfterTooLong(Duration::from_secs(10))
+        };
+        assert!(
+            matches!(
+                events.lock().unwrap().as_slice(),
+                [RetryEvent::GaveUp { attempts: 1, reason, .. }] if *reason == want
+            ),
+            "deadline {deadline}: {:?}",
+            events.lock().unwrap()
+        );
+    }
 }
 
 /// Jittered delays stay within the back-off's bounds and are reproducible
