@@ -184,10 +184,7 @@ where
         }
         let mut out = None;
         poll_cold(kind, cx, &mut out);
-        match out {
-            Some(out) => Poll::Ready(out),
-            None => Poll::Pending,
-        }
+        out.map_or(Poll::Pending, Poll::Ready)
     }
 }
 

@@ -249,10 +249,7 @@ where
         Some(res) => escalate(inner, cx, res, &mut out),
         None => poll_driven(inner, cx, &mut out),
     }
-    match out {
-        Some(out) => Poll::Ready(out),
-        None => Poll::Pending,
-    }
+    out.map_or(Poll::Pending, Poll::Ready)
 }
 
 /// The first attempt failed and the policy wants another: the retry
