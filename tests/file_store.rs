@@ -12,7 +12,7 @@ mod breaker_call;
 use breaker_call::call;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitState};
-use tower_bulwark::store::file::{FileStore, Phase, State};
+use tower_bulwark::store::file::{BreakerEntry, FileStore, State};
 use tower_bulwark::store::{Recovery, StoreEvent};
 
 #[path = "support/child.rs"]
@@ -103,8 +103,8 @@ fn breaker_opened_by_some_processes_rejects_in_another() {
         let out = outputs(spawn_child("breaker_fail", dir.path()));
         assert_eq!(out, ["Some(false)"]);
     }
-    let b = store(dir.path()).load().circuit_breaker;
-    assert_eq!(b.state, Phase::Open);
+    let b = api(&store(dir.path()));
+    assert_eq!(b.state, CircuitState::Open.code());
     // A fourth process is rejected without calling the upstream.
     assert_eq!(outputs(spawn_child("breaker_call", dir.path())), ["None"]);
     let handle = breaker(store(dir.path())).handle();
@@ -123,15 +123,16 @@ async fn killed_process_half_open_probe_is_reclaimed() {
     let s = store(dir.path());
     // Open, with the open period already over: the next call probes.
     s.update(|st| {
-        st.circuit_breaker.state = Phase::Open;
-        st.circuit_breaker.open_until = Some(0);
+        let b = st.breakers.entry("api".into()).or_default();
+        b.state = CircuitState::Open.code();
+        b.open_until = 0;
     });
     let mut child = spawn_child("hold_probe", dir.path());
     wait_ready(&mut child);
-    let b = s.load().circuit_breaker;
+    let b = api(&s);
     assert_eq!(
-        (b.state, b.half_open_pids.clone()),
-        (Phase::HalfOpen, vec![child.id()])
+        (b.state, b.probes.iter().map(|p| p.pid).collect::<Vec<_>>()),
+        (CircuitState::HalfOpen.code(), vec![child.id()])
     );
     let layer = breaker(s.clone());
     assert_eq!(
@@ -236,7 +237,7 @@ fn bad_files_are_recovered_and_kept_aside() {
         assert_eq!(std::fs::read(kept).unwrap(), content);
         // The file is valid again, with the call recorded.
         assert_eq!(tokens(&store), 1);
-        assert_eq!(store.load().version, 1);
+        assert_eq!(store.load().version, 2);
     }
 }
 
@@ -319,7 +320,12 @@ fn scopes_are_separate_files() {
     a.rate_limiter(1.0, 1e-6).unwrap().try_acquire(1.0).unwrap();
     b.rate_limiter(1.0, 1e-6).unwrap().try_acquire(1.0).unwrap();
     assert!(a.path().ends_with("a.json") && b.path().ends_with("b.json"));
-    assert_eq!(a.load().circuit_breaker.state, Phase::Closed);
+    assert!(a.load().breakers.is_empty());
     let err = FileStore::builder().scope("../x").build().unwrap_err();
     assert_eq!(err.field(), "scope");
+}
+
+/// The entry of the breaker named `api`, as the file holds it.
+fn api(s: &FileStore) -> BreakerEntry {
+    s.load().breakers.get("api").cloned().unwrap_or_default()
 }

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_bulwark::bulkhead::{BulkheadFull, BulkheadLayer};
-use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen};
+use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, CircuitState};
 use tower_bulwark::rate_limit::{RateLimitLayer, RateLimited};
-use tower_bulwark::store::file::{FileStore, Phase};
+use tower_bulwark::store::file::{BreakerEntry, FileStore};
 use tower_bulwark::ConfigError;
 
 #[path = "support/child.rs"]
@@ -160,8 +160,9 @@ async fn rejected_calls_never_take_a_half_open_probe() {
     // Open, its open period over: the next call the breaker sees probes.
     let half_open = || {
         s.update(|st| {
-            st.circuit_breaker.state = Phase::Open;
-            st.circuit_breaker.open_until = Some(0);
+            let b = st.breakers.entry("api".into()).or_default();
+            b.state = CircuitState::Open.code();
+            b.open_until = 0;
         })
     };
     half_open();
@@ -176,16 +177,19 @@ async fn rejected_calls_never_take_a_half_open_probe() {
     let err = gate(ok_service()).oneshot(2).await.unwrap_err();
     assert!(err.is::<RateLimited>(), "{err}");
 
-    let b = s.load().circuit_breaker;
-    assert_eq!(b.half_open_attempts, 0, "no probe taken by a rejected call");
-    assert!(b.half_open_pids.is_empty());
-    assert_eq!(b.state, Phase::Open, "the breaker never saw those calls");
+    let b = api(&s);
+    assert!(b.probes.is_empty(), "no probe taken by a rejected call");
+    assert_eq!(
+        b.state,
+        CircuitState::Open.code(),
+        "the breaker never saw those calls"
+    );
 
     // The probe slot is still there for the first call admitted.
     limiter.handle().reset();
     assert_eq!(gate(ok_service()).oneshot(3).await.unwrap(), 3);
-    let b = s.load().circuit_breaker;
-    assert_eq!((b.state, b.half_open_attempts), (Phase::Closed, 0));
+    let b = api(&s);
+    assert_eq!((b.state, b.probes.len()), (CircuitState::Closed.code(), 0));
 
     // The other order leaks nothing either way a test can see in one
     // process, but it spends the probe on a call the bucket rejects:
@@ -198,8 +202,8 @@ async fn rejected_calls_never_take_a_half_open_probe() {
     let err = wrong.oneshot(4).await.unwrap_err();
     assert!(err.is::<RateLimited>(), "{err}");
     assert_eq!(
-        s.load().circuit_breaker.state,
-        Phase::Open,
+        api(&s).state,
+        CircuitState::Open.code(),
         "the rejection was counted as the probe's failure and reopened the breaker"
     );
     let err = gate(ok_service()).oneshot(5).await.unwrap_err();
@@ -254,4 +258,9 @@ async fn retry_after_through_the_layer_blocks_every_process() {
     let limited = err.downcast_ref::<RateLimited>().unwrap();
     assert!(limited.retry_after() > Duration::from_secs(500));
     assert!(s.load().rate_limiter.retry_after_until.is_some());
+}
+
+/// The entry of the breaker named `api`, as the file holds it.
+fn api(s: &FileStore) -> BreakerEntry {
+    s.load().breakers.get("api").cloned().unwrap_or_default()
 }

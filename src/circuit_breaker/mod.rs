@@ -91,13 +91,17 @@
 //! take a short lock per finished call.
 
 mod backend;
+mod circuit;
 mod error;
+#[cfg(feature = "file-store")]
+mod file;
+#[cfg(feature = "redis")]
+mod fleet;
 pub mod future;
 mod layer;
 mod service;
 mod state;
 mod window;
-mod word;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,16 +111,18 @@ pub use error::CircuitOpen;
 pub use layer::{CircuitBreakerBuilder, CircuitBreakerLayer, CircuitHandle};
 pub use service::CircuitBreaker;
 pub use window::Window;
-// The fallback layer drives one breaker core per entry directly.
+// The fallback layer admits calls to each entry's breaker the same way
+// the breaker's own service does.
 #[cfg(feature = "fallback")]
-pub(crate) use state::{closed_generation, record_success, Ticket};
+pub(crate) use state::{Admission, Core};
 
 use crate::observe::Event;
 
 /// The state of a breaker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum CircuitState {
     /// Calls go through; failures are counted.
+    #[default]
     Closed,
     /// Calls are rejected until the open period ends.
     Open,
@@ -144,13 +150,34 @@ impl CircuitState {
     /// The value of the `bulwark_circuit_state` gauge: 0 closed, 1 open,
     /// 2 half-open, 3 forced open, 4 disabled.
     pub fn gauge_value(self) -> f64 {
+        self.code() as f64
+    }
+
+    /// The state as a small number, the one encoding every backend uses
+    /// (the memory backend's word, the state file, the Redis fleet view
+    /// and the gauge): 0 closed, 1 open, 2 half-open, 3 forced open,
+    /// 4 disabled.
+    pub fn code(self) -> u8 {
         match self {
-            CircuitState::Closed => 0.0,
-            CircuitState::Open => 1.0,
-            CircuitState::HalfOpen => 2.0,
-            CircuitState::ForcedOpen => 3.0,
-            CircuitState::Disabled => 4.0,
+            CircuitState::Closed => 0,
+            CircuitState::Open => 1,
+            CircuitState::HalfOpen => 2,
+            CircuitState::ForcedOpen => 3,
+            CircuitState::Disabled => 4,
         }
+    }
+
+    /// The inverse of [`code`](Self::code); `None` for a number no
+    /// state has.
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            0 => CircuitState::Closed,
+            1 => CircuitState::Open,
+            2 => CircuitState::HalfOpen,
+            3 => CircuitState::ForcedOpen,
+            4 => CircuitState::Disabled,
+            _ => return None,
+        })
     }
 }
 
@@ -187,6 +214,28 @@ pub enum CircuitEvent {
         /// Time until the next probe, when known.
         retry_after: Option<Duration>,
     },
+    /// An upstream's back-off hint was longer than `max_retry_after`: the
+    /// breaker was held open for the cap instead.
+    RetryAfterClamped {
+        /// The breaker's name.
+        name: Arc<str>,
+        /// What the upstream asked for.
+        hinted: Duration,
+        /// What the breaker used.
+        used: Duration,
+    },
+    /// A Redis-backed breaker has not heard from the fleet for longer
+    /// than three sync intervals plus two store timeouts, and follows the
+    /// store's degrade policy until it does again.
+    #[cfg(feature = "redis")]
+    FleetUnheard {
+        /// The breaker's name.
+        name: Arc<str>,
+        /// The policy now in force.
+        policy: crate::store::Degrade,
+        /// How long since the last sync round.
+        quiet: Duration,
+    },
 }
 
 impl Event for CircuitEvent {
@@ -196,7 +245,11 @@ impl Event for CircuitEvent {
 
     fn name(&self) -> &str {
         match self {
-            CircuitEvent::StateChanged { name, .. } | CircuitEvent::Rejected { name, .. } => name,
+            CircuitEvent::StateChanged { name, .. }
+            | CircuitEvent::Rejected { name, .. }
+            | CircuitEvent::RetryAfterClamped { name, .. } => name,
+            #[cfg(feature = "redis")]
+            CircuitEvent::FleetUnheard { name, .. } => name,
         }
     }
 
@@ -210,17 +263,22 @@ impl Event for CircuitEvent {
                 CircuitState::Disabled => "disabled",
             },
             CircuitEvent::Rejected { .. } => "rejected",
+            CircuitEvent::RetryAfterClamped { .. } => "retry_after_clamped",
+            #[cfg(feature = "redis")]
+            CircuitEvent::FleetUnheard { .. } => "fleet_unheard",
         }
     }
 
     fn is_warning(&self) -> bool {
-        matches!(
-            self,
-            CircuitEvent::StateChanged {
-                to: CircuitState::Open | CircuitState::ForcedOpen,
-                ..
+        match self {
+            CircuitEvent::StateChanged { to, .. } => {
+                matches!(to, CircuitState::Open | CircuitState::ForcedOpen)
             }
-        )
+            CircuitEvent::RetryAfterClamped { .. } => true,
+            #[cfg(feature = "redis")]
+            CircuitEvent::FleetUnheard { .. } => true,
+            CircuitEvent::Rejected { .. } => false,
+        }
     }
 }
 

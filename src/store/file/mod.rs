@@ -73,9 +73,12 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use state::{BreakerState, BucketState, BulkheadState, Phase, State, STATE_VERSION};
+pub use state::{
+    BreakerEntry, BreakerState, BucketState, BulkheadState, Phase, ProbeHolder, State,
+    STATE_VERSION,
+};
 
-pub(crate) use state::{BreakerCfg, BucketCfg, Verdict};
+pub(crate) use state::BucketCfg;
 
 use super::{unix_ms, Recovery, StoreEvent};
 use crate::error::{Check, ConfigError};
@@ -342,53 +345,21 @@ impl FileStore {
         })
     }
 
-    /// Admits a call to the file's breaker. A closed breaker is only read.
-    pub(crate) fn breaker_acquire(&self, cfg: &BreakerCfg) -> Verdict {
-        let read_only = self.view(|s| {
-            let b = &s.circuit_breaker;
-            b.admits_read_only().then_some(Verdict::Admit {
-                gen: b.generation,
-                probe: false,
-            })
-        });
-        if let Some(v) = read_only {
-            return v;
-        }
-        let pid = pid();
-        self.update(|s| s.circuit_breaker.allow(cfg, pid, unix_ms(), alive))
-    }
-
-    /// Records a call's outcome; returns the transition it caused. A
-    /// success that changes nothing is only read.
-    pub(crate) fn breaker_record(
-        &self,
-        cfg: &BreakerCfg,
-        gen: u32,
-        probe: bool,
-        failure: bool,
-    ) -> Option<(Phase, Phase)> {
-        if !failure && !probe {
-            let nothing_to_do = self.view(|s| {
-                let b = &s.circuit_breaker;
-                b.generation != gen || b.failures == 0
-            });
-            if nothing_to_do {
-                return None;
-            }
-        }
-        let pid = pid();
-        self.update(|s| {
-            let b = &mut s.circuit_breaker;
-            let from = b.state;
-            b.record(cfg, gen, probe, pid, failure, unix_ms());
-            (b.state != from).then_some((from, b.state))
+    /// Reads breaker `name`'s entry (a missing one reads as new).
+    pub(crate) fn read_breaker<R>(&self, name: &str, f: impl FnOnce(&BreakerEntry) -> R) -> R {
+        self.view(|s| match s.breakers.get(name) {
+            Some(e) => f(e),
+            None => f(&BreakerEntry::default()),
         })
     }
 
-    /// Gives back a probe whose call ended without a verdict.
-    pub(crate) fn breaker_release(&self, gen: u32) {
-        let pid = pid();
-        self.update(|s| s.circuit_breaker.release(gen, pid));
+    /// Changes breaker `name`'s entry under the file lock.
+    pub(crate) fn update_breaker<R>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&mut BreakerEntry) -> R,
+    ) -> R {
+        self.update(|s| f(s.breakers.entry(name.to_owned()).or_default()))
     }
 
     pub(crate) fn emit(&self, event: StoreEvent) {
@@ -562,7 +533,10 @@ fn parse(bytes: &[u8]) -> Result<State, Recovery> {
     }
     match serde_json::from_slice::<State>(bytes) {
         Ok(s) if s.version > STATE_VERSION => Err(Recovery::FutureVersion(s.version)),
-        Ok(s) => Ok(s),
+        Ok(mut s) => {
+            s.migrate();
+            Ok(s)
+        }
         Err(e) if e.is_eof() => Err(Recovery::Truncated),
         Err(_) => {
             // A newer schema may change field types: report its version if
@@ -706,10 +680,11 @@ mod tests {
         assert_eq!(parse(b"not json"), Err(Recovery::Corrupt));
         assert_eq!(parse(b"{\"version\":7}"), Err(Recovery::FutureVersion(7)));
         assert_eq!(
-            parse(b"{\"version\":2,\"circuit_breaker\":\"new shape\"}"),
-            Err(Recovery::FutureVersion(2))
+            parse(b"{\"version\":3,\"breakers\":\"new shape\"}"),
+            Err(Recovery::FutureVersion(3))
         );
         assert!(parse(b"{\"version\":1}").is_ok());
+        assert!(parse(b"{\"version\":2}").is_ok());
     }
 
     #[test]

@@ -5,18 +5,24 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// The schema version this crate writes and reads.
-pub const STATE_VERSION: u32 = 1;
+/// The schema version this crate writes. Version 1 files (one breaker,
+/// one bucket and one bulkhead per file) are read and migrated: their
+/// breaker becomes the entry of the unnamed breaker (`""`).
+pub const STATE_VERSION: u32 = 2;
 
-/// Everything one scope shares across processes: one breaker, one token
-/// bucket and one bulkhead. Times are Unix milliseconds.
+/// Everything one scope shares across processes: a breaker per name, one
+/// token bucket and one bulkhead. Times are Unix milliseconds unless a
+/// field says otherwise.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 #[non_exhaustive]
 pub struct State {
     /// The schema version ([`STATE_VERSION`]).
     pub version: u32,
-    /// The breaker.
+    /// Each breaker's state, by the breaker's name.
+    pub breakers: std::collections::BTreeMap<String, BreakerEntry>,
+    /// A version-1 file's breaker, read only to migrate it.
+    #[serde(skip_serializing)]
     pub circuit_breaker: BreakerState,
     /// The token bucket.
     pub rate_limiter: BucketState,
@@ -30,6 +36,7 @@ impl Default for State {
     fn default() -> Self {
         Self {
             version: STATE_VERSION,
+            breakers: Default::default(),
             circuit_breaker: BreakerState::default(),
             rate_limiter: BucketState::default(),
             bulkhead: BulkheadState::default(),
@@ -38,7 +45,7 @@ impl Default for State {
     }
 }
 
-/// A breaker's phase as stored.
+/// A breaker's state as a version-1 file stored it (read only to migrate).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
@@ -55,7 +62,8 @@ pub enum Phase {
     Disabled,
 }
 
-/// The breaker's shared state.
+/// A version-1 file's breaker (read only to migrate it into
+/// [`State::breakers`]).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default)]
 #[non_exhaustive]
@@ -84,6 +92,83 @@ pub struct BreakerState {
     pub generation: u32,
 }
 
+/// One breaker's shared state, as the file keeps it.
+///
+/// These are the same fields the in-memory breaker keeps, and every
+/// process runs the same transitions over them under the file lock.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct BreakerEntry {
+    /// The state as a number: 0 closed, 1 open, 2 half-open, 3 forced
+    /// open, 4 disabled (as in the `bulwark_circuit_state` gauge).
+    pub state: u8,
+    /// Grows by one on every transition: a call's result is booked only
+    /// in the generation it was admitted in.
+    pub generation: u64,
+    /// Consecutive failures (closed).
+    pub failures: u32,
+    /// Probe successes (half-open).
+    pub successes: u32,
+    /// When the open period ends, in Unix nanoseconds.
+    pub open_until: u64,
+    /// Open periods in a row without a recovery.
+    pub opens_in_row: u32,
+    /// The half-open probes in flight: who holds each, and since when.
+    pub probes: Vec<ProbeHolder>,
+}
+
+/// A half-open probe held by a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ProbeHolder {
+    /// The holding process.
+    pub pid: u32,
+    /// When it took the probe, in Unix milliseconds.
+    pub since: u64,
+}
+
+impl BreakerEntry {
+    /// A version-1 file's breaker, in this schema.
+    fn migrate(v1: &BreakerState) -> Self {
+        let ms = 1_000_000;
+        Self {
+            state: match v1.state {
+                Phase::Closed => 0,
+                Phase::Open => 1,
+                Phase::HalfOpen => 2,
+                Phase::ForcedOpen => 3,
+                Phase::Disabled => 4,
+            },
+            generation: u64::from(v1.generation),
+            failures: v1.failures,
+            successes: v1.successes,
+            open_until: v1.open_until.unwrap_or(0).saturating_mul(ms),
+            opens_in_row: 0,
+            probes: v1
+                .half_open_pids
+                .iter()
+                .map(|&pid| ProbeHolder {
+                    pid,
+                    since: v1.half_open_last_attempt_at.unwrap_or(0),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl State {
+    /// Brings a state read from an older file up to this schema.
+    pub(crate) fn migrate(&mut self) {
+        if self.version < 2 && self.circuit_breaker != BreakerState::default() {
+            let entry = BreakerEntry::migrate(&self.circuit_breaker);
+            self.breakers.entry(String::new()).or_insert(entry);
+        }
+        self.circuit_breaker = BreakerState::default();
+        self.version = STATE_VERSION;
+    }
+}
+
 /// The token bucket's shared state.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -107,33 +192,6 @@ pub struct BulkheadState {
     pub active_pids: Vec<u32>,
 }
 
-/// Breaker settings the file transitions need.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct BreakerCfg {
-    pub(crate) failure_threshold: u32,
-    pub(crate) success_threshold: u32,
-    pub(crate) open_timeout: Duration,
-    pub(crate) half_open_max_calls: u32,
-    pub(crate) stale_attempt_timeout: Duration,
-}
-
-/// The answer to "may this call go ahead?".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    Admit {
-        gen: u32,
-        probe: bool,
-    },
-    Reject {
-        phase: Phase,
-        retry_after: Option<Duration>,
-    },
-}
-
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 fn remove_one(v: &mut Vec<u32>, pid: u32) -> bool {
     match v.iter().position(|&p| p == pid) {
         Some(i) => {
@@ -141,170 +199,6 @@ fn remove_one(v: &mut Vec<u32>, pid: u32) -> bool {
             true
         }
         None => false,
-    }
-}
-
-impl BreakerState {
-    /// Whether a call may go ahead without writing anything: the common
-    /// path reads the file and stops here.
-    pub(crate) fn admits_read_only(&self) -> bool {
-        matches!(self.state, Phase::Closed | Phase::Disabled)
-    }
-
-    /// Decides a call, reserving a probe for `pid` when half-open.
-    pub(crate) fn allow(
-        &mut self,
-        cfg: &BreakerCfg,
-        pid: u32,
-        now: u64,
-        alive: impl Fn(u32) -> bool,
-    ) -> Verdict {
-        match self.state {
-            Phase::Closed | Phase::Disabled => Verdict::Admit {
-                gen: self.generation,
-                probe: false,
-            },
-            Phase::ForcedOpen => Verdict::Reject {
-                phase: Phase::ForcedOpen,
-                retry_after: None,
-            },
-            Phase::Open => {
-                let until = self.open_until.unwrap_or(0);
-                if now < until {
-                    return Verdict::Reject {
-                        phase: Phase::Open,
-                        retry_after: Some(Duration::from_millis(until - now)),
-                    };
-                }
-                self.enter(Phase::HalfOpen);
-                self.reserve(pid, now)
-            }
-            Phase::HalfOpen => {
-                self.reclaim(cfg, now, alive);
-                if self.half_open_attempts >= cfg.half_open_max_calls {
-                    return Verdict::Reject {
-                        phase: Phase::HalfOpen,
-                        retry_after: None,
-                    };
-                }
-                self.reserve(pid, now)
-            }
-        }
-    }
-
-    fn reserve(&mut self, pid: u32, now: u64) -> Verdict {
-        self.half_open_attempts += 1;
-        self.half_open_pids.push(pid);
-        self.half_open_last_attempt_at = Some(now);
-        Verdict::Admit {
-            gen: self.generation,
-            probe: true,
-        }
-    }
-
-    /// Frees the probes of processes that died, and all probes once the
-    /// last reservation is older than `stale_attempt_timeout` (a process
-    /// that hung, or one whose PID was reused).
-    pub(crate) fn reclaim(&mut self, cfg: &BreakerCfg, now: u64, alive: impl Fn(u32) -> bool) {
-        let before = self.half_open_pids.len();
-        self.half_open_pids.retain(|&p| alive(p));
-        let freed = (before - self.half_open_pids.len()) as u32;
-        self.half_open_attempts = self.half_open_attempts.saturating_sub(freed);
-        let last = self.half_open_last_attempt_at.unwrap_or(0);
-        if self.half_open_attempts > 0 && now.saturating_sub(last) >= ms(cfg.stale_attempt_timeout)
-        {
-            self.half_open_attempts = 0;
-            self.half_open_pids.clear();
-        }
-    }
-
-    /// Records the outcome of a call admitted in generation `gen`.
-    pub(crate) fn record(
-        &mut self,
-        cfg: &BreakerCfg,
-        gen: u32,
-        probe: bool,
-        pid: u32,
-        failure: bool,
-        now: u64,
-    ) {
-        if gen != self.generation {
-            return; // the breaker moved on while the call ran
-        }
-        if failure {
-            self.last_failure_at = Some(now);
-        }
-        match (self.state, probe) {
-            (Phase::Closed, false) => {
-                if !failure {
-                    self.failures = 0;
-                    return;
-                }
-                self.failures += 1;
-                if self.failures >= cfg.failure_threshold {
-                    self.open(now, cfg.open_timeout);
-                }
-            }
-            (Phase::HalfOpen, true) => {
-                self.half_open_attempts = self.half_open_attempts.saturating_sub(1);
-                remove_one(&mut self.half_open_pids, pid);
-                if failure {
-                    return self.open(now, cfg.open_timeout);
-                }
-                self.successes += 1;
-                if self.successes >= cfg.success_threshold {
-                    self.enter(Phase::Closed);
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// Gives back a probe whose call ended without a verdict.
-    pub(crate) fn release(&mut self, gen: u32, pid: u32) {
-        if gen == self.generation && self.state == Phase::HalfOpen {
-            self.half_open_attempts = self.half_open_attempts.saturating_sub(1);
-            remove_one(&mut self.half_open_pids, pid);
-        }
-    }
-
-    /// Opens the breaker for `d` from `now`.
-    pub(crate) fn open(&mut self, now: u64, d: Duration) {
-        self.enter(Phase::Open);
-        self.opened_at = Some(now);
-        self.open_until = Some(now.saturating_add(ms(d)));
-    }
-
-    /// Holds the breaker open at least `d` from `now`; a longer open
-    /// period is kept.
-    pub(crate) fn hold_open(&mut self, now: u64, d: Duration) {
-        match self.state {
-            Phase::ForcedOpen | Phase::Disabled => {}
-            Phase::Open if self.open_until.unwrap_or(0) >= now.saturating_add(ms(d)) => {}
-            _ => self.open(now, d),
-        }
-    }
-
-    /// Starts a new generation in `phase`, counts cleared.
-    pub(crate) fn enter(&mut self, phase: Phase) {
-        self.state = phase;
-        self.generation = self.generation.wrapping_add(1);
-        self.failures = 0;
-        self.successes = 0;
-        self.half_open_attempts = 0;
-        self.half_open_pids.clear();
-        if phase != Phase::Open {
-            self.open_until = None;
-        }
-    }
-
-    /// The phase as a caller sees it at `now`: an open breaker whose
-    /// period has passed reports half-open.
-    pub(crate) fn phase_at(&self, now: u64) -> Phase {
-        match self.state {
-            Phase::Open if self.open_until.unwrap_or(0) <= now => Phase::HalfOpen,
-            p => p,
-        }
     }
 }
 
@@ -385,84 +279,8 @@ impl BulkheadState {
 mod tests {
     use super::*;
 
-    const CFG: BreakerCfg = BreakerCfg {
-        failure_threshold: 3,
-        success_threshold: 2,
-        open_timeout: Duration::from_secs(30),
-        half_open_max_calls: 1,
-        stale_attempt_timeout: Duration::from_secs(120),
-    };
-
     fn alive(_: u32) -> bool {
         true
-    }
-
-    #[test]
-    fn breaker_opens_probes_and_closes() {
-        let mut b = BreakerState::default();
-        for _ in 0..3 {
-            let Verdict::Admit { gen, probe } = b.allow(&CFG, 1, 0, alive) else {
-                panic!()
-            };
-            b.record(&CFG, gen, probe, 1, true, 0);
-        }
-        assert_eq!(b.state, Phase::Open);
-        assert_eq!(
-            b.allow(&CFG, 1, 10_000, alive),
-            Verdict::Reject {
-                phase: Phase::Open,
-                retry_after: Some(Duration::from_secs(20))
-            }
-        );
-        let Verdict::Admit { gen, probe: true } = b.allow(&CFG, 1, 30_000, alive) else {
-            panic!()
-        };
-        // Only one probe at a time.
-        assert!(matches!(
-            b.allow(&CFG, 2, 30_001, alive),
-            Verdict::Reject { .. }
-        ));
-        b.record(&CFG, gen, true, 1, false, 30_002);
-        let Verdict::Admit { gen, probe: true } = b.allow(&CFG, 2, 30_003, alive) else {
-            panic!()
-        };
-        b.record(&CFG, gen, true, 2, false, 30_004);
-        assert_eq!(b.state, Phase::Closed);
-    }
-
-    #[test]
-    fn stale_and_dead_reservations_are_reclaimed() {
-        let mut b = BreakerState::default();
-        b.open(0, CFG.open_timeout);
-        assert!(matches!(
-            b.allow(&CFG, 7, 30_000, alive),
-            Verdict::Admit { probe: true, .. }
-        ));
-        // Held by a live process: rejected until the reservation is stale.
-        assert!(matches!(
-            b.allow(&CFG, 8, 100_000, alive),
-            Verdict::Reject { .. }
-        ));
-        assert!(matches!(
-            b.allow(&CFG, 8, 150_000, alive),
-            Verdict::Admit { probe: true, .. }
-        ));
-        // Held by a dead process: reclaimed at once.
-        assert!(matches!(
-            b.allow(&CFG, 9, 150_001, |p| p != 8),
-            Verdict::Admit { probe: true, .. }
-        ));
-        assert_eq!(b.half_open_pids, vec![9]);
-    }
-
-    #[test]
-    fn stale_outcome_is_ignored() {
-        let mut b = BreakerState::default();
-        let gen = b.generation;
-        b.hold_open(0, Duration::from_secs(1));
-        b.record(&CFG, gen, false, 1, true, 1);
-        assert_eq!(b.failures, 0);
-        assert_eq!(b.state, Phase::Open);
     }
 
     #[test]
@@ -495,13 +313,56 @@ mod tests {
     #[test]
     fn json_round_trip_and_unknown_fields() {
         let mut s = State::default();
-        s.circuit_breaker.open(5, Duration::from_secs(1));
+        s.breakers.insert(
+            "payments".into(),
+            BreakerEntry {
+                state: 1,
+                generation: 3,
+                open_until: 5_000_000,
+                ..BreakerEntry::default()
+            },
+        );
         let text = serde_json::to_string(&s).unwrap();
-        assert!(text.contains("\"version\":1"));
-        assert!(text.contains("\"state\":\"open\""));
+        assert!(text.contains("\"version\":2"));
+        assert!(text.contains("\"payments\":{\"state\":1"));
+        assert!(
+            !text.contains("circuit_breaker"),
+            "the old field is not written"
+        );
         let back: State = serde_json::from_str(&text).unwrap();
         assert_eq!(back, s);
-        let partial: State = serde_json::from_str(r#"{"version":1,"extra":true}"#).unwrap();
-        assert_eq!(partial.circuit_breaker, BreakerState::default());
+        let partial: State = serde_json::from_str(r#"{"version":2,"extra":true}"#).unwrap();
+        assert!(partial.breakers.is_empty());
+    }
+
+    /// A file written by version 1 of the schema, as a process of an
+    /// earlier release left it: its breaker open, one probe of pid 7.
+    const V1_FILE: &str = r#"{"version":1,"circuit_breaker":{"state":"half_open","failures":0,
+        "successes":1,"half_open_attempts":1,"half_open_pids":[7],
+        "half_open_last_attempt_at":1700000000000,"last_failure_at":1699999990000,
+        "opened_at":1699999970000,"open_until":1700000000000,"generation":41},
+        "rate_limiter":{"tokens":3.5,"last_refill_at":1700000000000,"retry_after_until":null},
+        "bulkhead":{"active_pids":[7,9]},"updated_at":1700000000000}"#;
+
+    #[test]
+    fn a_version_1_file_is_migrated() {
+        let mut s: State = serde_json::from_str(V1_FILE).unwrap();
+        assert_eq!(s.version, 1);
+        s.migrate();
+        assert_eq!(s.version, STATE_VERSION);
+        let b = &s.breakers[""];
+        assert_eq!((b.state, b.generation, b.successes), (2, 41, 1));
+        assert_eq!(
+            b.probes,
+            vec![ProbeHolder {
+                pid: 7,
+                since: 1_700_000_000_000
+            }]
+        );
+        assert_eq!(b.open_until, 1_700_000_000_000 * 1_000_000);
+        assert_eq!(s.bulkhead.active_pids, vec![7, 9]);
+        assert_eq!(s.rate_limiter.tokens, Some(3.5));
+        let text = serde_json::to_string(&s).unwrap();
+        assert!(!text.contains("circuit_breaker"));
     }
 }
