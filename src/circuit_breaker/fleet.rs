@@ -203,8 +203,11 @@ impl FleetSync {
             self.heard_ms.store(self.now_ms().max(1), Relaxed);
         }
         let weak = Arc::downgrade(self);
+        // Made before the task is spawned: a task dropped unpolled (its
+        // runtime shut down) still marks itself gone.
+        let running = Running(weak.clone());
         rt.spawn(async move {
-            let _running = Running(weak.clone());
+            let _running = running;
             run(weak).await;
         });
     }
