@@ -12,7 +12,7 @@ use tower::{Layer, Service};
 use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, Window};
 
 mod support;
-use support::{drive, threaded, Bare};
+use support::{drive, generic_loop, threaded, Bare};
 
 /// failsafe has no tower layer: wrap its futures API as a service.
 #[derive(Clone)]
@@ -91,6 +91,21 @@ fn bench(c: &mut Criterion) {
     one!("bulwark count window", ours_window());
     one!("tower-resilience", tower_resilience());
     one!("failsafe", failsafe());
+    g.finish();
+
+    // The same, as a user's generic loop sees it (nothing forced inline).
+    let mut g = c.benchmark_group("circuit_breaker/generic driver");
+    macro_rules! generic {
+        ($name:expr, $svc:expr) => {{
+            let mut svc = $svc;
+            g.bench_function($name, |b| b.iter_custom(|n| generic_loop(&mut svc, n)));
+        }};
+    }
+    generic!("bare", Bare);
+    generic!("bulwark consecutive", ours());
+    generic!("bulwark count window", ours_window());
+    generic!("tower-resilience", tower_resilience());
+    generic!("failsafe", failsafe());
     g.finish();
 
     let mut g = c.benchmark_group("circuit_breaker/2 threads");

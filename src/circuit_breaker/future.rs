@@ -38,8 +38,10 @@ pin_project! {
             admission: Admission<Arc<Core>>,
             classifier: C,
         },
+        // Boxed already: the caller gets a `BoxError` anyway, and the
+        // future's drop stays small enough to inline.
         Rejected {
-            err: Option<CircuitOpen>,
+            err: Option<BoxError>,
         },
     }
 }
@@ -58,7 +60,9 @@ impl<F, C> ResponseFuture<F, C> {
 
     pub(crate) fn rejected(err: CircuitOpen) -> Self {
         Self {
-            kind: Kind::Rejected { err: Some(err) },
+            kind: Kind::Rejected {
+                err: Some(err.into()),
+            },
         }
     }
 }
@@ -84,7 +88,7 @@ where
                 Poll::Ready(res.map_err(Into::into))
             }
             KindProj::Rejected { err } => {
-                Poll::Ready(Err(err.take().expect("polled after completion").into()))
+                Poll::Ready(Err(err.take().expect("polled after completion")))
             }
         }
     }

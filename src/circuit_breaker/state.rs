@@ -143,6 +143,20 @@ impl Core {
         self.cfg.slow_call_duration.is_some()
     }
 
+    /// The pass of a closed in-memory breaker: one load. `None` sends the
+    /// caller to [`admit_pass`](Self::admit_pass).
+    #[inline]
+    fn closed_pass(&self) -> Option<Pass> {
+        if !matches!(self.attached, Attached::Memory) {
+            return None;
+        }
+        let w = self.word.load(Acquire);
+        (w & STATE_MASK == 0).then_some(Pass {
+            generation: generation_of(w),
+            probe: false,
+        })
+    }
+
     /// Admits a call in memory: lock-free while closed, and for the
     /// rejections of an open breaker whose period is still running.
     fn admit_here(&self) -> (Result<Pass, Refusal>, Option<Transition>) {
@@ -179,6 +193,8 @@ impl Core {
     }
 
     /// Admits a call wherever the state lives.
+    #[cold]
+    #[inline(never)]
     fn admit_pass(&self) -> (Result<Pass, Refusal>, Option<Transition>) {
         match &self.attached {
             Attached::Memory => self.admit_here(),
@@ -441,6 +457,24 @@ impl<R: AsRef<Core>> Admission<R> {
     #[inline]
     pub(crate) fn admit(owner: R, timed: bool) -> Result<Self, (R, CircuitOpen)> {
         let core = owner.as_ref();
+        if !timed && !core.needs_elapsed() {
+            if let Some(pass) = core.closed_pass() {
+                return Ok(Self {
+                    owner,
+                    pass,
+                    start: None,
+                    open: true,
+                });
+            }
+        }
+        Self::admit_slow(owner, timed)
+    }
+
+    /// Every admission but a closed in-memory breaker's untimed one.
+    #[cold]
+    #[inline(never)]
+    fn admit_slow(owner: R, timed: bool) -> Result<Self, (R, CircuitOpen)> {
+        let core = owner.as_ref();
         let (verdict, transition) = core.admit_pass();
         match verdict {
             Ok(pass) => {
@@ -491,6 +525,23 @@ impl<R: AsRef<Core>> Admission<R> {
         C: Classify<T, E>,
     {
         self.open = false;
+        let core = self.owner.as_ref();
+        if self.start.is_none() && !core.cfg.honor_retry_after {
+            let outcome = classifier.classify(res, Duration::ZERO);
+            core.book(self.pass, outcome, false);
+            return outcome;
+        }
+        self.finish_timed(classifier, res)
+    }
+
+    /// [`finish`](Self::finish) for a timed call, or one whose upstream's
+    /// back-off hints are honoured.
+    #[cold]
+    #[inline(never)]
+    fn finish_timed<C, T, E>(&mut self, classifier: &C, res: &Result<T, E>) -> Outcome
+    where
+        C: Classify<T, E>,
+    {
         let core = self.owner.as_ref();
         let elapsed = match self.start {
             Some(start) => Duration::from_nanos(core.clock.now().saturating_sub(start)),
