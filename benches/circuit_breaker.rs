@@ -55,6 +55,15 @@ fn ours_window() -> impl Service<u64, Response = u64> + Clone + Send + 'static {
         .layer(Bare)
 }
 
+/// A breaker per key, over 1024 keys in turn.
+fn ours_keyed() -> impl Service<u64, Response = u64> + Clone + Send + 'static {
+    CircuitBreakerLayer::builder()
+        .key(|k: &u64| *k % 1024)
+        .build()
+        .unwrap()
+        .layer(Bare)
+}
+
 fn tower_resilience() -> impl Service<u64, Response = u64> + Clone + Send + 'static {
     tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
         .build()
@@ -89,6 +98,7 @@ fn bench(c: &mut Criterion) {
     one!("bare", Bare);
     one!("bulwark consecutive", ours());
     one!("bulwark count window", ours_window());
+    one!("bulwark keyed (1024 keys)", ours_keyed());
     one!("tower-resilience", tower_resilience());
     one!("failsafe", failsafe());
     g.finish();
@@ -104,6 +114,7 @@ fn bench(c: &mut Criterion) {
     generic!("bare", Bare);
     generic!("bulwark consecutive", ours());
     generic!("bulwark count window", ours_window());
+    generic!("bulwark keyed (1024 keys)", ours_keyed());
     generic!("tower-resilience", tower_resilience());
     generic!("failsafe", failsafe());
     g.finish();

@@ -268,6 +268,29 @@ impl<C> CircuitBreakerBuilder<C> {
 
     /// Validates the configuration and makes the layer.
     pub fn build(self) -> Result<CircuitBreakerLayer<C>, ConfigError> {
+        let (v, classifier) = self.validate()?;
+        let attached = match v.backend {
+            Backend::Memory => Attached::Memory,
+            #[cfg(feature = "file-store")]
+            Backend::File(store) => Attached::File(super::file::FileBreaker {
+                store,
+                name: v.cfg.name.to_string(),
+                rules: v.cfg.rules,
+                stale_attempt_timeout: v.shared.stale_attempt_timeout,
+            }),
+            #[cfg(feature = "redis")]
+            Backend::Redis(store) => {
+                Attached::Redis(super::fleet::FleetSync::new(store, &v.cfg, &v.shared))
+            }
+        };
+        Ok(CircuitBreakerLayer {
+            core: Arc::new(Core::new(v.cfg, v.listeners, attached)),
+            classifier,
+        })
+    }
+
+    /// Checks every setting; the parts a layer is made of.
+    pub(crate) fn validate(self) -> Result<(Validated, C), ConfigError> {
         let check = Check { layer: LAYER };
         let s = self.settings;
         check.at_least_one("failure_threshold", u64::from(s.failure_threshold))?;
@@ -343,26 +366,22 @@ impl<C> CircuitBreakerBuilder<C> {
             stale_attempt_timeout: s.stale_attempt_timeout,
             sync_interval: s.sync_interval,
         };
-        let attached = match s.backend {
-            Backend::Memory => Attached::Memory,
-            #[cfg(feature = "file-store")]
-            Backend::File(store) => Attached::File(super::file::FileBreaker {
-                store,
-                name: cfg.name.to_string(),
-                rules: cfg.rules,
-                stale_attempt_timeout: shared.stale_attempt_timeout,
-            }),
-            #[cfg(feature = "redis")]
-            Backend::Redis(store) => {
-                Attached::Redis(super::fleet::FleetSync::new(store, &cfg, &shared))
-            }
+        let v = Validated {
+            cfg,
+            shared,
+            backend: s.backend,
+            listeners: s.listeners,
         };
-        let _ = shared;
-        Ok(CircuitBreakerLayer {
-            core: Arc::new(Core::new(cfg, s.listeners, attached)),
-            classifier: self.classifier,
-        })
+        Ok((v, self.classifier))
     }
+}
+
+/// A breaker configuration that passed [`CircuitBreakerBuilder::validate`].
+pub(crate) struct Validated {
+    pub(crate) cfg: Config,
+    pub(crate) shared: SharedCfg,
+    pub(crate) backend: Backend,
+    pub(crate) listeners: Listeners<CircuitEvent>,
 }
 
 impl<C> fmt::Debug for CircuitBreakerBuilder<C> {

@@ -82,13 +82,58 @@
 //! clones, every service it makes and their clones all share one breaker;
 //! build another layer for another breaker.
 //!
+//! # Keyed breakers
+//!
+//! A client that calls many hosts or tenants wants a breaker per key, so
+//! one failing host does not shut the others out.
+//! [`key`](CircuitBreakerBuilder::key) turns the builder into a
+//! [`KeyedCircuitBreakerBuilder`]: each key gets a breaker of its own,
+//! with every setting of the builder and the full semantics above, named
+//! `name[key]` in errors and events. With the `http` feature,
+//! [`authority_key`] keys requests by their upstream host.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitState};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_bulwark::BoxError> {
+//! let layer = CircuitBreakerLayer::builder()
+//!     .name("hosts")
+//!     .failure_threshold(1)
+//!     .key(|host: &&'static str| *host)
+//!     .max_keys(10_000)
+//!     .build()?;
+//! let handle = layer.handle();
+//! let upstream = service_fn(|host: &'static str| async move {
+//!     if host == "down.example" { Err("unreachable") } else { Ok(host.len()) }
+//! });
+//! let svc = ServiceBuilder::new().layer(layer).service(upstream);
+//! assert!(svc.clone().oneshot("down.example").await.is_err());
+//! assert_eq!(handle.state(&"down.example"), Some(CircuitState::Open));
+//! assert_eq!(svc.oneshot("up.example").await?, 10); // other hosts are not affected
+//! # Ok(()) }
+//! ```
+//!
+//! The table keeps at most `max_keys` keys (default 1024). Past that, a
+//! new key takes the place of an idle one, found by a clock sweep (each
+//! use marks a key, the sweep clears marks and takes the first unmarked
+//! key): idle means closed, or open with its period over, and no call in
+//! flight. An open breaker is never forgotten before its open period
+//! ends, nor a forced-open or disabled one. If every key is busy, new keys
+//! share one overflow breaker ([`KeyedCircuitHandle::overflow`]) until a
+//! place frees. Keyed breakers keep their state in memory; a shared
+//! backend is refused by `build()`.
+//!
 //! # Cost
 //!
 //! In the default consecutive mode a call through a closed breaker does one
 //! atomic load on admission, one reference-count increment, and one more
 //! load when it succeeds: no lock, no allocation, no clock read and no
 //! boxed future. Window mode and slow-call detection read the clock and
-//! take a short lock per finished call.
+//! take a short lock per finished call. A keyed breaker adds a read lock
+//! and a hash lookup per call.
 
 mod backend;
 mod circuit;
@@ -98,6 +143,7 @@ mod file;
 #[cfg(feature = "redis")]
 mod fleet;
 pub mod future;
+mod keyed;
 mod layer;
 mod service;
 mod state;
@@ -108,6 +154,11 @@ use std::time::Duration;
 
 pub use backend::Backend;
 pub use error::CircuitOpen;
+#[cfg(feature = "http")]
+pub use keyed::authority_key;
+pub use keyed::{
+    KeyedCircuitBreaker, KeyedCircuitBreakerBuilder, KeyedCircuitBreakerLayer, KeyedCircuitHandle,
+};
 pub use layer::{CircuitBreakerBuilder, CircuitBreakerLayer, CircuitHandle};
 pub use service::CircuitBreaker;
 pub use window::Window;
