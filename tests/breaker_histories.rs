@@ -311,3 +311,50 @@ async fn breakers_of_different_names_on_one_file_keep_their_own_counts() {
     assert_eq!(breakers["primary"].state, CircuitState::Open.code());
     assert!(!breakers.contains_key(""));
 }
+
+/// An upstream's absurd back-off hint holds the breaker open for the cap,
+/// not for years, and an event says so.
+#[tokio::test(start_paused = true)]
+async fn an_absurd_retry_after_is_cut_to_max_retry_after() {
+    use std::sync::{Arc, Mutex};
+    use tower_bulwark::circuit_breaker::CircuitEvent;
+    use tower_bulwark::classify::{Classify, Outcome};
+
+    /// Every answer says "come back in 3,000 years".
+    #[derive(Clone)]
+    struct Hint;
+    impl<T, E> Classify<T, E> for Hint {
+        fn classify(&self, r: &Result<T, E>, _: Duration) -> Outcome {
+            if r.is_ok() {
+                Outcome::Success
+            } else {
+                Outcome::Failure
+            }
+        }
+        fn retry_after(&self, _: &Result<T, E>) -> Option<Duration> {
+            Some(Duration::from_secs(99_999_999_999))
+        }
+    }
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let l = CircuitBreakerLayer::builder()
+        .honor_retry_after(true)
+        .classify(Hint)
+        .on_event(move |e| sink.lock().unwrap().push(e.clone()))
+        .build()
+        .unwrap();
+    let h = l.handle();
+    let svc = l.layer(service_fn(|_: ()| async { Err::<(), _>("busy") }));
+    svc.oneshot(()).await.unwrap_err();
+    assert_eq!(h.state(), CircuitState::Open);
+    assert_eq!(h.metrics().open_remaining, Some(Duration::from_secs(3600)));
+    let clamped = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e, CircuitEvent::RetryAfterClamped { used, .. } if *used == Duration::from_secs(3600)))
+        .count();
+    assert_eq!(clamped, 1);
+    advance(Duration::from_secs(3600)).await;
+    assert_eq!(h.state(), CircuitState::HalfOpen);
+}
