@@ -358,7 +358,7 @@ impl RedisStore {
         for item in left.into_iter().rev() {
             q.items.push_front(item);
         }
-        q.items.is_empty()
+        q.items.is_empty() && q.in_flight == 0
     }
 
     /// `{prefix:name}:kind`: the braces make a hash tag.
@@ -657,6 +657,8 @@ struct Undo {
     items: VecDeque<Item>,
     /// A task is delivering.
     running: bool,
+    /// Items taken out by the task and not yet answered for.
+    in_flight: usize,
 }
 
 /// Something a request holds in Redis that its caller no longer wants.
@@ -717,7 +719,9 @@ async fn deliver_all(store: RedisStore) {
     struct Running<'a>(&'a RedisStore);
     impl Drop for Running<'_> {
         fn drop(&mut self) {
-            self.0.undo_queue().running = false;
+            let mut q = self.0.undo_queue();
+            q.running = false;
+            q.in_flight = 0;
         }
     }
     let _running = Running(&store);
@@ -728,16 +732,19 @@ async fn deliver_all(store: RedisStore) {
                 return;
             }
             let n = q.items.len().min(BATCH_MAX * 4);
+            q.in_flight = n;
             q.items.drain(..n).collect()
         };
         let left = store.deliver(batch).await;
-        if !left.is_empty() {
-            {
-                let mut q = store.undo_queue();
-                for item in left.into_iter().rev() {
-                    q.items.push_front(item);
-                }
+        let retry = !left.is_empty();
+        {
+            let mut q = store.undo_queue();
+            for item in left.into_iter().rev() {
+                q.items.push_front(item);
             }
+            q.in_flight = 0;
+        }
+        if retry {
             tokio::time::sleep(store.inner.retry_interval).await;
         }
     }

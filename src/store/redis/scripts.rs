@@ -47,7 +47,7 @@ return {1, math.floor((capacity - diff) / interval)}
 /// A request admitted at `start` took the stretch `[start, end)`; refunds
 /// of requests charged before it since moved that stretch down by at most
 /// what they gave back, `given_now - given_then`. With `end'` its end so
-/// lowered, giving back `min(end' - start, end' - now)`, the part of it
+/// lowered, giving back `min(end - start, end' - now)`, the part of it
 /// still ahead, never leaves the bucket fuller than had the request never
 /// come: while `now < end'`, the TAT stayed above every instant since the
 /// charge, so no later request found the bucket full and each stored the
@@ -80,7 +80,7 @@ for _, c in ipairs(todo) do
   local given = tonumber(redis.call('GET', KEYS[i + 2]) or '0')
   if given >= c[3] then
     local stop = c[2] - (given - c[3])
-    local give = math.min(stop - math.min(c[1], stop), stop - now)
+    local give = math.min(c[2] - c[1], stop - now)
     local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
     if give > 0 and tat > now then
       local new_tat = math.max(tat - give, now)
@@ -269,8 +269,8 @@ mod tests {
 
     /// [`REFUND`] of one receipt.
     fn refund(b: &mut Bucket, now: u64, (start, end, given): Receipt) {
-        let end = end.saturating_sub(b.given - given);
-        let give = (end - start.min(end)).min(end.saturating_sub(now));
+        let end_now = end.saturating_sub(b.given - given);
+        let give = (end - start).min(end_now.saturating_sub(now));
         if give > 0 && b.tat > now {
             let new_tat = b.tat.saturating_sub(give).max(now);
             b.given += b.tat - new_tat;
