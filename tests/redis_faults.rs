@@ -227,6 +227,22 @@ async fn abandoned_rate_limit_calls_are_not_charged() {
     let charged = charged(&limiter, 1000).await;
     eprintln!("500 calls abandoned at every point: {charged} tokens charged, {admitted} admitted");
     assert_eq!(charged, admitted);
+    // Buckets, receipts and refund totals share the limiter's hash tag, so
+    // each script touches one cluster slot.
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(keys
+        .iter()
+        .any(|k| k.starts_with("{charge:api}:gcra-receipt:")));
+    assert!(
+        keys.iter().all(|k| k.starts_with("{charge:api}:")),
+        "{keys:?}"
+    );
 }
 
 /// 200 calls sent while the server is frozen, then it is thawed: returns

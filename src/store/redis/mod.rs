@@ -52,6 +52,12 @@
 //! `lease_ttl` later. Give-backs that cannot be delivered are retried every
 //! `retry_interval`; [`RedisStore::flush`] delivers them now (before a
 //! process exits, say).
+//!
+//! For this, each admitted rate-limit request leaves a receipt in Redis
+//! (a key of some 60 bytes) that expires after four times `timeout` plus
+//! `retry_interval`, at least 1 s. A refund gives back the part of the
+//! request's tokens that has not refilled yet, so it never leaves a bucket
+//! fuller than had the request never been made.
 //! - breaker: the fleet's failures and state in a hash with a TTL; each
 //!   process keeps deciding locally and syncs within `sync_interval`
 //!   (see `circuit_breaker`).
@@ -407,7 +413,7 @@ impl RedisStore {
         args: &[String],
     ) -> Option<T> {
         let inner = &*self.inner;
-        if inner.stranded.swap(false, Relaxed) {
+        if inner.stranded.load(Relaxed) && inner.stranded.swap(false, Relaxed) {
             self.kick();
         }
         match self.raw(which, keys, args).await {
@@ -515,52 +521,59 @@ impl RedisStore {
         rt.spawn(deliver_all(self.clone()));
     }
 
-    /// Sends `items`, batched by script and key; returns those whose
-    /// batch got no answer.
+    /// Sends `items`, batched by script and key, until a batch gets no
+    /// answer; returns what was not delivered, in order.
     async fn deliver(&self, items: Vec<Item>) -> Vec<Item> {
+        // Few groups: one per limiter or bulkhead with something to give back.
+        let mut groups: Vec<(BatchKey, Vec<Item>)> = Vec::new();
+        for item in items {
+            match groups.iter_mut().find(|(k, _)| item.in_batch(k)) {
+                Some((_, g)) => g.push(item),
+                None => groups.push((item.batch_key(), vec![item])),
+            }
+        }
         let mut left = Vec::new();
-        let mut items = items;
-        while !items.is_empty() {
-            // One batch: one script on one key (or hash tag).
-            let first = items[0].batch_key();
-            let mut n = 0;
-            let (batch, rest): (Vec<Item>, Vec<Item>) = items.into_iter().partition(|i| {
-                let same = n < BATCH_MAX && i.in_batch(&first);
-                n += usize::from(same);
-                same
-            });
-            items = rest;
-            let ok = match &batch[0] {
-                Item::Lease { keys, ttl_ms, .. } => {
-                    let mut args = Vec::with_capacity(batch.len() + 1);
-                    args.push(ttl_ms.to_string());
-                    args.extend(batch.iter().map(|i| i.id().to_owned()));
-                    self.raw::<i64>(Which::LeaseRelease, &[&keys.set, &keys.gone], &args)
-                        .await
-                        .is_ok()
+        for (_, group) in groups {
+            let mut group = group.into_iter().peekable();
+            while group.peek().is_some() {
+                let batch: Vec<Item> = group.by_ref().take(BATCH_MAX).collect();
+                if !left.is_empty() || !self.deliver_batch(&batch).await {
+                    left.extend(batch);
                 }
-                Item::Charge { .. } => {
-                    let mut keys: Vec<&str> = Vec::with_capacity(batch.len() * 3);
-                    for i in &batch {
-                        if let Item::Charge {
-                            bucket,
-                            receipt,
-                            given,
-                            ..
-                        } = i
-                        {
-                            keys.extend([bucket.as_str(), receipt, given]);
-                        }
-                    }
-                    let ttl = [self.inner.receipt_ttl_ms.to_string()];
-                    self.raw::<i64>(Which::Refund, &keys, &ttl).await.is_ok()
-                }
-            };
-            if !ok {
-                left.extend(batch);
             }
         }
         left
+    }
+
+    /// One script for `batch` (items of one batch key); whether Redis
+    /// answered.
+    async fn deliver_batch(&self, batch: &[Item]) -> bool {
+        match &batch[0] {
+            Item::Lease { keys, ttl_ms, .. } => {
+                let mut args = Vec::with_capacity(batch.len() + 1);
+                args.push(ttl_ms.to_string());
+                args.extend(batch.iter().map(|i| i.id().to_owned()));
+                self.raw::<i64>(Which::LeaseRelease, &[&keys.set, &keys.gone], &args)
+                    .await
+                    .is_ok()
+            }
+            Item::Charge { .. } => {
+                let mut keys: Vec<&str> = Vec::with_capacity(batch.len() * 3);
+                for i in batch {
+                    if let Item::Charge {
+                        bucket,
+                        receipt,
+                        given,
+                        ..
+                    } = i
+                    {
+                        keys.extend([bucket.as_str(), receipt, given]);
+                    }
+                }
+                let ttl = [self.inner.receipt_ttl_ms.to_string()];
+                self.raw::<i64>(Which::Refund, &keys, &ttl).await.is_ok()
+            }
+        }
     }
 
     /// One round of the fleet breaker protocol; `None` while unreachable.
@@ -713,39 +726,49 @@ impl Item {
 
 /// Delivers the give-back queue until it is empty; what Redis does not
 /// answer is tried again every `retry_interval`.
-async fn deliver_all(store: RedisStore) {
-    /// Lets a later give-back start a new task if this one is dropped
-    /// with its runtime.
-    struct Running<'a>(&'a RedisStore);
-    impl Drop for Running<'_> {
+fn deliver_all(store: RedisStore) -> impl std::future::Future<Output = ()> + Send {
+    /// Lets a later give-back start a new task once this one ends, or is
+    /// dropped with its runtime (even before it first ran: it is created
+    /// with the future, not inside it).
+    struct Running(RedisStore, std::cell::Cell<bool>);
+    impl Drop for Running {
         fn drop(&mut self) {
-            let mut q = self.0.undo_queue();
-            q.running = false;
-            q.in_flight = 0;
+            if self.1.get() {
+                let mut q = self.0.undo_queue();
+                q.running = false;
+                q.in_flight = 0;
+            }
         }
     }
-    let _running = Running(&store);
-    loop {
-        let batch: Vec<Item> = {
-            let mut q = store.undo_queue();
-            if q.items.is_empty() {
-                return;
+    let running = Running(store, std::cell::Cell::new(true));
+    async move {
+        let store = &running.0;
+        loop {
+            let batch: Vec<Item> = {
+                let mut q = store.undo_queue();
+                if q.items.is_empty() {
+                    // Under the lock: a give-back queued from now on starts
+                    // a new task.
+                    q.running = false;
+                    running.1.set(false);
+                    return;
+                }
+                let n = q.items.len().min(BATCH_MAX * 4);
+                q.in_flight = n;
+                q.items.drain(..n).collect()
+            };
+            let left = store.deliver(batch).await;
+            let retry = !left.is_empty();
+            {
+                let mut q = store.undo_queue();
+                for item in left.into_iter().rev() {
+                    q.items.push_front(item);
+                }
+                q.in_flight = 0;
             }
-            let n = q.items.len().min(BATCH_MAX * 4);
-            q.in_flight = n;
-            q.items.drain(..n).collect()
-        };
-        let left = store.deliver(batch).await;
-        let retry = !left.is_empty();
-        {
-            let mut q = store.undo_queue();
-            for item in left.into_iter().rev() {
-                q.items.push_front(item);
+            if retry {
+                tokio::time::sleep(store.inner.retry_interval).await;
             }
-            q.in_flight = 0;
-        }
-        if retry {
-            tokio::time::sleep(store.inner.retry_interval).await;
         }
     }
 }
