@@ -385,3 +385,48 @@ async fn the_local_fallback_keeps_its_cap_and_no_key_escapes_its_limit() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn give_backs_wait_out_a_killed_server_and_reach_its_successor() {
+    let Some(mut server) = RedisServer::start("killed_server") else {
+        return;
+    };
+    let (store, events) = store(&server, "killed", Degrade::FailClosed);
+    let engine = store.bulkhead("db", 4).unwrap();
+    let limiter = store.rate_limiter("api", 10.0, 0.001).unwrap();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(engine.try_acquire().await.unwrap());
+    }
+    limiter.try_acquire("", 1).await.unwrap();
+
+    server.kill();
+    // Released while nothing listens, and calls that cannot be answered.
+    drop(held);
+    assert!(engine.try_acquire().await.is_none());
+    assert!(limiter.try_acquire("", 1).await.is_err());
+    assert!(!store.flush().await, "nothing reaches a killed server");
+
+    // The successor starts empty; the queued give-backs reach it and take
+    // nothing from it (they only mark the ids as given back).
+    server.restart();
+    flushed(&store).await;
+    eventually("the store to answer again", async || {
+        engine.in_use().await == Some(0)
+    })
+    .await;
+    let leases: Vec<_> = futures::future::join_all((0..4).map(|_| engine.try_acquire())).await;
+    assert!(leases
+        .iter()
+        .all(|l| l.as_ref().is_some_and(|l| l.is_fleet_wide())));
+    let fresh = store
+        .rate_limiter("api", 10.0, 0.001)
+        .unwrap()
+        .local_cache(false);
+    assert_eq!(
+        charged(&fresh, 10).await,
+        0,
+        "a fresh bucket on the new server"
+    );
+    assert_eq!(events.lock().unwrap().as_slice(), ["degraded", "restored"]);
+}
