@@ -55,9 +55,12 @@
 //!
 //! For this, each admitted rate-limit request leaves a receipt in Redis
 //! (a key of some 60 bytes) that expires after four times `timeout` plus
-//! `retry_interval`, at least 1 s. A refund gives back the part of the
-//! request's tokens that has not refilled yet, so it never leaves a bucket
-//! fuller than had the request never been made.
+//! `retry_interval`, at least 1 s; a key that had refunds lately also
+//! keeps their total and a log of at most 1024 of them, as long. A refund
+//! gives back the part of the request's tokens that has not refilled yet,
+//! so it never leaves a bucket fuller than had the request never been
+//! made: if the bucket was full when the request came and another came
+//! before the refund, the little that refilled in between stays charged.
 //! - breaker: the fleet's failures and state in a hash with a TTL; each
 //!   process keeps deciding locally and syncs within `sync_interval`
 //!   (see `circuit_breaker`).
@@ -85,7 +88,7 @@
 mod local;
 mod scripts;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -130,6 +133,12 @@ struct Inner {
     /// A give-back was queued with no runtime to deliver it: the next
     /// command starts the delivery.
     stranded: AtomicBool,
+    /// One deliverer at a time, so give-backs reach Redis in queue order.
+    delivering: tokio::sync::Mutex<()>,
+    /// Charges sent and not yet answered or given up on, by request
+    /// number: a refund waits for every earlier one, so refunds reach
+    /// Redis in the order of their charges (see [`scripts::REFUND`]).
+    charging: Mutex<BTreeSet<u64>>,
     /// Makes request ids unique across the fleet.
     id_prefix: u64,
     next_id: AtomicU64,
@@ -258,6 +267,8 @@ impl RedisStoreBuilder {
                 stranded: AtomicBool::new(false),
                 id_prefix: fastrand::u64(..),
                 next_id: AtomicU64::new(0),
+                delivering: tokio::sync::Mutex::new(()),
+                charging: Mutex::new(BTreeSet::new()),
                 // Refunds follow their charge within a few retries.
                 receipt_ttl_ms: (4 * (self.timeout + self.retry_interval))
                     .as_millis()
@@ -326,6 +337,7 @@ impl RedisStore {
             base: Arc::from(self.key(name, "gcra")),
             receipts: Arc::from(format!("{}:", self.key(name, "gcra-receipt"))),
             given: Arc::from(self.key(name, "gcra-given")),
+            log: Arc::from(self.key(name, "gcra-refunds")),
             interval_us,
             capacity_us: interval_us * max_tokens,
             over: Arc::new(Mutex::new(Bounded::new(LOCAL_KEYS_MAX))),
@@ -358,13 +370,14 @@ impl RedisStore {
     /// A process about to exit calls this so its leases are free for the
     /// fleet at once, not after `lease_ttl`.
     pub async fn flush(&self) -> bool {
-        let batch: Vec<Item> = std::mem::take(&mut self.undo_queue().items).into();
+        let _one = self.inner.delivering.lock().await;
+        let batch = self.take_ready(usize::MAX);
         let left = self.deliver(batch).await;
         let mut q = self.undo_queue();
         for item in left.into_iter().rev() {
             q.items.push_front(item);
         }
-        q.items.is_empty() && q.in_flight == 0
+        q.items.is_empty()
     }
 
     /// `{prefix:name}:kind`: the braces make a hash tag.
@@ -376,10 +389,45 @@ impl RedisStore {
         self.inner.origin.elapsed().as_millis() as u64
     }
 
-    /// A request id no other request of the fleet has.
-    fn request_id(&self) -> String {
+    /// A request id no other request of the fleet has, and its number
+    /// in this store.
+    fn request_id(&self) -> (u64, String) {
         let n = self.inner.next_id.fetch_add(1, Relaxed);
-        format!("{:016x}.{n:x}", self.inner.id_prefix)
+        (n, format!("{:016x}.{n:x}", self.inner.id_prefix))
+    }
+
+    /// Whether every queued give-back waits for a charge still unanswered.
+    fn take_ready_is_blocked(&self, q: &Undo) -> bool {
+        let oldest = self.charging().first().copied().unwrap_or(u64::MAX);
+        q.items
+            .iter()
+            .all(|i| matches!(i, Item::Charge { n, .. } if *n > oldest))
+    }
+
+    fn charging(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
+        self.inner
+            .charging
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes up to `max` queued give-backs that may be sent now: leases,
+    /// and refunds of charges older than every charge still unanswered.
+    fn take_ready(&self, max: usize) -> Vec<Item> {
+        let oldest = self.charging().first().copied().unwrap_or(u64::MAX);
+        let mut q = self.undo_queue();
+        let mut ready = Vec::new();
+        let mut kept = VecDeque::new();
+        while let Some(item) = q.items.pop_front() {
+            let waits = matches!(item, Item::Charge { n, .. } if n > oldest);
+            if waits || ready.len() >= max {
+                kept.push_back(item);
+            } else {
+                ready.push(item);
+            }
+        }
+        q.items = kept;
+        ready
     }
 
     /// Degraded and not yet due to ask Redis again: follow the policy
@@ -558,16 +606,17 @@ impl RedisStore {
                     .is_ok()
             }
             Item::Charge { .. } => {
-                let mut keys: Vec<&str> = Vec::with_capacity(batch.len() * 3);
+                let mut keys: Vec<&str> = Vec::with_capacity(batch.len() * 4);
                 for i in batch {
                     if let Item::Charge {
                         bucket,
                         receipt,
                         given,
+                        log,
                         ..
                     } = i
                     {
-                        keys.extend([bucket.as_str(), receipt, given]);
+                        keys.extend([bucket.as_str(), receipt, given, log]);
                     }
                 }
                 let ttl = [self.inner.receipt_ttl_ms.to_string()];
@@ -670,8 +719,6 @@ struct Undo {
     items: VecDeque<Item>,
     /// A task is delivering.
     running: bool,
-    /// Items taken out by the task and not yet answered for.
-    in_flight: usize,
 }
 
 /// Something a request holds in Redis that its caller no longer wants.
@@ -689,6 +736,9 @@ enum Item {
         bucket: String,
         receipt: String,
         given: String,
+        log: String,
+        /// The request's number in this store.
+        n: u64,
     },
 }
 
@@ -736,7 +786,6 @@ fn deliver_all(store: RedisStore) -> impl std::future::Future<Output = ()> + Sen
             if self.1.get() {
                 let mut q = self.0.undo_queue();
                 q.running = false;
-                q.in_flight = 0;
             }
         }
     }
@@ -744,19 +793,19 @@ fn deliver_all(store: RedisStore) -> impl std::future::Future<Output = ()> + Sen
     async move {
         let store = &running.0;
         loop {
-            let batch: Vec<Item> = {
+            let one = store.inner.delivering.lock().await;
+            let batch = store.take_ready(BATCH_MAX * 4);
+            if batch.is_empty() {
+                // Under the queue's lock: a give-back queued, or a charge
+                // answered, from now on starts a new task.
                 let mut q = store.undo_queue();
-                if q.items.is_empty() {
-                    // Under the lock: a give-back queued from now on starts
-                    // a new task.
+                if q.items.is_empty() || store.take_ready_is_blocked(&q) {
                     q.running = false;
                     running.1.set(false);
                     return;
                 }
-                let n = q.items.len().min(BATCH_MAX * 4);
-                q.in_flight = n;
-                q.items.drain(..n).collect()
-            };
+                continue;
+            }
             let left = store.deliver(batch).await;
             let retry = !left.is_empty();
             {
@@ -764,8 +813,8 @@ fn deliver_all(store: RedisStore) -> impl std::future::Future<Output = ()> + Sen
                 for item in left.into_iter().rev() {
                     q.items.push_front(item);
                 }
-                q.in_flight = 0;
             }
+            drop(one);
             if retry {
                 tokio::time::sleep(store.inner.retry_interval).await;
             }
@@ -789,6 +838,8 @@ pub struct RedisRateLimiter {
     receipts: Arc<str>,
     /// `{prefix:name}:gcra-given`: the base of the buckets' refund totals.
     given: Arc<str>,
+    /// `{prefix:name}:gcra-refunds`: the base of the buckets' refund logs.
+    log: Arc<str>,
     interval_us: f64,
     capacity_us: f64,
     /// Keys known to be over the limit, until when (ms since the store's
@@ -817,19 +868,31 @@ struct Charge<'a> {
     bucket: String,
     receipt: String,
     given: String,
+    log: String,
+    /// The request's number, in the store's unanswered charges while this
+    /// lives.
+    n: u64,
     armed: bool,
 }
 
 impl Drop for Charge<'_> {
     fn drop(&mut self) {
+        let store = &self.limiter.store;
         if self.armed {
-            self.limiter.store.give_back(Item::Charge {
+            // Queued before it leaves the unanswered charges, so no later
+            // refund can go out ahead of it.
+            store.give_back(Item::Charge {
                 tag: self.limiter.base.clone(),
                 bucket: std::mem::take(&mut self.bucket),
                 receipt: std::mem::take(&mut self.receipt),
                 given: std::mem::take(&mut self.given),
+                log: std::mem::take(&mut self.log),
+                n: self.n,
             });
         }
+        store.charging().remove(&self.n);
+        // Refunds of later charges may have been waiting for this one.
+        store.kick();
     }
 }
 
@@ -866,19 +929,27 @@ impl RedisRateLimiter {
         if self.store.is_quiet() {
             return self.degraded(key, cost);
         }
-        let (bucket, given) = if key.is_empty() {
-            (self.base.to_string(), self.given.to_string())
-        } else {
-            (
-                format!("{}:{key}", self.base),
-                format!("{}:{key}", self.given),
-            )
+        let per_key = |base: &str| {
+            if key.is_empty() {
+                base.to_owned()
+            } else {
+                format!("{base}:{key}")
+            }
         };
+        let (bucket, given, log) = (
+            per_key(&self.base),
+            per_key(&self.given),
+            per_key(&self.log),
+        );
+        let (n, id) = self.store.request_id();
+        self.store.charging().insert(n);
         let mut charge = Charge {
             limiter: self,
             bucket,
-            receipt: format!("{}{}", self.receipts, self.store.request_id()),
+            receipt: format!("{}{id}", self.receipts),
             given,
+            log,
+            n,
             armed: true,
         };
         let args = [
@@ -891,7 +962,7 @@ impl RedisRateLimiter {
             .store
             .send(
                 Which::Gcra,
-                &[&charge.bucket, &charge.receipt, &charge.given],
+                &[&charge.bucket, &charge.receipt, &charge.given, &charge.log],
                 &args,
             )
             .await;
@@ -1013,7 +1084,7 @@ impl RedisBulkhead {
         }
         let mut asking = Asking {
             bulkhead: self,
-            id: self.store.request_id(),
+            id: self.store.request_id().1,
             armed: true,
         };
         let args = [

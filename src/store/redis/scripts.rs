@@ -5,7 +5,7 @@
 /// GCRA, charging a request named by an id its sender chose before
 /// sending it. KEYS[1] = theoretical arrival time (µs); KEYS[2] = the
 /// request's receipt; KEYS[3] = the total refunds gave back to this
-/// bucket lately. ARGV = emission interval (µs per unit of cost),
+/// bucket lately; KEYS[4] = the log of those refunds (see [`REFUND`]). ARGV = emission interval (µs per unit of cost),
 /// capacity (µs: interval × burst), cost, receipt ttl (ms).
 /// Returns {1, remaining} or {0, retry_after_µs}.
 ///
@@ -32,7 +32,12 @@ if diff > capacity then
   return {0, math.ceil(diff - capacity)}
 end
 local given = redis.call('GET', KEYS[3])
-if given then redis.call('PEXPIRE', KEYS[3], ARGV[4]) else given = '0' end
+if given then
+  redis.call('PEXPIRE', KEYS[3], ARGV[4])
+  redis.call('PEXPIRE', KEYS[4], ARGV[4])
+else
+  given = '0'
+end
 local stored = string.format('%.0f', new_tat)
 redis.call('SET', KEYS[1], stored, 'PX', math.ceil(diff / 1000) + 1)
 redis.call('SET', KEYS[2], string.format('%.0f', tat) .. ' ' .. stored .. ' ' .. given, 'PX', ARGV[4])
@@ -40,22 +45,27 @@ return {1, math.floor((capacity - diff) / interval)}
 "#;
 
 /// Gives back the charges of requests whose senders never learnt they
-/// were admitted (timed out, dropped). KEYS = triples (bucket, receipt,
-/// refund total) as for [`GCRA`], all under one hash tag; ARGV[1] =
-/// receipt ttl (ms).
+/// were admitted (timed out, dropped). KEYS = quadruples (bucket, receipt,
+/// refund total, refund log) as for [`GCRA`], all under one hash tag;
+/// ARGV[1] = receipt ttl (ms).
 ///
-/// A request admitted at `start` took the stretch `[start, end)`; refunds
-/// of requests charged before it since moved that stretch down by at most
-/// what they gave back, `given_now - given_then`. With `end'` its end so
-/// lowered, giving back `min(end - start, end' - now)`, the part of it
-/// still ahead, never leaves the bucket fuller than had the request never
-/// come: while `now < end'`, the TAT stayed above every instant since the
-/// charge, so no later request found the bucket full and each stored the
-/// TAT it would have stored without this one, plus that same part. Once
-/// `now >= end'`, nothing is left to give back. A lost total (it expired)
-/// gives back nothing. Receipts are handled oldest stretch first, so that
-/// refunds in one batch do not shrink each other. See `refund` in the
-/// tests for the same arithmetic, property-tested over histories.
+/// A request admitted at `start` took the stretch `[start, end)`. Refunds
+/// since then of requests charged before it moved that stretch down by
+/// what they gave back. Those are told apart by a *virtual start*, `start`
+/// plus the refund total when the request was charged: it grows with the
+/// order of the charges whatever was refunded in between, and each refund
+/// is logged at its request's. So the stretch moved by `shift =
+/// (given_now - given_then) - (what was given back above it)`, and with
+/// `end' = end - shift`, giving back `min(end - start, end' - now)`, the
+/// part of it still ahead, never leaves the bucket fuller than had the
+/// request never come: while `now < end'`, the TAT stayed above every
+/// instant since the charge, so no later request found the bucket full and
+/// each stored the TAT it would have stored without this one, plus that
+/// same part. Once `now >= end'`, nothing is left to give back. Refunds in
+/// any order give back the same. A lost total or log (expired, or the log
+/// cut to its newest entries) can only make the shift look larger: less is
+/// given back, never more. See `refund` in the tests for the same
+/// arithmetic, property-tested over histories.
 ///
 /// A refund that finds no receipt leaves `x`, so the charge, if it is
 /// still on its way, is never made.
@@ -63,37 +73,39 @@ pub(crate) const REFUND: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local ttl = ARGV[1]
-local todo = {}
-for i = 1, #KEYS, 3 do
+for i = 1, #KEYS, 4 do
   local r = redis.call('GET', KEYS[i + 1])
   if r ~= 'x' then
-    if r then
-      local s, e, g = string.match(r, '^(%d+) (%d+) (%d+)$')
-      if s then table.insert(todo, {tonumber(s), tonumber(e), tonumber(g), i}) end
-    end
     redis.call('SET', KEYS[i + 1], 'x', 'PX', ttl)
-  end
-end
-table.sort(todo, function(a, b) return a[1] < b[1] end)
-for _, c in ipairs(todo) do
-  local i = c[4]
-  local given = tonumber(redis.call('GET', KEYS[i + 2]) or '0')
-  if given >= c[3] then
-    local stop = c[2] - (given - c[3])
-    local give = math.min(c[2] - c[1], stop - now)
-    local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
-    if give > 0 and tat > now then
-      local new_tat = math.max(tat - give, now)
-      if new_tat > now then
-        redis.call('SET', KEYS[i], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
-      else
-        redis.call('DEL', KEYS[i])
+    local s, e, g = string.match(r or '', '^(%d+) (%d+) (%d+)$')
+    local given = tonumber(redis.call('GET', KEYS[i + 2]) or '0')
+    if s and given >= tonumber(g) then
+      local start, stop, v = tonumber(s), tonumber(e), tonumber(s) + tonumber(g)
+      local above = 0
+      local logged = redis.call('ZRANGEBYSCORE', KEYS[i + 3], '(' .. string.format('%.0f', v), '+inf', 'WITHSCORES')
+      for j = 1, #logged, 2 do
+        above = above + tonumber(string.match(logged[j], '^(%d+)'))
       end
-      redis.call('SET', KEYS[i + 2], string.format('%.0f', given + tat - new_tat), 'PX', ttl)
+      local shift = given - tonumber(g) - above
+      local give = math.min(stop - start, stop - shift - now)
+      local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+      if shift >= 0 and give > 0 and tat > now then
+        local new_tat = math.max(tat - give, now)
+        if new_tat > now then
+          redis.call('SET', KEYS[i], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+        else
+          redis.call('DEL', KEYS[i])
+        end
+        local gave = tat - new_tat
+        redis.call('SET', KEYS[i + 2], string.format('%.0f', given + gave), 'PX', ttl)
+        redis.call('ZADD', KEYS[i + 3], string.format('%.0f', v), string.format('%.0f', gave) .. ' ' .. KEYS[i + 1])
+        redis.call('ZREMRANGEBYRANK', KEYS[i + 3], 0, -1025)
+        redis.call('PEXPIRE', KEYS[i + 3], ttl)
+      end
     end
   end
 end
-return #todo
+return 1
 "#;
 
 /// Bulkhead lease. KEYS[1] = sorted set of lease ids scored by expiry
@@ -246,11 +258,13 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::HashMap;
 
-    /// A bucket: its TAT and the total its refunds gave back.
+    /// A bucket: its TAT, the total its refunds gave back, and the log of
+    /// what each gave back, at its request's virtual start.
     #[derive(Default)]
     struct Bucket {
         tat: u64,
         given: u64,
+        log: Vec<(u64, u64)>,
     }
 
     /// A receipt: the stretch taken and the bucket's `given` then.
@@ -269,12 +283,34 @@ mod tests {
 
     /// [`REFUND`] of one receipt.
     fn refund(b: &mut Bucket, now: u64, (start, end, given): Receipt) {
-        let end_now = end.saturating_sub(b.given - given);
+        let v = start + given;
+        let above: u64 = b.log.iter().filter(|(w, _)| *w > v).map(|(_, g)| g).sum();
+        let Some(shift) = (b.given - given).checked_sub(above) else {
+            return;
+        };
+        let end_now = end.saturating_sub(shift);
         let give = (end - start).min(end_now.saturating_sub(now));
         if give > 0 && b.tat > now {
             let new_tat = b.tat.saturating_sub(give).max(now);
             b.given += b.tat - new_tat;
+            b.log.push((v, b.tat - new_tat));
             b.tat = new_tat;
+        }
+    }
+
+    /// Refunds all of one process's abandoned requests, in any order,
+    /// give everything back while no other request came.
+    #[test]
+    fn refunds_in_any_order_give_everything_back() {
+        for order in [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1]] {
+            let mut b = Bucket::default();
+            let receipts: Vec<_> = (0..4)
+                .map(|_| charge(&mut b, 100, 10, 50).unwrap())
+                .collect();
+            for i in order {
+                refund(&mut b, 100, receipts[i]);
+            }
+            assert_eq!(b.tat, 100, "{order:?}");
         }
     }
 
