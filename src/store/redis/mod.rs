@@ -88,7 +88,7 @@
 mod local;
 mod scripts;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -135,10 +135,6 @@ struct Inner {
     stranded: AtomicBool,
     /// One deliverer at a time, so give-backs reach Redis in queue order.
     delivering: tokio::sync::Mutex<()>,
-    /// Charges sent and not yet answered or given up on, by request
-    /// number: a refund waits for every earlier one, so refunds reach
-    /// Redis in the order of their charges (see [`scripts::REFUND`]).
-    charging: Mutex<BTreeSet<u64>>,
     /// Makes request ids unique across the fleet.
     id_prefix: u64,
     next_id: AtomicU64,
@@ -268,7 +264,6 @@ impl RedisStoreBuilder {
                 id_prefix: fastrand::u64(..),
                 next_id: AtomicU64::new(0),
                 delivering: tokio::sync::Mutex::new(()),
-                charging: Mutex::new(BTreeSet::new()),
                 // Refunds follow their charge within a few retries.
                 receipt_ttl_ms: (4 * (self.timeout + self.retry_interval))
                     .as_millis()
@@ -371,7 +366,7 @@ impl RedisStore {
     /// fleet at once, not after `lease_ttl`.
     pub async fn flush(&self) -> bool {
         let _one = self.inner.delivering.lock().await;
-        let batch = self.take_ready(usize::MAX);
+        let batch = self.take_queued(usize::MAX);
         let left = self.deliver(batch).await;
         let mut q = self.undo_queue();
         for item in left.into_iter().rev() {
@@ -389,45 +384,17 @@ impl RedisStore {
         self.inner.origin.elapsed().as_millis() as u64
     }
 
-    /// A request id no other request of the fleet has, and its number
-    /// in this store.
-    fn request_id(&self) -> (u64, String) {
+    /// A request id no other request of the fleet has.
+    fn request_id(&self) -> String {
         let n = self.inner.next_id.fetch_add(1, Relaxed);
-        (n, format!("{:016x}.{n:x}", self.inner.id_prefix))
+        format!("{:016x}.{n:x}", self.inner.id_prefix)
     }
 
-    /// Whether every queued give-back waits for a charge still unanswered.
-    fn take_ready_is_blocked(&self, q: &Undo) -> bool {
-        let oldest = self.charging().first().copied().unwrap_or(u64::MAX);
-        q.items
-            .iter()
-            .all(|i| matches!(i, Item::Charge { n, .. } if *n > oldest))
-    }
-
-    fn charging(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
-        self.inner
-            .charging
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Takes up to `max` queued give-backs that may be sent now: leases,
-    /// and refunds of charges older than every charge still unanswered.
-    fn take_ready(&self, max: usize) -> Vec<Item> {
-        let oldest = self.charging().first().copied().unwrap_or(u64::MAX);
+    /// Takes up to `max` queued give-backs, oldest first.
+    fn take_queued(&self, max: usize) -> Vec<Item> {
         let mut q = self.undo_queue();
-        let mut ready = Vec::new();
-        let mut kept = VecDeque::new();
-        while let Some(item) = q.items.pop_front() {
-            let waits = matches!(item, Item::Charge { n, .. } if n > oldest);
-            if waits || ready.len() >= max {
-                kept.push_back(item);
-            } else {
-                ready.push(item);
-            }
-        }
-        q.items = kept;
-        ready
+        let n = q.items.len().min(max);
+        q.items.drain(..n).collect()
     }
 
     /// Degraded and not yet due to ask Redis again: follow the policy
@@ -737,8 +704,6 @@ enum Item {
         receipt: String,
         given: String,
         log: String,
-        /// The request's number in this store.
-        n: u64,
     },
 }
 
@@ -794,18 +759,18 @@ fn deliver_all(store: RedisStore) -> impl std::future::Future<Output = ()> + Sen
         let store = &running.0;
         loop {
             let one = store.inner.delivering.lock().await;
-            let batch = store.take_ready(BATCH_MAX * 4);
-            if batch.is_empty() {
-                // Under the queue's lock: a give-back queued, or a charge
-                // answered, from now on starts a new task.
+            let batch: Vec<Item> = {
                 let mut q = store.undo_queue();
-                if q.items.is_empty() || store.take_ready_is_blocked(&q) {
+                if q.items.is_empty() {
+                    // Under the lock: a give-back queued from now on
+                    // starts a new task.
                     q.running = false;
                     running.1.set(false);
                     return;
                 }
-                continue;
-            }
+                let n = q.items.len().min(BATCH_MAX * 4);
+                q.items.drain(..n).collect()
+            };
             let left = store.deliver(batch).await;
             let retry = !left.is_empty();
             {
@@ -869,30 +834,20 @@ struct Charge<'a> {
     receipt: String,
     given: String,
     log: String,
-    /// The request's number, in the store's unanswered charges while this
-    /// lives.
-    n: u64,
     armed: bool,
 }
 
 impl Drop for Charge<'_> {
     fn drop(&mut self) {
-        let store = &self.limiter.store;
         if self.armed {
-            // Queued before it leaves the unanswered charges, so no later
-            // refund can go out ahead of it.
-            store.give_back(Item::Charge {
+            self.limiter.store.give_back(Item::Charge {
                 tag: self.limiter.base.clone(),
                 bucket: std::mem::take(&mut self.bucket),
                 receipt: std::mem::take(&mut self.receipt),
                 given: std::mem::take(&mut self.given),
                 log: std::mem::take(&mut self.log),
-                n: self.n,
             });
         }
-        store.charging().remove(&self.n);
-        // Refunds of later charges may have been waiting for this one.
-        store.kick();
     }
 }
 
@@ -941,15 +896,13 @@ impl RedisRateLimiter {
             per_key(&self.given),
             per_key(&self.log),
         );
-        let (n, id) = self.store.request_id();
-        self.store.charging().insert(n);
+        let id = self.store.request_id();
         let mut charge = Charge {
             limiter: self,
             bucket,
             receipt: format!("{}{id}", self.receipts),
             given,
             log,
-            n,
             armed: true,
         };
         let args = [
@@ -1084,7 +1037,7 @@ impl RedisBulkhead {
         }
         let mut asking = Asking {
             bulkhead: self,
-            id: self.store.request_id().1,
+            id: self.store.request_id(),
             armed: true,
         };
         let args = [
