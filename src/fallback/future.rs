@@ -136,9 +136,10 @@ where
             let res = ready!(fut.poll(cx)).map_err(Into::into);
             if let Cursor::Attempt(a) = this.cursor {
                 if a.finish(this.classifier, &res) != Outcome::Failure {
-                    // The healthy path: the primary answered.
-                    *this.cursor = Cursor::Done;
-                    this.state.set(State::Done);
+                    // The healthy path: the primary answered. Everything
+                    // is dropped once, with the future (a future polled
+                    // again after it answered may panic, as the primary's
+                    // own would).
                     return Poll::Ready(res);
                 }
             }
