@@ -168,11 +168,11 @@ async fn rejected_calls_never_take_a_half_open_probe() {
     half_open();
 
     // The bulkhead is full (another process holds the one slot).
-    s.update(|st| st.bulkhead.active_pids = vec![std::process::id()]);
+    let held = s.bulkhead(1).unwrap().named("api").try_acquire().unwrap();
     let err = gate(ok_service()).oneshot(1).await.unwrap_err();
     assert!(err.is::<BulkheadFull>(), "{err}");
     // Free the slot; empty the bucket.
-    s.update(|st| st.bulkhead.active_pids.clear());
+    drop(held);
     limiter.handle().set_retry_after(Duration::from_secs(600));
     let err = gate(ok_service()).oneshot(2).await.unwrap_err();
     assert!(err.is::<RateLimited>(), "{err}");
@@ -257,7 +257,12 @@ async fn retry_after_through_the_layer_blocks_every_process() {
         .unwrap_err();
     let limited = err.downcast_ref::<RateLimited>().unwrap();
     assert!(limited.retry_after() > Duration::from_secs(500));
-    assert!(s.load().rate_limiter.retry_after_until.is_some());
+    // The block is in the limiter's own entry, folded into its TAT.
+    let tat = s.load().rate_limits["api"].tat;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    assert!(Duration::from_nanos(tat) > now + Duration::from_secs(500));
 }
 
 /// The entry of the breaker named `api`, as the file holds it.

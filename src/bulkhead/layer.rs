@@ -184,7 +184,11 @@ impl BulkheadBuilder {
         let shared = match &self.backend {
             Backend::Memory => None,
             #[cfg(feature = "file-store")]
-            Backend::File(store) => Some(Slots::File(store.bulkhead(self.max_concurrent as u32)?)),
+            Backend::File(store) => Some(Slots::File(
+                store
+                    .bulkhead(self.max_concurrent as u32)?
+                    .named(self.name.as_deref().unwrap_or_default()),
+            )),
             #[cfg(feature = "redis")]
             Backend::Redis(store) => Some(Slots::Redis {
                 bulkhead: store.bulkhead(name, self.max_concurrent as u32)?,

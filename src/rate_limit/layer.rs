@@ -422,7 +422,9 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
             Backend::Memory => None,
             #[cfg(feature = "file-store")]
             Backend::File(store) => Some(Remote::File(
-                store.rate_limiter(self.settings.max_tokens, self.settings.refill_rate)?,
+                store
+                    .rate_limiter(self.settings.max_tokens, self.settings.refill_rate)?
+                    .named(self.settings.name.as_deref().unwrap_or_default()),
             )),
             #[cfg(feature = "redis")]
             Backend::Redis(store) => {

@@ -102,6 +102,9 @@ pub enum Recovery {
     Truncated,
     /// The file was written by a newer schema version than this one reads.
     FutureVersion(u32),
+    /// The file was larger than the store reads (see
+    /// `store::file::MAX_FILE_SIZE`).
+    TooLarge,
 }
 
 /// Something a store did that deserves a line in the logs.
