@@ -1083,6 +1083,14 @@ impl FileRateLimiter {
         r.unwrap_or(Err(CLOSED_RETRY))
     }
 
+    /// [`try_acquire`](Self::try_acquire) at the Unix time `now` (nanos).
+    #[cfg(test)]
+    fn try_acquire_at(&self, cost: f64, now: u64) -> Result<(), Duration> {
+        let inc = self.increment(cost)?;
+        let r = self.store.round_blocking(|s| self.decide(s, now, inc));
+        r.unwrap_or(Err(CLOSED_RETRY))
+    }
+
     /// [`try_acquire`](Self::try_acquire) if the lock is free now; `None`
     /// if a peer holds it.
     pub(crate) fn try_acquire_now(&self, cost: f64) -> Option<Result<(), Duration>> {
@@ -1255,5 +1263,92 @@ mod tests {
         );
         assert!(parse(b"{\"version\":1}").is_ok());
         assert!(parse(b"{\"version\":2}").is_ok());
+    }
+
+    #[cfg(feature = "rate-limit")]
+    mod same_verdicts {
+        use std::time::Duration;
+
+        use proptest::prelude::*;
+        use tower::{service_fn, Service, ServiceExt};
+
+        use crate::rate_limit::{RateLimitLayer, RateLimited};
+        use crate::ClockSource;
+
+        use super::super::FileStore;
+
+        /// A call `after` the previous one, costing `cost` tokens.
+        #[derive(Debug, Clone)]
+        struct Step {
+            after: Duration,
+            cost: f64,
+        }
+
+        fn steps() -> impl Strategy<Value = Vec<Step>> {
+            let step =
+                (0u64..3_000, prop_oneof![Just(1.0), 0.5f64..4.0]).prop_map(|(ms, cost)| Step {
+                    after: Duration::from_millis(ms),
+                    cost,
+                });
+            prop::collection::vec(step, 1..40)
+        }
+
+        /// The in-memory limiter, on tokio's paused clock.
+        fn memory(max: f64, rate: f64, steps: &[Step]) -> Vec<Result<(), Duration>> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let layer = RateLimitLayer::builder()
+                    .max_tokens(max)
+                    .refill_rate(rate)
+                    .clock(ClockSource::Tokio)
+                    .cost(|c: &f64| *c)
+                    .build()
+                    .unwrap();
+                let mut svc = tower::Layer::layer(
+                    &layer,
+                    service_fn(|_: f64| async { Ok::<_, crate::BoxError>(()) }),
+                );
+                let mut out = Vec::new();
+                for s in steps {
+                    tokio::time::advance(s.after).await;
+                    let r = svc.ready().await.unwrap().call(s.cost).await;
+                    out.push(r.map_err(|e| e.downcast_ref::<RateLimited>().unwrap().retry_after()));
+                }
+                out
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(48))]
+
+            /// The file backend runs the memory backend's GCRA: the same
+            /// calls at the same times get the same answers, retry times
+            /// included.
+            #[test]
+            fn file_and_memory_admit_the_same_calls(
+                max in 1.0f64..10.0,
+                rate in 0.1f64..5.0,
+                steps in steps(),
+            ) {
+                let max = max.max(4.0);
+                let want = memory(max, rate, &steps);
+                let dir = tempfile::tempdir().unwrap();
+                let store = FileStore::builder().dir(dir.path()).build().unwrap();
+                let file = store.rate_limiter(max, rate).unwrap().named("p");
+                let mut now = 1_700_000_000_000_000_000u64;
+                let got: Vec<_> = steps
+                    .iter()
+                    .map(|s| {
+                        now += s.after.as_nanos() as u64;
+                        file.try_acquire_at(s.cost, now)
+                    })
+                    .collect();
+                prop_assert_eq!(got, want);
+            }
+        }
     }
 }
