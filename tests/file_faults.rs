@@ -530,10 +530,11 @@ fn bad_files_report_their_reason() {
     ));
 }
 
-/// A 10 ms timer on the same current-thread runtime as a rate-limited call
-/// whose lock a peer process holds: the call waits for the lock inside its
-/// response future, so the timer fires first. (The lateness is printed,
-/// not asserted: run with `--nocapture` to see it.)
+/// A 10 ms timer on the same current-thread runtime as a call through the
+/// documented three-layer stack while a peer process holds the file lock:
+/// the rate limit and the bulkhead wait for the lock inside their response
+/// futures and the closed breaker only reads, so the timer fires first.
+/// (The lateness is printed, not asserted: run with `--nocapture`.)
 #[test]
 fn waiting_for_a_peers_lock_does_not_stall_the_runtime() {
     let tmp = tempfile::tempdir().unwrap();
@@ -568,13 +569,21 @@ fn waiting_for_a_peers_lock_does_not_stall_the_runtime() {
             .backend(s.clone())
             .build()
             .unwrap();
+        let bulkhead = BulkheadLayer::builder()
+            .name("api")
+            .max_concurrent(4)
+            .backend(s.clone())
+            .build()
+            .unwrap();
+        // The documented stack: rate limit, bulkhead, breaker.
         let svc = ServiceBuilder::new()
             .layer(limiter)
+            .layer(bulkhead)
             .layer(breaker)
             .service(ok_service());
         let timer_order = order.clone();
+        let start = std::time::Instant::now();
         let timer = tokio::spawn(async move {
-            let start = std::time::Instant::now();
             tokio::time::sleep(Duration::from_millis(10)).await;
             let late = start.elapsed().saturating_sub(Duration::from_millis(10));
             println!("10 ms timer fired {late:?} late while a peer held the lock");

@@ -114,16 +114,32 @@ impl FileBreaker {
     }
 
     pub(crate) fn admit(&self) -> (Result<Pass, Refusal>, Option<Transition>) {
-        // A closed breaker is only read.
+        // Admitting while closed and rejecting while open change nothing:
+        // they are only read. Only a probe (or the move to half-open)
+        // takes the lock.
+        let now = unix_now();
         let quick = self.read(|e| {
             let c = circuit_of(e);
-            matches!(c.state(), CircuitState::Closed | CircuitState::Disabled).then_some(Pass {
-                generation: c.generation,
-                probe: false,
-            })
+            match c.state() {
+                CircuitState::Closed | CircuitState::Disabled => Some(Ok(Pass {
+                    generation: c.generation,
+                    probe: false,
+                })),
+                CircuitState::ForcedOpen => Some(Err(Refusal {
+                    state: CircuitState::ForcedOpen,
+                    retry_after: None,
+                })),
+                CircuitState::Open => c.open_remaining(now).map(|left| {
+                    Err(Refusal {
+                        state: CircuitState::Open,
+                        retry_after: Some(left),
+                    })
+                }),
+                CircuitState::HalfOpen => None,
+            }
         });
-        if let Some(Some(pass)) = quick {
-            return (Ok(pass), None);
+        if let Some(Some(verdict)) = quick {
+            return (verdict, None);
         }
         let rules = self.rules;
         let r = self.update(|c, e, now| {

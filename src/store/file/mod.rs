@@ -1175,6 +1175,33 @@ impl FileBulkhead {
     /// first, the next process to look reclaims it. Waits for the file
     /// lock on this thread. While the store fails closed, `None`.
     pub fn try_acquire(&self) -> Option<FileSlot> {
+        let (holder, claim) = self.claim();
+        let taken = self.store.round_blocking(claim);
+        self.slot(holder, taken)
+    }
+
+    /// [`try_acquire`](Self::try_acquire) if the lock is free now;
+    /// `Err(())` if a peer holds it.
+    pub(crate) fn try_acquire_now(&self) -> Result<Option<FileSlot>, ()> {
+        let (holder, claim) = self.claim();
+        match self.store.try_round(claim) {
+            Ok(taken) => Ok(self.slot(holder, taken)),
+            Err(_) => Err(()),
+        }
+    }
+
+    /// [`try_acquire`](Self::try_acquire), waiting for the lock with tokio
+    /// timers.
+    pub(crate) async fn acquire_async(&self) -> Option<FileSlot> {
+        let (holder, claim) = self.claim();
+        let taken = self.store.round_async(claim).await;
+        self.slot(holder, taken)
+    }
+
+    /// A new holder record for this process, and the update that takes a
+    /// slot for it (after reclaiming those of holders that ended or went
+    /// stale).
+    fn claim(&self) -> (Holder, impl FnOnce(&mut State) -> bool + '_) {
         let me = me();
         let now = unix_ms();
         let stale = self.stale_ms();
@@ -1184,11 +1211,15 @@ impl FileBulkhead {
             since: now,
             id: fastrand::u64(..),
         };
-        let taken = self.store.round_blocking(|s| {
+        let claim = move |s: &mut State| {
             let e = s.bulkheads.entry(self.name.to_string()).or_default();
             e.reclaim(now, stale, |h| alive(h.pid, h.start));
             e.acquire(self.max, holder)
-        });
+        };
+        (holder, claim)
+    }
+
+    fn slot(&self, holder: Holder, taken: Result<bool, Unavailable>) -> Option<FileSlot> {
         (taken == Ok(true)).then(|| FileSlot {
             store: self.store.clone(),
             name: self.name.clone(),
