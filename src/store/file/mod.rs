@@ -397,10 +397,7 @@ impl FileStore {
     /// recovered by the next [`update`](Self::update)); while the store
     /// is degraded this is the process's local state.
     pub fn load(&self) -> State {
-        match self.view(Clone::clone) {
-            Ok(s) => s,
-            Err(Unavailable) => State::default(),
-        }
+        self.view(Clone::clone).unwrap_or_default()
     }
 
     /// Reads the state without the lock, through the cache: the file is
