@@ -607,3 +607,87 @@ fn waiting_for_a_peers_lock_does_not_stall_the_runtime() {
     peer.kill().unwrap();
     peer.wait().unwrap();
 }
+
+/// A call waiting for a peer's lock is dropped at each point it can be:
+/// before its first poll, and while it waits. It takes nothing with it: no
+/// slot stays held and no token is charged.
+#[test]
+fn a_call_dropped_while_waiting_for_the_lock_takes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut peer = spawn_child("hold_lock", tmp.path());
+    wait_ready(&mut peer);
+    let s = FileStore::builder()
+        .dir(tmp.path())
+        .lock_timeout(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    let limiter = RateLimitLayer::builder()
+        .name("api")
+        .max_tokens(5.0)
+        .refill_rate(1e-6)
+        .backend(s.clone())
+        .build()
+        .unwrap();
+    let bulkhead = BulkheadLayer::builder()
+        .name("api")
+        .max_concurrent(1)
+        .backend(s.clone())
+        .build()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for polls in 0..3 {
+            let limited = ServiceBuilder::new()
+                .layer(limiter.clone())
+                .service(ok_service())
+                .oneshot(1);
+            let bounded = ServiceBuilder::new()
+                .layer(bulkhead.clone())
+                .service(ok_service())
+                .oneshot(2);
+            tokio::pin!(limited, bounded);
+            for _ in 0..polls {
+                assert!(futures::poll!(&mut limited).is_pending());
+                assert!(futures::poll!(&mut bounded).is_pending());
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    peer.kill().unwrap();
+    peer.wait().unwrap();
+    let state = s.load();
+    assert!(state.rate_limits.is_empty(), "{state:?}");
+    assert!(state.bulkheads.is_empty(), "{state:?}");
+    assert_eq!(bulkhead.handle().in_flight(), 0);
+    assert!((limiter.handle().tokens() - 5.0).abs() < 0.01);
+}
+
+#[test]
+fn failing_open_the_store_is_restored_when_the_file_is_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ro");
+    std::fs::create_dir(&dir).unwrap();
+    set_mode(&dir, 0o500);
+    let (s, events) = store_with(&dir, Degrade::FailOpenToLocal);
+    let bucket = s.rate_limiter(2.0, 1e-6).unwrap();
+    // Local limits while the directory is read-only: 2, not unlimited.
+    let admitted = (0..5).filter(|_| bucket.try_acquire(1.0).is_ok()).count();
+    assert_eq!(admitted, 2);
+    assert!(s.is_degraded());
+    set_mode(&dir, 0o700);
+    // The file is back: its (fresh) bucket decides again.
+    assert_eq!(bucket.try_acquire(1.0), Ok(()));
+    assert!(!s.is_degraded());
+    assert!(std::fs::metadata(s.path()).is_ok());
+    let events = events.lock().unwrap();
+    assert!(
+        matches!(
+            events[..],
+            [StoreEvent::Degraded { .. }, StoreEvent::Restored { .. }]
+        ),
+        "{events:?}"
+    );
+}
