@@ -527,4 +527,38 @@ mod tests {
         assert_eq!(blocked.acquire(140 * S, inc, &p), Err(10 * S));
         assert!(blocked.acquire(150 * S, inc, &p).is_ok());
     }
+
+    #[cfg(feature = "rate-limit")]
+    mod v1_buckets {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::rate_limit::gcra::Params;
+
+        proptest! {
+            /// A version-1 bucket becomes the TAT that holds the same
+            /// tokens at every later time: what it had, plus what refilled
+            /// since, up to the bucket's size.
+            #[test]
+            fn keeps_its_tokens_at_every_later_time(
+                max in 1.0f64..1000.0,
+                rate in 0.01f64..1000.0,
+                fill in 0.0f64..=1.0,
+                at_ms in 1u64..4_000_000_000_000,
+                later_ms in 0u64..10_000_000,
+            ) {
+                let p = Params::new(max, rate, 0);
+                let had = max * fill;
+                let e = RateLimitEntry {
+                    tat: 0,
+                    v1: Some(BucketState::v1(had, at_ms)),
+                };
+                let now = (at_ms + later_ms) * 1_000_000;
+                let want = (had + later_ms as f64 / 1000.0 * rate).min(max);
+                let got = e.tokens(now, &p);
+                // The TAT is whole nanoseconds: a token's worth of rounding.
+                prop_assert!((got - want).abs() <= 1e-6 * max.max(1.0) + 1e-9 * rate, "{got} vs {want}");
+            }
+        }
+    }
 }
