@@ -353,3 +353,78 @@ async fn retry_after_through_the_layer_blocks_every_process() {
 fn api(s: &FileStore) -> BreakerEntry {
     s.load().breakers.get("api").cloned().unwrap_or_default()
 }
+
+/// A state file left by an earlier release (schema version 1: one breaker,
+/// one bucket, one bulkhead) keeps its limits for the unnamed layers: the
+/// bucket it emptied stays empty, the slot a live process holds stays
+/// held, the breaker it opened stays open. The next write is version 2.
+#[tokio::test]
+async fn a_version_1_file_keeps_its_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let mut holder = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let v1 = format!(
+        r#"{{"version":1,
+        "circuit_breaker":{{"state":"open","failures":0,"successes":0,"half_open_attempts":0,
+          "half_open_pids":[],"half_open_last_attempt_at":null,"last_failure_at":{now},
+          "opened_at":{now},"open_until":{until},"generation":4}},
+        "rate_limiter":{{"tokens":0.0,"last_refill_at":{now},"retry_after_until":null}},
+        "bulkhead":{{"active_pids":[{pid}]}},"updated_at":{now}}}"#,
+        until = now + 600_000,
+        pid = holder.id()
+    );
+    std::fs::write(s.path(), v1).unwrap();
+
+    let limiter = RateLimitLayer::builder()
+        .max_tokens(5.0)
+        .refill_rate(1e-6)
+        .backend(s.clone())
+        .build()
+        .unwrap();
+    let err = ServiceBuilder::new()
+        .layer(limiter)
+        .service(ok_service())
+        .oneshot(1)
+        .await
+        .unwrap_err();
+    assert!(err.is::<RateLimited>(), "{err}");
+    let bulkhead = BulkheadLayer::builder()
+        .max_concurrent(1)
+        .backend(s.clone())
+        .build()
+        .unwrap();
+    let err = ServiceBuilder::new()
+        .layer(bulkhead)
+        .service(ok_service())
+        .oneshot(2)
+        .await
+        .unwrap_err();
+    assert!(err.is::<BulkheadFull>(), "{err}");
+    let breaker = CircuitBreakerLayer::builder()
+        .backend(s.clone())
+        .build()
+        .unwrap();
+    assert_eq!(breaker.handle().state(), CircuitState::Open);
+    let err = ServiceBuilder::new()
+        .layer(breaker)
+        .service(ok_service())
+        .oneshot(3)
+        .await
+        .unwrap_err();
+    assert!(err.is::<CircuitOpen>(), "{err}");
+
+    let text = std::fs::read_to_string(s.path()).unwrap();
+    assert!(text.starts_with(r#"{"version":2"#), "{text}");
+    for old in ["circuit_breaker", "rate_limiter", "active_pids"] {
+        assert!(!text.contains(old), "{old} in {text}");
+    }
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+}
