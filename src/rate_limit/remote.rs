@@ -91,7 +91,7 @@ impl Remote {
         match *self {
             #[cfg(feature = "file-store")]
             Remote::File(ref f) => {
-                f.set_retry_after(d);
+                f.set_retry_after_detached(d);
                 true
             }
             #[cfg(feature = "redis")]

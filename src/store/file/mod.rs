@@ -65,12 +65,13 @@
 //!   stuck peer) and a [`StoreEvent::LockTimeout`] is emitted.
 //! - Waiting for the lock does not stall an async runtime where the wait
 //!   can be moved off it: a rate limit's admission waits inside its
-//!   response future with tokio timers, a bulkhead slot or breaker probe
-//!   given back when its future is dropped is given back on tokio's
-//!   blocking pool if the lock is busy, and other waits on a
-//!   multi-threaded runtime use `block_in_place`. Only on a
-//!   current-thread runtime do the breaker's and bulkhead's own lock
-//!   waits (at most `lock_timeout`) hold the thread.
+//!   response future with tokio timers, as does a bulkhead's slot; a slot
+//!   or probe given back, and an upstream's `Retry-After` block, are
+//!   written on tokio's blocking pool when the lock is busy; other waits
+//!   on a multi-threaded runtime use `block_in_place`. Only the breaker's
+//!   locked steps (a failure, a probe, `hold_open`, the handle) on a
+//!   current-thread runtime still hold the thread while a peer holds the
+//!   lock (at most `lock_timeout`).
 //! - Writes go to a temporary file in the same directory, then `rename`
 //!   over the state file: a reader sees the old state or the new one,
 //!   never half of one. Temporary files left by a process killed while
@@ -1131,6 +1132,20 @@ impl FileRateLimiter {
         let _ = self.store.round_blocking(|s| {
             let e = s.rate_limits.entry(self.name.to_string()).or_default();
             e.block_until(until, inc, &self.params);
+        });
+    }
+
+    /// [`set_retry_after`](Self::set_retry_after) from a response future:
+    /// applied now if the lock is free, else on tokio's blocking pool, so
+    /// the caller's runtime never waits for a peer's lock.
+    pub(crate) fn set_retry_after_detached(&self, d: Duration) {
+        let until = unix_ns().saturating_add(crate::clock::nanos(d));
+        let p = self.params;
+        let inc = p.increment(1.0).unwrap_or(p.tau);
+        let name = self.name.clone();
+        self.store.round_detached(move |s| {
+            let e = s.rate_limits.entry(name.to_string()).or_default();
+            e.block_until(until, inc, &p);
         });
     }
 
