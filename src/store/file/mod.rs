@@ -77,9 +77,12 @@
 //!   never half of one. Temporary files left by a process killed while
 //!   writing are removed by a later write. Files are created with mode
 //!   0600, the directory with 0700.
-//! - Reads that need no change (a closed breaker's admission, a
-//!   bulkhead's count) take no lock and reuse the parsed file while its
-//!   inode, size and modification time are unchanged.
+//! - Reads that need no change (a closed breaker's admission, an open
+//!   one's rejection, a bulkhead's count) take no lock and reuse the
+//!   parsed file while its inode, size and modification time are
+//!   unchanged. A call through the documented three-layer stack takes
+//!   three lock rounds: the rate limit's admission and the bulkhead's
+//!   slot taken and given back.
 //!
 //! # What is refused, and what is recovered
 //!
@@ -884,8 +887,10 @@ fn writable(m: &fs::Metadata, what: &str) -> io::Result<()> {
             ));
         }
     }
+    // Elsewhere a directory's read-only attribute says nothing about
+    // writing in it: only a file's is taken at its word.
     #[cfg(not(unix))]
-    if m.permissions().readonly() {
+    if m.is_file() && m.permissions().readonly() {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!("the state {what} is read-only"),
