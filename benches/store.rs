@@ -189,7 +189,7 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("store/engine");
     let bucket = file.rate_limiter(1e12, 1e12).unwrap();
-    g.bench_function("file token bucket (locked read-modify-write)", |b| {
+    g.bench_function("file GCRA (locked read-modify-write)", |b| {
         b.iter(|| black_box(bucket.try_acquire(1.0)))
     });
     if let Some(redis) = &redis {

@@ -303,6 +303,12 @@ fn invalid_config_names_the_field() {
         field(b().max_retry_after(Duration::ZERO).build()),
         "max_retry_after"
     );
+    // A setting of a backend the breaker does not use is refused, not
+    // silently ignored.
+    assert_eq!(
+        field(b().sync_interval(Duration::from_secs(1)).build()),
+        "sync_interval"
+    );
     assert_eq!(
         field(b().half_open_max_calls(0).build()),
         "half_open_max_calls"

@@ -12,7 +12,7 @@ mod breaker_call;
 use breaker_call::call;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitState};
-use tower_bulwark::store::file::{BreakerEntry, FileStore, State};
+use tower_bulwark::store::file::{BreakerEntry, FileRateLimiter, FileStore, State};
 use tower_bulwark::store::{Recovery, StoreEvent};
 
 #[path = "support/child.rs"]
@@ -158,8 +158,9 @@ fn bucket_never_over_admits_across_processes() {
         .map(|c| outputs(c)[0].parse::<usize>().unwrap())
         .sum();
     assert_eq!(total, 25, "4 processes x 40 calls share one bucket of 25");
-    let state = store(dir.path()).load();
-    assert!(state.rate_limiter.tokens.unwrap() < 1.0);
+    let bucket = store(dir.path()).rate_limiter(25.0, 1e-6).unwrap();
+    assert!(bucket.tokens() < 1.0);
+    assert!(store(dir.path()).load().rate_limits[""].tat > 0);
 }
 
 #[test]
@@ -169,26 +170,30 @@ fn killed_process_bulkhead_slot_is_reclaimed() {
     wait_ready(&mut child);
     let bulkhead = store(dir.path()).bulkhead(1).unwrap();
     assert!(bulkhead.try_acquire().is_none(), "the child holds the slot");
-    assert_eq!(
-        store(dir.path()).load().bulkhead.active_pids,
-        vec![child.id()]
-    );
+    assert_eq!(holders(&store(dir.path())), vec![child.id()]);
     child.kill().unwrap();
     child.wait().unwrap();
     let slot = bulkhead
         .try_acquire()
         .expect("the dead child's slot is reclaimed");
-    assert_eq!(
-        store(dir.path()).load().bulkhead.active_pids,
-        vec![std::process::id()]
-    );
+    assert_eq!(holders(&store(dir.path())), vec![std::process::id()]);
     drop(slot);
     assert_eq!(bulkhead.available(), 1);
 }
 
 /// Whole tokens left (the refill while a test runs is far below one).
-fn tokens(store: &FileStore) -> u32 {
-    store.load().rate_limiter.tokens.unwrap().floor() as u32
+fn tokens(bucket: &FileRateLimiter) -> u32 {
+    bucket.tokens().floor() as u32
+}
+
+/// The PIDs holding slots of the unnamed bulkhead.
+fn holders(store: &FileStore) -> Vec<u32> {
+    let state = store.load();
+    state
+        .bulkheads
+        .get("")
+        .map(|b| b.holders.iter().map(|h| h.pid).collect())
+        .unwrap_or_default()
 }
 
 fn recording_store(dir: &Path) -> (FileStore, Arc<Mutex<Vec<StoreEvent>>>) {
@@ -236,7 +241,7 @@ fn bad_files_are_recovered_and_kept_aside() {
         let kept = kept_at.as_ref().expect("the bad file is kept");
         assert_eq!(std::fs::read(kept).unwrap(), content);
         // The file is valid again, with the call recorded.
-        assert_eq!(tokens(&store), 1);
+        assert_eq!(tokens(&bucket), 1);
         assert_eq!(store.load().version, 2);
     }
 }
@@ -263,7 +268,7 @@ fn lock_timeout_fails_open_with_an_event() {
         ),
         "{events:?}"
     );
-    assert_eq!(tokens(&store), 3);
+    assert_eq!(tokens(&bucket), 3);
     fs4::FileExt::unlock(&held).unwrap();
     assert!(bucket.try_acquire(1.0).is_ok());
     assert_eq!(events.lock().unwrap().len(), 1);

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 pub use crate::backend::Backend;
 
-/// Settings of the shared backends.
+/// Settings of the shared backends (unused when none is compiled in).
 #[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(any(feature = "file-store", feature = "redis")), allow(dead_code))]
 pub(crate) struct SharedCfg {
     /// How long a half-open probe may stay unanswered before it is taken
     /// to be from a crashed or hung process and freed.

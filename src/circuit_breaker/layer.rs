@@ -98,6 +98,7 @@ struct Settings {
     backend: Backend,
     stale_attempt_timeout: Duration,
     sync_interval: Duration,
+    sync_interval_set: bool,
     listeners: Listeners<CircuitEvent>,
 }
 
@@ -121,6 +122,7 @@ impl CircuitBreakerBuilder {
                 backend: Backend::Memory,
                 stale_attempt_timeout: Duration::from_secs(120),
                 sync_interval: Duration::from_millis(500),
+                sync_interval_set: false,
                 listeners: Listeners::default(),
             },
             classifier: DefaultClassifier,
@@ -256,6 +258,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// opening is reported at once.
     pub fn sync_interval(mut self, d: Duration) -> Self {
         self.settings.sync_interval = d;
+        self.settings.sync_interval_set = true;
         self
     }
 
@@ -338,6 +341,13 @@ impl<C> CircuitBreakerBuilder<C> {
         };
         check.non_zero_duration("stale_attempt_timeout", s.stale_attempt_timeout)?;
         check.non_zero_duration("sync_interval", s.sync_interval)?;
+        if s.sync_interval_set && !s.backend.is_redis() {
+            return Err(ConfigError::new(
+                LAYER,
+                "sync_interval",
+                "only a breaker on the Redis backend syncs with a fleet",
+            ));
+        }
         if !s.backend.is_memory() && s.window.is_some() {
             return Err(ConfigError::new(
                 LAYER,
@@ -379,6 +389,7 @@ impl<C> CircuitBreakerBuilder<C> {
 /// A breaker configuration that passed [`CircuitBreakerBuilder::validate`].
 pub(crate) struct Validated {
     pub(crate) cfg: Config,
+    #[cfg_attr(not(any(feature = "file-store", feature = "redis")), allow(dead_code))]
     pub(crate) shared: SharedCfg,
     pub(crate) backend: Backend,
     pub(crate) listeners: Listeners<CircuitEvent>,

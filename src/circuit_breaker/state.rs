@@ -52,6 +52,7 @@ pub(crate) struct Config {
 /// Where an event came from: a local decision is reported to a fleet;
 /// one that applies the fleet's view is not reported back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) enum Source {
     Local,
     Fleet,
