@@ -358,3 +358,54 @@ async fn an_absurd_retry_after_is_cut_to_max_retry_after() {
     advance(Duration::from_secs(3600)).await;
     assert_eq!(h.state(), CircuitState::HalfOpen);
 }
+
+/// A breaker on a state file books a failure without waiting for a peer
+/// that holds the file's lock: the call answers at once, and the failure
+/// is booked once the lock is free.
+#[cfg(feature = "file-store")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_breaker_books_without_waiting_for_a_peers_lock() {
+    use std::sync::mpsc;
+    use tower_bulwark::store::file::FileStore;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStore::builder()
+        .dir(dir.path())
+        .lock_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let l = CircuitBreakerLayer::builder()
+        .name("api")
+        .failure_threshold(2)
+        .backend(store.clone())
+        .build()
+        .unwrap();
+    let h = l.handle();
+    // A peer holds the lock until told to let go.
+    let (held, is_held) = mpsc::channel();
+    let (release, on_release) = mpsc::channel::<()>();
+    let peer = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            store.update(|_| {
+                held.send(()).unwrap();
+                on_release.recv().unwrap();
+            })
+        })
+    };
+    is_held.recv().unwrap();
+    for _ in 0..2 {
+        let err = call(&l, Err("down")).await.unwrap_err();
+        assert_eq!(err.to_string(), "down", "answered while the lock is held");
+    }
+    release.send(()).unwrap();
+    peer.join().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while h.state() != CircuitState::Open {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failures were booked"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -157,26 +157,39 @@ impl FileBreaker {
         r.unwrap_or((Err(UNAVAILABLE), None))
     }
 
-    pub(crate) fn book(&self, pass: Pass, failure: bool) -> Option<Transition> {
+    /// Books a result. The caller does not wait for a peer's lock: the
+    /// booking runs now if the lock is free, else off the caller's thread,
+    /// and `then` gets the transition it caused, if any.
+    pub(crate) fn book(
+        &self,
+        pass: Pass,
+        failure: bool,
+        then: impl FnOnce(Option<Transition>) + Send + 'static,
+    ) {
         if !failure && !pass.probe {
             // A success with nothing to clear is only read.
             let nothing = self.read(|e| e.generation != pass.generation || e.failures == 0);
             if nothing == Some(true) {
-                return None;
+                return;
             }
         }
-        let rules = self.rules;
-        let r = self.update(|c, e, now| {
-            if pass.probe && pass.generation == e.generation {
-                remove_holder(e);
-            }
-            if failure {
-                c.fail(&rules, pass, now)
-            } else {
-                c.succeed(&rules, pass)
-            }
-        });
-        r.unwrap_or(None)
+        let (name, stale_ms, rules) = (self.name.clone(), self.stale_ms(), self.rules);
+        let now = unix_now();
+        self.store.round_then(
+            move |s| {
+                run(s, &name, stale_ms, now, |c, e, now| {
+                    if pass.probe && pass.generation == e.generation {
+                        remove_holder(e);
+                    }
+                    if failure {
+                        c.fail(&rules, pass, now)
+                    } else {
+                        c.succeed(&rules, pass)
+                    }
+                })
+            },
+            move |r| then(r.unwrap_or(None)),
+        );
     }
 
     /// Gives a probe back, from the call's destructor: it never waits for
@@ -193,8 +206,17 @@ impl FileBreaker {
         });
     }
 
-    pub(crate) fn hold_open(&self, d: Duration) -> Option<Transition> {
-        self.update(|c, _, now| c.hold_open(now, d)).unwrap_or(None)
+    /// Holds the breaker open (see [`book`](Self::book) for `then`).
+    pub(crate) fn hold_open(
+        &self,
+        d: Duration,
+        then: impl FnOnce(Option<Transition>) + Send + 'static,
+    ) {
+        let (name, stale_ms, now) = (self.name.clone(), self.stale_ms(), unix_now());
+        self.store.round_then(
+            move |s| run(s, &name, stale_ms, now, |c, _, now| c.hold_open(now, d)),
+            move |r| then(r.unwrap_or(None)),
+        );
     }
 
     pub(crate) fn force(&self, to: CircuitState) -> Transition {

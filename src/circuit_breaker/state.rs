@@ -253,7 +253,14 @@ impl Core {
         }
         let t = match &self.attached {
             #[cfg(feature = "file-store")]
-            Attached::File(f) => f.book(pass, failure || slow),
+            Attached::File(f) => {
+                let announce = self.announcer();
+                return f.book(pass, failure || slow, move |t| {
+                    if let Some(t) = t {
+                        announce(t)
+                    }
+                });
+            }
             #[cfg(feature = "redis")]
             Attached::Redis(f) => {
                 if !pass.probe {
@@ -337,7 +344,14 @@ impl Core {
     pub(crate) fn hold_open(&self, d: Duration, source: Source) {
         let t = match &self.attached {
             #[cfg(feature = "file-store")]
-            Attached::File(f) => f.hold_open(d),
+            Attached::File(f) => {
+                let announce = self.announcer();
+                return f.hold_open(d, move |t| {
+                    if let Some(t) = t {
+                        announce(t)
+                    }
+                });
+            }
             _ => self.update(|l, now| l.circuit.hold_open(now, d)),
         };
         if let Some(t) = t {
@@ -372,14 +386,15 @@ impl Core {
             f.changed(&t, source);
         }
         let _ = source;
-        gauge("bulwark_circuit_state", &self.cfg.name, t.to.gauge_value());
-        self.listeners.emit(&CircuitEvent::StateChanged {
-            name: self.cfg.name.clone(),
-            from: t.from,
-            to: t.to,
-            open_for: t.open_for,
-            retry_after_hint: t.cause == Cause::RetryAfter,
-        });
+        announce(&self.cfg.name, &self.listeners, t);
+    }
+
+    /// Reports a transition made away from this breaker's thread (a
+    /// state file booking that waited for a peer's lock).
+    #[cfg(feature = "file-store")]
+    fn announcer(&self) -> impl FnOnce(Transition) + Send + 'static {
+        let (name, listeners) = (self.cfg.name.clone(), self.listeners.clone());
+        move |t| announce(&name, &listeners, t)
     }
 
     /// A copy of the circuit, as the backend has it.
@@ -429,6 +444,18 @@ impl Core {
             open_remaining: c.open_remaining(now),
         }
     }
+}
+
+/// Tells the gauge and the listeners of a transition.
+fn announce(name: &Arc<str>, listeners: &Listeners<CircuitEvent>, t: Transition) {
+    gauge("bulwark_circuit_state", name, t.to.gauge_value());
+    listeners.emit(&CircuitEvent::StateChanged {
+        name: name.clone(),
+        from: t.from,
+        to: t.to,
+        open_for: t.open_for,
+        retry_after_hint: t.cause == Cause::RetryAfter,
+    });
 }
 
 /// A call a breaker let through, until its result is booked.

@@ -574,16 +574,26 @@ impl FileStore {
     /// tokio's blocking pool when there is a runtime (the caller must not
     /// wait), else on this thread.
     pub(crate) fn round_detached(&self, f: impl FnOnce(&mut State) + Send + 'static) {
-        let Err(f) = self.try_round(f) else {
-            return;
+        self.round_then(f, |_| {});
+    }
+
+    /// One update whose result the caller need not wait for: `then` gets
+    /// it, now if the lock is free, else from tokio's blocking pool when
+    /// there is a runtime, else on this thread after waiting.
+    pub(crate) fn round_then<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut State) -> R + Send + 'static,
+        then: impl FnOnce(Result<R, Unavailable>) + Send + 'static,
+    ) {
+        let f = match self.try_round(f) {
+            Ok(r) => return then(r),
+            Err(f) => f,
         };
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let store = self.clone();
-            drop(rt.spawn_blocking(move || {
-                let _ = store.round_blocking(f);
-            }));
+            drop(rt.spawn_blocking(move || then(store.round_blocking(f))));
         } else {
-            let _ = self.round_blocking(f);
+            then(self.round_blocking(f));
         }
     }
 
