@@ -2,7 +2,7 @@
 
 use std::any::Any;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use tower_layer::Layer;
@@ -17,8 +17,9 @@ const LAYER: &str = "dedup";
 /// Makes concurrent identical requests share one inner call, and may serve
 /// a finished answer again for a while. See the [module docs](super).
 ///
-/// Cloning the layer, and every service it makes, shares the in-flight
-/// calls and the cache.
+/// Each service the layer makes has its own in-flight calls and cache,
+/// shared by that service's clones; services made separately (for example
+/// by axum's `Router::layer`, once per route) never answer each other.
 pub struct DedupLayer<K = DefaultKey> {
     pub(crate) key: Arc<K>,
     pub(crate) shared: Arc<LayerShared>,
@@ -40,10 +41,12 @@ impl DedupLayer {
 }
 
 impl<K> DedupLayer<K> {
-    /// A handle that reads the shared table and clears its cache.
+    /// A handle on the tables of every service this layer (or a clone of
+    /// it) made: counts add up over them, and `clear_cache` clears them
+    /// all.
     pub fn handle(&self) -> DedupHandle {
         DedupHandle {
-            shared: self.shared.clone(),
+            scope: Scope::Layer(self.shared.clone()),
         }
     }
 }
@@ -101,14 +104,52 @@ where
     }
 }
 
-/// What every service of one layer shares: the configuration and one table
-/// per kind of service the layer wrapped (normally one).
+/// What every service of one layer shares: the configuration, and where
+/// to find each service's tables for the layer's handle.
 pub(crate) struct LayerShared {
+    pub(crate) cfg: Arc<Config>,
+    services: Mutex<Vec<Weak<ServiceTables>>>,
+}
+
+impl LayerShared {
+    /// The tables of a new service, known to the layer's handle for as long
+    /// as the service (or a clone of it) lives.
+    pub(crate) fn service(&self) -> Arc<ServiceTables> {
+        let tables = Arc::new(ServiceTables {
+            cfg: self.cfg.clone(),
+            tables: Mutex::new(Vec::new()),
+        });
+        let mut services = lock(&self.services);
+        if services.len() == services.capacity() {
+            // Forget services that are gone. Growing the list when at least
+            // half of it is still alive keeps this O(1) amortised, so a
+            // layer that makes a service per connection stays small.
+            services.retain(|s| s.strong_count() > 0);
+            if services.len() * 2 > services.capacity() {
+                let more = services.len().max(4);
+                services.reserve(more);
+            }
+        }
+        services.push(Arc::downgrade(&tables));
+        tables
+    }
+
+    fn live(&self) -> Vec<Arc<ServiceTables>> {
+        lock(&self.services)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+}
+
+/// The tables of one service made by [`Layer::layer`] (and its clones):
+/// one per kind of request it was called with (normally one).
+pub(crate) struct ServiceTables {
     pub(crate) cfg: Arc<Config>,
     tables: Mutex<Vec<TableEntry>>,
 }
 
-impl LayerShared {
+impl ServiceTables {
     /// The table for keys `K`, inner futures `F` and answers `T`, made on
     /// first use.
     pub(crate) fn table<K, F, T>(&self) -> Arc<Table<K, F, T>>
@@ -117,7 +158,7 @@ impl LayerShared {
         F: Send + 'static,
         T: Clone + Send + 'static,
     {
-        let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tables = lock(&self.tables);
         for t in tables.iter() {
             if let Ok(table) = Arc::downcast::<Table<K, F, T>>(t.any.clone()) {
                 return table;
@@ -130,6 +171,23 @@ impl LayerShared {
         });
         table
     }
+
+    fn counts(&self) -> (usize, usize) {
+        lock(&self.tables).iter().fold((0, 0), |(a, b), t| {
+            let (x, y) = t.ops.counts();
+            (a + x, b + y)
+        })
+    }
+
+    fn clear_cache(&self) {
+        for t in lock(&self.tables).iter() {
+            t.ops.clear_cache();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Configures a [`DedupLayer`]. See the [module docs](super).
@@ -223,7 +281,7 @@ impl<K> DedupBuilder<K> {
             key: Arc::new(self.key),
             shared: Arc::new(LayerShared {
                 cfg: Arc::new(cfg),
-                tables: Mutex::new(Vec::new()),
+                services: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -241,22 +299,44 @@ impl<K: fmt::Debug> fmt::Debug for DedupBuilder<K> {
     }
 }
 
-/// Reads a dedup layer's shared table from outside the stack.
+/// Reads a dedup layer's tables from outside the stack: those of every
+/// live service the layer made ([`DedupLayer::handle`]), or of one service
+/// and its clones ([`Dedup::handle`](super::Dedup::handle)).
 #[derive(Clone)]
 pub struct DedupHandle {
-    shared: Arc<LayerShared>,
+    scope: Scope,
+}
+
+#[derive(Clone)]
+enum Scope {
+    Layer(Arc<LayerShared>),
+    Service(Arc<ServiceTables>),
 }
 
 impl DedupHandle {
+    pub(crate) fn of_service(tables: Arc<ServiceTables>) -> Self {
+        Self {
+            scope: Scope::Service(tables),
+        }
+    }
+
+    fn services(&self) -> Vec<Arc<ServiceTables>> {
+        match &self.scope {
+            Scope::Layer(shared) => shared.live(),
+            Scope::Service(tables) => vec![tables.clone()],
+        }
+    }
+
     fn sum(&self) -> (usize, usize) {
-        let tables = self.shared.tables.lock().unwrap_or_else(|e| e.into_inner());
-        tables.iter().fold((0, 0), |(a, b), t| {
-            let (x, y) = t.ops.counts();
+        self.services().iter().fold((0, 0), |(a, b), s| {
+            let (x, y) = s.counts();
             (a + x, b + y)
         })
     }
 
-    /// Shared calls in flight now.
+    /// Shared calls in flight now. Every entry belongs to a call that can
+    /// still answer it, so once every caller has its answer (or went
+    /// away) this is 0.
     pub fn in_flight(&self) -> usize {
         self.sum().0
     }
@@ -267,11 +347,28 @@ impl DedupHandle {
         self.sum().1
     }
 
+    /// Keys held now, in flight or cached: `in_flight() + cached()`.
+    pub fn len(&self) -> usize {
+        let (a, b) = self.sum();
+        a + b
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Forgets every cached answer; calls in flight go on.
     pub fn clear_cache(&self) {
-        let tables = self.shared.tables.lock().unwrap_or_else(|e| e.into_inner());
-        for t in tables.iter() {
-            t.ops.clear_cache();
+        for s in self.services() {
+            s.clear_cache();
+        }
+    }
+
+    fn cfg(&self) -> &Config {
+        match &self.scope {
+            Scope::Layer(shared) => &shared.cfg,
+            Scope::Service(tables) => &tables.cfg,
         }
     }
 }
@@ -280,7 +377,7 @@ impl fmt::Debug for DedupHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (in_flight, cached) = self.sum();
         f.debug_struct("DedupHandle")
-            .field("name", &self.shared.cfg.name)
+            .field("name", &self.cfg().name)
             .field("in_flight", &in_flight)
             .field("cached", &cached)
             .finish()

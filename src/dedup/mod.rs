@@ -58,6 +58,25 @@
 //! caller cannot miss the call the first one starts; like any tower
 //! service's `call`, it should only start the work.
 //!
+//! # Panics
+//!
+//! A key is held only while a call that can answer it exists, so no panic
+//! wedges it:
+//!
+//! - a panic in the inner service's `call` (tower's `Buffer` and
+//!   `ConcurrencyLimit` panic there when misused) reaches the caller, and
+//!   the key is left as if the call never happened: the entry is made only
+//!   once `call` has returned;
+//! - a panic in the key closure reaches the caller before anything is held;
+//! - a panic in an `on_event` listener reaches the caller whose call raised
+//!   the event (`leader`, `joined`, `cache_hit`, `full`), after that
+//!   caller's place in the call exists, so dropping it releases the key or
+//!   hands the call to whoever joined; a listener that panics on
+//!   `cancelled`, which is raised while a future is dropped, is ignored
+//!   (a second panic while unwinding would abort the process);
+//! - a panic in the inner future, or in its destructor, is caught and
+//!   becomes every waiter's error, as above.
+//!
 //! # Caching
 //!
 //! With [`cache_ttl`](DedupBuilder::cache_ttl), a successful answer is
@@ -82,9 +101,16 @@
 //! # Memory
 //!
 //! The table holds at most [`max_entries`](DedupBuilder::max_entries) keys,
-//! in flight or cached. When it is full, expired answers go first, then the
-//! cached answer closest to expiry; when every key is in flight, a new
-//! key's request is not deduplicated.
+//! in flight or cached. When it is full, a new key evicts the cached answer
+//! that expires first (so an expired one, if any); when every key is in
+//! flight, a new key's request is not deduplicated. Caching an answer also
+//! drops the answers that have expired by then. Both cost O(1) amortised
+//! per key, whatever the table's size, so a flood of distinct keys costs
+//! each of them about what a call on an empty table does.
+//!
+//! Dropping the layer and every service it made frees everything: no
+//! table outlives them, and nothing is kept per layer for the life of the
+//! process, so building a layer per tenant or per host is fine.
 //!
 //! # Errors
 //!
@@ -101,10 +127,19 @@
 //!
 //! # Clone
 //!
-//! The table lives behind an `Arc` made by `build()`: the layer, its
-//! clones, every service it makes and their clones share it. A layer used
-//! around services of different request, response or future types keeps
-//! one table per type.
+//! Each service the layer makes ([`Layer::layer`](tower::Layer::layer), or
+//! [`Dedup::new`]) has a table of its own, shared by its clones: clones of
+//! one service share calls in flight and the cache. Services made
+//! separately by one layer (or its clones) never share answers, even for
+//! equal keys: axum's `Router::layer` applies one layer to every route,
+//! and `GET /a` must not be answered by `/b`'s upstream. The settings and
+//! listeners are shared by all of them.
+//!
+//! [`DedupLayer::handle`] reads every live service the layer made
+//! ([`in_flight`](DedupHandle::in_flight) and
+//! [`cached`](DedupHandle::cached) add up over them); a service's own
+//! [`handle`](Dedup::handle) reads just its table. A service that takes
+//! several request types keeps one table per type.
 //!
 //! # Cost
 //!
