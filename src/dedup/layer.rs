@@ -19,7 +19,9 @@ const LAYER: &str = "dedup";
 ///
 /// Each service the layer makes has its own in-flight calls and cache,
 /// shared by that service's clones; services made separately (for example
-/// by axum's `Router::layer`, once per route) never answer each other.
+/// by axum's `Router::layer`, once per route) never answer each other,
+/// unless the layer was built with
+/// [`share_between_services`](DedupBuilder::share_between_services).
 pub struct DedupLayer<K = DefaultKey> {
     pub(crate) key: Arc<K>,
     pub(crate) shared: Arc<LayerShared>,
@@ -36,6 +38,7 @@ impl DedupLayer {
             error_ttl: None,
             max_entries: 10_000,
             listeners: Listeners::default(),
+            share_between_services: false,
         }
     }
 }
@@ -109,12 +112,17 @@ where
 pub(crate) struct LayerShared {
     pub(crate) cfg: Arc<Config>,
     services: Mutex<Vec<Weak<ServiceTables>>>,
+    /// The one table set of a layer built with `share_between_services`.
+    all: Option<Arc<ServiceTables>>,
 }
 
 impl LayerShared {
     /// The tables of a new service, known to the layer's handle for as long
     /// as the service (or a clone of it) lives.
     pub(crate) fn service(&self) -> Arc<ServiceTables> {
+        if let Some(all) = &self.all {
+            return all.clone();
+        }
         let tables = Arc::new(ServiceTables {
             cfg: self.cfg.clone(),
             tables: Mutex::new(Vec::new()),
@@ -198,6 +206,7 @@ pub struct DedupBuilder<K = DefaultKey> {
     error_ttl: Option<Duration>,
     max_entries: usize,
     listeners: Listeners<DedupEvent>,
+    share_between_services: bool,
 }
 
 impl<K> DedupBuilder<K> {
@@ -220,6 +229,7 @@ impl<K> DedupBuilder<K> {
             error_ttl: self.error_ttl,
             max_entries: self.max_entries,
             listeners: self.listeners,
+            share_between_services: self.share_between_services,
         }
     }
 
@@ -253,6 +263,36 @@ impl<K> DedupBuilder<K> {
         self
     }
 
+    /// One table for every service the layer makes, instead of one per
+    /// service (default off).
+    ///
+    /// For stacks that apply the layer again for each connection or
+    /// request to what is one upstream. axum is one: under `axum::serve`,
+    /// `Router::layer` wraps each handler route anew for every connection,
+    /// so without this, requests on different connections never share.
+    /// Then equal keys must mean the same upstream answer in every service:
+    /// [`DefaultKey`] and `http::dedup::HttpKey` include the method, the URI
+    /// and `Host`, which pick the route; a key closure must include them
+    /// too (or whatever tells the services apart).
+    ///
+    /// ```
+    /// # #[cfg(feature = "http")] {
+    /// use tower_bulwark::dedup::DedupLayer;
+    /// use tower_bulwark::http::dedup::HttpKey;
+    ///
+    /// // For every route of an axum Router, on every connection.
+    /// let layer = DedupLayer::builder()
+    ///     .key_by(HttpKey::new())
+    ///     .share_between_services()
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = layer; }
+    /// ```
+    pub fn share_between_services(mut self) -> Self {
+        self.share_between_services = true;
+        self
+    }
+
     /// Calls `f` on every event (leader, joined, cache hit, full,
     /// cancelled). Listeners add up; each must be quick and must not block.
     pub fn on_event(mut self, f: impl Fn(&DedupEvent) + Send + Sync + 'static) -> Self {
@@ -277,11 +317,19 @@ impl<K> DedupBuilder<K> {
             max_entries: self.max_entries,
             listeners: self.listeners,
         };
+        let cfg = Arc::new(cfg);
+        let all = self.share_between_services.then(|| {
+            Arc::new(ServiceTables {
+                cfg: cfg.clone(),
+                tables: Mutex::new(Vec::new()),
+            })
+        });
         Ok(DedupLayer {
             key: Arc::new(self.key),
             shared: Arc::new(LayerShared {
-                cfg: Arc::new(cfg),
+                cfg,
                 services: Mutex::new(Vec::new()),
+                all,
             }),
         })
     }
@@ -295,6 +343,7 @@ impl<K: fmt::Debug> fmt::Debug for DedupBuilder<K> {
             .field("cache_ttl", &self.cache_ttl)
             .field("error_ttl", &self.error_ttl)
             .field("max_entries", &self.max_entries)
+            .field("share_between_services", &self.share_between_services)
             .finish()
     }
 }

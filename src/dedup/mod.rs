@@ -89,10 +89,12 @@
 //! A [`DedupKey`] says which requests are the same; a closure works
 //! ([`key`](DedupBuilder::key)). A key of `None` sends the request straight
 //! through. With the `http` feature, the [`DefaultKey`] keys HTTP requests
-//! by method, URI and the headers that change the answer (`Authorization`
-//! and `Cookie` included, so one user's answer never reaches another), and
-//! only safe methods (`GET`, `HEAD`, `OPTIONS`) are deduplicated; see
-//! `http::dedup`. Responses with a streaming body are not `Clone`: wrap the
+//! by method, URI, `Host` and the headers that say who asks or change the
+//! answer (`Authorization`, `Proxy-Authorization`, `Cookie`, `X-Api-Key`,
+//! so one caller's answer never reaches another), and only safe methods
+//! (`GET`, `HEAD`, `OPTIONS`) are deduplicated; `http::dedup::HttpKey`
+//! says exactly what makes two requests the same, and adds headers and
+//! request extensions (a tenant id set by auth middleware) to the key. Responses with a streaming body are not `Clone`: wrap the
 //! stack with `http::dedup::HttpDedupLayer`, which buffers the body once (up
 //! to a limit, 1 MiB by default) and shares the copy; a bigger body is not
 //! shared (the first waiter streams it, the others re-issue their own
@@ -134,6 +136,14 @@
 //! equal keys: axum's `Router::layer` applies one layer to every route,
 //! and `GET /a` must not be answered by `/b`'s upstream. The settings and
 //! listeners are shared by all of them.
+//!
+//! Some stacks apply a layer again for each connection or request to what
+//! is one upstream: under `axum::serve`, `Router::layer` wraps each handler
+//! route anew for every connection. There, build the layer with
+//! [`share_between_services`](DedupBuilder::share_between_services): every
+//! service it makes then shares one table, and the key must tell the
+//! services apart ([`DefaultKey`] and `http::dedup::HttpKey` do, by method,
+//! URI and `Host`).
 //!
 //! [`DedupLayer::handle`] reads every live service the layer made
 //! ([`in_flight`](DedupHandle::in_flight) and
