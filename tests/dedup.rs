@@ -774,3 +774,21 @@ async fn a_flood_of_distinct_keys_through_a_full_cache() {
     assert_eq!(svc.ready().await.unwrap().call(0).await.unwrap(), 0);
     assert_eq!(calls.load(Ordering::SeqCst), n as usize + 1);
 }
+
+/// Built to share one table between its services, a layer's services
+/// answer each other's equal keys (and the layer's handle sees one table).
+#[tokio::test(start_paused = true)]
+async fn a_layer_can_share_one_table_between_its_services() {
+    let calls = counter();
+    let layer = DedupLayer::builder()
+        .key(|k: &u32| Some(*k))
+        .share_between_services()
+        .build()
+        .unwrap();
+    let a = layer.layer(slow(&calls, Duration::from_millis(10)));
+    let b = layer.layer(slow(&calls, Duration::from_millis(10)));
+    let both = join_all([a.clone().oneshot(1), b.clone().oneshot(1)]).await;
+    assert!(both.iter().all(|r| *r.as_ref().unwrap() == 10));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(layer.handle().len(), 0);
+}

@@ -143,6 +143,9 @@ impl LayerShared {
     }
 
     fn live(&self) -> Vec<Arc<ServiceTables>> {
+        if let Some(all) = &self.all {
+            return vec![all.clone()];
+        }
         lock(&self.services)
             .iter()
             .filter_map(Weak::upgrade)
