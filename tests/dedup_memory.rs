@@ -66,7 +66,10 @@ fn layers_built_and_dropped_leave_memory_bounded() {
         one_layer(i);
     }
     let grown = rss().unwrap().saturating_sub(before);
-    eprintln!("{n} dedup layers: resident memory grew {} KiB", grown / 1024);
+    eprintln!(
+        "{n} dedup layers: resident memory grew {} KiB",
+        grown / 1024
+    );
     // A layer, its service and its table take about a kilobyte while they
     // live: kept per layer, 100,000 of them would be 50 MB or more.
     assert!(grown < 8 << 20, "grew {grown} bytes over {n} layers");
@@ -96,7 +99,10 @@ fn one_layer_making_services_by_the_hundred_thousand_stays_bounded() {
         make(i);
     }
     let grown = rss().unwrap().saturating_sub(before);
-    eprintln!("{n} services of one layer: resident memory grew {} KiB", grown / 1024);
+    eprintln!(
+        "{n} services of one layer: resident memory grew {} KiB",
+        grown / 1024
+    );
     assert_eq!(handle.cached(), 0, "every service is gone, and its table");
     assert!(grown < 8 << 20, "grew {grown} bytes over {n} services");
 }
