@@ -127,3 +127,20 @@ where
     }
     start.elapsed()
 }
+
+/// Sends requests `0..n` through `svc` as a caller's generic code does:
+/// `svc.ready().await?.call(i).await` in a plain `async fn` that the
+/// compiler may not inline into the measuring loop. Poll it with any
+/// executor (`futures::executor::block_on`). Returns the last response.
+#[inline(never)]
+pub async fn drive_async<S: Service<u64>>(
+    svc: &mut S,
+    n: u64,
+) -> Result<Option<S::Response>, S::Error> {
+    use tower::ServiceExt;
+    let mut last = None;
+    for i in 0..n {
+        last = Some(svc.ready().await?.call(black_box(i)).await?);
+    }
+    Ok(last)
+}
