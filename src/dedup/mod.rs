@@ -52,7 +52,12 @@
 //! - when the last waiter goes away the inner future is dropped: the call
 //!   is cancelled;
 //! - a panic in the inner future reaches every waiter as an error
-//!   ([`Panicked`] inside a [`SharedError`]), not as a hang or a crash.
+//!   ([`Panicked`] inside a [`SharedError`]), not as a hang or a crash;
+//! - the first caller's future holds the call until its first poll: a
+//!   caller that joins before then waits for that poll, or for that future
+//!   to be dropped (which hands the call over). So poll a response future
+//!   you keep: one kept but never polled holds up the callers that joined
+//!   it, as it holds up its own.
 //!
 //! The inner service's `call` runs under the table's lock, so that a second
 //! caller cannot miss the call the first one starts; like any tower
