@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use hashbrown::hash_table::HashTable;
+use hashbrown::hash_table::{Entry, HashTable};
 
 use super::{DedupEvent, Panicked, SharedError};
 use crate::clock::{nanos, Clock, Nanos};
@@ -91,6 +91,30 @@ pub(crate) struct Config {
     pub(crate) error_ttl: Option<Duration>,
     pub(crate) max_entries: usize,
     pub(crate) listeners: Listeners<DedupEvent>,
+}
+
+impl Config {
+    /// Sends the event of `kind`. A panicking listener propagates to the
+    /// caller.
+    #[inline]
+    pub(crate) fn emit(&self, kind: Kind) {
+        if self.listeners.active() {
+            self.send(kind);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn send(&self, kind: Kind) {
+        let name = self.name.clone();
+        self.listeners.emit(&match kind {
+            Kind::Leader => DedupEvent::Leader { name },
+            Kind::Joined => DedupEvent::Joined { name },
+            Kind::CacheHit => DedupEvent::CacheHit { name },
+            Kind::Full => DedupEvent::Full { name },
+            Kind::Cancelled => DedupEvent::Cancelled { name },
+        });
+    }
 }
 
 /// Which event a call raised; sent by the service once the call's guard
@@ -259,44 +283,64 @@ where
     /// call with `call`. `call` runs under the table's lock, so a second
     /// caller with the same key cannot miss the call it starts, and before
     /// the call's entry goes in, so a panic in it leaves no entry. The
-    /// event is the caller's to send (see [`Kind`]).
-    pub(crate) fn start(&self, key: K, call: impl FnOnce() -> F) -> (Start<F, T>, Kind) {
+    /// event is the caller's to send, once it holds its guard (see
+    /// [`Kind`]).
+    pub(crate) fn start(&self, key: K, call: impl FnOnce() -> F) -> Start<F, T> {
         let hash = self.hasher.hash_one(&key);
         let now = if self.caches() { self.clock.now() } else { 0 };
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
-        if let Some(item) = inner.map.find_mut(hash, |it| it.key == key) {
-            let ticket = Ticket { hash, id: item.id };
-            return match &mut item.slot {
-                Slot::InFlight(Some(g)) => {
-                    g.waiters.fetch_add(1, Ordering::Relaxed);
-                    (Start::Joined(ticket, g.clone()), Kind::Joined)
-                }
-                Slot::InFlight(group) => {
-                    // The leader holds the future: it hands it over at its
-                    // next poll or when dropped, or finishes and answers us.
-                    let g = Arc::new(Group::new(None, 2));
-                    *group = Some(g.clone());
-                    (Start::Joined(ticket, g), Kind::Joined)
-                }
-                Slot::Cached { result, until } if now < *until => {
-                    (Start::Hit(result.clone()), Kind::CacheHit)
-                }
-                Slot::Cached { .. } => {
-                    // Expired: this call replaces the answer. Its queue
-                    // entry goes stale with the old id.
-                    let fut = call();
-                    let id = inner.next_id;
-                    inner.next_id += 1;
-                    item.id = id;
-                    item.slot = Slot::InFlight(None);
-                    let spare = inner.spares.pop();
-                    (Start::Leader(Ticket { hash, id }, fut, spare), Kind::Leader)
-                }
-            };
+        let room = inner.map.len() < self.cfg.max_entries;
+        match inner.map.entry(hash, |it| it.key == key, |it| it.hash) {
+            Entry::Occupied(e) => {
+                let item = e.into_mut();
+                let ticket = Ticket { hash, id: item.id };
+                return match &mut item.slot {
+                    Slot::InFlight(Some(g)) => {
+                        g.waiters.fetch_add(1, Ordering::Relaxed);
+                        Start::Joined(ticket, g.clone())
+                    }
+                    Slot::InFlight(group) => {
+                        // The leader holds the future: it hands it over at
+                        // its next poll or when dropped, or finishes and
+                        // answers us.
+                        let g = Arc::new(Group::new(None, 2));
+                        *group = Some(g.clone());
+                        Start::Joined(ticket, g)
+                    }
+                    Slot::Cached { result, until } if now < *until => Start::Hit(result.clone()),
+                    Slot::Cached { .. } => {
+                        // Expired: this call replaces the answer. Its queue
+                        // entry goes stale with the old id.
+                        let fut = call();
+                        let id = inner.next_id;
+                        inner.next_id += 1;
+                        item.id = id;
+                        item.slot = Slot::InFlight(None);
+                        let spare = inner.spares.pop();
+                        Start::Leader(Ticket { hash, id }, fut, spare)
+                    }
+                };
+            }
+            Entry::Vacant(v) if room => {
+                let fut = call();
+                let id = inner.next_id;
+                inner.next_id += 1;
+                v.insert(Item {
+                    hash,
+                    id,
+                    key,
+                    slot: Slot::InFlight(None),
+                });
+                let spare = inner.spares.pop();
+                return Start::Leader(Ticket { hash, id }, fut, spare);
+            }
+            Entry::Vacant(_) => {}
         }
-        if inner.map.len() >= self.cfg.max_entries && !inner.evict_one() {
-            return (Start::Bypass(call()), Kind::Full);
+        // Full: a cached answer makes room, or the call goes straight
+        // through.
+        if !inner.evict_one() {
+            return Start::Bypass(call());
         }
         let fut = call();
         let id = inner.next_id;
@@ -312,24 +356,12 @@ where
             |it| it.hash,
         );
         let spare = inner.spares.pop();
-        (Start::Leader(Ticket { hash, id }, fut, spare), Kind::Leader)
+        Start::Leader(Ticket { hash, id }, fut, spare)
     }
 
-    /// Sends the event of `kind`. A panicking listener propagates to the
-    /// caller.
     #[inline]
-    pub(crate) fn emit(&self, kind: Kind) {
-        if !self.cfg.listeners.active() {
-            return;
-        }
-        let name = self.cfg.name.clone();
-        self.cfg.listeners.emit(&match kind {
-            Kind::Leader => DedupEvent::Leader { name },
-            Kind::Joined => DedupEvent::Joined { name },
-            Kind::CacheHit => DedupEvent::CacheHit { name },
-            Kind::Full => DedupEvent::Full { name },
-            Kind::Cancelled => DedupEvent::Cancelled { name },
-        });
+    fn emit(&self, kind: Kind) {
+        self.cfg.emit(kind);
     }
 
     /// Takes a finished call out of the table, leaving its answer cached

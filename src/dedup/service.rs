@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use tower_service::Service;
 
-use super::flight::{Start, Table};
+use super::flight::{Kind, Start, Table};
 use super::future::{Leader, ResponseFuture, Waiter};
 use super::layer::ServiceTables;
 use super::{DedupHandle, DedupKey, DedupLayer};
@@ -117,8 +117,11 @@ where
         };
         let table = self.table::<K::Key, S::Future, S::Response>();
         let inner = &mut self.inner;
-        let (start, event) = table.start(key, || inner.call(req));
-        let fut = match start {
+        // Each event is sent once the call's guard exists: if a listener
+        // panics, the panic reaches this caller and dropping the guard
+        // releases the entry (or hands the call to whoever joined it).
+        let cfg = &self.tables.cfg;
+        match table.start(key, || inner.call(req)) {
             Start::Leader(ticket, fut, spare) => {
                 let home = match spare {
                     Some(mut home) => {
@@ -127,18 +130,23 @@ where
                     }
                     None => Box::pin(Some(fut)),
                 };
-                ResponseFuture::leading(Leader::new(table.clone(), ticket, home))
+                let leader = Leader::new(table, ticket, home);
+                cfg.emit(Kind::Leader);
+                ResponseFuture::leading(leader)
             }
             Start::Joined(ticket, group) => {
-                ResponseFuture::waiting(Waiter::new(table.clone(), ticket, group))
+                let waiter = Waiter::new(table, ticket, group);
+                cfg.emit(Kind::Joined);
+                ResponseFuture::waiting(waiter)
             }
-            Start::Hit(res) => ResponseFuture::ready(res.map_err(Into::into)),
-            Start::Bypass(fut) => ResponseFuture::direct(fut),
-        };
-        // Sent once the call's guard exists: if a listener panics, the
-        // panic reaches this caller and dropping `fut` releases the entry
-        // (or hands the call to whoever joined it).
-        table.emit(event);
-        fut
+            Start::Hit(res) => {
+                cfg.emit(Kind::CacheHit);
+                ResponseFuture::ready(res.map_err(Into::into))
+            }
+            Start::Bypass(fut) => {
+                cfg.emit(Kind::Full);
+                ResponseFuture::direct(fut)
+            }
+        }
     }
 }
