@@ -35,15 +35,15 @@ fn one_layer(i: u64) {
         .name(format!("tenant-{i}"))
         .max_entries(1 + (i % 1000) as usize)
         .cache_ttl(Duration::from_millis(1 + i % 5000));
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         b = b.error_ttl(Duration::from_millis(1 + i % 700));
     }
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         b = b.on_event(move |_| {
             std::hint::black_box(i);
         });
     }
-    if i % 5 == 0 {
+    if i.is_multiple_of(5) {
         b = b.share_between_services();
     }
     let layer = b.build().unwrap();

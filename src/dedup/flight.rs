@@ -247,8 +247,8 @@ impl<K, F, T> Inner<K, F, T> {
     }
 }
 
-/// In-flight calls and cached answers by key, shared by every service of a
-/// layer.
+/// In-flight calls and cached answers by key, shared by the clones of one
+/// service (or by every service of a layer that shares one table).
 pub(crate) struct Table<K, F, T> {
     pub(crate) cfg: Arc<Config>,
     clock: Clock,
