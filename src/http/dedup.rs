@@ -380,6 +380,33 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// and extensions are kept from the original request, and the body is
 /// `B::default()` (safe methods carry none). Requests the key leaves
 /// alone go straight through, unbuffered.
+///
+/// On an axum server, `Router::layer` wraps each handler route anew for
+/// every connection: build the dedup layer with
+/// [`share_between_services`](crate::dedup::DedupBuilder::share_between_services)
+/// there, or requests on different connections never share (the
+/// [`HttpKey`] keeps the routes apart by URI and `Host`):
+///
+/// ```
+/// use axum::{routing::get, Router};
+/// use tower::ServiceBuilder;
+/// use tower_bulwark::dedup::DedupLayer;
+/// use tower_bulwark::http::dedup::{HttpDedupLayer, HttpKey};
+///
+/// let dedup = DedupLayer::builder()
+///     .key_by(HttpKey::new())
+///     .share_between_services()
+///     .build()
+///     .unwrap();
+/// let app: Router = Router::new().route("/report", get(|| async { "..." })).layer(
+///     ServiceBuilder::new()
+///         .layer(axum::error_handling::HandleErrorLayer::new(
+///             |e: tower::BoxError| async move { e.to_string() },
+///         ))
+///         .layer(HttpDedupLayer::new(dedup)),
+/// );
+/// # let _ = app;
+/// ```
 #[derive(Debug)]
 pub struct HttpDedupLayer<K> {
     dedup: DedupLayer<K>,
