@@ -1,8 +1,10 @@
 //! Random histories through the dedup layer: shared and distinct keys,
 //! callers dropped at every await point, panics in `poll_ready`, `call`,
 //! the inner future, the key closure and the `on_event` listener, on
-//! tokio's current-thread and multi-thread runtimes. Afterwards no entry is
-//! in flight, no inner future is left alive, and every key answers again.
+//! tokio's current-thread and multi-thread runtimes, through two services
+//! of one layer. No caller gets the other upstream's answer (unless the
+//! layer shares one table); afterwards no entry is in flight, no inner
+//! future is left alive, and every key answers again.
 #![cfg(feature = "dedup")]
 
 use std::future::{poll_fn, Future};
@@ -58,8 +60,9 @@ impl Plan {
         }
     }
 
-    fn answer(&self) -> u64 {
-        u64::from(self.key) * 10
+    /// The answer of upstream `tag` to this plan's key.
+    fn answer(&self, tag: u64) -> u64 {
+        u64::from(self.key) * 10 + tag
     }
 }
 
@@ -67,6 +70,8 @@ impl Plan {
 /// are alive.
 #[derive(Clone)]
 struct Torture {
+    /// Which upstream this is: part of every answer.
+    tag: u64,
     ready_panics: bool,
     alive: Arc<AtomicUsize>,
 }
@@ -93,6 +98,7 @@ impl Service<Plan> for Torture {
         assert!(!plan.call_panics, "torture: call");
         self.alive.fetch_add(1, Ordering::SeqCst);
         let alive = Alive(self.alive.clone());
+        let tag = self.tag;
         Box::pin(async move {
             let _alive = alive;
             for i in 0..=plan.yields {
@@ -104,7 +110,7 @@ impl Service<Plan> for Torture {
             if plan.fails {
                 return Err("torture: failed".into());
             }
-            Ok(plan.answer())
+            Ok(plan.answer(tag))
         })
     }
 }
@@ -119,7 +125,10 @@ type Svc = Dedup<Torture, KeyOf>;
 
 struct History {
     layer: DedupLayer<KeyOf>,
-    svc: Svc,
+    /// Two upstreams behind one layer, each with its own service.
+    svcs: [Svc; 2],
+    /// Whether the layer shares one table between them.
+    shared: bool,
     armed: Arc<AtomicBool>,
     alive: Arc<AtomicUsize>,
 }
@@ -142,15 +151,26 @@ fn history(rng: &mut fastrand::Rng) -> History {
     if rng.bool() {
         b = b.cache_ttl(Duration::from_millis(rng.u64(1..20)));
     }
+    if rng.u32(0..4) == 0 {
+        b = b.error_ttl(Duration::from_millis(rng.u64(1..20)));
+    }
+    let shared = rng.u32(0..4) == 0;
+    if shared {
+        b = b.share_between_services();
+    }
     let layer = b.build().unwrap();
     let alive = Arc::new(AtomicUsize::new(0));
-    let svc = layer.layer(Torture {
-        ready_panics: false,
-        alive: alive.clone(),
+    let svcs = [0, 1].map(|tag| {
+        layer.layer(Torture {
+            tag,
+            ready_panics: false,
+            alive: alive.clone(),
+        })
     });
     History {
         layer,
-        svc,
+        svcs,
+        shared,
         armed,
         alive,
     }
@@ -229,18 +249,27 @@ async fn run(seed: u64, histories: usize) {
     for n in 0..histories {
         let h = history(&mut rng);
         let callers = rng.usize(1..16);
-        let plans: Vec<Plan> = (0..callers).map(|_| Plan::random(&mut rng)).collect();
+        // Each caller's plan, and the upstream it calls.
+        let plans: Vec<(Plan, usize)> = (0..callers)
+            .map(|_| (Plan::random(&mut rng), rng.usize(0..2)))
+            .collect();
         let tasks: Vec<_> = plans
             .iter()
-            .map(|plan| tokio::spawn(caller(h.svc.clone(), *plan, h.armed.clone())))
+            .map(|&(plan, up)| tokio::spawn(caller(h.svcs[up].clone(), plan, h.armed.clone())))
             .collect();
         let ends = tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(tasks))
             .await
             .unwrap_or_else(|_| panic!("history {n} (seed {seed}) wedged: {plans:?}"));
-        for (plan, end) in plans.iter().zip(ends) {
+        for (&(plan, up), end) in plans.iter().zip(ends) {
             match end.expect("a caller's task ended") {
                 End::Answered(Ok(v)) => {
-                    assert_eq!(v, plan.answer(), "history {n}: {plan:?}");
+                    // Only a layer that shares one table may answer from
+                    // the other upstream.
+                    let other = h.shared && v == plan.answer(1 - up as u64);
+                    assert!(
+                        v == plan.answer(up as u64) || other,
+                        "history {n}: {plan:?} {v}"
+                    );
                     seen[0] += 1;
                 }
                 End::Answered(Err(_)) => seen[1] += 1,
@@ -263,16 +292,26 @@ async fn run(seed: u64, histories: usize) {
             0,
             "history {n}: inner futures alive"
         );
-        // Every key answers again, shared and distinct.
+        // Every key answers again, shared and distinct, on both upstreams
+        // (cached errors forgotten first).
+        handle.clear_cache();
         for k in 0..KEYS {
-            let plan = Plan {
-                key: k,
-                ..Plan::default()
-            };
-            let again = tokio::time::timeout(Duration::from_secs(60), h.svc.clone().oneshot(plan))
-                .await
-                .unwrap_or_else(|_| panic!("history {n}: key {k} wedged"));
-            assert_eq!(again.unwrap(), plan.answer());
+            for (up, svc) in h.svcs.iter().enumerate() {
+                let plan = Plan {
+                    key: k,
+                    ..Plan::default()
+                };
+                let again =
+                    tokio::time::timeout(Duration::from_secs(60), svc.clone().oneshot(plan))
+                        .await
+                        .unwrap_or_else(|_| panic!("history {n}: key {k} wedged"))
+                        .unwrap();
+                let other = h.shared && again == plan.answer(1 - up as u64);
+                assert!(
+                    again == plan.answer(up as u64) || other,
+                    "history {n}: key {k}"
+                );
+            }
         }
         assert_eq!(handle.in_flight(), 0);
         assert_eq!(h.alive.load(Ordering::SeqCst), 0);
