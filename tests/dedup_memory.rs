@@ -18,8 +18,8 @@ fn rss() -> Option<usize> {
     Some(pages * 4096)
 }
 
-/// How many layers to build: 100,000, or `BULWARK_LAYERS` (the 1,000,000
-/// figure in the changelog was measured with it, in release).
+/// How many layers (and services) to build: 100,000, or `BULWARK_LAYERS`
+/// to measure more by hand (1,000,000: no growth either).
 fn count() -> u64 {
     std::env::var("BULWARK_LAYERS")
         .ok()
