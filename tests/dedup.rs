@@ -792,3 +792,70 @@ async fn a_layer_can_share_one_table_between_its_services() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert_eq!(layer.handle().len(), 0);
 }
+
+/// A service of two request types keeps a table per type, and the handle
+/// sees both.
+#[tokio::test(start_paused = true)]
+async fn a_service_of_two_request_types_keeps_a_table_for_each() {
+    use tower_bulwark::dedup::DedupKey;
+
+    #[derive(Debug)]
+    struct Both;
+    impl DedupKey<u32> for Both {
+        type Key = u32;
+        fn key(&self, r: &u32) -> Option<u32> {
+            Some(*r)
+        }
+    }
+    impl DedupKey<u64> for Both {
+        type Key = u64;
+        fn key(&self, r: &u64) -> Option<u64> {
+            Some(*r)
+        }
+    }
+
+    #[derive(Clone)]
+    struct Echo;
+    impl Service<u32> for Echo {
+        type Response = u32;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<u32, BoxError>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, r: u32) -> Self::Future {
+            std::future::ready(Ok(r + 1))
+        }
+    }
+    impl Service<u64> for Echo {
+        type Response = u64;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<u64, BoxError>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, r: u64) -> Self::Future {
+            std::future::ready(Ok(r + 2))
+        }
+    }
+
+    let layer = DedupLayer::builder()
+        .key_by(Both)
+        .cache_ttl(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(Echo);
+    assert_eq!(Service::<u32>::call(&mut svc, 1).await.unwrap(), 2);
+    assert_eq!(Service::<u64>::call(&mut svc, 1).await.unwrap(), 3);
+    assert_eq!(Service::<u64>::call(&mut svc, 1).await.unwrap(), 3);
+    assert_eq!(svc.handle().cached(), 2);
+    assert_eq!(layer.handle().cached(), 2);
+    svc.handle().clear_cache();
+    assert_eq!(layer.handle().cached(), 0);
+}

@@ -2,7 +2,7 @@
 
 use std::any::Any;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use tower_layer::Layer;
@@ -123,10 +123,7 @@ impl LayerShared {
         if let Some(all) = &self.all {
             return all.clone();
         }
-        let tables = Arc::new(ServiceTables {
-            cfg: self.cfg.clone(),
-            tables: Mutex::new(Vec::new()),
-        });
+        let tables = Arc::new(ServiceTables::new(self.cfg.clone()));
         let mut services = lock(&self.services);
         if services.len() == services.capacity() {
             // Forget services that are gone. Growing the list when at least
@@ -157,10 +154,22 @@ impl LayerShared {
 /// one per kind of request it was called with (normally one).
 pub(crate) struct ServiceTables {
     pub(crate) cfg: Arc<Config>,
-    tables: Mutex<Vec<TableEntry>>,
+    /// The first kind's table, found without a lock: stacks that clone the
+    /// service for every request (axum's routes) look it up every call.
+    first: OnceLock<TableEntry>,
+    /// Tables of other kinds, if the service takes several.
+    others: Mutex<Vec<TableEntry>>,
 }
 
 impl ServiceTables {
+    pub(crate) fn new(cfg: Arc<Config>) -> Self {
+        Self {
+            cfg,
+            first: OnceLock::new(),
+            others: Mutex::new(Vec::new()),
+        }
+    }
+
     /// The table for keys `K`, inner futures `F` and answers `T`, made on
     /// first use.
     pub(crate) fn table<K, F, T>(&self) -> Arc<Table<K, F, T>>
@@ -169,31 +178,49 @@ impl ServiceTables {
         F: Send + 'static,
         T: Clone + Send + 'static,
     {
-        let mut tables = lock(&self.tables);
-        for t in tables.iter() {
+        let entry = || {
+            let table = Arc::new(Table::<K, F, T>::new(self.cfg.clone()));
+            TableEntry {
+                any: table.clone(),
+                ops: table,
+            }
+        };
+        let first = self.first.get_or_init(entry);
+        if let Ok(table) = Arc::downcast::<Table<K, F, T>>(first.any.clone()) {
+            return table;
+        }
+        let mut others = lock(&self.others);
+        for t in others.iter() {
             if let Ok(table) = Arc::downcast::<Table<K, F, T>>(t.any.clone()) {
                 return table;
             }
         }
-        let table = Arc::new(Table::<K, F, T>::new(self.cfg.clone()));
-        tables.push(TableEntry {
-            any: table.clone(),
-            ops: table.clone(),
-        });
+        let e = entry();
+        let table = Arc::downcast::<Table<K, F, T>>(e.any.clone()).expect("made above");
+        others.push(e);
         table
     }
 
+    fn each(&self, mut f: impl FnMut(&dyn TableOps)) {
+        if let Some(t) = self.first.get() {
+            f(&*t.ops);
+        }
+        for t in lock(&self.others).iter() {
+            f(&*t.ops);
+        }
+    }
+
     fn counts(&self) -> (usize, usize) {
-        lock(&self.tables).iter().fold((0, 0), |(a, b), t| {
-            let (x, y) = t.ops.counts();
-            (a + x, b + y)
-        })
+        let mut sum = (0, 0);
+        self.each(|t| {
+            let (x, y) = t.counts();
+            sum = (sum.0 + x, sum.1 + y);
+        });
+        sum
     }
 
     fn clear_cache(&self) {
-        for t in lock(&self.tables).iter() {
-            t.ops.clear_cache();
-        }
+        self.each(|t| t.clear_cache());
     }
 }
 
@@ -321,12 +348,9 @@ impl<K> DedupBuilder<K> {
             listeners: self.listeners,
         };
         let cfg = Arc::new(cfg);
-        let all = self.share_between_services.then(|| {
-            Arc::new(ServiceTables {
-                cfg: cfg.clone(),
-                tables: Mutex::new(Vec::new()),
-            })
-        });
+        let all = self
+            .share_between_services
+            .then(|| Arc::new(ServiceTables::new(cfg.clone())));
         Ok(DedupLayer {
             key: Arc::new(self.key),
             shared: Arc::new(LayerShared {
