@@ -372,9 +372,9 @@ where
         outcome: &Shared<T>,
         spare: Option<Boxed<F>>,
     ) -> Option<Arc<Group<F, T>>> {
-        let (ttl, queue) = match outcome {
-            Ok(_) => (self.cfg.cache_ttl, 0),
-            Err(_) => (self.cfg.error_ttl, 1),
+        let ttl = match outcome {
+            Ok(_) => self.cfg.cache_ttl,
+            Err(_) => self.cfg.error_ttl,
         };
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
@@ -383,33 +383,43 @@ where
                 inner.spares.push(home);
             }
         }
-        let Ok(mut e) = inner.map.find_entry(t.hash, |it| it.id == t.id) else {
-            return None;
-        };
         match ttl {
-            Some(ttl) => {
-                let now = self.clock.now();
-                let until = now.saturating_add(nanos(ttl));
-                let result = outcome.clone();
-                let old = std::mem::replace(&mut e.get_mut().slot, Slot::Cached { result, until });
-                inner.queue(
-                    queue,
-                    Expiry {
-                        hash: t.hash,
-                        id: t.id,
-                        until,
-                    },
-                    now,
-                );
-                match old {
+            None => match inner.map.find_entry(t.hash, |it| it.id == t.id) {
+                Ok(e) => match e.remove().0.slot {
                     Slot::InFlight(g) => g,
                     Slot::Cached { .. } => None,
-                }
-            }
-            None => match e.remove().0.slot {
-                Slot::InFlight(g) => g,
-                Slot::Cached { .. } => None,
+                },
+                Err(_) => None,
             },
+            Some(ttl) => self.cache(inner, t, outcome, ttl),
+        }
+    }
+
+    /// Leaves a finished call's answer in the table for `ttl`. Out of line,
+    /// so that a call that is not cached pays nothing for it.
+    #[inline(never)]
+    fn cache(
+        &self,
+        inner: &mut Inner<K, F, T>,
+        t: Ticket,
+        outcome: &Shared<T>,
+        ttl: Duration,
+    ) -> Option<Arc<Group<F, T>>> {
+        let item = inner.map.find_mut(t.hash, |it| it.id == t.id)?;
+        let now = self.clock.now();
+        let until = now.saturating_add(nanos(ttl));
+        let result = outcome.clone();
+        let old = std::mem::replace(&mut item.slot, Slot::Cached { result, until });
+        let queue = usize::from(outcome.is_err());
+        let e = Expiry {
+            hash: t.hash,
+            id: t.id,
+            until,
+        };
+        inner.queue(queue, e, now);
+        match old {
+            Slot::InFlight(g) => g,
+            Slot::Cached { .. } => None,
         }
     }
 

@@ -120,7 +120,6 @@ where
         // Each event is sent once the call's guard exists: if a listener
         // panics, the panic reaches this caller and dropping the guard
         // releases the entry (or hands the call to whoever joined it).
-        let cfg = &self.tables.cfg;
         match table.start(key, || inner.call(req)) {
             Start::Leader(ticket, fut, spare) => {
                 let home = match spare {
@@ -131,20 +130,20 @@ where
                     None => Box::pin(Some(fut)),
                 };
                 let leader = Leader::new(table, ticket, home);
-                cfg.emit(Kind::Leader);
+                leader.emit(Kind::Leader);
                 ResponseFuture::leading(leader)
             }
             Start::Joined(ticket, group) => {
                 let waiter = Waiter::new(table, ticket, group);
-                cfg.emit(Kind::Joined);
+                waiter.emit(Kind::Joined);
                 ResponseFuture::waiting(waiter)
             }
             Start::Hit(res) => {
-                cfg.emit(Kind::CacheHit);
+                table.cfg.emit(Kind::CacheHit);
                 ResponseFuture::ready(res.map_err(Into::into))
             }
             Start::Bypass(fut) => {
-                cfg.emit(Kind::Full);
+                table.cfg.emit(Kind::Full);
                 ResponseFuture::direct(fut)
             }
         }
