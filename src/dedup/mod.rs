@@ -112,8 +112,9 @@
 //! that expires first (so an expired one, if any); when every key is in
 //! flight, a new key's request is not deduplicated. Caching an answer also
 //! drops the answers that have expired by then. Both cost O(1) amortised
-//! per key, whatever the table's size, so a flood of distinct keys costs
-//! each of them about what a call on an empty table does.
+//! per key, whatever the table's size: a flood of distinct keys costs each
+//! of them a small constant, and holds the table's lock as briefly as any
+//! other call.
 //!
 //! Dropping the layer and every service it made frees everything: no
 //! table outlives them, and nothing is kept per layer for the life of the
