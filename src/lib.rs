@@ -53,6 +53,10 @@
 //! A layer's state lives behind an `Arc` made by its `build()`: every
 //! service the layer makes, and every clone, shares it, and the layer's
 //! `handle()` reads and steers it from outside the stack.
+//! Dedup is the exception: an answer belongs to one upstream, so each
+//! service the dedup layer makes keeps its own in-flight calls and cache,
+//! shared by its clones, unless the layer is built to share one table
+//! between them (see [`dedup`]'s `# Clone`).
 //!
 //! # Readiness, rejections and errors
 //!

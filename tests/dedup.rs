@@ -444,3 +444,420 @@ async fn leader_pending_then_dropped_hands_the_call_over() {
     assert_eq!(gated.calls.load(Ordering::SeqCst), 1);
     assert_eq!(gated.cancelled.load(Ordering::SeqCst), 0);
 }
+
+/// An upstream whose `call` panics for key 0 (as tower's `Buffer` and
+/// `ConcurrencyLimit` do when misused) and answers `k` at once otherwise.
+fn panics_in_call(
+    calls: &Arc<AtomicUsize>,
+) -> impl Service<u32, Response = u32, Error = BoxError, Future: Send> + Clone + Send + 'static {
+    let calls = calls.clone();
+    service_fn(move |k: u32| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        assert!(k != 0, "call misused");
+        async move { Ok::<_, BoxError>(k) }
+    })
+}
+
+fn call_now<S: Service<u32>>(svc: &mut S, k: u32) -> S::Future {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(svc.poll_ready(&mut cx).is_ready());
+    svc.call(k)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_in_call_reaches_the_caller_and_leaves_no_entry() {
+    for cache in [false, true] {
+        let calls = counter();
+        let mut b = DedupLayer::builder().key(|k: &u32| Some(*k % 2));
+        if cache {
+            b = b.cache_ttl(Duration::from_millis(10));
+        }
+        let layer = b.build().unwrap();
+        let handle = layer.handle();
+        let mut svc = layer.layer(panics_in_call(&calls));
+        if cache {
+            // An expired answer for the key: the panicking call replaces it.
+            assert_eq!(svc.clone().oneshot(2).await.unwrap(), 2);
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            drop(call_now(&mut svc, 0));
+        }))
+        .unwrap_err();
+        assert_eq!(panic.downcast_ref::<&str>(), Some(&"call misused"));
+        assert_eq!(handle.in_flight(), 0);
+        // The key is not wedged: the next call with it leads a new call.
+        let next = tokio::time::timeout(Duration::from_secs(60), svc.clone().oneshot(4));
+        assert_eq!(next.await.expect("not wedged").unwrap(), 4);
+        assert_eq!(handle.in_flight(), 0);
+    }
+}
+
+/// Listeners that panic on one kind of event, while `armed`.
+fn panicking_on(
+    kind: &'static str,
+    armed: &Arc<std::sync::atomic::AtomicBool>,
+) -> impl Fn(&DedupEvent) + Send + Sync + 'static {
+    let armed = armed.clone();
+    move |e: &DedupEvent| {
+        let hit = match e {
+            DedupEvent::Leader { .. } => kind == "leader",
+            DedupEvent::Joined { .. } => kind == "joined",
+            DedupEvent::Cancelled { .. } => true,
+            _ => false,
+        };
+        if hit && armed.load(Ordering::SeqCst) {
+            panic!("listener bug");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_listener_that_panics_on_leader_does_not_wedge_the_key() {
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (gated, go) = Gated::new();
+    let layer = DedupLayer::builder()
+        .key(|k: &u32| Some(*k))
+        .on_event(panicking_on("leader", &armed))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(gated.clone());
+    // The listener panics on the leader's event: the panic is contained
+    // (see `observe`), and the call goes on as if nothing happened.
+    let mut leader = tokio_test::task::spawn(call_now(&mut svc, 1));
+    assert_pending!(leader.poll());
+    assert_eq!(handle.in_flight(), 1);
+    armed.store(false, Ordering::SeqCst);
+    go.send(true).unwrap();
+    let a = loop {
+        if let std::task::Poll::Ready(r) = leader.poll() {
+            break r;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(a.unwrap(), 2);
+    assert_eq!(handle.in_flight(), 0);
+    // And the key is not wedged.
+    assert_eq!(svc.clone().oneshot(1).await.unwrap(), 2);
+    assert_eq!(handle.in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_listener_that_panics_on_joined_leaves_the_call_to_the_others() {
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (gated, go) = Gated::new();
+    let layer = DedupLayer::builder()
+        .key(|k: &u32| Some(*k))
+        .on_event(panicking_on("joined", &armed))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(gated.clone());
+    let mut leader = tokio_test::task::spawn(call_now(&mut svc, 1));
+    assert_pending!(leader.poll());
+    armed.store(true, Ordering::SeqCst);
+    // The follower's listener panics (contained); the follower is dropped.
+    drop(call_now(&mut svc, 1));
+    armed.store(false, Ordering::SeqCst);
+    assert_eq!(handle.in_flight(), 1, "the leader's call goes on");
+    go.send(true).unwrap();
+    let a = loop {
+        if let std::task::Poll::Ready(r) = leader.poll() {
+            break r;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(a.unwrap(), 2);
+    assert_eq!(handle.in_flight(), 0);
+    assert_eq!(gated.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_key_closure_reaches_the_caller_only() {
+    let calls = counter();
+    let layer = DedupLayer::builder()
+        .key(|k: &u32| {
+            assert!(*k != 9, "bad key");
+            Some(*k)
+        })
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(slow(&calls, Duration::from_millis(1)));
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        drop(call_now(&mut svc, 9));
+    }))
+    .unwrap_err();
+    assert_eq!(handle.in_flight(), 0);
+    assert_eq!(svc.clone().oneshot(3).await.unwrap(), 30);
+}
+
+/// One layer around two upstreams: the same key never gets the other
+/// upstream's answer, in flight or cached.
+#[tokio::test(start_paused = true)]
+async fn one_layer_around_two_services_keeps_them_apart() {
+    let layer = DedupLayer::builder()
+        .key(|k: &u32| Some(*k))
+        .cache_ttl(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let upstream = |tag: u32| {
+        service_fn(move |k: u32| async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Ok::<_, BoxError>(tag + k)
+        })
+    };
+    let a = layer.layer(upstream(100));
+    let b = layer.layer(upstream(200));
+    let both = join_all([
+        a.clone().oneshot(1),
+        b.clone().oneshot(1),
+        a.clone().oneshot(1),
+        b.clone().oneshot(1),
+    ])
+    .await;
+    let both: Vec<u32> = both.into_iter().map(Result::unwrap).collect();
+    assert_eq!(both, [101, 201, 101, 201]);
+    // Cached answers stay apart too.
+    assert_eq!(b.clone().oneshot(1).await.unwrap(), 201);
+    assert_eq!(a.clone().oneshot(1).await.unwrap(), 101);
+    // The layer's handle sees both services; each service's its own.
+    assert_eq!(layer.handle().cached(), 2);
+    assert_eq!(a.handle().cached(), 1);
+    a.handle().clear_cache();
+    assert_eq!((a.handle().cached(), b.handle().cached()), (0, 1));
+    drop(b);
+    assert_eq!(
+        layer.handle().cached(),
+        0,
+        "a dropped service's table is gone"
+    );
+}
+
+/// The cache's eviction order, against a model: when the table is full, a
+/// new key evicts the answer that expires first (an expired one if any),
+/// ties going to the answer cached first, successes before errors; every
+/// answer cached drops the ones that have expired; a hit is served only
+/// before its answer expires.
+mod eviction {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A call with this key; the upstream answers `Ok` when `true`.
+        Call(u32, bool),
+        Advance(u64),
+        Clear,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0u32..12, any::<bool>()).prop_map(|(k, ok)| Op::Call(k, ok)),
+            2 => (0u64..40).prop_map(Op::Advance),
+            1 => Just(Op::Clear),
+        ]
+    }
+
+    #[derive(Debug)]
+    struct Cached {
+        ok: bool,
+        until: u64,
+        seq: u64,
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn follows_the_model(
+            max in 1usize..6,
+            ok_ttl in prop::option::of(1u64..50),
+            err_ttl in prop::option::of(1u64..50),
+            ops in prop::collection::vec(op(), 1..80),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut b = DedupLayer::builder().key(|r: &(u32, bool)| Some(r.0)).max_entries(max);
+                if let Some(t) = ok_ttl {
+                    b = b.cache_ttl(Duration::from_millis(t));
+                }
+                if let Some(t) = err_ttl {
+                    b = b.error_ttl(Duration::from_millis(t));
+                }
+                let layer = b.build().unwrap();
+                let handle = layer.handle();
+                let calls = counter();
+                let c = calls.clone();
+                let svc = layer.layer(service_fn(move |(k, ok): (u32, bool)| {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    async move { if ok { Ok::<_, BoxError>(k) } else { Err(BoxError::from("no")) } }
+                }));
+                let mut model: HashMap<u32, Cached> = HashMap::new();
+                let (mut now, mut seq, mut upstream) = (0u64, 0u64, 0usize);
+                for op in ops {
+                    match op {
+                        Op::Advance(ms) => {
+                            tokio::time::advance(Duration::from_millis(ms)).await;
+                            now += ms;
+                        }
+                        Op::Clear => {
+                            handle.clear_cache();
+                            model.clear();
+                        }
+                        Op::Call(k, ok) => {
+                            let got = svc.clone().oneshot((k, ok)).await;
+                            let expect_ok = match model.get(&k) {
+                                Some(c) if now < c.until => c.ok,
+                                present => {
+                                    let present = present.is_some();
+                                    if !present && model.len() >= max {
+                                        let victim = model
+                                            .iter()
+                                            .min_by_key(|(_, c)| (c.until, !c.ok, c.seq))
+                                            .map(|(k, _)| *k)
+                                            .unwrap();
+                                        model.remove(&victim);
+                                    }
+                                    upstream += 1;
+                                    model.remove(&k);
+                                    if let Some(ttl) = if ok { ok_ttl } else { err_ttl } {
+                                        model.retain(|_, c| c.until > now);
+                                        seq += 1;
+                                        model.insert(k, Cached { ok, until: now + ttl, seq });
+                                    }
+                                    ok
+                                }
+                            };
+                            assert_eq!(got.is_ok(), expect_ok, "answer for {k} at {now}");
+                            assert_eq!(calls.load(Ordering::SeqCst), upstream, "calls at {now}");
+                        }
+                    }
+                    assert_eq!(handle.cached(), model.len(), "cached at {now}: {model:?}");
+                    assert_eq!(handle.in_flight(), 0);
+                }
+            });
+        }
+    }
+}
+
+/// A flood of distinct keys through a full cache finishes: each new key
+/// evicts one answer at a constant cost (it used to scan the table).
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_distinct_keys_through_a_full_cache() {
+    let layer = DedupLayer::builder()
+        .key(|k: &u32| Some(*k))
+        .cache_ttl(Duration::from_secs(3600))
+        .max_entries(10_000)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let calls = counter();
+    let c = calls.clone();
+    let mut svc = layer.layer(service_fn(move |k: u32| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async move { Ok::<_, BoxError>(k) }
+    }));
+    let n = 100_000u32;
+    for k in 0..n {
+        assert_eq!(svc.ready().await.unwrap().call(k).await.unwrap(), k);
+    }
+    assert_eq!(handle.cached(), 10_000);
+    // The newest answers are the ones kept.
+    for k in [n - 1, n - 10_000] {
+        assert_eq!(svc.ready().await.unwrap().call(k).await.unwrap(), k);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), n as usize);
+    assert_eq!(svc.ready().await.unwrap().call(0).await.unwrap(), 0);
+    assert_eq!(calls.load(Ordering::SeqCst), n as usize + 1);
+}
+
+/// Built to share one table between its services, a layer's services
+/// answer each other's equal keys (and the layer's handle sees one table).
+#[tokio::test(start_paused = true)]
+async fn a_layer_can_share_one_table_between_its_services() {
+    let calls = counter();
+    let layer = DedupLayer::builder()
+        .key(|k: &u32| Some(*k))
+        .share_between_services()
+        .build()
+        .unwrap();
+    let a = layer.layer(slow(&calls, Duration::from_millis(10)));
+    let b = layer.layer(slow(&calls, Duration::from_millis(10)));
+    let both = join_all([a.clone().oneshot(1), b.clone().oneshot(1)]).await;
+    assert!(both.iter().all(|r| *r.as_ref().unwrap() == 10));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(layer.handle().len(), 0);
+}
+
+/// A service of two request types keeps a table per type, and the handle
+/// sees both.
+#[tokio::test(start_paused = true)]
+async fn a_service_of_two_request_types_keeps_a_table_for_each() {
+    use tower_bulwark::dedup::DedupKey;
+
+    #[derive(Debug)]
+    struct Both;
+    impl DedupKey<u32> for Both {
+        type Key = u32;
+        fn key(&self, r: &u32) -> Option<u32> {
+            Some(*r)
+        }
+    }
+    impl DedupKey<u64> for Both {
+        type Key = u64;
+        fn key(&self, r: &u64) -> Option<u64> {
+            Some(*r)
+        }
+    }
+
+    #[derive(Clone)]
+    struct Echo;
+    impl Service<u32> for Echo {
+        type Response = u32;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<u32, BoxError>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, r: u32) -> Self::Future {
+            std::future::ready(Ok(r + 1))
+        }
+    }
+    impl Service<u64> for Echo {
+        type Response = u64;
+        type Error = BoxError;
+        type Future = std::future::Ready<Result<u64, BoxError>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), BoxError>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, r: u64) -> Self::Future {
+            std::future::ready(Ok(r + 2))
+        }
+    }
+
+    let layer = DedupLayer::builder()
+        .key_by(Both)
+        .cache_ttl(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(Echo);
+    assert_eq!(Service::<u32>::call(&mut svc, 1).await.unwrap(), 2);
+    assert_eq!(Service::<u64>::call(&mut svc, 1).await.unwrap(), 3);
+    assert_eq!(Service::<u64>::call(&mut svc, 1).await.unwrap(), 3);
+    assert_eq!(svc.handle().cached(), 2);
+    assert_eq!(layer.handle().cached(), 2);
+    svc.handle().clear_cache();
+    assert_eq!(layer.handle().cached(), 0);
+}

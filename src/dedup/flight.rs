@@ -18,10 +18,26 @@
 //! and a per-table call id are kept by each waiter, so finishing or leaving
 //! a call finds its entry without hashing or comparing the key again.
 //!
+//! An entry exists only while a call that can answer it exists: the inner
+//! service's `call` runs before the entry goes in (both under the table's
+//! lock, so no one sees one without the other), and a panic in `call`
+//! leaves nothing behind.
+//!
+//! Eviction is O(1) amortised per key: every cached answer is also queued,
+//! in the order it was cached, in one queue per TTL (answers, errors). With
+//! one TTL per queue and a clock that does not go back, that order is
+//! expiry order, so the answer that expires first is at the head of one of
+//! the two queues. Queue entries are never updated in place: an answer
+//! that left the table (evicted, replaced by a new call, cleared) leaves a
+//! stale entry behind, recognised by its call id and skipped when it
+//! reaches the head; each entry is pushed once and popped or compacted
+//! away once.
+//!
 //! Locks: the table's lock may be held while taking a group's state lock,
 //! never the other way round; a group's waker list is only ever locked
 //! last. The inner future is polled and dropped with no lock held.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -77,8 +93,34 @@ pub(crate) struct Config {
     pub(crate) listeners: Listeners<DedupEvent>,
 }
 
-#[derive(Clone, Copy)]
-enum Kind {
+impl Config {
+    /// Sends the event of `kind`. A panicking listener propagates to the
+    /// caller.
+    #[inline]
+    pub(crate) fn emit(&self, kind: Kind) {
+        if self.listeners.active() {
+            self.send(kind);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn send(&self, kind: Kind) {
+        let name = self.name.clone();
+        self.listeners.emit(&match kind {
+            Kind::Leader => DedupEvent::Leader { name },
+            Kind::Joined => DedupEvent::Joined { name },
+            Kind::CacheHit => DedupEvent::CacheHit { name },
+            Kind::Full => DedupEvent::Full { name },
+            Kind::Cancelled => DedupEvent::Cancelled { name },
+        });
+    }
+}
+
+/// Which event a call raised; sent by the service once the call's guard
+/// exists, so a panicking listener cannot strand an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
     Leader,
     Joined,
     CacheHit,
@@ -123,14 +165,90 @@ pub(crate) enum Start<F, T> {
     Bypass(F),
 }
 
+/// A cached answer's place in its expiry queue.
+#[derive(Clone, Copy)]
+struct Expiry {
+    hash: u64,
+    id: u64,
+    until: Nanos,
+}
+
 struct Inner<K, F, T> {
     map: HashTable<Item<K, F, T>>,
     next_id: u64,
     spares: Vec<Boxed<F>>,
+    /// Cached answers in the order they were cached: successes, errors.
+    expiry: [VecDeque<Expiry>; 2],
 }
 
-/// In-flight calls and cached answers by key, shared by every service of a
-/// layer.
+impl<K, F, T> Inner<K, F, T> {
+    fn is_live(&self, e: &Expiry) -> bool {
+        matches!(
+            self.map.find(e.hash, |it| it.id == e.id),
+            Some(Item { slot: Slot::Cached { until, .. }, .. }) if *until == e.until
+        )
+    }
+
+    /// The queue whose live head expires first, after dropping stale heads.
+    fn first_to_expire(&mut self) -> Option<usize> {
+        let mut best: Option<(usize, Nanos)> = None;
+        for q in 0..2 {
+            while let Some(e) = self.expiry[q].front() {
+                if self.is_live(e) {
+                    if best.is_none_or(|(_, until)| e.until < until) {
+                        best = Some((q, e.until));
+                    }
+                    break;
+                }
+                self.expiry[q].pop_front();
+            }
+        }
+        best.map(|(q, _)| q)
+    }
+
+    /// Removes the cached answer that expires first (an expired one, if
+    /// any). Returns whether there was one: `false` means every key is in
+    /// flight.
+    fn evict_one(&mut self) -> bool {
+        let Some(q) = self.first_to_expire() else {
+            return false;
+        };
+        let e = self.expiry[q].pop_front().expect("head found above");
+        if let Ok(entry) = self.map.find_entry(e.hash, |it| it.id == e.id) {
+            entry.remove();
+        }
+        true
+    }
+
+    /// Drops the answers that have expired by `now` (from the queue heads
+    /// only, so it costs nothing when none has).
+    fn drop_expired(&mut self, now: Nanos) {
+        while let Some(q) = self.first_to_expire() {
+            let e = self.expiry[q].front().expect("head found above");
+            if e.until > now {
+                break;
+            }
+            self.evict_one();
+        }
+    }
+
+    /// Queues an answer cached now, keeping each queue within twice the
+    /// table's size: when stale entries make up more than half of it,
+    /// they go in one pass (paid for by the pushes that made them).
+    fn queue(&mut self, q: usize, e: Expiry, now: Nanos) {
+        self.drop_expired(now);
+        self.expiry[q].push_back(e);
+        let limit = 2 * self.map.len() + 16;
+        if self.expiry[q].len() > limit {
+            let mut queue = std::mem::take(&mut self.expiry[q]);
+            queue.retain(|e| self.is_live(e));
+            self.expiry[q] = queue;
+        }
+    }
+}
+
+/// In-flight calls and cached answers by key, shared by the clones of one
+/// service (or by every service of a layer that shares one table).
 pub(crate) struct Table<K, F, T> {
     pub(crate) cfg: Arc<Config>,
     clock: Clock,
@@ -152,6 +270,7 @@ where
                 map: HashTable::new(),
                 next_id: 0,
                 spares: Vec::new(),
+                expiry: [VecDeque::new(), VecDeque::new()],
             }),
         }
     }
@@ -162,50 +281,49 @@ where
 
     /// Joins the call for `key`, serves it from the cache, or starts a new
     /// call with `call`. `call` runs under the table's lock, so a second
-    /// caller with the same key cannot miss the call it starts.
+    /// caller with the same key cannot miss the call it starts, and before
+    /// the call's entry goes in, so a panic in it leaves no entry. The
+    /// event is the caller's to send, once it holds its guard (see
+    /// [`Kind`]).
     pub(crate) fn start(&self, key: K, call: impl FnOnce() -> F) -> Start<F, T> {
         let hash = self.hasher.hash_one(&key);
         let now = if self.caches() { self.clock.now() } else { 0 };
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
-        let mut full = inner.map.len() >= self.cfg.max_entries;
-        if full {
-            full = !make_room(&mut inner.map, now);
-        }
-        let (start, event) = match inner.map.entry(hash, |it| it.key == key, |it| it.hash) {
-            Entry::Occupied(mut e) => {
-                let item = e.get_mut();
+        let room = inner.map.len() < self.cfg.max_entries;
+        match inner.map.entry(hash, |it| it.key == key, |it| it.hash) {
+            Entry::Occupied(e) => {
+                let item = e.into_mut();
                 let ticket = Ticket { hash, id: item.id };
-                match &mut item.slot {
+                return match &mut item.slot {
                     Slot::InFlight(Some(g)) => {
                         g.waiters.fetch_add(1, Ordering::Relaxed);
-                        (Start::Joined(ticket, g.clone()), Kind::Joined)
+                        Start::Joined(ticket, g.clone())
                     }
                     Slot::InFlight(group) => {
                         // The leader holds the future: it hands it over at
-                        // its next poll, or finishes and answers us.
+                        // its next poll or when dropped, or finishes and
+                        // answers us.
                         let g = Arc::new(Group::new(None, 2));
                         *group = Some(g.clone());
-                        (Start::Joined(ticket, g), Kind::Joined)
+                        Start::Joined(ticket, g)
                     }
-                    Slot::Cached { result, until } if now < *until => {
-                        (Start::Hit(result.clone()), Kind::CacheHit)
-                    }
+                    Slot::Cached { result, until } if now < *until => Start::Hit(result.clone()),
                     Slot::Cached { .. } => {
+                        // Expired: this call replaces the answer. Its queue
+                        // entry goes stale with the old id.
+                        let fut = call();
                         let id = inner.next_id;
                         inner.next_id += 1;
                         item.id = id;
                         item.slot = Slot::InFlight(None);
                         let spare = inner.spares.pop();
-                        (
-                            Start::Leader(Ticket { hash, id }, call(), spare),
-                            Kind::Leader,
-                        )
+                        Start::Leader(Ticket { hash, id }, fut, spare)
                     }
-                }
+                };
             }
-            Entry::Vacant(_) if full => (Start::Bypass(call()), Kind::Full),
-            Entry::Vacant(v) => {
+            Entry::Vacant(v) if room => {
+                let fut = call();
                 let id = inner.next_id;
                 inner.next_id += 1;
                 v.insert(Item {
@@ -215,30 +333,35 @@ where
                     slot: Slot::InFlight(None),
                 });
                 let spare = inner.spares.pop();
-                (
-                    Start::Leader(Ticket { hash, id }, call(), spare),
-                    Kind::Leader,
-                )
+                return Start::Leader(Ticket { hash, id }, fut, spare);
             }
-        };
-        drop(guard);
-        self.emit(event);
-        start
+            Entry::Vacant(_) => {}
+        }
+        // Full: a cached answer makes room, or the call goes straight
+        // through.
+        if !inner.evict_one() {
+            return Start::Bypass(call());
+        }
+        let fut = call();
+        let id = inner.next_id;
+        inner.next_id += 1;
+        inner.map.insert_unique(
+            hash,
+            Item {
+                hash,
+                id,
+                key,
+                slot: Slot::InFlight(None),
+            },
+            |it| it.hash,
+        );
+        let spare = inner.spares.pop();
+        Start::Leader(Ticket { hash, id }, fut, spare)
     }
 
     #[inline]
     fn emit(&self, kind: Kind) {
-        if !self.cfg.listeners.active() {
-            return;
-        }
-        let name = self.cfg.name.clone();
-        self.cfg.listeners.emit(&match kind {
-            Kind::Leader => DedupEvent::Leader { name },
-            Kind::Joined => DedupEvent::Joined { name },
-            Kind::CacheHit => DedupEvent::CacheHit { name },
-            Kind::Full => DedupEvent::Full { name },
-            Kind::Cancelled => DedupEvent::Cancelled { name },
-        });
+        self.cfg.emit(kind);
     }
 
     /// Takes a finished call out of the table, leaving its answer cached
@@ -253,28 +376,50 @@ where
             Ok(_) => self.cfg.cache_ttl,
             Err(_) => self.cfg.error_ttl,
         };
-        let mut inner = lock(&self.inner);
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
         if let Some(home) = spare {
             if inner.spares.len() < SPARES {
                 inner.spares.push(home);
             }
         }
-        let Ok(mut e) = inner.map.find_entry(t.hash, |it| it.id == t.id) else {
-            return None;
-        };
         match ttl {
-            Some(ttl) => {
-                let until = self.clock.now().saturating_add(nanos(ttl));
-                let result = outcome.clone();
-                match std::mem::replace(&mut e.get_mut().slot, Slot::Cached { result, until }) {
+            None => match inner.map.find_entry(t.hash, |it| it.id == t.id) {
+                Ok(e) => match e.remove().0.slot {
                     Slot::InFlight(g) => g,
                     Slot::Cached { .. } => None,
-                }
-            }
-            None => match e.remove().0.slot {
-                Slot::InFlight(g) => g,
-                Slot::Cached { .. } => None,
+                },
+                Err(_) => None,
             },
+            Some(ttl) => self.cache(inner, t, outcome, ttl),
+        }
+    }
+
+    /// Leaves a finished call's answer in the table for `ttl`. Out of line,
+    /// so that a call that is not cached pays nothing for it.
+    #[inline(never)]
+    fn cache(
+        &self,
+        inner: &mut Inner<K, F, T>,
+        t: Ticket,
+        outcome: &Shared<T>,
+        ttl: Duration,
+    ) -> Option<Arc<Group<F, T>>> {
+        let item = inner.map.find_mut(t.hash, |it| it.id == t.id)?;
+        let now = self.clock.now();
+        let until = now.saturating_add(nanos(ttl));
+        let result = outcome.clone();
+        let old = std::mem::replace(&mut item.slot, Slot::Cached { result, until });
+        let queue = usize::from(outcome.is_err());
+        let e = Expiry {
+            hash: t.hash,
+            id: t.id,
+            until,
+        };
+        inner.queue(queue, e, now);
+        match old {
+            Slot::InFlight(g) => g,
+            Slot::Cached { .. } => None,
         }
     }
 
@@ -329,7 +474,7 @@ where
     /// The leader went away while holding the inner future: it goes to the
     /// others if anyone waits, else the call is cancelled.
     pub(crate) fn leader_leave(&self, t: Ticket, fut: Boxed<F>) {
-        let cancelled = {
+        let cancelled = Some({
             let mut inner = lock(&self.inner);
             let group = match inner.map.find(t.hash, |it| it.id == t.id) {
                 Some(Item {
@@ -352,10 +497,19 @@ where
             }
             Self::cancel(&mut inner, t);
             fut
-        };
-        // Dropped with no lock held: this is the cancellation.
-        drop(cancelled);
-        self.emit(Kind::Cancelled);
+        });
+        self.cancelled(cancelled);
+    }
+
+    /// Drops a cancelled call's future (with no lock held) and says so.
+    /// This runs in a waiter's `Drop`, perhaps while a panic unwinds, so a
+    /// panic in the future's destructor or in a listener stays in here: a
+    /// second panic would abort the process.
+    fn cancelled(&self, fut: Option<Boxed<F>>) {
+        if let Some(fut) = fut {
+            let _ = catch_unwind(AssertUnwindSafe(move || drop(fut)));
+        }
+        let _ = catch_unwind(AssertUnwindSafe(|| self.emit(Kind::Cancelled)));
     }
 
     /// A waiter of a group went away before its answer. The last one
@@ -379,8 +533,7 @@ where
             Self::cancel(&mut inner, t);
             fut
         };
-        drop(cancelled);
-        self.emit(Kind::Cancelled);
+        self.cancelled(cancelled);
     }
 
     /// Calls in flight and answers cached.
@@ -396,37 +549,10 @@ where
 
     /// Forgets every cached answer.
     pub(crate) fn clear_cache(&self) {
-        lock(&self.inner)
-            .map
-            .retain(|it| matches!(it.slot, Slot::InFlight(_)));
+        let mut inner = lock(&self.inner);
+        inner.map.retain(|it| matches!(it.slot, Slot::InFlight(_)));
+        inner.expiry = [VecDeque::new(), VecDeque::new()];
     }
-}
-
-/// Frees a place in a full map: drops expired answers, or else the cached
-/// answer that expires first. Returns whether there is room now.
-fn make_room<K, F, T>(map: &mut HashTable<Item<K, F, T>>, now: Nanos) -> bool {
-    let before = map.len();
-    map.retain(|it| !matches!(it.slot, Slot::Cached { until, .. } if now >= until));
-    if map.len() < before {
-        return true;
-    }
-    let oldest = map
-        .iter()
-        .filter_map(|it| match it.slot {
-            Slot::Cached { until, .. } => Some(until),
-            Slot::InFlight(_) => None,
-        })
-        .min();
-    let Some(oldest) = oldest else {
-        return false;
-    };
-    let mut evicted = false;
-    map.retain(|it| {
-        let hit = !evicted && matches!(it.slot, Slot::Cached { until, .. } if until == oldest);
-        evicted |= hit;
-        !hit
-    });
-    true
 }
 
 struct State<F, T> {

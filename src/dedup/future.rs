@@ -9,7 +9,9 @@ use std::task::{ready, Context, Poll};
 
 use pin_project_lite::pin_project;
 
-use super::flight::{drop_quietly, poll_call, Boxed, Call, Group, Shared, Table, Ticket};
+use super::flight::{
+    drop_quietly, poll_call, Boxed, Call, Group, Kind as Event, Shared, Table, Ticket,
+};
 use crate::error::BoxError;
 
 type Leave<K, F, T> = fn(&Table<K, F, T>, Ticket, &Arc<Group<F, T>>, Option<usize>);
@@ -37,6 +39,14 @@ where
             fut: Some(fut),
             leave: Table::leader_leave,
         }
+    }
+}
+
+impl<K, F, T> Leader<K, F, T> {
+    /// Sends an event, through the table the leader already points at.
+    #[inline]
+    pub(crate) fn emit(&self, kind: Event) {
+        self.table.cfg.emit(kind);
     }
 }
 
@@ -73,6 +83,14 @@ where
             answered: false,
             leave: Table::leave,
         }
+    }
+}
+
+impl<K, F, T> Waiter<K, F, T> {
+    /// Sends an event, through the table the waiter already points at.
+    #[inline]
+    pub(crate) fn emit(&self, kind: Event) {
+        self.table.cfg.emit(kind);
     }
 }
 

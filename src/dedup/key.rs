@@ -23,7 +23,7 @@ use std::marker::PhantomData;
 /// ```
 ///
 /// With the `http` feature, [`DefaultKey`] keys HTTP requests by method,
-/// URI and the headers that change the answer.
+/// URI, `Host` and the headers that say who asks or change the answer.
 pub trait DedupKey<Req> {
     /// The key.
     type Key: Hash + Eq + Clone + Send + Sync + 'static;
@@ -72,8 +72,10 @@ impl<F, K> fmt::Debug for KeyFn<F, K> {
 /// The key used when [`key`](super::DedupBuilder::key) is not set.
 ///
 /// With the `http` feature it keys `http::Request`s like
-/// `http::dedup::HttpKey::new()`: safe methods only, by method, URI and the
-/// headers that change the answer, `Authorization` and `Cookie` included.
+/// `http::dedup::HttpKey::new()`: safe methods only, by method, URI, `Host`
+/// and the headers that say who asks or change the answer
+/// (`Authorization`, `Proxy-Authorization`, `Cookie` and `X-Api-Key`
+/// included).
 /// Without it, it keys nothing, and a layer built without a key only
 /// compiles around services of HTTP requests.
 #[derive(Debug, Clone, Copy, Default)]

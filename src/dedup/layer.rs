@@ -2,7 +2,7 @@
 
 use std::any::Any;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use tower_layer::Layer;
@@ -17,8 +17,11 @@ const LAYER: &str = "dedup";
 /// Makes concurrent identical requests share one inner call, and may serve
 /// a finished answer again for a while. See the [module docs](super).
 ///
-/// Cloning the layer, and every service it makes, shares the in-flight
-/// calls and the cache.
+/// Each service the layer makes has its own in-flight calls and cache,
+/// shared by that service's clones; services made separately (for example
+/// by axum's `Router::layer`, once per route) never answer each other,
+/// unless the layer was built with
+/// [`share_between_services`](DedupBuilder::share_between_services).
 pub struct DedupLayer<K = DefaultKey> {
     pub(crate) key: Arc<K>,
     pub(crate) shared: Arc<LayerShared>,
@@ -35,15 +38,18 @@ impl DedupLayer {
             error_ttl: None,
             max_entries: 10_000,
             listeners: Listeners::default(),
+            share_between_services: false,
         }
     }
 }
 
 impl<K> DedupLayer<K> {
-    /// A handle that reads the shared table and clears its cache.
+    /// A handle on the tables of every service this layer (or a clone of
+    /// it) made: counts add up over them, and `clear_cache` clears them
+    /// all.
     pub fn handle(&self) -> DedupHandle {
         DedupHandle {
-            shared: self.shared.clone(),
+            scope: Scope::Layer(self.shared.clone()),
         }
     }
 }
@@ -101,14 +107,69 @@ where
     }
 }
 
-/// What every service of one layer shares: the configuration and one table
-/// per kind of service the layer wrapped (normally one).
+/// What every service of one layer shares: the configuration, and where
+/// to find each service's tables for the layer's handle.
 pub(crate) struct LayerShared {
     pub(crate) cfg: Arc<Config>,
-    tables: Mutex<Vec<TableEntry>>,
+    services: Mutex<Vec<Weak<ServiceTables>>>,
+    /// The one table set of a layer built with `share_between_services`.
+    all: Option<Arc<ServiceTables>>,
 }
 
 impl LayerShared {
+    /// The tables of a new service, known to the layer's handle for as long
+    /// as the service (or a clone of it) lives.
+    pub(crate) fn service(&self) -> Arc<ServiceTables> {
+        if let Some(all) = &self.all {
+            return all.clone();
+        }
+        let tables = Arc::new(ServiceTables::new(self.cfg.clone()));
+        let mut services = lock(&self.services);
+        if services.len() == services.capacity() {
+            // Forget services that are gone. Growing the list when at least
+            // half of it is still alive keeps this O(1) amortised, so a
+            // layer that makes a service per connection stays small.
+            services.retain(|s| s.strong_count() > 0);
+            if services.len() * 2 > services.capacity() {
+                let more = services.len().max(4);
+                services.reserve(more);
+            }
+        }
+        services.push(Arc::downgrade(&tables));
+        tables
+    }
+
+    fn live(&self) -> Vec<Arc<ServiceTables>> {
+        if let Some(all) = &self.all {
+            return vec![all.clone()];
+        }
+        lock(&self.services)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+}
+
+/// The tables of one service made by [`Layer::layer`] (and its clones):
+/// one per kind of request it was called with (normally one).
+pub(crate) struct ServiceTables {
+    pub(crate) cfg: Arc<Config>,
+    /// The first kind's table, found without a lock: stacks that clone the
+    /// service for every request (axum's routes) look it up every call.
+    first: OnceLock<TableEntry>,
+    /// Tables of other kinds, if the service takes several.
+    others: Mutex<Vec<TableEntry>>,
+}
+
+impl ServiceTables {
+    pub(crate) fn new(cfg: Arc<Config>) -> Self {
+        Self {
+            cfg,
+            first: OnceLock::new(),
+            others: Mutex::new(Vec::new()),
+        }
+    }
+
     /// The table for keys `K`, inner futures `F` and answers `T`, made on
     /// first use.
     pub(crate) fn table<K, F, T>(&self) -> Arc<Table<K, F, T>>
@@ -117,19 +178,54 @@ impl LayerShared {
         F: Send + 'static,
         T: Clone + Send + 'static,
     {
-        let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
-        for t in tables.iter() {
+        let entry = || {
+            let table = Arc::new(Table::<K, F, T>::new(self.cfg.clone()));
+            TableEntry {
+                any: table.clone(),
+                ops: table,
+            }
+        };
+        let first = self.first.get_or_init(entry);
+        if let Ok(table) = Arc::downcast::<Table<K, F, T>>(first.any.clone()) {
+            return table;
+        }
+        let mut others = lock(&self.others);
+        for t in others.iter() {
             if let Ok(table) = Arc::downcast::<Table<K, F, T>>(t.any.clone()) {
                 return table;
             }
         }
-        let table = Arc::new(Table::<K, F, T>::new(self.cfg.clone()));
-        tables.push(TableEntry {
-            any: table.clone(),
-            ops: table.clone(),
-        });
+        let e = entry();
+        let table = Arc::downcast::<Table<K, F, T>>(e.any.clone()).expect("made above");
+        others.push(e);
         table
     }
+
+    fn each(&self, mut f: impl FnMut(&dyn TableOps)) {
+        if let Some(t) = self.first.get() {
+            f(&*t.ops);
+        }
+        for t in lock(&self.others).iter() {
+            f(&*t.ops);
+        }
+    }
+
+    fn counts(&self) -> (usize, usize) {
+        let mut sum = (0, 0);
+        self.each(|t| {
+            let (x, y) = t.counts();
+            sum = (sum.0 + x, sum.1 + y);
+        });
+        sum
+    }
+
+    fn clear_cache(&self) {
+        self.each(|t| t.clear_cache());
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Configures a [`DedupLayer`]. See the [module docs](super).
@@ -140,6 +236,7 @@ pub struct DedupBuilder<K = DefaultKey> {
     error_ttl: Option<Duration>,
     max_entries: usize,
     listeners: Listeners<DedupEvent>,
+    share_between_services: bool,
 }
 
 impl<K> DedupBuilder<K> {
@@ -162,6 +259,7 @@ impl<K> DedupBuilder<K> {
             error_ttl: self.error_ttl,
             max_entries: self.max_entries,
             listeners: self.listeners,
+            share_between_services: self.share_between_services,
         }
     }
 
@@ -195,6 +293,36 @@ impl<K> DedupBuilder<K> {
         self
     }
 
+    /// One table for every service the layer makes, instead of one per
+    /// service (default off).
+    ///
+    /// For stacks that apply the layer again for each connection or
+    /// request to what is one upstream. axum is one: under `axum::serve`,
+    /// `Router::layer` wraps each handler route anew for every connection,
+    /// so without this, requests on different connections never share.
+    /// Then equal keys must mean the same upstream answer in every service:
+    /// [`DefaultKey`] and `http::dedup::HttpKey` include the method, the URI
+    /// and `Host`, which pick the route; a key closure must include them
+    /// too (or whatever tells the services apart).
+    ///
+    /// ```
+    /// # #[cfg(feature = "http")] {
+    /// use tower_bulwark::dedup::DedupLayer;
+    /// use tower_bulwark::http::dedup::HttpKey;
+    ///
+    /// // For every route of an axum Router, on every connection.
+    /// let layer = DedupLayer::builder()
+    ///     .key_by(HttpKey::new())
+    ///     .share_between_services()
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = layer; }
+    /// ```
+    pub fn share_between_services(mut self) -> Self {
+        self.share_between_services = true;
+        self
+    }
+
     /// Calls `f` on every event (leader, joined, cache hit, full,
     /// cancelled). Listeners add up; each must be quick and must not block.
     pub fn on_event(mut self, f: impl Fn(&DedupEvent) + Send + Sync + 'static) -> Self {
@@ -219,11 +347,16 @@ impl<K> DedupBuilder<K> {
             max_entries: self.max_entries,
             listeners: self.listeners,
         };
+        let cfg = Arc::new(cfg);
+        let all = self
+            .share_between_services
+            .then(|| Arc::new(ServiceTables::new(cfg.clone())));
         Ok(DedupLayer {
             key: Arc::new(self.key),
             shared: Arc::new(LayerShared {
-                cfg: Arc::new(cfg),
-                tables: Mutex::new(Vec::new()),
+                cfg,
+                services: Mutex::new(Vec::new()),
+                all,
             }),
         })
     }
@@ -237,26 +370,49 @@ impl<K: fmt::Debug> fmt::Debug for DedupBuilder<K> {
             .field("cache_ttl", &self.cache_ttl)
             .field("error_ttl", &self.error_ttl)
             .field("max_entries", &self.max_entries)
+            .field("share_between_services", &self.share_between_services)
             .finish()
     }
 }
 
-/// Reads a dedup layer's shared table from outside the stack.
+/// Reads a dedup layer's tables from outside the stack: those of every
+/// live service the layer made ([`DedupLayer::handle`]), or of one service
+/// and its clones ([`Dedup::handle`](super::Dedup::handle)).
 #[derive(Clone)]
 pub struct DedupHandle {
-    shared: Arc<LayerShared>,
+    scope: Scope,
+}
+
+#[derive(Clone)]
+enum Scope {
+    Layer(Arc<LayerShared>),
+    Service(Arc<ServiceTables>),
 }
 
 impl DedupHandle {
+    pub(crate) fn of_service(tables: Arc<ServiceTables>) -> Self {
+        Self {
+            scope: Scope::Service(tables),
+        }
+    }
+
+    fn services(&self) -> Vec<Arc<ServiceTables>> {
+        match &self.scope {
+            Scope::Layer(shared) => shared.live(),
+            Scope::Service(tables) => vec![tables.clone()],
+        }
+    }
+
     fn sum(&self) -> (usize, usize) {
-        let tables = self.shared.tables.lock().unwrap_or_else(|e| e.into_inner());
-        tables.iter().fold((0, 0), |(a, b), t| {
-            let (x, y) = t.ops.counts();
+        self.services().iter().fold((0, 0), |(a, b), s| {
+            let (x, y) = s.counts();
             (a + x, b + y)
         })
     }
 
-    /// Shared calls in flight now.
+    /// Shared calls in flight now. Every entry belongs to a call that can
+    /// still answer it, so once every caller has its answer (or went
+    /// away) this is 0.
     pub fn in_flight(&self) -> usize {
         self.sum().0
     }
@@ -267,11 +423,28 @@ impl DedupHandle {
         self.sum().1
     }
 
+    /// Keys held now, in flight or cached: `in_flight() + cached()`.
+    pub fn len(&self) -> usize {
+        let (a, b) = self.sum();
+        a + b
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Forgets every cached answer; calls in flight go on.
     pub fn clear_cache(&self) {
-        let tables = self.shared.tables.lock().unwrap_or_else(|e| e.into_inner());
-        for t in tables.iter() {
-            t.ops.clear_cache();
+        for s in self.services() {
+            s.clear_cache();
+        }
+    }
+
+    fn cfg(&self) -> &Config {
+        match &self.scope {
+            Scope::Layer(shared) => &shared.cfg,
+            Scope::Service(tables) => &tables.cfg,
         }
     }
 }
@@ -280,7 +453,7 @@ impl fmt::Debug for DedupHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (in_flight, cached) = self.sum();
         f.debug_struct("DedupHandle")
-            .field("name", &self.shared.cfg.name)
+            .field("name", &self.cfg().name)
             .field("in_flight", &in_flight)
             .field("cached", &cached)
             .finish()

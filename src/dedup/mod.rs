@@ -52,11 +52,35 @@
 //! - when the last waiter goes away the inner future is dropped: the call
 //!   is cancelled;
 //! - a panic in the inner future reaches every waiter as an error
-//!   ([`Panicked`] inside a [`SharedError`]), not as a hang or a crash.
+//!   ([`Panicked`] inside a [`SharedError`]), not as a hang or a crash;
+//! - the first caller's future holds the call until its first poll: a
+//!   caller that joins before then waits for that poll, or for that future
+//!   to be dropped (which hands the call over). So poll a response future
+//!   you keep: one kept but never polled holds up the callers that joined
+//!   it, as it holds up its own.
 //!
 //! The inner service's `call` runs under the table's lock, so that a second
 //! caller cannot miss the call the first one starts; like any tower
 //! service's `call`, it should only start the work.
+//!
+//! # Panics
+//!
+//! A key is held only while a call that can answer it exists, so no panic
+//! wedges it:
+//!
+//! - a panic in the inner service's `call` (tower's `Buffer` and
+//!   `ConcurrencyLimit` panic there when misused) reaches the caller, and
+//!   the key is left as if the call never happened: the entry is made only
+//!   once `call` has returned;
+//! - a panic in the key closure reaches the caller before anything is held;
+//! - a panic in an `on_event` listener reaches the caller whose call raised
+//!   the event (`leader`, `joined`, `cache_hit`, `full`), after that
+//!   caller's place in the call exists, so dropping it releases the key or
+//!   hands the call to whoever joined; a listener that panics on
+//!   `cancelled`, which is raised while a future is dropped, is ignored
+//!   (a second panic while unwinding would abort the process);
+//! - a panic in the inner future, or in its destructor, is caught and
+//!   becomes every waiter's error, as above.
 //!
 //! # Caching
 //!
@@ -70,10 +94,12 @@
 //! A [`DedupKey`] says which requests are the same; a closure works
 //! ([`key`](DedupBuilder::key)). A key of `None` sends the request straight
 //! through. With the `http` feature, the [`DefaultKey`] keys HTTP requests
-//! by method, URI and the headers that change the answer (`Authorization`
-//! and `Cookie` included, so one user's answer never reaches another), and
-//! only safe methods (`GET`, `HEAD`, `OPTIONS`) are deduplicated; see
-//! `http::dedup`. Responses with a streaming body are not `Clone`: wrap the
+//! by method, URI, `Host` and the headers that say who asks or change the
+//! answer (`Authorization`, `Proxy-Authorization`, `Cookie`, `X-Api-Key`,
+//! so one caller's answer never reaches another), and only safe methods
+//! (`GET`, `HEAD`, `OPTIONS`) are deduplicated; `http::dedup::HttpKey`
+//! says exactly what makes two requests the same, and adds headers and
+//! request extensions (a tenant id set by auth middleware) to the key. Responses with a streaming body are not `Clone`: wrap the
 //! stack with `http::dedup::HttpDedupLayer`, which buffers the body once (up
 //! to a limit, 1 MiB by default) and shares the copy; a bigger body is not
 //! shared (the first waiter streams it, the others re-issue their own
@@ -82,9 +108,17 @@
 //! # Memory
 //!
 //! The table holds at most [`max_entries`](DedupBuilder::max_entries) keys,
-//! in flight or cached. When it is full, expired answers go first, then the
-//! cached answer closest to expiry; when every key is in flight, a new
-//! key's request is not deduplicated.
+//! in flight or cached. When it is full, a new key evicts the cached answer
+//! that expires first (so an expired one, if any); when every key is in
+//! flight, a new key's request is not deduplicated. Caching an answer also
+//! drops the answers that have expired by then. Both cost O(1) amortised
+//! per key, whatever the table's size: a flood of distinct keys costs each
+//! of them a small constant, and holds the table's lock as briefly as any
+//! other call.
+//!
+//! Dropping the layer and every service it made frees everything: no
+//! table outlives them, and nothing is kept per layer for the life of the
+//! process, so building a layer per tenant or per host is fine.
 //!
 //! # Errors
 //!
@@ -101,10 +135,27 @@
 //!
 //! # Clone
 //!
-//! The table lives behind an `Arc` made by `build()`: the layer, its
-//! clones, every service it makes and their clones share it. A layer used
-//! around services of different request, response or future types keeps
-//! one table per type.
+//! Each service the layer makes ([`Layer::layer`](tower::Layer::layer), or
+//! [`Dedup::new`]) has a table of its own, shared by its clones: clones of
+//! one service share calls in flight and the cache. Services made
+//! separately by one layer (or its clones) never share answers, even for
+//! equal keys: axum's `Router::layer` applies one layer to every route,
+//! and `GET /a` must not be answered by `/b`'s upstream. The settings and
+//! listeners are shared by all of them.
+//!
+//! Some stacks apply a layer again for each connection or request to what
+//! is one upstream: under `axum::serve`, `Router::layer` wraps each handler
+//! route anew for every connection. There, build the layer with
+//! [`share_between_services`](DedupBuilder::share_between_services): every
+//! service it makes then shares one table, and the key must tell the
+//! services apart ([`DefaultKey`] and `http::dedup::HttpKey` do, by method,
+//! URI and `Host`).
+//!
+//! [`DedupLayer::handle`] reads every live service the layer made
+//! ([`in_flight`](DedupHandle::in_flight) and
+//! [`cached`](DedupHandle::cached) add up over them); a service's own
+//! [`handle`](Dedup::handle) reads just its table. A service that takes
+//! several request types keeps one table per type.
 //!
 //! # Cost
 //!

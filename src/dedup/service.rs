@@ -7,43 +7,40 @@ use std::task::{Context, Poll};
 
 use tower_service::Service;
 
-use super::flight::{Start, Table};
+use super::flight::{Kind, Start, Table};
 use super::future::{Leader, ResponseFuture, Waiter};
-use super::layer::LayerShared;
+use super::layer::ServiceTables;
 use super::{DedupHandle, DedupKey, DedupLayer};
 use crate::error::BoxError;
 
 /// Shares one inner call among concurrent identical requests. Made by
 /// [`DedupLayer`].
 ///
-/// Every clone shares the in-flight calls and the cache of the layer that
-/// made it.
+/// Every clone shares this service's in-flight calls and cache; another
+/// service made by the same layer has its own.
 pub struct Dedup<S, K> {
     inner: S,
     key: Arc<K>,
-    shared: Arc<LayerShared>,
+    tables: Arc<ServiceTables>,
     /// This service's table, found on the first keyed call.
     table: Option<Arc<dyn Any + Send + Sync>>,
 }
 
 impl<S, K> Dedup<S, K> {
-    /// Wraps `inner`, sharing `layer`'s table.
+    /// Wraps `inner` with `layer`'s settings and a table of its own (the
+    /// layer's handle sees it too).
     pub fn new(inner: S, layer: &DedupLayer<K>) -> Self {
         Self {
             inner,
             key: layer.key.clone(),
-            shared: layer.shared.clone(),
+            tables: layer.shared.service(),
             table: None,
         }
     }
 
-    /// A handle on the shared table.
+    /// A handle on this service's table, which its clones share.
     pub fn handle(&self) -> DedupHandle {
-        DedupLayer {
-            key: self.key.clone(),
-            shared: self.shared.clone(),
-        }
-        .handle()
+        DedupHandle::of_service(self.tables.clone())
     }
 
     /// The inner service.
@@ -72,7 +69,7 @@ impl<S, K> Dedup<S, K> {
                 return t;
             }
         }
-        let t = self.shared.table::<Key, F, T>();
+        let t = self.tables.table::<Key, F, T>();
         self.table = Some(t.clone());
         t
     }
@@ -83,7 +80,7 @@ impl<S: Clone, K> Clone for Dedup<S, K> {
         Self {
             inner: self.inner.clone(),
             key: self.key.clone(),
-            shared: self.shared.clone(),
+            tables: self.tables.clone(),
             table: self.table.clone(),
         }
     }
@@ -93,7 +90,7 @@ impl<S: fmt::Debug, K> fmt::Debug for Dedup<S, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Dedup")
             .field("inner", &self.inner)
-            .field("name", &self.shared.cfg.name)
+            .field("name", &self.tables.cfg.name)
             .finish()
     }
 }
@@ -120,6 +117,9 @@ where
         };
         let table = self.table::<K::Key, S::Future, S::Response>();
         let inner = &mut self.inner;
+        // Each event is sent once the call's guard exists: if a listener
+        // panics, the panic reaches this caller and dropping the guard
+        // releases the entry (or hands the call to whoever joined it).
         match table.start(key, || inner.call(req)) {
             Start::Leader(ticket, fut, spare) => {
                 let home = match spare {
@@ -129,13 +129,23 @@ where
                     }
                     None => Box::pin(Some(fut)),
                 };
-                ResponseFuture::leading(Leader::new(table, ticket, home))
+                let leader = Leader::new(table, ticket, home);
+                leader.emit(Kind::Leader);
+                ResponseFuture::leading(leader)
             }
             Start::Joined(ticket, group) => {
-                ResponseFuture::waiting(Waiter::new(table, ticket, group))
+                let waiter = Waiter::new(table, ticket, group);
+                waiter.emit(Kind::Joined);
+                ResponseFuture::waiting(waiter)
             }
-            Start::Hit(res) => ResponseFuture::ready(res.map_err(Into::into)),
-            Start::Bypass(fut) => ResponseFuture::direct(fut),
+            Start::Hit(res) => {
+                table.cfg.emit(Kind::CacheHit);
+                ResponseFuture::ready(res.map_err(Into::into))
+            }
+            Start::Bypass(fut) => {
+                table.cfg.emit(Kind::Full);
+                ResponseFuture::direct(fut)
+            }
         }
     }
 }

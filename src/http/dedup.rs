@@ -1,13 +1,16 @@
 //! The dedup layer's key for HTTP requests (features `http` and `dedup`).
 
 use http::header::{
-    HeaderName, ACCEPT, ACCEPT_ENCODING, ACCEPT_LANGUAGE, AUTHORIZATION, COOKIE,
+    HeaderName, ACCEPT, ACCEPT_ENCODING, ACCEPT_LANGUAGE, AUTHORIZATION, COOKIE, HOST,
     PROXY_AUTHORIZATION,
 };
-use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
+use http::{Extensions, HeaderMap, HeaderValue, Method, Request, Response, Uri};
 
+use std::any::Any;
 use std::fmt;
 use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -22,26 +25,59 @@ use tower_service::Service;
 use crate::dedup::{Dedup, DedupHandle, DedupKey, DedupLayer, DefaultKey};
 use crate::error::BoxError;
 
-/// Keys HTTP requests for the dedup layer: method, URI, and the headers
-/// that change the answer.
+/// Keys HTTP requests for the dedup layer: which requests may share one
+/// answer.
 ///
-/// By default the headers are `Authorization`, `Proxy-Authorization`,
-/// `Cookie`, `Accept`, `Accept-Encoding` and `Accept-Language`, so one
-/// user's answer is never served to another; add more with
-/// [`header`](HttpKey::header) (a tenant id, an API version). Only safe
-/// methods (`GET`, `HEAD`, `OPTIONS`) are keyed; other requests go straight
-/// through.
+/// Two requests get the same key, and so may share an answer, exactly when
+/// all of these are equal:
+///
+/// - the method, which must be one of the keyed methods (`GET`, `HEAD`,
+///   `OPTIONS` by default; add one with [`method`](HttpKey::method));
+///   other requests get no key and go straight through;
+/// - the URI as received, compared byte for byte: scheme and authority
+///   when it has them (absolute form, as a client sends through a proxy
+///   and as HTTP/2 carries them), path and query;
+/// - the values of the `Host` header, always, so that on an HTTP/1 server,
+///   where the URI is only a path, two virtual hosts never share;
+/// - the values of each key header, in the order received (a header that
+///   is absent differs from one that is empty). By default these are the
+///   principal headers `Authorization`, `Proxy-Authorization`, `Cookie` and
+///   `X-Api-Key`, so one caller's answer never reaches another, and the
+///   variant headers `Accept`, `Accept-Encoding` and `Accept-Language`;
+///   add more with [`header`](HttpKey::header);
+/// - each principal part you add: a request extension of a type `T`
+///   ([`extension`](HttpKey::extension), for example a tenant id inserted
+///   by auth middleware that runs before the dedup layer) or a value
+///   computed from the headers and extensions
+///   ([`principal`](HttpKey::principal)). A part that is absent (no such
+///   extension, or `None` from the closure) is a value of its own: such
+///   requests share with each other, never with a request that has one.
+///
+/// Nothing else counts: other headers, the HTTP version and the body do
+/// not (safe methods carry no body). A request carrying the [`NoDedup`]
+/// extension is never keyed.
 ///
 /// ```
 /// use tower_bulwark::dedup::{DedupKey, DedupLayer};
 /// use tower_bulwark::http::dedup::HttpKey;
 ///
-/// let key = HttpKey::new().header("x-tenant");
-/// let req = |user: &'static str| {
-///     http::Request::get("/me").header("authorization", user).body(()).unwrap()
+/// /// Inserted by the auth middleware, which runs before the dedup layer.
+/// #[derive(Clone, PartialEq, Eq, Hash)]
+/// struct TenantId(u64);
+///
+/// let key = HttpKey::new().header("x-api-version").extension::<TenantId>();
+/// let req = |user: &'static str, tenant: u64| {
+///     let mut req = http::Request::get("/me")
+///         .header("host", "api.example.com")
+///         .header("authorization", user)
+///         .body(())
+///         .unwrap();
+///     req.extensions_mut().insert(TenantId(tenant));
+///     req
 /// };
-/// assert_ne!(key.key(&req("Bearer alice")), key.key(&req("Bearer bob")));
-/// assert_eq!(key.key(&req("Bearer alice")), key.key(&req("Bearer alice")));
+/// assert_eq!(key.key(&req("Bearer alice", 1)), key.key(&req("Bearer alice", 1)));
+/// assert_ne!(key.key(&req("Bearer alice", 1)), key.key(&req("Bearer bob", 1)));
+/// assert_ne!(key.key(&req("Bearer alice", 1)), key.key(&req("Bearer alice", 2)));
 /// assert_eq!(key.key(&http::Request::post("/me").body(()).unwrap()), None);
 ///
 /// let layer = DedupLayer::builder().key_by(key).build().unwrap();
@@ -52,12 +88,22 @@ use crate::error::BoxError;
 /// must be `Clone` (for example `http_body_util::Full<Bytes>`); for a
 /// streaming body, wrap the stack with [`HttpDedupLayer`], which buffers it
 /// once.
-///
-/// A request carrying the [`NoDedup`] extension is never keyed.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpKey {
     headers: Vec<HeaderName>,
     methods: Vec<Method>,
+    parts: Vec<Arc<dyn PartFn>>,
+}
+
+impl fmt::Debug for HttpKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<&str> = self.parts.iter().map(|p| p.name()).collect();
+        f.debug_struct("HttpKey")
+            .field("headers", &self.headers)
+            .field("methods", &self.methods)
+            .field("parts", &parts)
+            .finish()
+    }
 }
 
 impl Default for HttpKey {
@@ -66,26 +112,39 @@ impl Default for HttpKey {
     }
 }
 
+/// `X-Api-Key`: a principal header, keyed by default.
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
 impl HttpKey {
-    /// The default headers and safe methods.
+    /// The default key headers and safe methods, and no principal parts.
     pub fn new() -> Self {
         Self {
             headers: vec![
                 AUTHORIZATION,
                 PROXY_AUTHORIZATION,
                 COOKIE,
+                X_API_KEY,
                 ACCEPT,
                 ACCEPT_ENCODING,
                 ACCEPT_LANGUAGE,
             ],
             methods: vec![Method::GET, Method::HEAD, Method::OPTIONS],
+            parts: Vec::new(),
         }
     }
 
-    /// Another header that changes the answer (panics on an invalid name,
-    /// like `HeaderName::from_static`).
-    pub fn header(mut self, name: &'static str) -> Self {
-        self.headers.push(HeaderName::from_static(name));
+    /// Another header that changes the answer, or says who is asking (a
+    /// tenant header, an API version). Panics on an invalid name, like
+    /// `HeaderName::from_static`; see [`header_name`](HttpKey::header_name).
+    pub fn header(self, name: &'static str) -> Self {
+        self.header_name(HeaderName::from_static(name))
+    }
+
+    /// Another header that changes the answer, by its `HeaderName`.
+    pub fn header_name(mut self, name: HeaderName) -> Self {
+        if !self.headers.contains(&name) {
+            self.headers.push(name);
+        }
         self
     }
 
@@ -94,14 +153,145 @@ impl HttpKey {
         self.methods.push(method);
         self
     }
+
+    /// Makes the request extension of type `T` part of the key: requests
+    /// share only when they carry equal values of it (or both lack it).
+    /// Use it for who is asking when that is known to middleware rather
+    /// than written in a header, such as a tenant or user id that an auth
+    /// layer in front of the dedup layer inserts.
+    pub fn extension<T>(mut self) -> Self
+    where
+        T: Hash + Eq + Clone + Send + Sync + 'static,
+    {
+        self.parts.push(Arc::new(FromExtension::<T>(PhantomData)));
+        self
+    }
+
+    /// Makes a value computed from the request's headers and extensions
+    /// part of the key: requests share only when `f` returns equal values
+    /// for them (`None` is a value too).
+    ///
+    /// ```
+    /// use tower_bulwark::http::dedup::HttpKey;
+    ///
+    /// // The tenant is the part of the API key before the first dot.
+    /// let key = HttpKey::new().principal(|headers, _extensions| {
+    ///     let v = headers.get("x-api-key")?.to_str().ok()?;
+    ///     Some(v.split('.').next()?.to_owned())
+    /// });
+    /// # let _ = key;
+    /// ```
+    pub fn principal<F, P>(mut self, f: F) -> Self
+    where
+        F: Fn(&HeaderMap, &Extensions) -> Option<P> + Send + Sync + 'static,
+        P: Hash + Eq + Clone + Send + Sync + 'static,
+    {
+        self.parts.push(Arc::new(FromFn(f, PhantomData)));
+        self
+    }
 }
 
-/// The key of one HTTP request; see [`HttpKey`].
+/// One principal part of a key: a value of some type, compared and hashed
+/// through that type.
+trait PartValue: Any + Send + Sync {
+    fn eq_dyn(&self, other: &dyn PartValue) -> bool;
+    fn hash_dyn(&self, state: &mut dyn Hasher);
+    fn as_any(&self) -> &dyn Any;
+    fn name(&self) -> &'static str;
+}
+
+struct Value<T>(T);
+
+impl<T: Hash + Eq + Send + Sync + 'static> PartValue for Value<T> {
+    fn eq_dyn(&self, other: &dyn PartValue) -> bool {
+        other
+            .as_any()
+            .downcast_ref::<Value<T>>()
+            .is_some_and(|o| o.0 == self.0)
+    }
+
+    fn hash_dyn(&self, mut state: &mut dyn Hasher) {
+        self.0.hash(&mut state);
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn name(&self) -> &'static str {
+        std::any::type_name::<T>()
+    }
+}
+
+/// Reads one principal part from a request.
+trait PartFn: Send + Sync {
+    fn part(&self, headers: &HeaderMap, extensions: &Extensions) -> Option<Part>;
+    fn name(&self) -> &'static str;
+}
+
+struct FromExtension<T>(PhantomData<fn() -> T>);
+
+impl<T: Hash + Eq + Clone + Send + Sync + 'static> PartFn for FromExtension<T> {
+    fn part(&self, _: &HeaderMap, extensions: &Extensions) -> Option<Part> {
+        let v = extensions.get::<T>()?.clone();
+        Some(Part(Arc::new(Value(v))))
+    }
+
+    fn name(&self) -> &'static str {
+        std::any::type_name::<T>()
+    }
+}
+
+struct FromFn<F, P>(F, PhantomData<fn() -> P>);
+
+impl<F, P> PartFn for FromFn<F, P>
+where
+    F: Fn(&HeaderMap, &Extensions) -> Option<P> + Send + Sync + 'static,
+    P: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    fn part(&self, headers: &HeaderMap, extensions: &Extensions) -> Option<Part> {
+        let v = (self.0)(headers, extensions)?;
+        Some(Part(Arc::new(Value(v))))
+    }
+
+    fn name(&self) -> &'static str {
+        std::any::type_name::<F>()
+    }
+}
+
+/// A principal part's value in a key.
+#[derive(Clone)]
+struct Part(Arc<dyn PartValue>);
+
+impl PartialEq for Part {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.eq_dyn(&*other.0)
+    }
+}
+
+impl Eq for Part {}
+
+impl Hash for Part {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.hash_dyn(state);
+    }
+}
+
+impl fmt::Debug for Part {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}(..)", self.0.name())
+    }
+}
+
+/// The key of one HTTP request; see [`HttpKey`] for what makes two equal.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct HttpRequestKey {
     method: Method,
     uri: Uri,
+    /// `Host`, then each key header, with every value in order.
     headers: Vec<(HeaderName, HeaderValue)>,
+    /// One per principal part, in the order they were added.
+    parts: Vec<Option<Part>>,
 }
 
 impl<B> DedupKey<Request<B>> for HttpKey {
@@ -112,16 +302,22 @@ impl<B> DedupKey<Request<B>> for HttpKey {
             return None;
         }
         let mut headers = Vec::new();
-        for name in &self.headers {
+        for name in std::iter::once(&HOST).chain(&self.headers) {
             // Every value of a repeated header counts, in order.
             for v in req.headers().get_all(name) {
                 headers.push((name.clone(), v.clone()));
             }
         }
+        let parts = self
+            .parts
+            .iter()
+            .map(|p| p.part(req.headers(), req.extensions()))
+            .collect();
         Some(HttpRequestKey {
             method: req.method().clone(),
             uri: req.uri().clone(),
             headers,
+            parts,
         })
     }
 }
@@ -184,10 +380,46 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// and extensions are kept from the original request, and the body is
 /// `B::default()` (safe methods carry none). Requests the key leaves
 /// alone go straight through, unbuffered.
-#[derive(Debug, Clone)]
+///
+/// On an axum server, `Router::layer` wraps each handler route anew for
+/// every connection: build the dedup layer with
+/// [`share_between_services`](crate::dedup::DedupBuilder::share_between_services)
+/// there, or requests on different connections never share (the
+/// [`HttpKey`] keeps the routes apart by URI and `Host`):
+///
+/// ```
+/// use axum::{routing::get, Router};
+/// use tower::ServiceBuilder;
+/// use tower_bulwark::dedup::DedupLayer;
+/// use tower_bulwark::http::dedup::{HttpDedupLayer, HttpKey};
+///
+/// let dedup = DedupLayer::builder()
+///     .key_by(HttpKey::new())
+///     .share_between_services()
+///     .build()
+///     .unwrap();
+/// let app: Router = Router::new().route("/report", get(|| async { "..." })).layer(
+///     ServiceBuilder::new()
+///         .layer(axum::error_handling::HandleErrorLayer::new(
+///             |e: tower::BoxError| async move { e.to_string() },
+///         ))
+///         .layer(HttpDedupLayer::new(dedup)),
+/// );
+/// # let _ = app;
+/// ```
+#[derive(Debug)]
 pub struct HttpDedupLayer<K> {
     dedup: DedupLayer<K>,
     limit: usize,
+}
+
+impl<K> Clone for HttpDedupLayer<K> {
+    fn clone(&self) -> Self {
+        Self {
+            dedup: self.dedup.clone(),
+            limit: self.limit,
+        }
+    }
 }
 
 impl<K> HttpDedupLayer<K> {
@@ -223,12 +455,24 @@ impl<S: Clone, K> Layer<S> for HttpDedupLayer<K> {
     }
 }
 
-/// The service made by [`HttpDedupLayer`].
-#[derive(Debug, Clone)]
+/// The service made by [`HttpDedupLayer`]. Its clones share calls in
+/// flight and the cache; another service made by the same layer has its
+/// own.
+#[derive(Debug)]
 pub struct HttpDedup<S, K> {
     shared: Dedup<Buffer<S>, K>,
     direct: S,
     limit: usize,
+}
+
+impl<S: Clone, K> Clone for HttpDedup<S, K> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            direct: self.direct.clone(),
+            limit: self.limit,
+        }
+    }
 }
 
 impl<S, K> HttpDedup<S, K> {
@@ -560,5 +804,50 @@ mod tests {
             k.key(&get("/x", &[("cookie", "sid=a"), ("x-trace", "1")]))
         );
         assert_eq!(k.key(&Request::delete("/x").body(()).unwrap()), None);
+    }
+
+    #[test]
+    fn principals_and_authority_are_always_keyed() {
+        let k = DefaultKey;
+        // Origin-form URIs, as an HTTP/1 server sees them.
+        assert_ne!(
+            k.key(&get("/me", &[("host", "a.example")])),
+            k.key(&get("/me", &[("host", "b.example")]))
+        );
+        assert_ne!(
+            k.key(&get("/me", &[("x-api-key", "tenant-a")])),
+            k.key(&get("/me", &[("x-api-key", "tenant-b")]))
+        );
+        assert_ne!(
+            k.key(&get("/me", &[("proxy-authorization", "a")])),
+            k.key(&get("/me", &[]))
+        );
+        assert_ne!(
+            k.key(&get("http://a.example/me", &[])),
+            k.key(&get("http://b.example/me", &[]))
+        );
+
+        #[derive(Clone, PartialEq, Eq, Hash)]
+        struct Tenant(u32);
+        #[derive(Clone, PartialEq, Eq, Hash)]
+        struct Other(u32);
+        let k = HttpKey::new()
+            .extension::<Tenant>()
+            .principal(|h, _| h.get("x-user").cloned());
+        let with = |t: Option<u32>, o: Option<u32>, user: &'static str| {
+            let mut r = get("/me", &[("x-user", user)]);
+            if let Some(t) = t {
+                r.extensions_mut().insert(Tenant(t));
+            }
+            if let Some(o) = o {
+                r.extensions_mut().insert(Other(o));
+            }
+            k.key(&r)
+        };
+        assert_eq!(with(Some(1), None, "u"), with(Some(1), Some(5), "u"));
+        assert_ne!(with(Some(1), None, "u"), with(Some(2), None, "u"));
+        assert_ne!(with(Some(1), None, "u"), with(None, None, "u"));
+        assert_eq!(with(None, None, "u"), with(None, None, "u"));
+        assert_ne!(with(Some(1), None, "u"), with(Some(1), None, "v"));
     }
 }
