@@ -515,3 +515,121 @@ fn public_types_are_send_sync() {
     ok::<CostTooHigh>();
     ok::<tower_bulwark::rate_limit::RateLimitHandle>();
 }
+
+/// A flood of new keys must not give an abusive key, or any key, a fresh
+/// bucket: forgotten keys come back no fuller than they left.
+#[tokio::test]
+async fn eviction_never_lets_a_key_start_over() {
+    pause();
+    // 2 tokens, one every 10 s; room for 64 keys.
+    let layer = bucket(2.0, 0.1)
+        .max_keys(64)
+        .key(|n: &u32| *n)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(echo());
+    const ABUSER: u32 = 7;
+    let mut admitted_abuser = 0;
+    let mut next_flood = 1_000_000u32;
+    for round in 0..20 {
+        // The abuser drains its bucket and keeps knocking.
+        for _ in 0..5 {
+            if call(&mut svc, ABUSER).await.is_ok() {
+                admitted_abuser += 1;
+            }
+        }
+        // A flood of one-shot keys, each draining its bucket, forces
+        // evictions of live buckets.
+        for _ in 0..200 {
+            let k = next_flood;
+            next_flood += 1;
+            let _ = call(&mut svc, k).await;
+            let _ = call(&mut svc, k).await;
+        }
+        if round % 4 == 3 {
+            advance(Duration::from_secs(1)).await;
+        }
+    }
+    // 5 s in all: 2 tokens and half a token of refill at most.
+    assert!(
+        admitted_abuser <= 2,
+        "abuser admitted {admitted_abuser} times"
+    );
+
+    // A hundred normal keys under the same flood get at most their limit
+    // (2 each, nothing refills without time passing).
+    let layer = bucket(2.0, 0.1)
+        .max_keys(64)
+        .key(|n: &u32| *n)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(echo());
+    let mut admitted = 0;
+    for _ in 0..20 {
+        for k in 0..100u32 {
+            if call(&mut svc, k).await.is_ok() {
+                admitted += 1;
+            }
+        }
+        for _ in 0..200 {
+            let k = next_flood;
+            next_flood += 1;
+            let _ = call(&mut svc, k).await;
+        }
+    }
+    assert!(admitted <= 200, "100 keys admitted {admitted} times");
+    // Time heals: once the flood's buckets have refilled, every key starts
+    // full again.
+    advance(Duration::from_secs(25)).await;
+    assert!(call(&mut svc, 5_000_000).await.is_ok());
+    assert!(call(&mut svc, 5_000_000).await.is_ok());
+    assert!(call(&mut svc, 5_000_000).await.is_err());
+}
+
+/// A bucket too slow to represent is refused rather than admitting
+/// everything; a merely slow one holds its bound.
+#[tokio::test]
+async fn a_very_slow_bucket_is_refused_or_exact() {
+    pause();
+    for rate in [1e-12, 1e-300, f64::MIN_POSITIVE] {
+        let e = bucket(50.0, rate).build().unwrap_err();
+        assert_eq!(e.field(), "refill_rate", "{rate}");
+    }
+    // One token every ~3 years: the burst, then nothing.
+    let layer = bucket(5.0, 1e-8).build().unwrap();
+    let mut svc = layer.layer(echo());
+    let mut ok = 0;
+    for i in 0..20 {
+        if call(&mut svc, i).await.is_ok() {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 5);
+}
+
+/// A hint longer than the cap blocks for the cap (and no longer), through
+/// any classifier.
+#[tokio::test]
+async fn retry_after_from_is_capped() {
+    pause();
+    let layer = bucket(10.0, 10.0)
+        .retry_after_from(Hint)
+        .max_retry_after(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(service_fn(|n: u32| async move {
+        if n == 0 {
+            Err::<u32, Busy>(Busy(u64::MAX))
+        } else {
+            Ok(n)
+        }
+    }));
+    assert!(svc.ready().await.unwrap().call(0).await.is_err());
+    assert_eq!(handle.blocked_for(), Some(Duration::from_secs(5)));
+    advance(Duration::from_secs(5)).await;
+    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), 1);
+    // The application's own block is its word: not capped.
+    handle.set_retry_after(Duration::from_secs(3600));
+    assert_eq!(handle.blocked_for(), Some(Duration::from_secs(3600)));
+}

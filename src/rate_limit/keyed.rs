@@ -13,8 +13,18 @@
 //!   end by then, so they could give nothing back); each shard sweeps such idle
 //!   buckets whenever it has doubled since its last sweep;
 //! - each shard holds at most its share of `max_keys`. When a shard is
-//!   full of live buckets, it forgets the quarter closest to full: those
-//!   keys start afresh, the price of a cap an attacker cannot exceed.
+//!   full of live buckets, it forgets the quarter closest to full and
+//!   raises its *floor* to the latest TAT among them.
+//!
+//! The floor is what keeps eviction from being a way out of a limit: a key
+//! not in its shard's map starts with the floor as its TAT, not with a full
+//! bucket. A forgotten key's TAT was at most the floor, so when it comes
+//! back it is never better off than had it been kept; while the floor is
+//! above `now`, new keys in that shard pay for the flood that filled it
+//! (they start no fuller than the emptiest bucket forgotten), and once time
+//! passes the floor every key starts full again. Each sweep is a pass over
+//! the shard that frees at least a quarter of it (or halves the work to the
+//! next one), so a new key costs O(1) amortised.
 //!
 //! A bucket is its word plus, only while it holds freed reservations, a
 //! boxed list of them: one pointer per key otherwise.
@@ -92,6 +102,9 @@ struct ShardMap<K> {
     map: HashMap<K, Bucket>,
     /// Sweep idle buckets when the map reaches this size.
     sweep_at: usize,
+    /// The latest TAT of a live bucket forgotten: where a key not in the
+    /// map starts (see the module docs).
+    floor: Nanos,
 }
 
 #[derive(Debug)]
@@ -125,6 +138,7 @@ impl<K: Hash + Eq> KeyMap<K> {
                     RwLock::new(ShardMap {
                         map: HashMap::new(),
                         sweep_at: MIN_SWEEP.min(per_shard),
+                        floor: 0,
                     })
                 })
                 .collect(),
@@ -181,8 +195,13 @@ impl<K: Hash + Eq> KeyMap<K> {
             return (b.settle(now, inc, p), Evicted::default());
         }
         let evicted = make_room(&mut s, now, self.per_shard);
-        let mut b = Bucket::new();
-        // A fresh bucket admits any valid increment at once.
+        let b = Bucket::new();
+        // A key not in the map may have been forgotten while still
+        // refilling: it starts from the floor, never fuller.
+        if s.floor > now {
+            b.word.store(s.floor);
+        }
+        let mut b = b;
         let d = b.settle(now, inc, p);
         s.map.insert(key, b);
         (d, evicted)
@@ -205,7 +224,7 @@ impl<K: Hash + Eq> KeyMap<K> {
             .shard(key)
             .read()
             .unwrap_or_else(PoisonError::into_inner);
-        let tat = s.map.get(key).map_or(0, Bucket::load);
+        let tat = s.map.get(key).map_or(s.floor, Bucket::load);
         gcra::tokens(tat, now, p)
     }
 
@@ -221,6 +240,7 @@ impl<K: Hash + Eq> KeyMap<K> {
             let mut s = s.write().unwrap_or_else(PoisonError::into_inner);
             s.map = HashMap::new();
             s.sweep_at = MIN_SWEEP.min(self.per_shard);
+            s.floor = 0;
         }
     }
 }
@@ -245,14 +265,17 @@ fn make_room<K>(s: &mut ShardMap<K>, now: Nanos, cap: usize) -> Evicted {
             .collect();
         let (_, &mut threshold, _) = debts.select_nth_unstable(cut - 1);
         ev.live = cut;
+        let mut floor = s.floor;
         s.map.retain(|_, b| {
             if cut > 0 && b.load().saturating_sub(now) <= threshold {
                 cut -= 1;
+                floor = floor.max(b.load());
                 false
             } else {
                 true
             }
         });
+        s.floor = floor;
     }
     s.sweep_at = (s.map.len() * 2).clamp(MIN_SWEEP.min(cap), cap);
     ev

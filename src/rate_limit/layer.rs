@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::gcra::Params;
+use super::gcra::{Params, MAX_TAU};
 use super::keyed::KeyMap;
 use super::remote::Remote;
 use super::state::{Config, Core};
 use super::{RateLimit, RateLimitEvent};
 use crate::backend::Backend;
-use crate::classify::DefaultClassifier;
+use crate::classify::{DefaultClassifier, DEFAULT_MAX_RETRY_AFTER};
 use crate::clock::{nanos, Clock, ClockSource};
 use crate::error::{Check, ConfigError};
 use crate::observe::Listeners;
@@ -214,6 +214,7 @@ struct Settings {
     refill_rate: f64,
     tokens_per_request: f64,
     max_wait: Duration,
+    max_retry_after: Duration,
     max_keys: usize,
     clock: ClockSource,
     listeners: Listeners<RateLimitEvent>,
@@ -229,6 +230,7 @@ impl RateLimitBuilder {
                 refill_rate: 10.0,
                 tokens_per_request: 1.0,
                 max_wait: Duration::ZERO,
+                max_retry_after: DEFAULT_MAX_RETRY_AFTER,
                 max_keys: 100_000,
                 clock: ClockSource::default(),
                 listeners: Listeners::default(),
@@ -350,6 +352,16 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
         }
     }
 
+    /// The longest pause an upstream's hint can impose through
+    /// [`retry_after_from`](Self::retry_after_from) (default
+    /// [`DEFAULT_MAX_RETRY_AFTER`], one minute). A longer `Retry-After` is
+    /// never trusted: the limiter blocks for this long instead and raises
+    /// [`RateLimitEvent::RetryAfterClamped`]. Zero ignores hints.
+    pub fn max_retry_after(mut self, d: Duration) -> Self {
+        self.settings.max_retry_after = d;
+        self
+    }
+
     /// Where the limiter reads the time: by default the CPU's time-stamp
     /// counter ([`ClockSource::Fast`]), or tokio's clock, which
     /// `tokio::time::pause()` drives, with the `test-util` feature. See
@@ -394,6 +406,16 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
             self.settings.refill_rate,
             nanos(self.settings.max_wait),
         );
+        if params.tau > MAX_TAU {
+            return Err(ConfigError::new(
+                LAYER,
+                "refill_rate",
+                format!(
+                    "is too slow for max_tokens: refilling {} tokens at {}/s would take more than 73 years",
+                    self.settings.max_tokens, self.settings.refill_rate
+                ),
+            ));
+        }
         if params.increment(self.settings.tokens_per_request).is_none() {
             return Err(ConfigError::new(
                 LAYER,
@@ -405,6 +427,7 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
             name: Arc::from(self.settings.name.as_deref().unwrap_or_default()),
             max_tokens: self.settings.max_tokens,
             tokens_per_request: self.settings.tokens_per_request,
+            max_retry_after: self.settings.max_retry_after,
         };
         let mut core = Core::new(
             cfg,
@@ -529,6 +552,7 @@ impl<K, C, H> fmt::Debug for RateLimitBuilder<K, C, H> {
             .field("refill_rate", &self.settings.refill_rate)
             .field("tokens_per_request", &self.settings.tokens_per_request)
             .field("max_wait", &self.settings.max_wait)
+            .field("max_retry_after", &self.settings.max_retry_after)
             .field("max_keys", &self.settings.max_keys)
             .field("key", &std::any::type_name::<K>())
             .field("cost", &std::any::type_name::<C>())
