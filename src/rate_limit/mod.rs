@@ -108,6 +108,16 @@
 //! that, and when an upstream's `Retry-After` blocks the limiter, or a key
 //! is forgotten, they lapse instead: their tokens come back with time.
 //!
+//! # Panics
+//!
+//! A `key` or `cost` closure, a classifier or an `on_event` listener that
+//! panics unwinds into the caller whose request it was handling, and only
+//! there. Nothing is taken before those closures run except into a guard
+//! that already exists: a reservation is in its response future before any
+//! listener hears of it, so a panic drops the future and gives the tokens
+//! back, as a cancellation does. An upstream block is applied before the
+//! listener that hears of it runs.
+//!
 //! # Clone
 //!
 //! The buckets live behind an `Arc` made by `build()`. The layer, its

@@ -268,6 +268,8 @@ impl Core {
     #[cold]
     pub(crate) fn block_for_hint(&self, requested: Duration) {
         let (d, clamped) = clamp_retry_after(requested, self.cfg.max_retry_after);
+        // The block first: a listener that panics cannot skip it.
+        self.block_for(d);
         if clamped {
             self.listeners.emit(&RateLimitEvent::RetryAfterClamped {
                 name: self.cfg.name.clone(),
@@ -275,7 +277,6 @@ impl Core {
                 applied: d,
             });
         }
-        self.block_for(d);
     }
 
     /// For keyed limiters: time left in an upstream's block, if any.
