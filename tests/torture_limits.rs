@@ -119,6 +119,9 @@ const MAX_TOKENS: f64 = 16.0;
 
 type Stack = tower::util::BoxCloneSyncService<u32, u32, BoxError>;
 
+/// Reads a keyed limiter's tokens for a key.
+type TokensFor = Box<dyn Fn(u32) -> f64 + Send + Sync>;
+
 struct Built {
     svc: Stack,
     limiter: RateLimitHandle,
@@ -126,7 +129,7 @@ struct Built {
     switches: Arc<Switches>,
     gate: Arc<Semaphore>,
     spent: Arc<Mutex<[f64; 2]>>,
-    keyed: Option<Box<dyn Fn(u32) -> f64 + Send + Sync>>,
+    keyed: Option<TokensFor>,
 }
 
 /// Retry -> rate limit (keyed or not) -> bulkhead -> the chaos service,
@@ -193,11 +196,7 @@ fn build(keyed: bool, bulkhead_wait: Duration) -> Built {
         inner: below,
         spent: spent.clone(),
     };
-    let (svc, limiter_handle, keyed_tokens): (
-        Stack,
-        _,
-        Option<Box<dyn Fn(u32) -> f64 + Send + Sync>>,
-    ) = if keyed {
+    let (svc, limiter_handle, keyed_tokens): (Stack, _, Option<TokensFor>) = if keyed {
         let layer = limiter
             .key(|req: &u32| {
                 if req & PANIC_IN_KEY != 0 {
