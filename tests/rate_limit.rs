@@ -633,3 +633,46 @@ async fn retry_after_from_is_capped() {
     handle.set_retry_after(Duration::from_secs(3600));
     assert_eq!(handle.blocked_for(), Some(Duration::from_secs(3600)));
 }
+
+/// A listener that panics on `KeysEvicted` unwinds into the caller whose
+/// new key caused the eviction, and that caller's reservation goes back.
+#[tokio::test]
+async fn a_panicking_eviction_listener_strands_no_reservation() {
+    pause();
+    let panicking = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let p = panicking.clone();
+    // One token a second; waits up to an hour; room for 64 keys.
+    let layer = bucket(1.0, 1.0)
+        .max_wait(Duration::from_secs(3600))
+        .max_keys(64)
+        .key(|n: &u32| n / 10)
+        .on_event(move |e| {
+            if matches!(e, RateLimitEvent::KeysEvicted { .. }) && p.load(Ordering::SeqCst) {
+                panic!("listener panicked");
+            }
+        })
+        .build()
+        .unwrap();
+    let (calls, inner) = counting(None);
+    let mut svc = layer.layer(inner);
+    // 64 keys, each with its token spent: the shard is full of live buckets.
+    for k in 0..64u32 {
+        call(&mut svc, k * 10).await.unwrap();
+    }
+    panicking.store(true, Ordering::SeqCst);
+    // The 65th key evicts; its listener panics in `call`.
+    svc.ready().await.unwrap();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| svc.call(640)));
+    assert!(caught.is_err());
+    panicking.store(false, Ordering::SeqCst);
+    assert_eq!(calls.load(Ordering::SeqCst), 64);
+    // Key 64 starts from the floor (an empty bucket): it waits a second.
+    // Had the panicking caller's reservation leaked, it would wait two.
+    let mut waiter = tokio_test::task::spawn(svc.ready().await.unwrap().call(641));
+    assert!(waiter.poll().is_pending());
+    advance(Duration::from_millis(1500)).await;
+    match waiter.poll() {
+        std::task::Poll::Ready(r) => assert_eq!(r.unwrap(), 641),
+        std::task::Poll::Pending => panic!("a reservation was stranded"),
+    }
+}
