@@ -337,6 +337,59 @@ mod tests {
         assert_eq!(m.len(), 0);
     }
 
+    mod eviction {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// However keys arrive and are evicted (a few hot keys among a
+            /// flood of one-shot ones, in a map of 64), every key's
+            /// admissions over every window `[t_i, t_j]` stay within
+            /// `max_tokens + refill_rate * (t_j - t_i)`: being forgotten
+            /// never gives a key a fuller bucket.
+            #[test]
+            fn a_forgotten_key_is_never_better_off(
+                max_tokens in 1.0f64..5.0,
+                refill_rate in 0.1f64..10.0,
+                ops in proptest::collection::vec(
+                    (
+                        prop_oneof![3 => Just(0u64), 1 => 0u64..300_000_000],
+                        prop_oneof![1 => 0u64..4, 2 => 4u64..1_000_000],
+                        1usize..7,
+                    ),
+                    1..400,
+                ),
+            ) {
+                let p = Params::new(max_tokens, refill_rate, 0);
+                let inc = p.increment(1.0).unwrap();
+                let m = KeyMap::<u64>::new(64);
+                let mut now = 0;
+                let mut admitted: HashMap<u64, Vec<Nanos>> = HashMap::new();
+                // Each op: a gap, then a burst of calls for one key.
+                for &(gap, key, burst) in &ops {
+                    now += gap;
+                    for _ in 0..burst {
+                        if let (Decision::Admit { .. }, _) = m.acquire(key, now, inc, &p) {
+                            admitted.entry(key).or_default().push(now);
+                        }
+                    }
+                    prop_assert!(m.len() <= 64);
+                }
+                for times in admitted.values() {
+                    for i in 0..times.len() {
+                        for j in i..times.len() {
+                            let n = (j - i + 1) as f64;
+                            let secs = (times[j] - times[i]) as f64 / 1e9;
+                            // To the nanosecond rounding of `tau`.
+                            let bound = max_tokens + refill_rate * (secs + 1e-9);
+                            prop_assert!(n <= bound + 1e-9, "{n} admitted in {secs} s, bound {bound}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn known_key_keeps_its_bucket() {
         let p = Params::new(2.0, 1.0, 0);
