@@ -437,6 +437,9 @@ fn multi_thread_histories_give_everything_back() {
             };
             let mut b = build(keyed, wait);
             let mut rng = fastrand::Rng::with_seed(round);
+            // Listeners panic from the start in some rounds, from midway in
+            // others.
+            b.switches.listeners_panic.store(round % 4 == 1, SeqCst);
             let mut tasks = Vec::new();
             for _ in 0..3 {
                 let mut svc = b.svc.clone();
@@ -474,7 +477,9 @@ fn multi_thread_histories_give_everything_back() {
                     }
                 }));
             }
-            b.switches.listeners_panic.store(round % 4 == 2, SeqCst);
+            if round % 4 == 2 {
+                b.switches.listeners_panic.store(true, SeqCst);
+            }
             for _ in 0..rng.usize(0..8) {
                 tokio::task::yield_now().await;
             }
