@@ -282,6 +282,14 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
 
     /// The most keys a keyed limiter remembers (default 100,000). See
     /// [`key`](Self::key).
+    ///
+    /// Full buckets are forgotten first, which changes no decision. When
+    /// more keys than this are still refilling, the ones closest to full
+    /// are forgotten, and until time has refilled them, keys not
+    /// remembered (those, and new ones that hash alike) start no fuller
+    /// than the emptiest of them: a flood of new keys never lets a key
+    /// start over with a full bucket, at the price of making new keys wait
+    /// their turn while the flood lasts.
     pub fn max_keys(mut self, n: usize) -> Self {
         self.settings.max_keys = n;
         self
@@ -290,7 +298,8 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
     /// Gives each key its own bucket, the key read from each request by
     /// `f` (a client IP, an API key). Memory stays bounded: full buckets
     /// are forgotten (losslessly), and at most
-    /// [`max_keys`](Self::max_keys) are kept.
+    /// [`max_keys`](Self::max_keys) are kept, without a forgotten key ever
+    /// being better off for it.
     ///
     /// ```
     /// use tower_bulwark::rate_limit::RateLimitLayer;
