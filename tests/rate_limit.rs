@@ -655,24 +655,41 @@ async fn a_panicking_eviction_listener_strands_no_reservation() {
         .unwrap();
     let (calls, inner) = counting(None);
     let mut svc = layer.layer(inner);
-    // 64 keys, each with its token spent: the shard is full of live buckets.
-    for k in 0..64u32 {
+    // Keys 0..16 spend their token first, keys 16..64 half a second later:
+    // the map is full of live buckets, the first sixteen closest to full.
+    for k in 0..16u32 {
         call(&mut svc, k * 10).await.unwrap();
     }
+    advance(Duration::from_millis(500)).await;
+    for k in 16..64u32 {
+        call(&mut svc, k * 10).await.unwrap();
+    }
+    // Key 100 forgets keys 0..16 (their buckets end at 1 s); keys 101..116
+    // fill the map again. A new key may start from a raised floor and
+    // wait: such requests are kept waiting, so time stands still.
+    let mut fillers = Vec::new();
+    for k in 100..116u32 {
+        let mut f = tokio_test::task::spawn(svc.ready().await.unwrap().call(k * 10));
+        if f.poll().is_pending() {
+            fillers.push(f);
+        }
+    }
+    let before = calls.load(Ordering::SeqCst);
     panicking.store(true, Ordering::SeqCst);
-    // The 65th key evicts; its listener panics in `call`.
+    // Key 0 comes back, no fuller than it left (its bucket ends at 1 s or
+    // later): its request waits, and its eviction's listener panics.
     svc.ready().await.unwrap();
-    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| svc.call(640)));
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| svc.call(1)));
     assert!(caught.is_err());
     panicking.store(false, Ordering::SeqCst);
-    assert_eq!(calls.load(Ordering::SeqCst), 64);
-    // Key 64 starts from the floor (an empty bucket): it waits a second.
-    // Had the panicking caller's reservation leaked, it would wait two.
-    let mut waiter = tokio_test::task::spawn(svc.ready().await.unwrap().call(641));
+    assert_eq!(calls.load(Ordering::SeqCst), before);
+    // Key 0's next request waits half a second or a second; had the
+    // panicking caller's reservation leaked, it would wait a second longer.
+    let mut waiter = tokio_test::task::spawn(svc.ready().await.unwrap().call(2));
     assert!(waiter.poll().is_pending());
-    advance(Duration::from_millis(1500)).await;
+    advance(Duration::from_millis(1250)).await;
     match waiter.poll() {
-        std::task::Poll::Ready(r) => assert_eq!(r.unwrap(), 641),
+        std::task::Poll::Ready(r) => assert_eq!(r.unwrap(), 2),
         std::task::Poll::Pending => panic!("a reservation was stranded"),
     }
 }
