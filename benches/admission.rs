@@ -142,5 +142,59 @@ fn clocks(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, rate_limit, bulkhead, clocks);
+/// Per-call overhead of each layer over the bare service, against its
+/// peer, through both harnesses in one run: `inlined` is [`drive`] (the
+/// stack inlined into the caller), `generic` is a plain, non-inlined
+/// generic `async fn` looping `svc.ready().await?.call(i).await`.
+fn overhead(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _g = rt.enter();
+    let bulkhead = tower_bulwark::BulkheadLayer::builder()
+        .max_concurrent(1000)
+        .build()
+        .unwrap();
+    let limit = tower::limit::ConcurrencyLimitLayer::new(1000);
+    let rate_limit = tower_bulwark::RateLimitLayer::builder()
+        .max_tokens(HUGE)
+        .refill_rate(HUGE)
+        .build()
+        .unwrap();
+    let max = NonZeroU32::MAX;
+    let gov = std::sync::Arc::new(Governor::direct(Quota::per_second(max).allow_burst(max)));
+    let retry = tower_bulwark::RetryLayer::builder()
+        .max_attempts(3)
+        .backoff(tower_bulwark::retry::Backoff::exponential(
+            Duration::from_millis(100),
+        ))
+        .build()
+        .unwrap();
+    let tower_retry = tower::retry::RetryLayer::new(support::Attempts(2));
+
+    macro_rules! both {
+        ($g:ident, $name:literal, $svc:expr) => {{
+            let mut svc = $svc;
+            $g.bench_function(concat!("inlined/", $name), |b| {
+                b.iter(|| black_box(drive(&mut svc, black_box(1))))
+            });
+            let mut svc = $svc;
+            $g.bench_function(concat!("generic/", $name), |b| {
+                b.iter_custom(|n| support::generic(&mut svc, n))
+            });
+        }};
+    }
+    let mut g = c.benchmark_group("overhead");
+    both!(g, "bare", Bare);
+    both!(g, "bulkhead", bulkhead.layer(Bare));
+    both!(g, "tower_concurrency_limit", limit.layer(Bare));
+    both!(g, "rate_limit", rate_limit.layer(Bare));
+    both!(g, "governor_check", support::GovernorGate(gov.clone()));
+    both!(g, "retry", retry.layer(Bare));
+    both!(g, "tower_retry", tower_retry.layer(Bare));
+    g.finish();
+}
+
+criterion_group!(benches, rate_limit, bulkhead, clocks, overhead);
 criterion_main!(benches);

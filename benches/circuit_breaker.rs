@@ -12,7 +12,7 @@ use tower::{Layer, Service};
 use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, Window};
 
 mod support;
-use support::{drive, generic_loop, threaded, Bare};
+use support::{drive, generic, threaded, Bare};
 
 /// failsafe has no tower layer: wrap its futures API as a service.
 #[derive(Clone)]
@@ -108,7 +108,7 @@ fn bench(c: &mut Criterion) {
     macro_rules! generic {
         ($name:expr, $svc:expr) => {{
             let mut svc = $svc;
-            g.bench_function($name, |b| b.iter_custom(|n| generic_loop(&mut svc, n)));
+            g.bench_function($name, |b| b.iter_custom(|n| generic(&mut svc, n)));
         }};
     }
     generic!("bare", Bare);

@@ -13,7 +13,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use tower::{Layer, Service};
 use tower_bulwark::dedup::DedupLayer;
 
-use support::{drive, generic_loop, Bare};
+use support::{drive, generic, Bare};
 
 fn dedup() -> impl Service<u64, Response = u64> + Clone + Send + 'static {
     DedupLayer::builder()
@@ -50,7 +50,7 @@ fn unique_keys(c: &mut Criterion) {
     macro_rules! generic {
         ($g:expr, $name:expr, $svc:expr) => {{
             let mut svc = $svc;
-            $g.bench_function($name, |b| b.iter_custom(|n| generic_loop(&mut svc, n)));
+            $g.bench_function($name, |b| b.iter_custom(|n| generic(&mut svc, n)));
         }};
     }
 

@@ -15,7 +15,7 @@ use tower_bulwark::dedup::DedupLayer;
 use tower_bulwark::fallback::FallbackLayer;
 
 mod support;
-use support::{drive, generic_loop, Bare};
+use support::{drive, generic, Bare};
 
 fn fallback() -> impl Service<u64, Response = u64> + Clone + Send + 'static {
     FallbackLayer::builder()
@@ -113,7 +113,7 @@ fn bench(c: &mut Criterion) {
     macro_rules! generic {
         ($name:expr, $svc:expr) => {{
             let mut svc = $svc;
-            g.bench_function($name, |b| b.iter_custom(|n| generic_loop(&mut svc, n)));
+            g.bench_function($name, |b| b.iter_custom(|n| generic(&mut svc, n)));
         }};
     }
     generic!("bare", Bare);

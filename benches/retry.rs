@@ -5,38 +5,13 @@
 mod support;
 
 use std::convert::Infallible;
-use std::future::{ready, Ready};
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tower::Layer;
 
-use support::{drive, Bare};
-
-/// tower's `Retry` with the smallest useful policy: clone the request,
-/// never retry a success, retry errors up to twice.
-#[derive(Clone, Copy)]
-struct Attempts(u32);
-
-impl tower::retry::Policy<u64, u64, Infallible> for Attempts {
-    type Future = Ready<()>;
-
-    fn retry(&mut self, _req: &mut u64, res: &mut Result<u64, Infallible>) -> Option<Ready<()>> {
-        match res {
-            Ok(_) => None,
-            Err(_) if self.0 > 0 => {
-                self.0 -= 1;
-                Some(ready(()))
-            }
-            Err(_) => None,
-        }
-    }
-
-    fn clone_request(&mut self, req: &u64) -> Option<u64> {
-        Some(*req)
-    }
-}
+use support::{drive, Attempts, Bare};
 
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -32,9 +32,9 @@ const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Growth {
-    Constant,
-    Linear,
-    Exponential,
+    Constant = 0,
+    Linear = 1,
+    Exponential = 2,
 }
 
 /// How long to wait before the `n`th retry. See the [module docs](self).
@@ -51,11 +51,11 @@ pub struct Backoff {
 pub enum Jitter {
     /// Exactly `d`.
     #[default]
-    None,
+    None = 0,
     /// Uniform in `[0, d]`: spreads callers the most.
-    Full,
+    Full = 1,
     /// `d / 2` plus uniform in `[0, d / 2]`: never less than half.
-    Equal,
+    Equal = 2,
     /// Uniform in `[base, 3 * previous]`, capped: grows from the last delay
     /// actually slept rather than from the attempt number.
     Decorrelated,
@@ -159,6 +159,42 @@ impl Backoff {
             n: 0,
             prev: Duration::ZERO,
             rng: seed.map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed),
+        }
+    }
+
+    /// The back-off in a dozen bytes fewer, for a copy every call carries:
+    /// `(growth, jitter, base, max_delay)`, the delays in nanoseconds
+    /// (saturating: a delay past 584 years is as long as any).
+    #[allow(dead_code)]
+    pub(crate) fn pack(&self) -> (u8, u8, u64, u64) {
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        (
+            self.growth as u8,
+            self.jitter as u8,
+            nanos(self.base),
+            nanos(self.max_delay),
+        )
+    }
+
+    /// The inverse of [`pack`](Self::pack).
+    #[allow(dead_code)]
+    pub(crate) fn unpack((growth, jitter, base, max): (u8, u8, u64, u64)) -> Self {
+        let growth = match growth {
+            0 => Growth::Constant,
+            1 => Growth::Linear,
+            _ => Growth::Exponential,
+        };
+        let jitter = match jitter {
+            0 => Jitter::None,
+            1 => Jitter::Full,
+            2 => Jitter::Equal,
+            _ => Jitter::Decorrelated,
+        };
+        Self {
+            growth,
+            base: Duration::from_nanos(base),
+            max_delay: Duration::from_nanos(max),
+            jitter,
         }
     }
 

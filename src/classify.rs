@@ -33,6 +33,30 @@
 use std::fmt;
 use std::time::Duration;
 
+/// The longest upstream back-off hint (an HTTP `Retry-After`) any layer
+/// honours unless told otherwise: one minute.
+///
+/// A hint is data from the network: one `503` with `Retry-After:
+/// 99999999999` would otherwise hold a breaker open, or a rate limiter
+/// shut, for years. Each layer that reads hints has a `max_retry_after`
+/// builder method defaulting to this. The breaker and the rate limiter
+/// clamp a longer hint to their cap (and report it with an event); retry
+/// gives up at once rather than wait that long.
+pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// An upstream hint `d` held to `max`: the duration to honour, and whether
+/// it was clamped. Every layer that honours hints goes through here, so
+/// they agree on what "too long" means.
+#[allow(dead_code)]
+#[inline]
+pub(crate) fn clamp_retry_after(d: Duration, max: Duration) -> (Duration, bool) {
+    if d > max {
+        (max, true)
+    } else {
+        (d, false)
+    }
+}
+
 /// The verdict on one finished call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {

@@ -93,8 +93,19 @@ impl Clock {
     /// The instant `nanos` after the origin, for timers.
     #[allow(dead_code)]
     pub(crate) fn instant(&self, nanos: Nanos) -> Instant {
-        self.origin + std::time::Duration::from_nanos(nanos)
+        instant_after(self.origin, std::time::Duration::from_nanos(nanos))
     }
+}
+
+/// `start + d` for a timer, saturating instead of panicking: a `Duration`
+/// from a setting or an upstream can be as large as `Duration::MAX`, which
+/// no `Instant` can hold. A timer 30 years out never fires in a process's
+/// life, so that is where a longer one is set.
+#[allow(dead_code)]
+#[inline]
+pub(crate) fn instant_after(start: Instant, d: std::time::Duration) -> Instant {
+    const FAR: std::time::Duration = std::time::Duration::from_secs(86_400 * 365 * 30);
+    start.checked_add(d.min(FAR)).unwrap_or(start)
 }
 
 /// `Duration` to saturating nanoseconds.

@@ -253,3 +253,66 @@ fn public_types_are_send_sync() {
     ok::<BulkheadFull>();
     ok::<tower_bulwark::bulkhead::BulkheadHandle>();
 }
+
+/// A listener that panics on the soft-limit event propagates to the call
+/// that crossed it and leaks nothing: the slot was already in its guard.
+#[tokio::test]
+async fn a_panicking_soft_limit_listener_leaks_no_slot() {
+    for max_wait in [Duration::ZERO, Duration::from_secs(1)] {
+        let layer = BulkheadLayer::builder()
+            .max_concurrent(10)
+            .soft_limit(8)
+            .max_wait(max_wait)
+            .on_event(|e| {
+                if matches!(e, BulkheadEvent::SoftLimitReached { .. }) {
+                    panic!("listener panicked");
+                }
+            })
+            .build()
+            .unwrap();
+        let h = layer.handle();
+        let gate = Arc::new(Semaphore::new(0));
+        let mut svc = layer.layer(gated(gate.clone()));
+        for _burst in 0..8 {
+            let mut held = Vec::new();
+            for n in 1..=7 {
+                held.push(svc.ready().await.unwrap().call(n));
+            }
+            // The eighth crosses the soft limit: its caller sees the panic.
+            svc.ready().await.unwrap();
+            let crossed = std::panic::AssertUnwindSafe(async { svc.call(8).await });
+            assert!(crossed.catch_unwind().await.is_err());
+            assert_eq!(h.in_flight(), 7, "max_wait {max_wait:?}");
+            drop(held);
+            assert_eq!(h.in_flight(), 0, "max_wait {max_wait:?}");
+        }
+        // All ten slots are there for the taking.
+        let held: Vec<_> = (1..=7).map(|n| svc.call(n)).collect();
+        drop(held);
+        assert_eq!(h.available(), 10);
+    }
+}
+
+/// A full bulkhead that may wait "forever" waits, and does not panic.
+#[tokio::test]
+async fn max_wait_of_duration_max_waits_without_panicking() {
+    pause();
+    let layer = BulkheadLayer::builder()
+        .max_concurrent(1)
+        .max_wait(Duration::MAX)
+        .build()
+        .unwrap();
+    let h = layer.handle();
+    let gate = Arc::new(Semaphore::new(0));
+    let mut svc = layer.layer(gated(gate.clone()));
+    let first = tokio::spawn(svc.ready().await.unwrap().call(1));
+    tokio::task::yield_now().await;
+    let mut second = tokio_test::task::spawn(svc.ready().await.unwrap().call(2));
+    assert!(second.poll().is_pending());
+    advance(Duration::from_secs(86_400 * 365)).await;
+    assert!(second.poll().is_pending());
+    gate.add_permits(2);
+    assert_eq!(first.await.unwrap().unwrap(), 1);
+    assert_eq!(second.await.unwrap(), 2);
+    assert_eq!(h.in_flight(), 0);
+}

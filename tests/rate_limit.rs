@@ -515,3 +515,181 @@ fn public_types_are_send_sync() {
     ok::<CostTooHigh>();
     ok::<tower_bulwark::rate_limit::RateLimitHandle>();
 }
+
+/// A flood of new keys must not give an abusive key, or any key, a fresh
+/// bucket: forgotten keys come back no fuller than they left.
+#[tokio::test]
+async fn eviction_never_lets_a_key_start_over() {
+    pause();
+    // 2 tokens, one every 10 s; room for 64 keys.
+    let layer = bucket(2.0, 0.1)
+        .max_keys(64)
+        .key(|n: &u32| *n)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(echo());
+    const ABUSER: u32 = 7;
+    let mut admitted_abuser = 0;
+    let mut next_flood = 1_000_000u32;
+    for round in 0..20 {
+        // The abuser drains its bucket and keeps knocking.
+        for _ in 0..5 {
+            if call(&mut svc, ABUSER).await.is_ok() {
+                admitted_abuser += 1;
+            }
+        }
+        // A flood of one-shot keys, each draining its bucket, forces
+        // evictions of live buckets.
+        for _ in 0..200 {
+            let k = next_flood;
+            next_flood += 1;
+            let _ = call(&mut svc, k).await;
+            let _ = call(&mut svc, k).await;
+        }
+        if round % 4 == 3 {
+            advance(Duration::from_secs(1)).await;
+        }
+    }
+    // 5 s in all: 2 tokens and half a token of refill at most.
+    assert!(
+        admitted_abuser <= 2,
+        "abuser admitted {admitted_abuser} times"
+    );
+
+    // A hundred normal keys under the same flood get at most their limit
+    // (2 each, nothing refills without time passing).
+    let layer = bucket(2.0, 0.1)
+        .max_keys(64)
+        .key(|n: &u32| *n)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(echo());
+    let mut admitted = 0;
+    for _ in 0..20 {
+        for k in 0..100u32 {
+            if call(&mut svc, k).await.is_ok() {
+                admitted += 1;
+            }
+        }
+        for _ in 0..200 {
+            let k = next_flood;
+            next_flood += 1;
+            let _ = call(&mut svc, k).await;
+        }
+    }
+    assert!(admitted <= 200, "100 keys admitted {admitted} times");
+    // Time heals: once the flood's buckets have refilled, every key starts
+    // full again.
+    advance(Duration::from_secs(25)).await;
+    assert!(call(&mut svc, 5_000_000).await.is_ok());
+    assert!(call(&mut svc, 5_000_000).await.is_ok());
+    assert!(call(&mut svc, 5_000_000).await.is_err());
+}
+
+/// A bucket too slow to represent is refused rather than admitting
+/// everything; a merely slow one holds its bound.
+#[tokio::test]
+async fn a_very_slow_bucket_is_refused_or_exact() {
+    pause();
+    for rate in [1e-12, 1e-300, f64::MIN_POSITIVE] {
+        let e = bucket(50.0, rate).build().unwrap_err();
+        assert_eq!(e.field(), "refill_rate", "{rate}");
+    }
+    // One token every ~3 years: the burst, then nothing.
+    let layer = bucket(5.0, 1e-8).build().unwrap();
+    let mut svc = layer.layer(echo());
+    let mut ok = 0;
+    for i in 0..20 {
+        if call(&mut svc, i).await.is_ok() {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 5);
+}
+
+/// A hint longer than the cap blocks for the cap (and no longer), through
+/// any classifier.
+#[tokio::test]
+async fn retry_after_from_is_capped() {
+    pause();
+    let layer = bucket(10.0, 10.0)
+        .retry_after_from(Hint)
+        .max_retry_after(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut svc = layer.layer(service_fn(|n: u32| async move {
+        if n == 0 {
+            Err::<u32, Busy>(Busy(u64::MAX))
+        } else {
+            Ok(n)
+        }
+    }));
+    assert!(svc.ready().await.unwrap().call(0).await.is_err());
+    assert_eq!(handle.blocked_for(), Some(Duration::from_secs(5)));
+    advance(Duration::from_secs(5)).await;
+    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), 1);
+    // The application's own block is its word: not capped.
+    handle.set_retry_after(Duration::from_secs(3600));
+    assert_eq!(handle.blocked_for(), Some(Duration::from_secs(3600)));
+}
+
+/// A listener that panics on `KeysEvicted` unwinds into the caller whose
+/// new key caused the eviction, and that caller's reservation goes back.
+#[tokio::test]
+async fn a_panicking_eviction_listener_strands_no_reservation() {
+    pause();
+    let panicking = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let p = panicking.clone();
+    // One token a second; waits up to an hour; room for 64 keys.
+    let layer = bucket(1.0, 1.0)
+        .max_wait(Duration::from_secs(3600))
+        .max_keys(64)
+        .key(|n: &u32| n / 10)
+        .on_event(move |e| {
+            if matches!(e, RateLimitEvent::KeysEvicted { .. }) && p.load(Ordering::SeqCst) {
+                panic!("listener panicked");
+            }
+        })
+        .build()
+        .unwrap();
+    let (calls, inner) = counting(None);
+    let mut svc = layer.layer(inner);
+    // Keys 0..16 spend their token first, keys 16..64 half a second later:
+    // the map is full of live buckets, the first sixteen closest to full.
+    for k in 0..16u32 {
+        call(&mut svc, k * 10).await.unwrap();
+    }
+    advance(Duration::from_millis(500)).await;
+    for k in 16..64u32 {
+        call(&mut svc, k * 10).await.unwrap();
+    }
+    // Key 100 forgets keys 0..16 (their buckets end at 1 s); keys 101..116
+    // fill the map again. A new key may start from a raised floor and
+    // wait: such requests are kept waiting, so time stands still.
+    let mut fillers = Vec::new();
+    for k in 100..116u32 {
+        let mut f = tokio_test::task::spawn(svc.ready().await.unwrap().call(k * 10));
+        if f.poll().is_pending() {
+            fillers.push(f);
+        }
+    }
+    let before = calls.load(Ordering::SeqCst);
+    panicking.store(true, Ordering::SeqCst);
+    // Key 0 comes back, no fuller than it left (its bucket ends at 1 s or
+    // later): its request waits, and its eviction's listener panics.
+    svc.ready().await.unwrap();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| svc.call(1)));
+    assert!(caught.is_err());
+    panicking.store(false, Ordering::SeqCst);
+    assert_eq!(calls.load(Ordering::SeqCst), before);
+    // Key 0's next request waits half a second or a second; had the
+    // panicking caller's reservation leaked, it would wait a second longer.
+    let mut waiter = tokio_test::task::spawn(svc.ready().await.unwrap().call(2));
+    assert!(waiter.poll().is_pending());
+    advance(Duration::from_millis(1250)).await;
+    match waiter.poll() {
+        std::task::Poll::Ready(r) => assert_eq!(r.unwrap(), 2),
+        std::task::Poll::Pending => panic!("a reservation was stranded"),
+    }
+}

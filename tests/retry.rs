@@ -144,7 +144,7 @@ async fn retries_after_the_backoff_delays() {
         .iter()
         .map(|e| match e {
             RetryEvent::Retry { reason, name, .. } => {
-                assert_eq!(*name, "delays");
+                assert_eq!(&**name, "delays");
                 *reason
             }
             other => panic!("unexpected {other:?}"),
@@ -606,4 +606,108 @@ async fn clones_share_the_budget() {
     assert!(a.ready().await.unwrap().call(false).await.is_err());
     // Three calls earned three retries; one was spent.
     assert_eq!(budget.available(), 2);
+}
+
+/// Settings at `Duration::MAX` are "as long as it takes", never a panic:
+/// an attempt timeout that long, and a back-off and upstream hint that long
+/// under a deadline that long.
+#[tokio::test(start_paused = true)]
+async fn durations_at_their_maximum_do_not_panic() {
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let seen = calls.clone();
+    let flaky = service_fn(move |n: u32| {
+        let k = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if k == 0 {
+                Err::<u32, BoxError>("flaky".into())
+            } else {
+                Ok(n)
+            }
+        }
+    });
+    let layer = RetryLayer::builder()
+        .attempt_timeout(Duration::MAX)
+        .build()
+        .unwrap();
+    let mut svc = ServiceBuilder::new().layer(layer).service(flaky.clone());
+    assert_eq!(svc.ready().await.unwrap().call(3).await.unwrap(), 3);
+
+    #[derive(Clone)]
+    struct Forever;
+    impl Classify<u32, BoxError> for Forever {
+        fn classify(&self, r: &Result<u32, BoxError>, _: Duration) -> Outcome {
+            if r.is_ok() {
+                Outcome::Success
+            } else {
+                Outcome::Failure
+            }
+        }
+        fn retry_after(&self, _: &Result<u32, BoxError>) -> Option<Duration> {
+            Some(Duration::MAX)
+        }
+    }
+    let layer = RetryLayer::builder()
+        .backoff(Backoff::constant(Duration::MAX))
+        .deadline(Duration::MAX)
+        .classify(Forever)
+        .build()
+        .unwrap();
+    let mut svc = ServiceBuilder::new().layer(layer).service(flaky);
+    // Paused time jumps to the (far) timer; the second attempt answers.
+    assert_eq!(svc.ready().await.unwrap().call(4).await.unwrap(), 4);
+}
+
+/// A layer and every service made from it may go before the call does: the
+/// call owns its settings and still retries.
+#[tokio::test(start_paused = true)]
+async fn a_call_outlives_its_layer_and_still_retries() {
+    let (events, sink) = recorder();
+    for (name, layer) in [
+        ("short", RetryLayer::builder().name("short")),
+        (
+            "a-name-longer-than-twenty-three-bytes",
+            RetryLayer::builder().name("a-name-longer-than-twenty-three-bytes"),
+        ),
+    ]
+    .map(|(n, b)| (n, b.max_attempts(2).backoff(Backoff::constant(MS))))
+    {
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let seen = calls.clone();
+        let svc = ServiceBuilder::new()
+            .layer(layer.build().unwrap())
+            .service(service_fn(move |n: u32| {
+                let k = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    if k == 0 {
+                        Err::<u32, BoxError>("flaky".into())
+                    } else {
+                        Ok(n)
+                    }
+                }
+            }));
+        // `oneshot` drops the service once called; the layer is gone too.
+        assert_eq!(svc.oneshot(8).await.unwrap(), 8);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2, "{name}");
+    }
+    // With a listener the same holds, and events carry the name.
+    let layer = RetryLayer::builder()
+        .name("heard")
+        .max_attempts(2)
+        .backoff(Backoff::constant(MS))
+        .on_event(sink)
+        .build()
+        .unwrap();
+    let failing = service_fn(|_: u32| async { Err::<u32, BoxError>("down".into()) });
+    let svc = ServiceBuilder::new().layer(layer).service(failing);
+    assert!(svc.oneshot(1).await.is_err());
+    let names: Vec<String> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| match e {
+            RetryEvent::Retry { name, .. } | RetryEvent::GaveUp { name, .. } => name.to_string(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(names, ["heard", "heard"]);
 }

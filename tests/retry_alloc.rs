@@ -72,13 +72,25 @@ async fn the_success_path_allocates_nothing() {
                 .build()
                 .unwrap(),
         ),
+        ("named", base().name("payments").build().unwrap()),
+        (
+            "named past the inline length",
+            base()
+                .name("a-name-longer-than-twenty-three-bytes")
+                .build()
+                .unwrap(),
+        ),
         (
             "deadline",
             base().deadline(Duration::from_secs(30)).build().unwrap(),
         ),
     ];
     for (name, layer) in &shapes {
-        assert_eq!(allocations(layer, 1_000, 0), 0, "{name}");
+        // The counter is global: the test harness's own threads sometimes
+        // allocate meanwhile. A success path that allocated would do so in
+        // every run, so the quietest of three runs must be zero.
+        let quietest = (0..3).map(|_| allocations(layer, 1_000, 0)).min();
+        assert_eq!(quietest, Some(0), "{name}");
         // The counter is live: a call whose first attempt fails boxes
         // its retry state.
         assert!(allocations(layer, 10, 10) >= 10, "{name}");

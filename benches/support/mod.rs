@@ -10,7 +10,7 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use tower::Service;
+use tower::{Service, ServiceExt};
 
 /// Drives one request through `svc` to completion. Every benchmarked path
 /// answers at once on one thread; under contention a peer's lock may make
@@ -128,32 +128,92 @@ where
     start.elapsed()
 }
 
-/// What a user's own loop sees: a plain generic `async fn` calling
-/// `svc.ready().await?.call(i).await` `n` times, left to the compiler
-/// (no `#[inline(always)]`), run to completion with a no-op waker.
-/// Returns the wall time of the whole loop, for `iter_custom`.
-pub fn generic_loop<S: Service<u64>>(svc: &mut S, n: u64) -> Duration {
-    let start = Instant::now();
-    let fut = pin!(user_loop(svc, n));
-    let _ = black_box(block_on(fut));
-    start.elapsed()
-}
-
-async fn user_loop<S: Service<u64>>(svc: &mut S, n: u64) -> Result<(), S::Error> {
-    use tower::ServiceExt;
+/// The other harness: a plain generic `async fn`, kept out of line, as a
+/// caller's code that is generic over a service is when the compiler
+/// declines to inline it. `svc.ready().await?.call(i).await` `n` times.
+#[inline(never)]
+pub async fn drive_generic<S: Service<u64>>(svc: &mut S, n: u64) -> Result<(), S::Error> {
     for i in 0..n {
-        let r = svc.ready().await?.call(black_box(i)).await?;
-        black_box(r);
+        black_box(svc.ready().await?.call(black_box(i)).await?);
     }
     Ok(())
 }
 
-fn block_on<F: Future>(mut fut: std::pin::Pin<&mut F>) -> F::Output {
+/// The smallest executor: polls `f` with a no-op waker until it is ready
+/// (every benchmarked path answers at once).
+pub fn block_on<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
     let mut cx = Context::from_waker(Waker::noop());
     loop {
-        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
-            return v;
+        match f.as_mut().poll(&mut cx) {
+            Poll::Ready(v) => return v,
+            Poll::Pending => std::hint::spin_loop(),
         }
-        std::hint::spin_loop();
+    }
+}
+
+/// Criterion's `iter_custom` body for [`drive_generic`]: `n` calls through
+/// `svc`, timed as one run.
+pub fn generic<S: Service<u64>>(svc: &mut S, n: u64) -> Duration {
+    let start = Instant::now();
+    let answered = block_on(drive_generic(svc, n)).is_ok();
+    let elapsed = start.elapsed();
+    assert!(answered, "every benchmarked call is admitted");
+    elapsed
+}
+
+/// governor's `check()` in front of [`Bare`], as a service, so both
+/// harnesses drive it the way they drive the layers.
+#[derive(Clone)]
+pub struct GovernorGate(
+    pub  std::sync::Arc<
+        governor::RateLimiter<
+            governor::state::NotKeyed,
+            governor::state::InMemoryState,
+            governor::clock::DefaultClock,
+        >,
+    >,
+);
+
+impl Service<u64> for GovernorGate {
+    type Response = u64;
+    type Error = &'static str;
+    type Future = Ready<Result<u64, &'static str>>;
+
+    #[inline]
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), &'static str>> {
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline]
+    fn call(&mut self, req: u64) -> Self::Future {
+        match self.0.check() {
+            Ok(()) => ready(Ok(req)),
+            Err(_) => ready(Err("limited")),
+        }
+    }
+}
+
+/// tower's `Retry` with the smallest useful policy: clone the request,
+/// never retry a success, retry errors up to twice.
+#[derive(Clone, Copy)]
+pub struct Attempts(pub u32);
+
+impl tower::retry::Policy<u64, u64, Infallible> for Attempts {
+    type Future = Ready<()>;
+
+    fn retry(&mut self, _req: &mut u64, res: &mut Result<u64, Infallible>) -> Option<Ready<()>> {
+        match res {
+            Ok(_) => None,
+            Err(_) if self.0 > 0 => {
+                self.0 -= 1;
+                Some(ready(()))
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn clone_request(&mut self, req: &u64) -> Option<u64> {
+        Some(*req)
     }
 }

@@ -14,6 +14,7 @@ use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::state::{Core, Slot};
+use crate::clock::instant_after;
 use crate::error::BoxError;
 
 #[cfg(feature = "http")]
@@ -162,7 +163,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
             kind: Kind::Waiting {
                 wait: Box::pin(Wait {
                     acquire,
-                    deadline: tokio::time::sleep_until(start + core.cfg.max_wait),
+                    deadline: tokio::time::sleep_until(instant_after(start, core.cfg.max_wait)),
                     start,
                     core,
                     svc: Some(svc),
@@ -220,10 +221,12 @@ where
                             continue;
                         }
                     };
+                    // Into its guard first: a listener that panics on the
+                    // soft-limit event unwinds through it.
+                    let slot = Slot::Permit(permit);
                     core.acquired();
                     let mut svc = svc.take().expect("polled after completion");
                     let req = req.take().expect("polled after completion");
-                    let slot = Slot::Permit(permit);
                     let fut = svc.call(req);
                     kind.set(Kind::Called {
                         fut,

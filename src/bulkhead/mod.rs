@@ -69,6 +69,14 @@
 //! capacity. With the `http` feature, `http::error_response` maps it to
 //! `503 Service Unavailable` with `Retry-After: 1`.
 //!
+//! # Panics
+//!
+//! An `on_event` listener that panics unwinds into the caller whose call
+//! raised the event, and only there. A slot is always in its guard before
+//! any listener hears of it, so the panic gives it back, as a dropped
+//! future does; so does a panic in the inner service's `call` or in its
+//! response future.
+//!
 //! # Clone
 //!
 //! The slots live behind an `Arc` made by `build()`. The layer, its

@@ -218,15 +218,18 @@ impl Core {
         match &self.slots {
             Slots::Counter(c) => {
                 let (n, cell) = c.try_acquire(self.cfg.capacity)?;
+                // The guard exists before any listener runs: one that
+                // panics unwinds through it and the slot comes back.
+                let slot = Slot::Counter(cell);
                 if self.cfg.soft_limit == Some(n) {
                     self.soft_limit_reached(n);
                 }
-                Some(Slot::Counter(cell))
+                Some(slot)
             }
             Slots::Queue(sem) => {
-                let permit = sem.clone().try_acquire_owned().ok()?;
+                let slot = Slot::Permit(sem.clone().try_acquire_owned().ok()?);
                 self.acquired();
-                Some(Slot::Permit(permit))
+                Some(slot)
             }
             // Taken by the service: the file's lock may be busy.
             #[cfg(feature = "file-store")]

@@ -11,14 +11,11 @@ use super::circuit::Rules;
 use super::state::{Config, Core, Source};
 use super::{CircuitBreaker, CircuitEvent, CircuitMetrics, CircuitState, Window};
 use crate::backoff::Backoff;
-use crate::classify::DefaultClassifier;
+use crate::classify::{DefaultClassifier, DEFAULT_MAX_RETRY_AFTER};
 use crate::error::{Check, ConfigError};
 use crate::observe::Listeners;
 
 const LAYER: &str = "circuit_breaker";
-
-/// The default cap on an upstream's back-off hint.
-const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// Builds [`CircuitBreaker`] services that all share one breaker.
 ///
@@ -220,7 +217,8 @@ impl<C> CircuitBreakerBuilder<C> {
     }
 
     /// The longest an upstream's back-off hint may hold the breaker open
-    /// (default 1 hour). A longer hint is cut to this, and a
+    /// (default [`DEFAULT_MAX_RETRY_AFTER`], 60 s, the same cap as the rate
+    /// limiter's and retry's). A longer hint is cut to this, and a
     /// [`CircuitEvent::RetryAfterClamped`] event says so: a hint is the
     /// upstream's word, and one bad header must not shut a service out
     /// for years.

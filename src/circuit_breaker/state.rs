@@ -326,17 +326,8 @@ impl Core {
     }
 
     /// An upstream's back-off hint, cut to `max_retry_after`.
-    fn cap_retry_after(&self, hinted: Duration) -> Duration {
-        let max = self.cfg.max_retry_after;
-        if hinted <= max {
-            return hinted;
-        }
-        self.listeners.emit(&CircuitEvent::RetryAfterClamped {
-            name: self.cfg.name.clone(),
-            hinted,
-            used: max,
-        });
-        max
+    fn cap_retry_after(&self, hinted: Duration) -> (Duration, bool) {
+        crate::classify::clamp_retry_after(hinted, self.cfg.max_retry_after)
     }
 
     /// Holds the breaker open for at least `d` from now (an upstream's
@@ -576,8 +567,17 @@ impl<R: AsRef<Core>> Admission<R> {
             None => Duration::ZERO,
         };
         if core.cfg.honor_retry_after {
-            if let Some(d) = classifier.retry_after(res) {
-                core.hold_open(core.cap_retry_after(d), Source::Local);
+            if let Some(hinted) = classifier.retry_after(res) {
+                let (used, clamped) = core.cap_retry_after(hinted);
+                // The hold first: a listener that panics cannot skip it.
+                core.hold_open(used, Source::Local);
+                if clamped {
+                    core.listeners.emit(&CircuitEvent::RetryAfterClamped {
+                        name: core.cfg.name.clone(),
+                        hinted,
+                        used,
+                    });
+                }
             }
         }
         let slow = core.cfg.slow_call_duration.is_some_and(|t| elapsed >= t);

@@ -186,7 +186,7 @@ where
                     if let Some(shared) = hint.take() {
                         let after = shared.hint.as_ref().and_then(|h| h.retry_after(&res));
                         if let Some(d) = after {
-                            shared.core.block_for(d);
+                            shared.core.block_for_hint(d);
                         }
                     }
                     return Poll::Ready(res.map_err(Into::into));

@@ -60,6 +60,14 @@ use crate::clock::Nanos;
 
 const NANOS_PER_SEC: f64 = 1e9;
 
+/// The largest burst tolerance a bucket may have: 2^61 ns, about 73
+/// years. Every TAT then stays below `now + tau + max_wait`, far from
+/// `u64::MAX` for any `now` a process reaches (the clock saturates after
+/// 584 years), so no sum in [`decide`] saturates and the bound stays
+/// exact. A slower bucket saturated `tau` and `inc` to the same value and
+/// admitted everything; the builder refuses it instead.
+pub(crate) const MAX_TAU: Nanos = 1 << 61;
+
 /// The bucket's shape in nanoseconds.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Params {
@@ -77,7 +85,9 @@ impl Params {
         Self {
             per_token,
             tau: ceil_nanos(max_tokens * per_token),
-            max_wait,
+            // A wait past `MAX_TAU` is as good as forever, and keeping it
+            // there keeps every TAT from saturating (see `MAX_TAU`).
+            max_wait: max_wait.min(MAX_TAU),
         }
     }
 

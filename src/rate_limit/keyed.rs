@@ -13,8 +13,23 @@
 //!   end by then, so they could give nothing back); each shard sweeps such idle
 //!   buckets whenever it has doubled since its last sweep;
 //! - each shard holds at most its share of `max_keys`. When a shard is
-//!   full of live buckets, it forgets the quarter closest to full: those
-//!   keys start afresh, the price of a cap an attacker cannot exceed.
+//!   full of live buckets, it forgets the quarter closest to full, and
+//!   raises the *floors* those keys hash to, each to the latest TAT among
+//!   the keys forgotten into it.
+//!
+//! The floors are what keep eviction from being a way out of a limit. A
+//! shard's floors are a small table (an entry for each key the shard holds,
+//! up to 1024, allocated the first time it forgets a live bucket), indexed by
+//! bits of the key's hash that neither the shard nor the map use. A key
+//! not in the map starts with its floor as its TAT, not with a full
+//! bucket. A forgotten key's TAT was at most its floor (floors only rise),
+//! so when it comes back it is never better off than had it been kept.
+//! Other keys that share its floor pay for the flood that raised it (they
+//! start no fuller than the emptiest bucket forgotten into it) until time
+//! passes it; spreading keys over a table rather than one floor a shard
+//! keeps that cost on the few keys that collide. Each sweep is a pass over
+//! the shard that frees at least a quarter of it (or halves the work to
+//! the next one), so a new key costs O(1) amortised.
 //!
 //! A bucket is its word plus, only while it holds freed reservations, a
 //! boxed list of them: one pointer per key otherwise.
@@ -32,6 +47,9 @@ const MAX_SHARDS: usize = 64;
 const FREED: usize = 8;
 const MIN_SWEEP: usize = 64;
 const MIN_PER_SHARD: usize = 64;
+/// The most floors a shard keeps (8 KiB): enough that keys rarely share
+/// one, few enough that a flood costs a keyed limiter at most 512 KiB.
+const MAX_FLOORS: usize = 1024;
 
 /// One key's bucket.
 #[derive(Debug)]
@@ -92,6 +110,27 @@ struct ShardMap<K> {
     map: HashMap<K, Bucket>,
     /// Sweep idle buckets when the map reaches this size.
     sweep_at: usize,
+    /// The latest TAT of the live buckets forgotten, by [`floor_index`]:
+    /// where a key not in the map starts (see the module docs). Empty
+    /// until the shard first forgets a live bucket.
+    floors: Box<[Nanos]>,
+}
+
+impl<K> ShardMap<K> {
+    fn floor(&self, hash: u64) -> Nanos {
+        if self.floors.is_empty() {
+            return 0;
+        }
+        self.floors[floor_index(hash, self.floors.len())]
+    }
+}
+
+/// A key's entry in its shard's floors: hash bits that neither the shard
+/// (bits 40 and up) nor, in practice, the map's own hasher (a different
+/// key) depend on.
+#[inline]
+fn floor_index(hash: u64, len: usize) -> usize {
+    (hash >> 12) as usize & (len - 1)
 }
 
 #[derive(Debug)]
@@ -125,6 +164,7 @@ impl<K: Hash + Eq> KeyMap<K> {
                     RwLock::new(ShardMap {
                         map: HashMap::new(),
                         sweep_at: MIN_SWEEP.min(per_shard),
+                        floors: Box::new([]),
                     })
                 })
                 .collect(),
@@ -180,9 +220,15 @@ impl<K: Hash + Eq> KeyMap<K> {
         if let Some(b) = s.map.get_mut(&key) {
             return (b.settle(now, inc, p), Evicted::default());
         }
-        let evicted = make_room(&mut s, now, self.per_shard);
-        let mut b = Bucket::new();
-        // A fresh bucket admits any valid increment at once.
+        let evicted = make_room(&mut s, now, self.per_shard, &self.hasher);
+        let b = Bucket::new();
+        // A key not in the map may have been forgotten while still
+        // refilling: it starts from its floor, never fuller.
+        let floor = s.floor(self.hasher.hash_one(&key));
+        if floor > now {
+            b.word.store(floor);
+        }
+        let mut b = b;
         let d = b.settle(now, inc, p);
         s.map.insert(key, b);
         (d, evicted)
@@ -205,7 +251,10 @@ impl<K: Hash + Eq> KeyMap<K> {
             .shard(key)
             .read()
             .unwrap_or_else(PoisonError::into_inner);
-        let tat = s.map.get(key).map_or(0, Bucket::load);
+        let tat = match s.map.get(key) {
+            Some(b) => b.load(),
+            None => s.floor(self.hasher.hash_one(key)),
+        };
         gcra::tokens(tat, now, p)
     }
 
@@ -221,12 +270,18 @@ impl<K: Hash + Eq> KeyMap<K> {
             let mut s = s.write().unwrap_or_else(PoisonError::into_inner);
             s.map = HashMap::new();
             s.sweep_at = MIN_SWEEP.min(self.per_shard);
+            s.floors = Box::new([]);
         }
     }
 }
 
 /// Makes room for one more key in a shard.
-fn make_room<K>(s: &mut ShardMap<K>, now: Nanos, cap: usize) -> Evicted {
+fn make_room<K: Hash>(
+    s: &mut ShardMap<K>,
+    now: Nanos,
+    cap: usize,
+    hasher: &RandomState,
+) -> Evicted {
     let mut ev = Evicted::default();
     if s.map.len() < s.sweep_at && s.map.len() < cap {
         return ev;
@@ -245,9 +300,16 @@ fn make_room<K>(s: &mut ShardMap<K>, now: Nanos, cap: usize) -> Evicted {
             .collect();
         let (_, &mut threshold, _) = debts.select_nth_unstable(cut - 1);
         ev.live = cut;
-        s.map.retain(|_, b| {
+        if s.floors.is_empty() {
+            let len = cap.next_power_of_two().min(MAX_FLOORS);
+            s.floors = vec![0; len].into_boxed_slice();
+        }
+        let floors = &mut s.floors;
+        s.map.retain(|k, b| {
             if cut > 0 && b.load().saturating_sub(now) <= threshold {
                 cut -= 1;
+                let f = &mut floors[floor_index(hasher.hash_one(k), floors.len())];
+                *f = (*f).max(b.load());
                 false
             } else {
                 true
@@ -312,6 +374,59 @@ mod tests {
         m.clear();
         m.release(&"a", second, 0);
         assert_eq!(m.len(), 0);
+    }
+
+    mod eviction {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// However keys arrive and are evicted (a few hot keys among a
+            /// flood of one-shot ones, in a map of 64), every key's
+            /// admissions over every window `[t_i, t_j]` stay within
+            /// `max_tokens + refill_rate * (t_j - t_i)`: being forgotten
+            /// never gives a key a fuller bucket.
+            #[test]
+            fn a_forgotten_key_is_never_better_off(
+                max_tokens in 1.0f64..5.0,
+                refill_rate in 0.1f64..10.0,
+                ops in proptest::collection::vec(
+                    (
+                        prop_oneof![3 => Just(0u64), 1 => 0u64..300_000_000],
+                        prop_oneof![1 => 0u64..4, 2 => 4u64..1_000_000],
+                        1usize..7,
+                    ),
+                    1..400,
+                ),
+            ) {
+                let p = Params::new(max_tokens, refill_rate, 0);
+                let inc = p.increment(1.0).unwrap();
+                let m = KeyMap::<u64>::new(64);
+                let mut now = 0;
+                let mut admitted: HashMap<u64, Vec<Nanos>> = HashMap::new();
+                // Each op: a gap, then a burst of calls for one key.
+                for &(gap, key, burst) in &ops {
+                    now += gap;
+                    for _ in 0..burst {
+                        if let (Decision::Admit { .. }, _) = m.acquire(key, now, inc, &p) {
+                            admitted.entry(key).or_default().push(now);
+                        }
+                    }
+                    prop_assert!(m.len() <= 64);
+                }
+                for times in admitted.values() {
+                    for i in 0..times.len() {
+                        for j in i..times.len() {
+                            let n = (j - i + 1) as f64;
+                            let secs = (times[j] - times[i]) as f64 / 1e9;
+                            // To the nanosecond rounding of `tau`.
+                            let bound = max_tokens + refill_rate * (secs + 1e-9);
+                            prop_assert!(n <= bound + 1e-9, "{n} admitted in {secs} s, bound {bound}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::gcra::Params;
+use super::gcra::{Params, MAX_TAU};
 use super::keyed::KeyMap;
 use super::remote::Remote;
 use super::state::{Config, Core};
 use super::{RateLimit, RateLimitEvent};
 use crate::backend::Backend;
-use crate::classify::DefaultClassifier;
+use crate::classify::{DefaultClassifier, DEFAULT_MAX_RETRY_AFTER};
 use crate::clock::{nanos, Clock, ClockSource};
 use crate::error::{Check, ConfigError};
 use crate::observe::Listeners;
@@ -214,6 +214,7 @@ struct Settings {
     refill_rate: f64,
     tokens_per_request: f64,
     max_wait: Duration,
+    max_retry_after: Duration,
     max_keys: usize,
     clock: ClockSource,
     /// Whether `clock` was chosen (a file backend cannot follow it).
@@ -231,6 +232,7 @@ impl RateLimitBuilder {
                 refill_rate: 10.0,
                 tokens_per_request: 1.0,
                 max_wait: Duration::ZERO,
+                max_retry_after: DEFAULT_MAX_RETRY_AFTER,
                 max_keys: 100_000,
                 clock: ClockSource::default(),
                 clock_chosen: false,
@@ -283,6 +285,14 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
 
     /// The most keys a keyed limiter remembers (default 100,000). See
     /// [`key`](Self::key).
+    ///
+    /// Full buckets are forgotten first, which changes no decision. When
+    /// more keys than this are still refilling, the ones closest to full
+    /// are forgotten, and until time has refilled them, keys not
+    /// remembered (those, and new ones that hash alike) start no fuller
+    /// than the emptiest of them: a flood of new keys never lets a key
+    /// start over with a full bucket, at the price of making new keys wait
+    /// their turn while the flood lasts.
     pub fn max_keys(mut self, n: usize) -> Self {
         self.settings.max_keys = n;
         self
@@ -291,7 +301,8 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
     /// Gives each key its own bucket, the key read from each request by
     /// `f` (a client IP, an API key). Memory stays bounded: full buckets
     /// are forgotten (losslessly), and at most
-    /// [`max_keys`](Self::max_keys) are kept.
+    /// [`max_keys`](Self::max_keys) are kept, without a forgotten key ever
+    /// being better off for it.
     ///
     /// ```
     /// use tower_bulwark::rate_limit::RateLimitLayer;
@@ -353,6 +364,16 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
         }
     }
 
+    /// The longest pause an upstream's hint can impose through
+    /// [`retry_after_from`](Self::retry_after_from) (default
+    /// [`DEFAULT_MAX_RETRY_AFTER`], one minute). A longer `Retry-After` is
+    /// never trusted: the limiter blocks for this long instead and raises
+    /// [`RateLimitEvent::RetryAfterClamped`]. Zero ignores hints.
+    pub fn max_retry_after(mut self, d: Duration) -> Self {
+        self.settings.max_retry_after = d;
+        self
+    }
+
     /// Where the limiter reads the time: by default the CPU's time-stamp
     /// counter ([`ClockSource::Fast`]), or tokio's clock, which
     /// `tokio::time::pause()` drives, with the `test-util` feature. See
@@ -407,6 +428,16 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
             self.settings.refill_rate,
             nanos(self.settings.max_wait),
         );
+        if params.tau > MAX_TAU {
+            return Err(ConfigError::new(
+                LAYER,
+                "refill_rate",
+                format!(
+                    "is too slow for max_tokens: refilling {} tokens at {}/s would take more than 73 years",
+                    self.settings.max_tokens, self.settings.refill_rate
+                ),
+            ));
+        }
         if params.increment(self.settings.tokens_per_request).is_none() {
             return Err(ConfigError::new(
                 LAYER,
@@ -418,6 +449,7 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
             name: Arc::from(self.settings.name.as_deref().unwrap_or_default()),
             max_tokens: self.settings.max_tokens,
             tokens_per_request: self.settings.tokens_per_request,
+            max_retry_after: self.settings.max_retry_after,
         };
         let mut core = Core::new(
             cfg,
@@ -547,6 +579,7 @@ impl<K, C, H> fmt::Debug for RateLimitBuilder<K, C, H> {
             .field("refill_rate", &self.settings.refill_rate)
             .field("tokens_per_request", &self.settings.tokens_per_request)
             .field("max_wait", &self.settings.max_wait)
+            .field("max_retry_after", &self.settings.max_retry_after)
             .field("max_keys", &self.settings.max_keys)
             .field("key", &std::any::type_name::<K>())
             .field("cost", &std::any::type_name::<C>())

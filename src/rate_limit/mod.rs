@@ -64,6 +64,23 @@
 //! does it for every result carrying such a hint (with the `http` feature:
 //! `http::StatusClassifier` on 429 and 503 answers).
 //!
+//! A hint is the upstream's word, not the limiter's: one longer than
+//! [`max_retry_after`](RateLimitBuilder::max_retry_after) (default
+//! [`DEFAULT_MAX_RETRY_AFTER`](crate::classify::DEFAULT_MAX_RETRY_AFTER),
+//! one minute) blocks for that cap only, and raises
+//! [`RateLimitEvent::RetryAfterClamped`]. The handle's `set_retry_after`
+//! is the application's own word and is not capped.
+//!
+//! # Settings at their extremes
+//!
+//! `build()` refuses what cannot be represented, naming the field: a
+//! `max_tokens`, `refill_rate` or `tokens_per_request` that is zero,
+//! negative, NaN or infinite, and a bucket so slow that refilling it would
+//! take more than about 73 years (say a `refill_rate` of `1e-12`). Every
+//! other setting is sound: `max_wait` and `max_retry_after` saturate (a
+//! `Duration::MAX` wait is simply "as long as it takes"), and the bound
+//! above holds to the nanosecond for any rate, however large or small.
+//!
 //! # Errors
 //!
 //! `poll_ready` only forwards to the inner service. A request without
@@ -90,6 +107,16 @@
 //! each key (a key's list allocated only while it holds one). Beyond
 //! that, and when an upstream's `Retry-After` blocks the limiter, or a key
 //! is forgotten, they lapse instead: their tokens come back with time.
+//!
+//! # Panics
+//!
+//! A `key` or `cost` closure, a classifier or an `on_event` listener that
+//! panics unwinds into the caller whose request it was handling, and only
+//! there. Nothing is taken before those closures run except into a guard
+//! that already exists: a reservation is in its response future before any
+//! listener hears of it, so a panic drops the future and gives the tokens
+//! back, as a cancellation does. An upstream block is applied before the
+//! listener that hears of it runs.
 //!
 //! # Clone
 //!
@@ -158,8 +185,22 @@ pub enum RateLimitEvent {
         name: Arc<str>,
         /// Full buckets forgotten (no decision changes).
         idle: usize,
-        /// Buckets still refilling, forgotten because `max_keys` was reached.
+        /// Buckets still refilling, forgotten because `max_keys` was
+        /// reached. A key forgotten this way is never better off for it:
+        /// new keys in its shard start no fuller than the emptiest bucket
+        /// forgotten, until time has refilled that one.
         live: usize,
+    },
+    /// An upstream asked for a pause longer than
+    /// [`max_retry_after`](RateLimitBuilder::max_retry_after): the limiter
+    /// blocks for the cap instead.
+    RetryAfterClamped {
+        /// The limiter's name.
+        name: Arc<str>,
+        /// What the upstream asked for.
+        requested: Duration,
+        /// The block applied.
+        applied: Duration,
     },
 }
 
@@ -172,7 +213,8 @@ impl Event for RateLimitEvent {
         match self {
             RateLimitEvent::Rejected { name, .. }
             | RateLimitEvent::Blocked { name, .. }
-            | RateLimitEvent::KeysEvicted { name, .. } => name,
+            | RateLimitEvent::KeysEvicted { name, .. }
+            | RateLimitEvent::RetryAfterClamped { name, .. } => name,
         }
     }
 
@@ -181,13 +223,16 @@ impl Event for RateLimitEvent {
             RateLimitEvent::Rejected { .. } => "rejected",
             RateLimitEvent::Blocked { .. } => "blocked",
             RateLimitEvent::KeysEvicted { .. } => "keys_evicted",
+            RateLimitEvent::RetryAfterClamped { .. } => "retry_after_clamped",
         }
     }
 
     fn is_warning(&self) -> bool {
         matches!(
             self,
-            RateLimitEvent::Blocked { .. } | RateLimitEvent::KeysEvicted { live: 1.., .. }
+            RateLimitEvent::Blocked { .. }
+                | RateLimitEvent::KeysEvicted { live: 1.., .. }
+                | RateLimitEvent::RetryAfterClamped { .. }
         )
     }
 }

@@ -253,20 +253,24 @@ where
         let waits = core.params.max_wait > 0;
         let kept = waits.then(|| key.clone());
         let (decision, evicted) = shared.key.map.acquire(key, now, inc, &core.params);
-        if evicted.idle + evicted.live > 0 {
-            core.listeners.emit(&RateLimitEvent::KeysEvicted {
-                name: core.cfg.name.clone(),
-                idle: evicted.idle,
-                live: evicted.live,
-            });
-        }
-        self.dispatch(req, now, decision, inc, |shared, mine| {
+        let fut = self.dispatch(req, now, decision, inc, |shared, mine| {
             let shared = shared.clone();
             Refund::new(move || {
                 if let Some(key) = kept {
                     shared.key.map.release(&key, mine, shared.core.clock.now());
                 }
             })
-        })
+        });
+        // Listeners run once the reservation is in the future's guard: one
+        // that panics unwinds through it and the tokens go back.
+        if evicted.idle + evicted.live > 0 {
+            let core = &self.shared.core;
+            core.listeners.emit(&RateLimitEvent::KeysEvicted {
+                name: core.cfg.name.clone(),
+                idle: evicted.idle,
+                live: evicted.live,
+            });
+        }
+        fut
     }
 }

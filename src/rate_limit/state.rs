@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::gcra::{self, Decision, Freed, Params, Slot};
 use super::remote::Remote;
 use super::{RateLimitEvent, RateLimited};
+use crate::classify::clamp_retry_after;
 use crate::clock::{nanos, Clock, Nanos};
 use crate::observe::Listeners;
 use crate::sync::{AtomicU64, AtomicUsize, Mutex};
@@ -179,6 +180,8 @@ pub(crate) struct Config {
     pub(crate) name: Arc<str>,
     pub(crate) max_tokens: f64,
     pub(crate) tokens_per_request: f64,
+    /// The longest upstream hint honoured; longer ones are clamped.
+    pub(crate) max_retry_after: Duration,
 }
 
 /// The part of the limiter that does not depend on the request type.
@@ -259,6 +262,21 @@ impl Core {
             name: self.cfg.name.clone(),
             duration: d,
         });
+    }
+
+    /// An upstream's hint read from a result: honoured up to the cap.
+    #[cold]
+    pub(crate) fn block_for_hint(&self, requested: Duration) {
+        let (d, clamped) = clamp_retry_after(requested, self.cfg.max_retry_after);
+        // The block first: a listener that panics cannot skip it.
+        self.block_for(d);
+        if clamped {
+            self.listeners.emit(&RateLimitEvent::RetryAfterClamped {
+                name: self.cfg.name.clone(),
+                requested,
+                applied: d,
+            });
+        }
     }
 
     /// For keyed limiters: time left in an upstream's block, if any.

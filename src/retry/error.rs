@@ -1,6 +1,7 @@
 //! The retry layer's own error.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// An attempt ran longer than the per-attempt timeout and was cut off.
@@ -19,13 +20,13 @@ use std::time::Duration;
 /// ```
 #[derive(Debug, Clone)]
 pub struct AttemptTimedOut {
-    name: &'static str,
+    name: Arc<str>,
     attempt: u32,
     timeout: Duration,
 }
 
 impl AttemptTimedOut {
-    pub(crate) fn new(name: &'static str, attempt: u32, timeout: Duration) -> Self {
+    pub(crate) fn new(name: Arc<str>, attempt: u32, timeout: Duration) -> Self {
         Self {
             name,
             attempt,
@@ -35,7 +36,7 @@ impl AttemptTimedOut {
 
     /// The retry layer's name.
     pub fn name(&self) -> &str {
-        self.name
+        &self.name
     }
 
     /// Which attempt timed out (1-based).

@@ -13,73 +13,167 @@ use tower_service::Service;
 
 use super::{AttemptTimedOut, GiveUpReason, RetryBudget, RetryEvent, RetryPolicy, RetryReason};
 use crate::backoff::Backoff;
+use crate::clock::{instant_after, nanos};
 use crate::error::BoxError;
 use crate::observe::Listeners;
 use crate::outline::OutOfLine;
 
-/// The plain settings. Interned for the life of the process (one copy per
-/// distinct configuration) so a response future carries them as one
-/// `&'static` pointer: no reference count, and a future small enough to
-/// move cheaply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) struct Config {
-    /// Interned: see `intern`.
-    pub(crate) name: &'static str,
+/// The settings a retry plan is made from: plain data, packed (40 bytes)
+/// because a plain call carries a copy (see [`Light`]). Durations are in
+/// saturating nanoseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Plan {
+    base: u64,
+    max_delay: u64,
+    max_retry_after: u64,
+    seed: u64,
     pub(crate) max_attempts: u32,
-    pub(crate) backoff: Backoff,
+    growth: u8,
+    jitter: u8,
+    seeded: bool,
+}
+
+impl Plan {
+    pub(crate) fn new(
+        max_attempts: u32,
+        backoff: Backoff,
+        max_retry_after: Duration,
+        seed: Option<u64>,
+    ) -> Self {
+        let (growth, jitter, base, max_delay) = backoff.pack();
+        Self {
+            base,
+            max_delay,
+            max_retry_after: nanos(max_retry_after),
+            seed: seed.unwrap_or_default(),
+            max_attempts,
+            growth,
+            jitter,
+            seeded: seed.is_some(),
+        }
+    }
+
+    pub(crate) fn backoff(&self) -> Backoff {
+        Backoff::unpack((self.growth, self.jitter, self.base, self.max_delay))
+    }
+
+    pub(crate) fn max_retry_after(&self) -> Duration {
+        Duration::from_nanos(self.max_retry_after)
+    }
+
+    pub(crate) fn seed(&self) -> Option<u64> {
+        self.seeded.then_some(self.seed)
+    }
+}
+
+/// A layer's settings, budget and listeners, made once by `build()` and
+/// shared by the layer, its clones, its services and the futures that
+/// need them (behind the `Arc` in [`Shared`]): they live as long as one of
+/// those does, and no longer.
+#[derive(Debug)]
+pub(crate) struct Config {
+    pub(crate) name: Arc<str>,
+    pub(crate) plan: Plan,
     pub(crate) attempt_timeout: Option<Duration>,
     pub(crate) deadline: Option<Duration>,
-    pub(crate) max_retry_after: Duration,
-    pub(crate) seed: Option<u64>,
-}
-
-/// What retries report to and draw from; shared by every clone. Absent
-/// when there is neither a budget nor a listener, so that such a layer's
-/// calls take no reference count.
-#[derive(Debug)]
-pub(crate) struct Sinks {
     pub(crate) budget: Option<RetryBudget>,
     pub(crate) listeners: Listeners<RetryEvent>,
+    /// What a plain call carries instead of the `Arc`, when the layer has
+    /// no timer, deadline, budget or listener and a short name.
+    pub(crate) light: Option<Light>,
 }
 
-/// A layer's state: copied (`cfg`, `policy`) or shared (`sinks`) by every
-/// service it makes.
+impl Config {
+    /// The settings a plain call carried, once it has to retry.
+    #[cold]
+    fn from_light(light: &Light) -> Self {
+        Self {
+            name: Arc::from(light.name.as_str()),
+            plan: light.plan,
+            attempt_timeout: None,
+            deadline: None,
+            budget: None,
+            listeners: Listeners::default(),
+            light: Some(*light),
+        }
+    }
+
+    pub(crate) fn emit(&self, event: RetryEvent) {
+        self.listeners.emit(&event);
+    }
+}
+
+/// A layer's name, copied rather than shared: names up to this many bytes
+/// travel with a plain call by value.
+const INLINE_NAME: usize = 23;
+
+/// A short name by value.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct InlineName {
+    len: u8,
+    bytes: [u8; INLINE_NAME],
+}
+
+impl InlineName {
+    pub(crate) fn new(name: &str) -> Option<Self> {
+        let len = name.len();
+        if len > INLINE_NAME {
+            return None;
+        }
+        let mut bytes = [0; INLINE_NAME];
+        bytes[..len].copy_from_slice(name.as_bytes());
+        Some(Self {
+            len: len as u8,
+            bytes,
+        })
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        // Always the prefix of a `str` cut at its end: valid UTF-8.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for InlineName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
+
+/// Everything a call of a plain layer needs once its first attempt fails,
+/// carried by value: the first attempt then takes no reference count and
+/// holds nothing to drop, and yet the call owns its settings outright (it
+/// may outlive the layer and every service made from it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Light {
+    pub(crate) plan: Plan,
+    pub(crate) name: InlineName,
+}
+
+/// A layer's state: copied (`policy`) or shared (`cfg`) by every service
+/// it makes.
 #[derive(Debug, Clone)]
 pub(crate) struct Shared<P> {
-    pub(crate) cfg: &'static Config,
+    pub(crate) cfg: Arc<Config>,
     pub(crate) policy: P,
-    pub(crate) sinks: Option<Arc<Sinks>>,
 }
 
-impl Sinks {
+impl<P> Shared<P> {
     /// A call is starting: it earns the budget its share. Out of line so
     /// a call without a budget carries none of its code.
     #[inline(never)]
     pub(crate) fn on_call(&self) {
-        if let Some(budget) = &self.budget {
+        if let Some(budget) = &self.cfg.budget {
             budget.deposit();
         }
-    }
-}
-
-impl<P> Shared<P> {
-    fn emit(&self, event: RetryEvent) {
-        match &self.sinks {
-            Some(sinks) => sinks.listeners.emit(&event),
-            None => crate::observe::emit_unlistened(&event),
-        }
-    }
-
-    fn budget(&self) -> Option<&RetryBudget> {
-        self.sinks.as_ref().and_then(|s| s.budget.as_ref())
     }
 }
 
 /// Whether a call can start light: no timer and no clock read before the
 /// first attempt answers. Worked out once per layer.
 #[inline]
-pub(crate) fn starts_light(cfg: &Config) -> bool {
-    cfg.attempt_timeout.is_none() && cfg.deadline.is_none()
+pub(crate) fn starts_light(attempt_timeout: Option<Duration>, deadline: Option<Duration>) -> bool {
+    attempt_timeout.is_none() && deadline.is_none()
 }
 
 pin_project! {
@@ -117,7 +211,7 @@ pin_project! {
             svc: S,
             // A copy for the next attempt; `None` when there will be none.
             req: Option<Req>,
-            cfg: &'static Config,
+            light: Light,
             policy: P,
         },
         // The same with a budget or listeners to report to, or a deadline.
@@ -143,19 +237,13 @@ where
 {
     /// A call with no timer and nothing shared to report to.
     #[inline]
-    pub(crate) fn plain(
-        cfg: &'static Config,
-        policy: P,
-        svc: S,
-        fut: S::Future,
-        req: Option<Req>,
-    ) -> Self {
+    pub(crate) fn plain(light: Light, policy: P, svc: S, fut: S::Future, req: Option<Req>) -> Self {
         Self {
             inner: Inner::First {
                 fut,
                 svc,
                 req,
-                cfg,
+                light,
                 policy,
             },
         }
@@ -173,21 +261,13 @@ where
             Inner::Driven {
                 driver: OutOfLine::new(Driver::timed(shared, svc, fut, req)),
             }
-        } else if shared.sinks.is_some() || shared.cfg.deadline.is_some() {
+        } else {
             Inner::Counted {
                 started: shared.cfg.deadline.map(|_| Instant::now()),
                 fut,
                 svc,
                 req,
                 shared,
-            }
-        } else {
-            Inner::First {
-                fut,
-                svc,
-                req,
-                cfg: shared.cfg,
-                policy: shared.policy,
             }
         };
         Self { inner }
@@ -271,16 +351,15 @@ fn escalate<S, Req, P>(
         InnerTaken::First {
             svc,
             req,
-            cfg,
+            light,
             policy,
             ..
         } => (
             svc,
             req,
             Shared {
-                cfg,
+                cfg: Arc::new(Config::from_light(&light)),
                 policy,
-                sinks: None,
             },
             None,
         ),
@@ -387,12 +466,12 @@ where
     #[cold]
     fn timed(shared: Shared<P>, svc: S, fut: S::Future, req: Option<Req>) -> Pin<Box<Self>> {
         let now = Instant::now();
-        let cfg = shared.cfg;
+        let cfg = &*shared.cfg;
         Box::pin(Self {
             started: cfg.deadline.map(|_| now),
             timer: cfg
                 .attempt_timeout
-                .map(|t| tokio::time::sleep_until(now + t)),
+                .map(|t| tokio::time::sleep_until(instant_after(now, t))),
             shared,
             svc,
             req,
@@ -461,7 +540,7 @@ where
                         .clone();
                     let fut = this.svc.call(req);
                     if let Some(t) = this.shared.cfg.attempt_timeout {
-                        arm(this.timer.as_mut(), Instant::now() + t);
+                        arm(this.timer.as_mut(), instant_after(Instant::now(), t));
                     }
                     this.state.set(State::Calling { fut });
                 }
@@ -517,7 +596,7 @@ where
             match fin {
                 Finished::Done(res) => res.map_err(Into::into),
                 Finished::TimedOut => Err(AttemptTimedOut::new(
-                    shared.cfg.name,
+                    shared.cfg.name.clone(),
                     attempt,
                     shared.cfg.attempt_timeout.unwrap_or_default(),
                 )
@@ -530,15 +609,16 @@ where
         let rng = self.rng.get_or_insert_with(|| {
             shared
                 .cfg
-                .seed
+                .plan
+                .seed()
                 .map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed)
         });
         match plan(shared, attempt, *self.prev_delay, hint, *self.started, rng) {
             Ok(delay) => {
                 *self.prev_delay = delay;
                 *self.attempt = attempt + 1;
-                shared.emit(RetryEvent::Retry {
-                    name: shared.cfg.name,
+                shared.cfg.emit(RetryEvent::Retry {
+                    name: shared.cfg.name.clone(),
                     attempt: attempt + 1,
                     delay,
                     reason,
@@ -548,20 +628,20 @@ where
                 if delay.is_zero() {
                     self.state.set(State::Readying);
                 } else {
-                    arm(self.timer.as_mut(), Instant::now() + delay);
+                    arm(self.timer.as_mut(), instant_after(Instant::now(), delay));
                     self.state.set(State::Waiting);
                 }
                 None
             }
             Err(stop) => {
                 match stop {
-                    Stop::GiveUp(reason) => shared.emit(RetryEvent::GaveUp {
-                        name: shared.cfg.name,
+                    Stop::GiveUp(reason) => shared.cfg.emit(RetryEvent::GaveUp {
+                        name: shared.cfg.name.clone(),
                         attempts: attempt,
                         reason,
                     }),
-                    Stop::Budget => shared.emit(RetryEvent::BudgetExhausted {
-                        name: shared.cfg.name,
+                    Stop::Budget => shared.cfg.emit(RetryEvent::BudgetExhausted {
+                        name: shared.cfg.name.clone(),
                         attempts: attempt,
                     }),
                 }
@@ -585,13 +665,13 @@ fn plan<P>(
     started: Option<Instant>,
     rng: &mut fastrand::Rng,
 ) -> Result<Duration, Stop> {
-    let cfg = shared.cfg;
-    if attempt >= cfg.max_attempts {
+    let cfg = &*shared.cfg;
+    if attempt >= cfg.plan.max_attempts {
         return Err(Stop::GiveUp(GiveUpReason::Exhausted));
     }
-    let mut delay = cfg.backoff.jittered(attempt, prev, rng);
+    let mut delay = cfg.plan.backoff().jittered(attempt, prev, rng);
     if let Some(hint) = hint {
-        if cfg.deadline.is_none() && hint > cfg.max_retry_after {
+        if cfg.deadline.is_none() && hint > cfg.plan.max_retry_after() {
             return Err(Stop::GiveUp(GiveUpReason::RetryAfterTooLong(hint)));
         }
         delay = delay.max(hint);
@@ -605,7 +685,7 @@ fn plan<P>(
             return Err(Stop::GiveUp(GiveUpReason::Deadline));
         }
     }
-    if let Some(budget) = shared.budget() {
+    if let Some(budget) = &cfg.budget {
         if !budget.try_withdraw() {
             return Err(Stop::Budget);
         }
@@ -619,11 +699,11 @@ where
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (name, attempt, state) = match &self.inner {
-            Inner::First { cfg, .. } => (cfg.name, 1, "calling"),
-            Inner::Counted { shared, .. } => (shared.cfg.name, 1, "calling"),
+            Inner::First { light, .. } => (light.name.as_str(), 1, "calling"),
+            Inner::Counted { shared, .. } => (&*shared.cfg.name, 1, "calling"),
             Inner::Driven { driver } => match driver.get() {
                 Some(driver) => (
-                    driver.shared.cfg.name,
+                    &*driver.shared.cfg.name,
                     driver.attempt,
                     match driver.state {
                         State::Calling { .. } => "calling",

@@ -1,15 +1,15 @@
 //! The retry layer, its builder and its handle.
 
-use std::collections::HashSet;
 use std::fmt;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::future::{Config, Shared, Sinks};
+use super::future::{starts_light, Config, InlineName, Light, Plan, Shared};
 use super::{ClassifyPolicy, DefaultPolicy, Retry, RetryBudget, RetryEvent, RetryFn};
 use crate::backoff::{Backoff, Jitter};
+use crate::classify::DEFAULT_MAX_RETRY_AFTER;
 use crate::error::{Check, ConfigError};
 use crate::observe::Listeners;
 
@@ -52,14 +52,12 @@ impl<P> fmt::Debug for RetryLayer<P> {
         let s = &self.shared.cfg;
         f.debug_struct("RetryLayer")
             .field("name", &s.name)
-            .field("max_attempts", &s.max_attempts)
-            .field("backoff", &s.backoff)
+            .field("max_attempts", &s.plan.max_attempts)
+            .field("backoff", &s.plan.backoff())
             .field("attempt_timeout", &s.attempt_timeout)
             .field("deadline", &s.deadline)
-            .field(
-                "budget",
-                &self.shared.sinks.as_ref().and_then(|x| x.budget.as_ref()),
-            )
+            .field("max_retry_after", &s.plan.max_retry_after())
+            .field("budget", &s.budget)
             .field("policy", &std::any::type_name::<P>())
             .finish()
     }
@@ -95,7 +93,7 @@ impl RetryBuilder {
             backoff: Backoff::exponential(Duration::from_millis(100)).jitter(Jitter::Full),
             attempt_timeout: None,
             deadline: None,
-            max_retry_after: Duration::from_secs(60),
+            max_retry_after: DEFAULT_MAX_RETRY_AFTER,
             budget: None,
             seed: None,
             listeners: Listeners::default(),
@@ -145,7 +143,8 @@ impl<P> RetryBuilder<P> {
 
     /// Without a [`deadline`](Self::deadline), an upstream's `Retry-After`
     /// longer than this makes the layer give up rather than wait (default
-    /// 60 s). With a deadline, the deadline decides.
+    /// [`DEFAULT_MAX_RETRY_AFTER`], one minute, the cap every layer that
+    /// reads such hints shares). With a deadline, the deadline decides.
     pub fn max_retry_after(mut self, d: Duration) -> Self {
         self.max_retry_after = d;
         self
@@ -220,26 +219,32 @@ impl<P> RetryBuilder<P> {
         if let Some(d) = self.deadline {
             check.non_zero_duration("deadline", d)?;
         }
-        let sinks = (self.budget.is_some() || !self.listeners.is_empty()).then(|| {
-            Arc::new(Sinks {
-                budget: self.budget,
-                listeners: self.listeners,
-            })
-        });
-        let cfg = intern_config(Config {
-            name: intern(self.name.unwrap_or_default()),
-            max_attempts: self.max_attempts,
-            backoff: self.backoff,
+        let name: Arc<str> = Arc::from(self.name.unwrap_or_default());
+        let plan = Plan::new(
+            self.max_attempts,
+            self.backoff,
+            self.max_retry_after,
+            self.seed,
+        );
+        let light = (starts_light(self.attempt_timeout, self.deadline)
+            && self.budget.is_none()
+            && self.listeners.is_empty())
+        .then(|| InlineName::new(&name))
+        .flatten()
+        .map(|name| Light { plan, name });
+        let cfg = Arc::new(Config {
+            name,
+            plan,
             attempt_timeout: self.attempt_timeout,
             deadline: self.deadline,
-            max_retry_after: self.max_retry_after,
-            seed: self.seed,
+            budget: self.budget,
+            listeners: self.listeners,
+            light,
         });
         Ok(RetryLayer {
             shared: Shared {
                 cfg,
                 policy: self.policy,
-                sinks,
             },
         })
     }
@@ -259,46 +264,10 @@ impl<P> fmt::Debug for RetryBuilder<P> {
     }
 }
 
-/// Layer names live for the whole process, one copy per distinct name, so
-/// a response future can carry its layer's name without a reference
-/// count. Names are configuration: a handful per program.
-fn intern(name: String) -> &'static str {
-    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    if name.is_empty() {
-        return "";
-    }
-    let mut names = NAMES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if let Some(known) = names.get(name.as_str()) {
-        return known;
-    }
-    let leaked: &'static str = Box::leak(name.into_boxed_str());
-    names.insert(leaked);
-    leaked
-}
-
-/// See [`Config`]: one copy per distinct configuration, for the life of
-/// the process.
-fn intern_config(cfg: Config) -> &'static Config {
-    static CONFIGS: OnceLock<Mutex<HashSet<&'static Config>>> = OnceLock::new();
-    let mut configs = CONFIGS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if let Some(known) = configs.get(&cfg) {
-        return known;
-    }
-    let leaked: &'static Config = Box::leak(Box::new(cfg));
-    configs.insert(leaked);
-    leaked
-}
-
 /// Reads a retry layer's settings and budget from outside the stack.
 #[derive(Clone)]
 pub struct RetryHandle {
-    name: &'static str,
+    name: Arc<str>,
     max_attempts: u32,
     budget: Option<RetryBudget>,
 }
@@ -306,15 +275,15 @@ pub struct RetryHandle {
 impl RetryHandle {
     pub(crate) fn new<P>(shared: &Shared<P>) -> Self {
         Self {
-            name: shared.cfg.name,
-            max_attempts: shared.cfg.max_attempts,
-            budget: shared.sinks.as_ref().and_then(|s| s.budget.clone()),
+            name: shared.cfg.name.clone(),
+            max_attempts: shared.cfg.plan.max_attempts,
+            budget: shared.cfg.budget.clone(),
         }
     }
 
     /// The layer's name.
     pub fn name(&self) -> &str {
-        self.name
+        &self.name
     }
 
     /// Attempts per call, the first included.

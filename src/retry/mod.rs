@@ -100,17 +100,26 @@
 //! A call whose first attempt succeeds clones the inner service and the
 //! request (as tower's `Retry` does) and makes one policy check: no lock,
 //! no allocation, no boxed future, no clock read, no timer, and no
-//! reference count unless a budget or a listener is configured. A budget
-//! adds one clock read and one compare-and-swap per call, a deadline one
-//! clock read, a per-attempt timeout one timer (in the one box a call
-//! that retries needs anyway). The retry machinery (attempt count, RNG,
+//! reference count unless a budget, a listener, a timeout or a deadline is
+//! configured, or the layer's name is longer than 23 bytes. A budget adds
+//! one clock read and one compare-and-swap per call, a deadline one clock
+//! read, a per-attempt timeout one timer (in the one box a call that
+//! retries needs anyway). The retry machinery (attempt count, RNG,
 //! back-off timer) is boxed when a first attempt is to be retried.
 //!
-//! To get there, a layer's plain settings (attempts, back-off, timeouts,
-//! name) are interned for the life of the process, one copy per distinct
-//! configuration, and reached through a `&'static` pointer; the budget and
-//! the `on_event` listeners sit behind an `Arc` that only exists when one of
-//! them is configured. Build layers once, not per request.
+//! To get there, a plain layer's settings (attempts, back-off, the
+//! `Retry-After` cap, a short name) are copied into each call as plain
+//! data; everything else lives behind the one `Arc` that `build()` makes.
+//! Nothing outlives the layer, its services and their calls: building a
+//! layer per tenant or per host costs memory only while it is in use.
+//!
+//! # Panics
+//!
+//! A policy, classifier or `on_event` listener that panics unwinds into
+//! the caller that polled the call's future, and only there: the attempt
+//! in flight, the timer and the kept request are dropped with the future,
+//! and nothing the layer shares (the budget, other calls) is left holding
+//! anything. A budget unit already withdrawn stays spent.
 
 mod budget;
 mod error;
@@ -119,6 +128,7 @@ mod layer;
 pub(crate) mod policy;
 mod service;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::backoff::{Backoff, Jitter};
@@ -174,7 +184,7 @@ pub enum RetryEvent {
     /// Another attempt will be made after `delay`.
     Retry {
         /// The layer's name.
-        name: &'static str,
+        name: Arc<str>,
         /// The attempt about to be made (2 for the first retry).
         attempt: u32,
         /// The wait before it: back-off with jitter, or the upstream's
@@ -186,7 +196,7 @@ pub enum RetryEvent {
     /// The call ends with its last attempt's failure.
     GaveUp {
         /// The layer's name.
-        name: &'static str,
+        name: Arc<str>,
         /// Attempts made.
         attempts: u32,
         /// Why no further attempt is made.
@@ -195,7 +205,7 @@ pub enum RetryEvent {
     /// The budget refused a retry; the call ends with its last failure.
     BudgetExhausted {
         /// The layer's name.
-        name: &'static str,
+        name: Arc<str>,
         /// Attempts made.
         attempts: u32,
     },

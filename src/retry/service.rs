@@ -5,7 +5,7 @@ use std::task::{Context, Poll};
 
 use tower_service::Service;
 
-use super::future::{starts_light, ResponseFuture, Shared};
+use super::future::{Light, ResponseFuture, Shared};
 use super::{RetryHandle, RetryLayer, RetryPolicy};
 use crate::error::BoxError;
 
@@ -18,19 +18,17 @@ pub struct Retry<S, P> {
     shared: Shared<P>,
     // Read from `shared.cfg` once, so a call need not follow the pointer.
     retries: bool,
-    // A per-attempt timeout: the call needs a timer from the start.
-    timed: bool,
-    // No timeout, no deadline, no budget, no listener.
-    plain: bool,
+    // No timeout, no deadline, no budget, no listener, a short name: what
+    // a call carries by value instead of the shared `Arc`.
+    light: Option<Light>,
 }
 
 impl<S, P> Retry<S, P> {
     pub(crate) fn from_shared(inner: S, shared: Shared<P>) -> Self {
         Self {
             inner,
-            retries: shared.cfg.max_attempts > 1,
-            timed: shared.cfg.attempt_timeout.is_some(),
-            plain: starts_light(shared.cfg) && shared.sinks.is_none(),
+            retries: shared.cfg.plan.max_attempts > 1,
+            light: shared.cfg.light,
             shared,
         }
     }
@@ -70,8 +68,7 @@ impl<S: Clone, P: Clone> Clone for Retry<S, P> {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
             retries: self.retries,
-            timed: self.timed,
-            plain: self.plain,
+            light: self.light,
         }
     }
 }
@@ -81,7 +78,7 @@ impl<S: fmt::Debug, P> fmt::Debug for Retry<S, P> {
         f.debug_struct("Retry")
             .field("inner", &self.inner)
             .field("name", &self.shared.cfg.name)
-            .field("max_attempts", &self.shared.cfg.max_attempts)
+            .field("max_attempts", &self.shared.cfg.plan.max_attempts)
             .finish()
     }
 }
@@ -101,11 +98,12 @@ impl<S, P> Retry<S, P> {
         S: Service<Req>,
         P: Clone,
     {
-        if let Some(sinks) = &self.shared.sinks {
-            sinks.on_call();
+        if self.shared.cfg.budget.is_some() {
+            self.shared.on_call();
         }
         let fut = svc.call(req);
-        ResponseFuture::new(self.shared.clone(), self.timed, svc, fut, keep)
+        let timed = self.shared.cfg.attempt_timeout.is_some();
+        ResponseFuture::new(self.shared.clone(), timed, svc, fut, keep)
     }
 }
 
@@ -132,10 +130,10 @@ where
         let clone = self.inner.clone();
         let mut svc = std::mem::replace(&mut self.inner, clone);
         let keep = (self.retries && self.shared.policy.may_retry(&req)).then(|| req.clone());
-        if self.plain {
+        if let Some(light) = self.light {
             let fut = svc.call(req);
             let policy = self.shared.policy.clone();
-            return ResponseFuture::plain(self.shared.cfg, policy, svc, fut, keep);
+            return ResponseFuture::plain(light, policy, svc, fut, keep);
         }
         self.call_full(svc, req, keep)
     }
