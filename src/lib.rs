@@ -73,6 +73,7 @@
 //! | `bulkhead` | yes | concurrency cap |
 //! | `rate-limit` | yes | GCRA rate limiter |
 //! | `retry` | yes | [`retry`]: back-off, budgets, `Retry-After` |
+//! | `timeout` | yes | [`timeout`]: a time limit per call, per-request deadlines |
 //! | `tracing` | yes | `tracing` events from every layer |
 //! | `metrics` | no | counters and gauges through the `metrics` facade |
 //! | `http` | no | status classifier, `Retry-After`, error responses |
@@ -128,6 +129,8 @@ pub mod rate_limit;
 pub mod retry;
 #[cfg(any(feature = "file-store", feature = "redis"))]
 pub mod store;
+#[cfg(feature = "timeout")]
+pub mod timeout;
 
 #[cfg(feature = "bulkhead")]
 pub use bulkhead::BulkheadLayer;
@@ -144,3 +147,5 @@ pub use fallback::FallbackLayer;
 pub use rate_limit::RateLimitLayer;
 #[cfg(feature = "retry")]
 pub use retry::RetryLayer;
+#[cfg(feature = "timeout")]
+pub use timeout::TimeoutLayer;
