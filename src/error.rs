@@ -195,6 +195,8 @@ const PROBES: &[Probe] = &[
     probe::<crate::bulkhead::BulkheadFull>,
     #[cfg(feature = "timeout")]
     probe::<crate::timeout::TimedOut>,
+    #[cfg(feature = "adaptive")]
+    probe::<crate::adaptive::LimitReached>,
 ];
 
 /// Finds the crate's rejection in `err` or in its chain of

@@ -74,6 +74,7 @@
 //! | `rate-limit` | yes | GCRA rate limiter |
 //! | `retry` | yes | [`retry`]: back-off, budgets, `Retry-After` |
 //! | `timeout` | yes | [`timeout`]: a time limit per call, per-request deadlines |
+//! | `adaptive` | yes | [`adaptive`]: a concurrency limit that finds its own value |
 //! | `tracing` | yes | `tracing` events from every layer |
 //! | `metrics` | no | counters and gauges through the `metrics` facade |
 //! | `http` | no | status classifier, `Retry-After`, error responses |
@@ -113,6 +114,8 @@ pub mod observe;
 mod outline;
 mod sync;
 
+#[cfg(feature = "adaptive")]
+pub mod adaptive;
 #[cfg(feature = "bulkhead")]
 pub mod bulkhead;
 #[cfg(feature = "circuit-breaker")]
@@ -132,6 +135,8 @@ pub mod store;
 #[cfg(feature = "timeout")]
 pub mod timeout;
 
+#[cfg(feature = "adaptive")]
+pub use adaptive::AdaptiveLimitLayer;
 #[cfg(feature = "bulkhead")]
 pub use bulkhead::BulkheadLayer;
 #[cfg(feature = "circuit-breaker")]

@@ -1,0 +1,185 @@
+//! The shared limit: the calls in flight, the current limit, and the
+//! algorithm that moves it.
+//!
+//! Admission is one compare-and-swap on the in-flight count against the
+//! published limit; no lock. Each finished call takes the algorithm's lock
+//! briefly to feed it one sample, and publishes the new limit when its
+//! whole part changes. Calls already in flight when the limit drops finish
+//! normally: the count falls below the limit as they do.
+
+use std::sync::atomic::{
+    AtomicUsize,
+    Ordering::{AcqRel, Acquire, Relaxed, Release},
+};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::algorithm::{Estimator, Sample};
+use super::{AdaptiveEvent, LimitReached};
+use crate::classify::Outcome;
+use crate::observe::{gauge, Listeners};
+
+#[derive(Debug)]
+pub(crate) struct Core {
+    pub(crate) name: Arc<str>,
+    pub(crate) max_wait: Duration,
+    pub(crate) min: usize,
+    pub(crate) max: usize,
+    limit: AtomicUsize,
+    in_flight: AtomicUsize,
+    estimator: Mutex<Estimator>,
+    /// Wakes waiters as slots free up; `None` when failing fast.
+    pub(crate) notify: Option<Notify>,
+    pub(crate) listeners: Listeners<AdaptiveEvent>,
+    origin: Instant,
+}
+
+impl Core {
+    pub(crate) fn new(
+        name: Arc<str>,
+        estimator: Estimator,
+        min: usize,
+        max: usize,
+        max_wait: Duration,
+        listeners: Listeners<AdaptiveEvent>,
+    ) -> Self {
+        let limit = estimator.limit as usize;
+        Self {
+            name,
+            max_wait,
+            min,
+            max,
+            limit: AtomicUsize::new(limit),
+            in_flight: AtomicUsize::new(0),
+            estimator: Mutex::new(estimator),
+            notify: (!max_wait.is_zero()).then(Notify::new),
+            listeners,
+            origin: Instant::now(),
+        }
+    }
+
+    pub(crate) fn limit(&self) -> usize {
+        self.limit.load(Relaxed)
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Relaxed)
+    }
+
+    /// Takes a slot if the calls in flight are below the limit.
+    #[inline]
+    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        let limit = self.limit.load(Relaxed);
+        let mut cur = self.in_flight.load(Acquire);
+        loop {
+            if cur >= limit {
+                return None;
+            }
+            match self
+                .in_flight
+                .compare_exchange_weak(cur, cur + 1, AcqRel, Acquire)
+            {
+                Ok(_) => {
+                    return Some(Permit {
+                        core: self.clone(),
+                        start: Instant::now(),
+                        in_flight: cur + 1,
+                    })
+                }
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    #[cold]
+    pub(crate) fn rejected(&self, waited: Duration) -> LimitReached {
+        let limit = self.limit();
+        if self.listeners.active() {
+            self.listeners.emit(&AdaptiveEvent::Rejected {
+                name: self.name.clone(),
+                limit,
+                waited,
+            });
+        }
+        LimitReached::new(self.name.clone(), limit, waited)
+    }
+
+    fn record(&self, sample: Sample) {
+        let limit = {
+            // A poisoned lock only means a listener-free update panicked
+            // midway; the estimator's fields are each valid on their own.
+            let mut e = self.estimator.lock().unwrap_or_else(|p| p.into_inner());
+            e.update(sample)
+        };
+        let next = (limit as usize).clamp(self.min, self.max);
+        let prev = self.limit.swap(next, Relaxed);
+        if prev != next {
+            self.limit_changed(prev, next);
+        }
+    }
+
+    #[cold]
+    fn limit_changed(&self, from: usize, to: usize) {
+        if let Some(n) = &self.notify {
+            // Room for more: wake as many waiters (a few at most per step).
+            for _ in from..to {
+                n.notify_one();
+            }
+        }
+        gauge("bulwark_adaptive_limit", &self.name, to as f64);
+        if self.listeners.active() {
+            self.listeners.emit(&AdaptiveEvent::LimitChanged {
+                name: self.name.clone(),
+                from,
+                to,
+            });
+        }
+    }
+}
+
+/// A slot held by one call, given back on drop: completion, cancellation
+/// or a panic in the inner service. Only a call that finished with an
+/// outcome feeds the algorithm.
+#[derive(Debug)]
+pub(crate) struct Permit {
+    core: Arc<Core>,
+    start: Instant,
+    in_flight: usize,
+}
+
+impl Permit {
+    /// How long the call has held its slot.
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// Feeds the finished call to the algorithm; the slot is given back
+    /// when the permit drops right after.
+    #[inline]
+    pub(crate) fn finish(self, outcome: Outcome) {
+        if outcome == Outcome::Ignore {
+            return;
+        }
+        let rtt = self.start.elapsed().as_nanos() as f64;
+        let start = self.start.saturating_duration_since(self.core.origin);
+        self.core.record(Sample {
+            rtt,
+            in_flight: self.in_flight,
+            dropped: outcome == Outcome::Failure,
+            start: start.as_nanos() as f64,
+        });
+    }
+}
+
+impl Drop for Permit {
+    #[inline]
+    fn drop(&mut self) {
+        self.core.in_flight.fetch_sub(1, Release);
+        if let Some(n) = &self.core.notify {
+            n.notify_one();
+        }
+    }
+}
