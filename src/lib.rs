@@ -74,6 +74,7 @@
 //! | `rate-limit` | yes | GCRA rate limiter |
 //! | `retry` | yes | [`retry`]: back-off, budgets, `Retry-After` |
 //! | `timeout` | yes | [`timeout`]: a time limit per call, per-request deadlines |
+//! | `hedge` | yes | [`hedge`]: a second copy of a slow request |
 //! | `adaptive` | yes | [`adaptive`]: a concurrency limit that finds its own value |
 //! | `tracing` | yes | `tracing` events from every layer |
 //! | `metrics` | no | counters and gauges through the `metrics` facade |
@@ -124,6 +125,8 @@ pub mod circuit_breaker;
 pub mod dedup;
 #[cfg(feature = "fallback")]
 pub mod fallback;
+#[cfg(feature = "hedge")]
+pub mod hedge;
 #[cfg(feature = "http")]
 pub mod http;
 #[cfg(feature = "rate-limit")]
@@ -148,6 +151,8 @@ pub use dedup::DedupLayer;
 pub use error::{BoxError, ConfigError, Rejection};
 #[cfg(feature = "fallback")]
 pub use fallback::FallbackLayer;
+#[cfg(feature = "hedge")]
+pub use hedge::HedgeLayer;
 #[cfg(feature = "rate-limit")]
 pub use rate_limit::RateLimitLayer;
 #[cfg(feature = "retry")]
