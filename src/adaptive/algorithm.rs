@@ -468,9 +468,15 @@ mod tests {
         assert!((e.update(failed) - 9.09).abs() < 1e-9);
         // A call that started before that back-off was decided does not
         // back off again; one that started after it does.
-        let early = Sample { start: 5.5e6, ..failed };
+        let early = Sample {
+            start: 5.5e6,
+            ..failed
+        };
         assert!((e.update(early) - 9.09).abs() < 1e-9);
-        let late = Sample { start: 7e6, ..failed };
+        let late = Sample {
+            start: 7e6,
+            ..failed
+        };
         assert!(e.update(late) < 9.0);
     }
 
