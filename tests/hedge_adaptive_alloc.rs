@@ -65,9 +65,18 @@ async fn calls_that_need_no_hedge_and_admitted_calls_allocate_nothing() {
     assert_eq!(allocations(percentile.layer(upstream())), 0, "percentile");
 
     for layer in [
-        AdaptiveLimitLayer::builder().algorithm(Aimd::default()).build().unwrap(),
-        AdaptiveLimitLayer::builder().algorithm(Gradient::default()).build().unwrap(),
-        AdaptiveLimitLayer::builder().algorithm(Vegas::default()).build().unwrap(),
+        AdaptiveLimitLayer::builder()
+            .algorithm(Aimd::default())
+            .build()
+            .unwrap(),
+        AdaptiveLimitLayer::builder()
+            .algorithm(Gradient::default())
+            .build()
+            .unwrap(),
+        AdaptiveLimitLayer::builder()
+            .algorithm(Vegas::default())
+            .build()
+            .unwrap(),
     ] {
         assert_eq!(allocations(layer.layer(upstream())), 0, "{layer:?}");
     }

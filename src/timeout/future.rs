@@ -20,10 +20,13 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        // `None` when the deadline lies beyond what the clock can
-        // represent: such a timeout never fires.
+        // Made on the first poll that finds the call pending: a call that
+        // answers at once never builds a timer.
         #[pin]
         sleep: Option<Sleep>,
+        // `None` when it lies beyond what the clock can represent: such a
+        // timeout never fires.
+        deadline: Option<Instant>,
         timeout: Duration,
         core: Arc<Core>,
     }
@@ -32,14 +35,12 @@ pin_project! {
 impl<F> ResponseFuture<F> {
     #[inline]
     pub(crate) fn new(inner: F, timeout: Duration, core: Arc<Core>) -> Self {
-        // The timer is registered on its first poll, so a call that is
-        // ready at once never touches the timer wheel.
-        let sleep = Instant::now()
-            .checked_add(timeout)
-            .map(tokio::time::sleep_until);
+        // The deadline counts from the call, as the caller sees it, even
+        // when the future is first polled later.
         Self {
             inner,
-            sleep,
+            sleep: None,
+            deadline: Instant::now().checked_add(timeout),
             timeout,
             core,
         }
@@ -55,11 +56,16 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
         // The call first: an answer and the deadline in the same poll go
         // to the answer.
         if let Poll::Ready(res) = this.inner.poll(cx) {
             return Poll::Ready(res.map_err(Into::into));
+        }
+        if this.sleep.is_none() {
+            if let Some(deadline) = *this.deadline {
+                this.sleep.set(Some(tokio::time::sleep_until(deadline)));
+            }
         }
         match this.sleep.as_pin_mut().map(|sleep| sleep.poll(cx)) {
             Some(Poll::Ready(())) => Poll::Ready(Err(this.core.timed_out(*this.timeout).into())),
@@ -72,7 +78,7 @@ impl<F> fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("timeout", &self.timeout)
-            .field("never_fires", &self.sleep.is_none())
+            .field("never_fires", &self.deadline.is_none())
             .finish_non_exhaustive()
     }
 }

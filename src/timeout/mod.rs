@@ -69,8 +69,9 @@
 //! # Cost
 //!
 //! The response future holds the inner future and tokio's timer inline:
-//! no allocation and no boxed future. The timer is only registered with
-//! tokio when the call is not ready on its first poll. A timeout too long
+//! no allocation and no boxed future. The timer is only made, and
+//! registered with tokio, when the call is not ready on its first poll;
+//! a call that answers at once pays for one clock read. A timeout too long
 //! for the clock (such as `Duration::MAX`) never fires rather than
 //! overflowing.
 
