@@ -16,7 +16,7 @@ use tower_bulwark::adaptive::{
     AdaptiveHandle, AdaptiveLimitLayer, Aimd, Algorithm, Gradient, Vegas,
 };
 use tower_bulwark::error::BoxError;
-use tower_bulwark::BulkheadLayer;
+use tower_bulwark::{BulkheadLayer, ClockSource};
 
 const BASE: Duration = Duration::from_millis(10);
 const DEADLINE: Duration = Duration::from_millis(40);
@@ -99,6 +99,8 @@ async fn run(algorithm: Algorithm) -> Vec<Phase> {
     });
     let layer = AdaptiveLimitLayer::builder()
         .algorithm(algorithm)
+        // The simulation runs on tokio's paused clock.
+        .clock(ClockSource::Tokio)
         .initial_limit(50)
         .max_limit(1000)
         .build()

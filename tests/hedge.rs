@@ -11,6 +11,7 @@ use tokio::time::{advance, sleep, Instant};
 use tower::{service_fn, Layer, Service, ServiceExt};
 use tower_bulwark::error::BoxError;
 use tower_bulwark::hedge::{HedgeEvent, HedgeLayer};
+use tower_bulwark::ClockSource;
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -68,10 +69,13 @@ fn poll_once<F: Future + ?Sized>(f: Pin<&mut F>) -> Poll<F::Output> {
     f.poll(&mut Context::from_waker(Waker::noop()))
 }
 
+/// These tests run on tokio's paused clock.
+fn builder() -> tower_bulwark::hedge::HedgeBuilder {
+    HedgeLayer::builder().clock(ClockSource::Tokio)
+}
+
 fn fixed(delay_ms: u32) -> tower_bulwark::hedge::HedgeBuilder {
-    HedgeLayer::builder()
-        .delay(MS * delay_ms)
-        .max_extra_load(1.0)
+    builder().delay(MS * delay_ms).max_extra_load(1.0)
 }
 
 #[tokio::test(start_paused = true)]
@@ -121,7 +125,7 @@ async fn a_call_faster_than_the_delay_is_not_hedged() {
 async fn the_budget_caps_hedges_at_their_share_of_calls() {
     let events = Arc::new(AtomicUsize::new(0));
     let e = events.clone();
-    let layer = HedgeLayer::builder()
+    let layer = builder()
         .delay(10 * MS)
         .max_extra_load(0.1)
         .on_event(move |ev: &HedgeEvent| {
@@ -327,7 +331,7 @@ async fn a_hedge_whose_service_fails_readiness_leaves_the_first_call_alone() {
 
 #[tokio::test(start_paused = true)]
 async fn the_percentile_delay_waits_for_data_and_then_follows_latency() {
-    let layer = HedgeLayer::builder()
+    let layer = builder()
         .percentile(0.9)
         .min_data_points(10)
         .window(100)
@@ -357,7 +361,7 @@ async fn the_percentile_delay_waits_for_data_and_then_follows_latency() {
 
 #[tokio::test(start_paused = true)]
 async fn hedge_if_keeps_some_requests_to_one_copy() {
-    let layer = HedgeLayer::builder()
+    let layer = builder()
         .delay(MS)
         .max_extra_load(1.0)
         .hedge_if(|req: &u32| req % 2 == 0)
@@ -430,6 +434,6 @@ fn public_types_are_send_sync_and_debug() {
     fn send_sync<T: Send + Sync + std::fmt::Debug>() {}
     send_sync::<HedgeLayer>();
     send_sync::<tower_bulwark::hedge::HedgeHandle>();
-    let layer = HedgeLayer::builder().build().unwrap();
+    let layer = builder().build().unwrap();
     assert!(format!("{layer:?}").contains("HedgeLayer"));
 }

@@ -32,7 +32,8 @@ where
             }
         }
     };
-    for n in 0..100 {
+    // Warm up the runtime's timer and the layers' windows.
+    for n in 0..2_000 {
         call(n);
     }
     let region = Region::new(GLOBAL);

@@ -10,6 +10,7 @@ use super::algorithm::{Algorithm, Estimator};
 use super::state::Core;
 use super::{AdaptiveEvent, AdaptiveLimit};
 use crate::classify::DefaultClassifier;
+use crate::clock::{Clock, ClockSource};
 use crate::error::{Check, ConfigError};
 use crate::observe::Listeners;
 
@@ -37,6 +38,7 @@ impl AdaptiveLimitLayer {
             max_limit: 1000,
             initial_limit: 20,
             max_wait: Duration::ZERO,
+            clock: ClockSource::default(),
             classifier: DefaultClassifier,
             listeners: Listeners::default(),
         }
@@ -78,6 +80,7 @@ pub struct AdaptiveLimitBuilder<C = DefaultClassifier> {
     max_limit: usize,
     initial_limit: usize,
     max_wait: Duration,
+    clock: ClockSource,
     classifier: C,
     listeners: Listeners<AdaptiveEvent>,
 }
@@ -127,6 +130,16 @@ impl<C> AdaptiveLimitBuilder<C> {
         self
     }
 
+    /// Where call latencies are read: by default the CPU's time-stamp
+    /// counter ([`ClockSource::Fast`], with the `rate-limit` feature), or
+    /// tokio's clock, which `tokio::time::pause()` drives, with this
+    /// crate's `test-util` feature. Each call reads it twice. See
+    /// [`ClockSource`].
+    pub fn clock(mut self, source: ClockSource) -> Self {
+        self.clock = source;
+        self
+    }
+
     /// What counts as a failure, which the algorithms read as a sign of
     /// overload (default: every `Err`). A call classified
     /// [`Ignore`](crate::Outcome::Ignore) is not fed to the algorithm.
@@ -138,6 +151,7 @@ impl<C> AdaptiveLimitBuilder<C> {
             max_limit: self.max_limit,
             initial_limit: self.initial_limit,
             max_wait: self.max_wait,
+            clock: self.clock,
             classifier,
             listeners: self.listeners,
         }
@@ -189,6 +203,7 @@ impl<C> AdaptiveLimitBuilder<C> {
             self.max_limit,
             self.max_wait,
             self.listeners,
+            Clock::with_source(self.clock),
         );
         Ok(AdaptiveLimitLayer {
             core: Arc::new(core),

@@ -15,11 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use tokio::time::Instant;
 
 use super::algorithm::{Estimator, Sample};
 use super::{AdaptiveEvent, LimitReached};
 use crate::classify::Outcome;
+use crate::clock::{Clock, Nanos};
 use crate::observe::{gauge, Listeners};
 
 #[derive(Debug)]
@@ -34,7 +34,8 @@ pub(crate) struct Core {
     /// Wakes waiters as slots free up; `None` when failing fast.
     pub(crate) notify: Option<Notify>,
     pub(crate) listeners: Listeners<AdaptiveEvent>,
-    origin: Instant,
+    /// Every call's latency is read here, at its start and end.
+    clock: Clock,
 }
 
 impl Core {
@@ -45,6 +46,7 @@ impl Core {
         max: usize,
         max_wait: Duration,
         listeners: Listeners<AdaptiveEvent>,
+        clock: Clock,
     ) -> Self {
         let limit = estimator.limit as usize;
         Self {
@@ -57,7 +59,7 @@ impl Core {
             estimator: Mutex::new(estimator),
             notify: (!max_wait.is_zero()).then(Notify::new),
             listeners,
-            origin: Instant::now(),
+            clock,
         }
     }
 
@@ -85,7 +87,7 @@ impl Core {
                 Ok(_) => {
                     return Some(Permit {
                         core: self.clone(),
-                        start: Instant::now(),
+                        start: self.clock.now(),
                         in_flight: cur + 1,
                     })
                 }
@@ -115,8 +117,13 @@ impl Core {
             e.update(sample)
         };
         let next = (limit as usize).clamp(self.min, self.max);
-        let prev = self.limit.swap(next, Relaxed);
+        // Written only when it moves: most calls leave the whole part of
+        // the limit as it was, and a store would bounce the line between
+        // cores for nothing. (Updates are serialised by the lock above
+        // only up to here; a racing writer's value is as recent as ours.)
+        let prev = self.limit.load(Relaxed);
         if prev != next {
+            self.limit.store(next, Relaxed);
             self.limit_changed(prev, next);
         }
     }
@@ -146,14 +153,14 @@ impl Core {
 #[derive(Debug)]
 pub(crate) struct Permit {
     core: Arc<Core>,
-    start: Instant,
+    start: Nanos,
     in_flight: usize,
 }
 
 impl Permit {
     /// How long the call has held its slot.
     pub(crate) fn elapsed(&self) -> Duration {
-        self.start.elapsed()
+        Duration::from_nanos(self.core.clock.now().saturating_sub(self.start))
     }
 
     /// Feeds the finished call to the algorithm; the slot is given back
@@ -163,13 +170,12 @@ impl Permit {
         if outcome == Outcome::Ignore {
             return;
         }
-        let rtt = self.start.elapsed().as_nanos() as f64;
-        let start = self.start.saturating_duration_since(self.core.origin);
+        let rtt = self.core.clock.now().saturating_sub(self.start);
         self.core.record(Sample {
-            rtt,
+            rtt: rtt as f64,
             in_flight: self.in_flight,
             dropped: outcome == Outcome::Failure,
-            start: start.as_nanos() as f64,
+            start: self.start as f64,
         });
     }
 }

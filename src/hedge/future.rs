@@ -8,10 +8,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 use tower_service::Service;
 
 use super::state::Core;
+use crate::clock::{nanos, Nanos};
 use crate::error::BoxError;
 
 pin_project! {
@@ -29,14 +30,18 @@ pin_project! {
     {
         #[pin]
         primary: Option<S::Future>,
-        started: Option<Instant>,
-        // Set while another hedge may still be sent.
+        // When the call was made, on the layer's clock (with `core`).
+        start: Nanos,
+        // When the next hedge is due, while one may still be sent.
+        next_hedge: Option<Nanos>,
+        // The timer for `next_hedge`, made on the first poll that finds
+        // the call pending: a call that answers at once builds none.
         #[pin]
         sleep: Option<Sleep>,
         delay: Duration,
         svc: Option<S>,
         req: Option<Req>,
-        hedges: Vec<(Pin<Box<S::Future>>, Instant)>,
+        hedges: Vec<(Pin<Box<S::Future>>, Nanos)>,
         left: u32,
         last_err: Option<BoxError>,
         core: Option<Arc<Core>>,
@@ -46,11 +51,12 @@ pin_project! {
 impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
     #[inline]
     pub(crate) fn single(fut: S::Future) -> Self {
-        Self::new(fut, None, None)
+        Self::new(fut, 0, None)
     }
 
     pub(crate) fn recorded(fut: S::Future, core: Arc<Core>) -> Self {
-        Self::new(fut, Some(Instant::now()), Some(core))
+        let start = core.clock.now();
+        Self::new(fut, start, Some(core))
     }
 
     pub(crate) fn hedged(
@@ -60,12 +66,11 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         svc: S,
         req: Req,
     ) -> Self {
-        let now = Instant::now();
-        let started = core.records().then_some(now);
+        let start = core.clock.now();
         let left = core.max_hedges;
-        let mut this = Self::new(fut, started, Some(core));
+        let mut this = Self::new(fut, start, Some(core));
         // A delay too long for the clock never comes: no hedge.
-        this.sleep = now.checked_add(delay).map(tokio::time::sleep_until);
+        this.next_hedge = start.checked_add(nanos(delay));
         this.delay = delay;
         this.svc = Some(svc);
         this.req = Some(req);
@@ -74,10 +79,11 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
     }
 
     #[inline]
-    fn new(fut: S::Future, started: Option<Instant>, core: Option<Arc<Core>>) -> Self {
+    fn new(fut: S::Future, start: Nanos, core: Option<Arc<Core>>) -> Self {
         Self {
             primary: Some(fut),
-            started,
+            start,
+            next_hedge: None,
             sleep: None,
             delay: Duration::ZERO,
             svc: None,
@@ -90,10 +96,11 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
     }
 }
 
-fn record(core: &Option<Arc<Core>>, start: Option<Instant>) {
-    if let (Some(core), Some(start)) = (core, start) {
+/// Records the latency of an attempt made at `start`, in percentile mode.
+fn record(core: &Option<Arc<Core>>, start: Nanos) {
+    if let Some(core) = core {
         if core.records() {
-            core.record(start.elapsed());
+            core.record(Duration::from_nanos(core.clock.now().saturating_sub(start)));
         }
     }
 }
@@ -112,7 +119,7 @@ where
             if let Some(fut) = this.primary.as_mut().as_pin_mut() {
                 if let Poll::Ready(res) = fut.poll(cx) {
                     this.primary.set(None);
-                    record(this.core, *this.started);
+                    record(this.core, *this.start);
                     match res {
                         Ok(resp) => {
                             this.hedges.clear();
@@ -129,7 +136,7 @@ where
                     i += 1;
                     continue;
                 };
-                record(this.core, Some(*start));
+                record(this.core, *start);
                 drop(this.hedges.swap_remove(i));
                 match res {
                     Ok(resp) => {
@@ -145,6 +152,7 @@ where
             if this.primary.is_none() && this.hedges.is_empty() {
                 // Every copy sent has failed: a failure is not hedged
                 // (that is a retry's job), so the last error is the answer.
+                *this.next_hedge = None;
                 this.sleep.set(None);
                 let err = this.last_err.take().expect("polled after completion");
                 return Poll::Ready(Err(err));
@@ -152,20 +160,27 @@ where
 
             // Send a hedge once the delay has passed and its service is
             // ready.
-            let Some(sleep) = this.sleep.as_mut().as_pin_mut() else {
+            let (Some(due), Some(core)) = (*this.next_hedge, this.core.as_ref()) else {
                 return Poll::Pending;
             };
-            if sleep.poll(cx).is_pending() {
-                return Poll::Pending;
+            if this.sleep.is_none() {
+                let deadline = core.clock.instant(due);
+                this.sleep.set(Some(tokio::time::sleep_until(deadline)));
             }
-            let (Some(svc), Some(core)) = (this.svc.as_mut(), this.core.as_ref()) else {
-                this.sleep.set(None);
+            if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
+                if sleep.poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+            let Some(svc) = this.svc.as_mut() else {
+                *this.next_hedge = None;
                 return Poll::Pending;
             };
             match svc.poll_ready(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(_)) => {
                     // The copy's service failed: the first call goes on alone.
+                    *this.next_hedge = None;
                     this.sleep.set(None);
                     return Poll::Pending;
                 }
@@ -173,6 +188,7 @@ where
             }
             if !core.budget.withdraw() {
                 core.over_budget();
+                *this.next_hedge = None;
                 this.sleep.set(None);
                 return Poll::Pending;
             }
@@ -188,15 +204,14 @@ where
             // next hedge, to be readied in its turn.
             let fresh = svc.clone();
             let mut ready = std::mem::replace(svc, fresh);
-            let now = Instant::now();
+            let now = core.clock.now();
             this.hedges.push((Box::pin(ready.call(req)), now));
             core.hedged(attempt, *this.delay);
-            match now.checked_add(*this.delay) {
-                Some(next) if *this.left > 0 => {
-                    if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
-                        sleep.reset(next);
-                    }
-                }
+            *this.next_hedge = now
+                .checked_add(nanos(*this.delay))
+                .filter(|_| *this.left > 0);
+            match (*this.next_hedge, this.sleep.as_mut().as_pin_mut()) {
+                (Some(next), Some(sleep)) => sleep.reset(core.clock.instant(next)),
                 _ => {
                     this.sleep.set(None);
                     *this.svc = None;

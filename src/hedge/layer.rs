@@ -8,6 +8,7 @@ use tower_layer::Layer;
 
 use super::state::{Core, Percentile};
 use super::{Hedge, HedgeEvent};
+use crate::clock::{Clock, ClockSource};
 use crate::error::{Check, ConfigError};
 use crate::observe::Listeners;
 
@@ -77,6 +78,7 @@ impl HedgeLayer {
             window: 1000,
             max_hedges: 1,
             max_extra_load: 0.1,
+            clock: ClockSource::default(),
             predicate: HedgeAll,
             listeners: Listeners::default(),
         }
@@ -121,6 +123,7 @@ pub struct HedgeBuilder<P = HedgeAll> {
     window: usize,
     max_hedges: u32,
     max_extra_load: f64,
+    clock: ClockSource,
     predicate: P,
     listeners: Listeners<HedgeEvent>,
 }
@@ -188,6 +191,16 @@ impl<P> HedgeBuilder<P> {
         self
     }
 
+    /// Where call starts, hedge deadlines and latencies are read: by
+    /// default the CPU's time-stamp counter ([`ClockSource::Fast`], with
+    /// the `rate-limit` feature), or tokio's clock, which
+    /// `tokio::time::pause()` drives, with this crate's `test-util`
+    /// feature. See [`ClockSource`].
+    pub fn clock(mut self, source: ClockSource) -> Self {
+        self.clock = source;
+        self
+    }
+
     /// Only requests for which `f` is true are hedged; others are sent
     /// once. With HTTP, hedge only idempotent requests:
     /// `.hedge_if(|req: &http::Request<B>| req.method().is_idempotent())`.
@@ -204,6 +217,7 @@ impl<P> HedgeBuilder<P> {
             window: self.window,
             max_hedges: self.max_hedges,
             max_extra_load: self.max_extra_load,
+            clock: self.clock,
             predicate: HedgeIf { f },
             listeners: self.listeners,
         }
@@ -258,6 +272,7 @@ impl<P> HedgeBuilder<P> {
             self.max_hedges,
             self.max_extra_load,
             self.listeners,
+            Clock::with_source(self.clock),
         );
         Ok(HedgeLayer {
             core: Arc::new(core),

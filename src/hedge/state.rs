@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::HedgeEvent;
-use crate::clock::nanos;
+use crate::clock::{nanos, Clock};
 use crate::observe::Listeners;
 
 /// No delay known yet (too few latencies seen): no hedging.
@@ -99,6 +99,8 @@ pub(crate) struct Core {
     percentile: Option<(Percentile, Mutex<Window>)>,
     hedges: AtomicU64,
     pub(crate) listeners: Listeners<HedgeEvent>,
+    /// Where call starts, hedge deadlines and latencies are read.
+    pub(crate) clock: Clock,
 }
 
 impl Core {
@@ -109,6 +111,7 @@ impl Core {
         max_hedges: u32,
         share: f64,
         listeners: Listeners<HedgeEvent>,
+        clock: Clock,
     ) -> Self {
         Self {
             name,
@@ -126,6 +129,7 @@ impl Core {
             }),
             hedges: AtomicU64::new(0),
             listeners,
+            clock,
         }
     }
 
@@ -238,7 +242,15 @@ mod tests {
             min_data_points: 10,
             window: 100,
         };
-        let core = Core::new("".into(), None, Some(p), 1, 0.1, Listeners::default());
+        let core = Core::new(
+            "".into(),
+            None,
+            Some(p),
+            1,
+            0.1,
+            Listeners::default(),
+            Clock::new(),
+        );
         for ms in 1..=9 {
             core.record(Duration::from_millis(ms));
         }
