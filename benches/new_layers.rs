@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tower::Layer;
+use tower_bulwark::ClockSource;
 
 use support::{generic_loop, threaded_on, Bare};
 
@@ -99,6 +100,21 @@ fn hedge(c: &mut Criterion) {
         .build()
         .unwrap()
         .layer(Bare);
+    let fixed_fast = tower_bulwark::HedgeLayer::builder()
+        .delay(LONG)
+        .max_extra_load(1.0)
+        .clock(ClockSource::Fast)
+        .build()
+        .unwrap()
+        .layer(Bare);
+    let percentile_fast = tower_bulwark::HedgeLayer::builder()
+        .percentile(0.95)
+        .min_delay(LONG)
+        .max_extra_load(1.0)
+        .clock(ClockSource::Fast)
+        .build()
+        .unwrap()
+        .layer(Bare);
     // Not `Clone`: each thread makes its own.
     let tower_hedge =
         || tower::hedge::Hedge::new::<u64>(Bare, Always, 10, 0.95, Duration::from_secs(10));
@@ -116,6 +132,12 @@ fn hedge(c: &mut Criterion) {
     });
     g.bench_function("bulwark_percentile", |b| {
         b.iter_custom(|n| threaded_on(h, &percentile, 1, n))
+    });
+    g.bench_function("bulwark_fixed_fast_clock", |b| {
+        b.iter_custom(|n| threaded_on(h, &fixed_fast, 1, n))
+    });
+    g.bench_function("bulwark_percentile_fast_clock", |b| {
+        b.iter_custom(|n| threaded_on(h, &percentile_fast, 1, n))
     });
     g.bench_function("tower", |b| {
         b.iter_custom(|n| {
@@ -142,6 +164,8 @@ fn hedge(c: &mut Criterion) {
     generic!("bare", Bare);
     generic!("bulwark_fixed", fixed.clone());
     generic!("bulwark_percentile", percentile.clone());
+    generic!("bulwark_fixed_fast_clock", fixed_fast.clone());
+    generic!("bulwark_percentile_fast_clock", percentile_fast.clone());
     generic!("tower", tower_hedge());
     generic!("tower_resilience", resilience.clone());
     g.finish();
@@ -151,18 +175,22 @@ fn adaptive(c: &mut Criterion) {
     use tower_bulwark::adaptive::{AdaptiveLimitLayer, Aimd, Gradient, Vegas};
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _g = rt.enter();
-    let ours = |alg: tower_bulwark::adaptive::Algorithm| {
+    let ours_on = |alg: tower_bulwark::adaptive::Algorithm, clock| {
         AdaptiveLimitLayer::builder()
             .algorithm(alg)
+            .clock(clock)
             .initial_limit(1000)
             .max_limit(1000)
             .build()
             .unwrap()
             .layer(Bare)
     };
-    let gradient = ours(Gradient::default().into());
-    let aimd = ours(Aimd::default().into());
-    let vegas = ours(Vegas::default().into());
+    let gradient = ours_on(Gradient::default().into(), ClockSource::Tokio);
+    let aimd = ours_on(Aimd::default().into(), ClockSource::Tokio);
+    let vegas = ours_on(Vegas::default().into(), ClockSource::Tokio);
+    let gradient_fast = ours_on(Gradient::default().into(), ClockSource::Fast);
+    let aimd_fast = ours_on(Aimd::default().into(), ClockSource::Fast);
+    let vegas_fast = ours_on(Vegas::default().into(), ClockSource::Fast);
     let bulkhead = tower_bulwark::BulkheadLayer::builder()
         .max_concurrent(1000)
         .build()
@@ -200,6 +228,15 @@ fn adaptive(c: &mut Criterion) {
         g.bench_function("bulwark_vegas", |b| {
             b.iter_custom(|n| threaded_on(h, &vegas, threads, n))
         });
+        g.bench_function("bulwark_gradient_fast_clock", |b| {
+            b.iter_custom(|n| threaded_on(h, &gradient_fast, threads, n))
+        });
+        g.bench_function("bulwark_aimd_fast_clock", |b| {
+            b.iter_custom(|n| threaded_on(h, &aimd_fast, threads, n))
+        });
+        g.bench_function("bulwark_vegas_fast_clock", |b| {
+            b.iter_custom(|n| threaded_on(h, &vegas_fast, threads, n))
+        });
         g.bench_function("bulwark_bulkhead", |b| {
             b.iter_custom(|n| threaded_on(h, &bulkhead, threads, n))
         });
@@ -223,6 +260,9 @@ fn adaptive(c: &mut Criterion) {
     generic!("bulwark_gradient", gradient.clone());
     generic!("bulwark_aimd", aimd.clone());
     generic!("bulwark_vegas", vegas.clone());
+    generic!("bulwark_gradient_fast_clock", gradient_fast.clone());
+    generic!("bulwark_aimd_fast_clock", aimd_fast.clone());
+    generic!("bulwark_vegas_fast_clock", vegas_fast.clone());
     generic!("bulwark_bulkhead", bulkhead.clone());
     generic!("tower_resilience_aimd", resilience_aimd.clone());
     generic!("tower_resilience_vegas", resilience_vegas.clone());

@@ -38,7 +38,7 @@ impl AdaptiveLimitLayer {
             max_limit: 1000,
             initial_limit: 20,
             max_wait: Duration::ZERO,
-            clock: ClockSource::default(),
+            clock: ClockSource::Tokio,
             classifier: DefaultClassifier,
             listeners: Listeners::default(),
         }
@@ -130,11 +130,11 @@ impl<C> AdaptiveLimitBuilder<C> {
         self
     }
 
-    /// Where call latencies are read: by default the CPU's time-stamp
-    /// counter ([`ClockSource::Fast`], with the `rate-limit` feature), or
-    /// tokio's clock, which `tokio::time::pause()` drives, with this
-    /// crate's `test-util` feature. Each call reads it twice. See
-    /// [`ClockSource`].
+    /// Where call latencies are read (default [`ClockSource::Tokio`]:
+    /// tokio's clock, which `tokio::time::pause()` drives).
+    /// `ClockSource::Fast` (feature `rate-limit`) reads the CPU's
+    /// time-stamp counter instead: cheaper on a hot path (each call reads
+    /// the clock twice), but blind to a paused clock. See [`ClockSource`].
     pub fn clock(mut self, source: ClockSource) -> Self {
         self.clock = source;
         self

@@ -92,9 +92,11 @@
 //! # Cost
 //!
 //! Admission is one compare-and-swap on an atomic counter, against a limit
-//! read from another: no lock, no allocation. Each finished call reads the
-//! clock (as at its start) and takes a short uncontended lock to feed the
-//! algorithm. Waiting calls box their wait.
+//! read from another: no lock, no allocation. Each call reads the clock
+//! at its start and end (tokio's by default; the time-stamp counter with
+//! [`clock`](AdaptiveLimitBuilder::clock)`(ClockSource::Fast)` is several
+//! times cheaper) and takes a short lock to feed the algorithm. Waiting
+//! calls box their wait.
 
 mod algorithm;
 mod error;

@@ -78,7 +78,7 @@ impl HedgeLayer {
             window: 1000,
             max_hedges: 1,
             max_extra_load: 0.1,
-            clock: ClockSource::default(),
+            clock: ClockSource::Tokio,
             predicate: HedgeAll,
             listeners: Listeners::default(),
         }
@@ -191,11 +191,11 @@ impl<P> HedgeBuilder<P> {
         self
     }
 
-    /// Where call starts, hedge deadlines and latencies are read: by
-    /// default the CPU's time-stamp counter ([`ClockSource::Fast`], with
-    /// the `rate-limit` feature), or tokio's clock, which
-    /// `tokio::time::pause()` drives, with this crate's `test-util`
-    /// feature. See [`ClockSource`].
+    /// Where call starts, hedge deadlines and latencies are read (default
+    /// [`ClockSource::Tokio`]: tokio's clock, which `tokio::time::pause()`
+    /// drives). `ClockSource::Fast` (feature `rate-limit`) reads the CPU's
+    /// time-stamp counter instead: cheaper on a hot path, but blind to a
+    /// paused clock. See [`ClockSource`].
     pub fn clock(mut self, source: ClockSource) -> Self {
         self.clock = source;
         self

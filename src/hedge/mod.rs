@@ -106,8 +106,10 @@
 //! service and its request live inline in the response future. The
 //! request and the service are cloned for every call that could be
 //! hedged (the budget allows one and [`hedge_if`](HedgeBuilder::hedge_if)
-//! agrees). In percentile mode each finished call also reads the clock
-//! and records its latency under a short lock.
+//! agrees), and the clock is read at the call (tokio's by default; the
+//! time-stamp counter with [`clock`](HedgeBuilder::clock)`(ClockSource::Fast)`
+//! is several times cheaper). In percentile mode each finished call also
+//! reads the clock and records its latency under a short lock.
 
 pub mod future;
 mod layer;
