@@ -46,7 +46,10 @@
 //!
 //! - [`Gradient`] (the default; gradient2): compares recent latency with
 //!   its long-term average. Learns what normal latency is; tolerates
-//!   noise through its `tolerance`.
+//!   noise through its `tolerance`. It learns "normal" from the first
+//!   call and from calls that did not fill the limit, never from calls
+//!   queued behind it; against an upstream already overloaded at start,
+//!   begin with an `initial_limit` below its capacity, or use Vegas.
 //! - [`Vegas`]: estimates the queue at the upstream from the lowest
 //!   latency seen. Converges tightly on a steady upstream.
 //! - [`Aimd`]: additive increase, multiplicative decrease on failures and
