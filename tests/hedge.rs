@@ -364,7 +364,7 @@ async fn hedge_if_keeps_some_requests_to_one_copy() {
     let layer = builder()
         .delay(MS)
         .max_extra_load(1.0)
-        .hedge_if(|req: &u32| req % 2 == 0)
+        .hedge_if(|req: &u32| req.is_multiple_of(2))
         .build()
         .unwrap();
     let up = Upstream::new(|_| Some(10));

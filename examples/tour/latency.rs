@@ -39,7 +39,7 @@ async fn upstream() -> std::io::Result<std::net::SocketAddr> {
         .route(
             "/tail",
             get(move || {
-                let slow = nth.fetch_add(1, Ordering::SeqCst) % 2 == 0;
+                let slow = nth.fetch_add(1, Ordering::SeqCst).is_multiple_of(2);
                 async move {
                     let ms = if slow { 400 } else { 20 };
                     tokio::time::sleep(Duration::from_millis(ms)).await;
