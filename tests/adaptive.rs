@@ -42,7 +42,7 @@ fn gated() -> (
     (svc, open)
 }
 
-fn poll_once<F: Future>(f: Pin<&mut F>) -> Poll<F::Output> {
+fn poll_once<F: Future + ?Sized>(f: Pin<&mut F>) -> Poll<F::Output> {
     f.poll(&mut Context::from_waker(Waker::noop()))
 }
 
@@ -362,4 +362,155 @@ fn public_types_are_send_sync_and_debug() {
     send_sync::<tower_bulwark::adaptive::AdaptiveHandle>();
     let layer = AdaptiveLimitLayer::builder().build().unwrap();
     assert!(format!("{:?}", layer.handle()).contains("limit: 20"));
+}
+
+mod histories {
+    //! Random histories of calls started, finished, dropped at any point,
+    //! and time passing: the slots held always equal the inner calls
+    //! running, and every slot comes back.
+
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Start,
+        Finish(usize),
+        Fail(usize),
+        Drop(usize),
+        PollAll,
+        Advance(u64),
+    }
+
+    fn ops() -> impl Strategy<Value = Vec<Op>> {
+        prop::collection::vec(
+            prop_oneof![
+                3 => Just(Op::Start),
+                2 => any::<usize>().prop_map(Op::Finish),
+                1 => any::<usize>().prop_map(Op::Fail),
+                2 => any::<usize>().prop_map(Op::Drop),
+                1 => Just(Op::PollAll),
+                1 => (0u64..200).prop_map(Op::Advance),
+            ],
+            0..120,
+        )
+    }
+
+    struct Live(Arc<AtomicUsize>);
+    impl Drop for Live {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, SeqCst);
+        }
+    }
+
+    type Gates = Arc<Mutex<HashMap<u32, oneshot::Receiver<bool>>>>;
+
+    fn check(history: Vec<Op>, max_wait: Duration, limit: usize) -> Result<(), TestCaseError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let live = Arc::new(AtomicUsize::new(0));
+            let gates: Gates = Arc::default();
+            let (l, g) = (live.clone(), gates.clone());
+            let layer = AdaptiveLimitLayer::builder()
+                .algorithm(Aimd::default().latency_threshold(Duration::from_millis(50)))
+                .initial_limit(limit)
+                .max_limit(limit * 2)
+                .max_wait(max_wait)
+                .build()
+                .unwrap();
+            let handle = layer.handle();
+            let mut svc = layer.layer(service_fn(move |n: u32| {
+                l.fetch_add(1, SeqCst);
+                let guard = Live(l.clone());
+                let gate = g.lock().unwrap().remove(&n);
+                async move {
+                    let _guard = guard;
+                    let ok = match gate {
+                        Some(rx) => rx.await.unwrap_or(true),
+                        None => true,
+                    };
+                    if ok {
+                        Ok::<_, BoxError>(n)
+                    } else {
+                        Err("failed".into())
+                    }
+                }
+            }));
+            type Call = Pin<Box<dyn Future<Output = Result<u32, BoxError>> + Send>>;
+            let mut calls: Vec<(Call, oneshot::Sender<bool>)> = Vec::new();
+            let mut next = 0u32;
+            for op in history {
+                match op {
+                    Op::Start => {
+                        let (tx, rx) = oneshot::channel();
+                        gates.lock().unwrap().insert(next, rx);
+                        let mut call: Call = Box::pin(svc.ready().await.unwrap().call(next));
+                        next += 1;
+                        if poll_once(call.as_mut()).is_pending() {
+                            calls.push((call, tx));
+                        }
+                    }
+                    Op::Finish(i) | Op::Fail(i) if !calls.is_empty() => {
+                        let (mut call, tx) = calls.swap_remove(i % calls.len());
+                        let _ = tx.send(matches!(op, Op::Finish(_)));
+                        match poll_once(call.as_mut()) {
+                            Poll::Ready(_) => {}
+                            // Still waiting for a slot: its gate stays open.
+                            Poll::Pending => {
+                                let (tx, _) = oneshot::channel();
+                                calls.push((call, tx));
+                            }
+                        }
+                    }
+                    Op::Drop(i) if !calls.is_empty() => {
+                        drop(calls.swap_remove(i % calls.len()));
+                    }
+                    Op::PollAll => {
+                        calls.retain_mut(|(call, _)| poll_once(call.as_mut()).is_pending());
+                    }
+                    Op::Advance(ms) => {
+                        advance(Duration::from_millis(ms)).await;
+                        calls.retain_mut(|(call, _)| poll_once(call.as_mut()).is_pending());
+                    }
+                    _ => {}
+                }
+                prop_assert_eq!(handle.in_flight(), live.load(SeqCst));
+                prop_assert!(handle.in_flight() <= limit * 2);
+                prop_assert!(handle.limit() >= 1 && handle.limit() <= limit * 2);
+            }
+            drop(calls);
+            prop_assert_eq!(handle.in_flight(), 0);
+            prop_assert_eq!(live.load(SeqCst), 0);
+            // Every slot came back: the limit's worth of calls is admitted.
+            let mut held = Vec::new();
+            for n in 0..handle.limit() as u32 {
+                let (_tx, rx) = oneshot::channel::<bool>();
+                gates.lock().unwrap().insert(1_000_000 + n, rx);
+                let mut call: Call = Box::pin(svc.ready().await.unwrap().call(1_000_000 + n));
+                prop_assert!(poll_once(call.as_mut()).is_pending());
+                held.push((call, _tx));
+            }
+            prop_assert_eq!(handle.in_flight(), handle.limit());
+            Ok(())
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        #[test]
+        fn slots_match_running_calls_and_all_come_back_failing_fast(history in ops(), limit in 1usize..6) {
+            check(history, Duration::ZERO, limit)?;
+        }
+
+        #[test]
+        fn slots_match_running_calls_and_all_come_back_waiting(history in ops(), limit in 1usize..6) {
+            check(history, Duration::from_millis(100), limit)?;
+        }
+    }
 }
