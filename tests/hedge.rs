@@ -219,6 +219,40 @@ async fn an_error_is_not_hedged_but_a_running_copy_can_still_answer() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_copy_the_classifier_calls_failed_does_not_win_while_another_runs() {
+    use tower_bulwark::classify::{classify_fn, Outcome};
+    // The first copy answers 503 at 30 ms; the hedge, sent at 10 ms,
+    // answers 200 at 40 ms.
+    let upstream = || {
+        let n = Arc::new(AtomicUsize::new(0));
+        service_fn(move |_: u32| {
+            let first = n.fetch_add(1, SeqCst) == 0;
+            async move {
+                sleep(30 * MS).await;
+                Ok::<u16, BoxError>(if first { 503 } else { 200 })
+            }
+        })
+    };
+    let by_status = classify_fn(|r: &Result<u16, BoxError>| match r {
+        Ok(s) if *s >= 500 => Outcome::Failure,
+        Ok(_) => Outcome::Success,
+        Err(_) => Outcome::Failure,
+    });
+    let classified = fixed(10).classify(by_status).build().unwrap();
+    assert_eq!(classified.layer(upstream()).oneshot(1).await.unwrap(), 200);
+    // By default an `Ok` is an answer, whatever it holds.
+    let plain = fixed(10).build().unwrap();
+    assert_eq!(plain.layer(upstream()).oneshot(1).await.unwrap(), 503);
+    // A failed answer with no other copy running is still the answer.
+    let once = builder()
+        .delay(Duration::MAX)
+        .classify(by_status)
+        .build()
+        .unwrap();
+    assert_eq!(once.layer(upstream()).oneshot(1).await.unwrap(), 503);
+}
+
+#[tokio::test(start_paused = true)]
 async fn dropping_the_call_at_every_point_cancels_every_copy() {
     let layer = fixed(10).build().unwrap();
     let up = Upstream::new(|_| Some(10_000));

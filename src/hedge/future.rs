@@ -12,19 +12,21 @@ use tokio::time::Sleep;
 use tower_service::Service;
 
 use super::state::Core;
+use crate::classify::{Classify, Outcome};
 use crate::clock::{nanos, Nanos};
 use crate::error::BoxError;
 
 pin_project! {
     /// The response future of [`Hedge`](super::Hedge): the first call and,
     /// once its delay passes, up to `max_hedges` copies. The first copy to
-    /// answer wins; the others are dropped (cancelled) at once. An error
-    /// is returned only when no other copy is still running.
+    /// answer wins; the others are dropped (cancelled) at once. A failed
+    /// copy (by the classifier) is the answer only when no other copy is
+    /// still running.
     ///
     /// The first call, the timer and the copy's service and request live
     /// inline: a call answered before the delay allocates nothing. Each
     /// hedge sent is boxed.
-    pub struct ResponseFuture<S, Req>
+    pub struct ResponseFuture<S, Req, C>
     where
         S: Service<Req>,
     {
@@ -43,20 +45,23 @@ pin_project! {
         req: Option<Req>,
         hedges: Vec<(Pin<Box<S::Future>>, Nanos)>,
         left: u32,
-        last_err: Option<BoxError>,
+        // The last copy the classifier called a failure: the answer if no
+        // other copy is left running.
+        last_failed: Option<Result<S::Response, BoxError>>,
+        classifier: C,
         core: Option<Arc<Core>>,
     }
 }
 
-impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
+impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
     #[inline]
-    pub(crate) fn single(fut: S::Future) -> Self {
-        Self::new(fut, 0, None)
+    pub(crate) fn single(fut: S::Future, classifier: C) -> Self {
+        Self::new(fut, 0, None, classifier)
     }
 
-    pub(crate) fn recorded(fut: S::Future, core: Arc<Core>) -> Self {
+    pub(crate) fn recorded(fut: S::Future, core: Arc<Core>, classifier: C) -> Self {
         let start = core.clock.now();
-        Self::new(fut, start, Some(core))
+        Self::new(fut, start, Some(core), classifier)
     }
 
     pub(crate) fn hedged(
@@ -65,10 +70,11 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         delay: Duration,
         svc: S,
         req: Req,
+        classifier: C,
     ) -> Self {
         let start = core.clock.now();
         let left = core.max_hedges;
-        let mut this = Self::new(fut, start, Some(core));
+        let mut this = Self::new(fut, start, Some(core), classifier);
         // A delay too long for the clock never comes: no hedge.
         this.next_hedge = start.checked_add(nanos(delay));
         this.delay = delay;
@@ -79,7 +85,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
     }
 
     #[inline]
-    fn new(fut: S::Future, start: Nanos, core: Option<Arc<Core>>) -> Self {
+    fn new(fut: S::Future, start: Nanos, core: Option<Arc<Core>>, classifier: C) -> Self {
         Self {
             primary: Some(fut),
             start,
@@ -90,13 +96,20 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
             req: None,
             hedges: Vec::new(),
             left: 0,
-            last_err: None,
+            last_failed: None,
+            classifier,
             core,
         }
     }
 }
 
 /// Records the latency of an attempt made at `start`, in percentile mode.
+/// Whether a copy's result is a failure, which leaves the other copies
+/// running rather than answering the call.
+fn failed<C: Classify<R, E>, R, E>(classifier: &C, res: &Result<R, E>) -> bool {
+    classifier.classify(res, Duration::ZERO) == Outcome::Failure
+}
+
 fn record(core: &Option<Arc<Core>>, start: Nanos) {
     if let Some(core) = core {
         if core.records() {
@@ -105,11 +118,12 @@ fn record(core: &Option<Arc<Core>>, start: Nanos) {
     }
 }
 
-impl<S, Req> Future for ResponseFuture<S, Req>
+impl<S, Req, C> Future for ResponseFuture<S, Req, C>
 where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     Req: Clone,
+    C: Classify<S::Response, S::Error>,
 {
     type Output = Result<S::Response, BoxError>;
 
@@ -120,13 +134,11 @@ where
                 if let Poll::Ready(res) = fut.poll(cx) {
                     this.primary.set(None);
                     record(this.core, *this.start);
-                    match res {
-                        Ok(resp) => {
-                            this.hedges.clear();
-                            return Poll::Ready(Ok(resp));
-                        }
-                        Err(e) => *this.last_err = Some(e.into()),
+                    if !failed(this.classifier, &res) {
+                        this.hedges.clear();
+                        return Poll::Ready(res.map_err(Into::into));
                     }
+                    *this.last_failed = Some(res.map_err(Into::into));
                 }
             }
             let mut i = 0;
@@ -138,24 +150,21 @@ where
                 };
                 record(this.core, *start);
                 drop(this.hedges.swap_remove(i));
-                match res {
-                    Ok(resp) => {
-                        // The losers are cancelled now, not when the
-                        // caller gets round to dropping this future.
-                        this.primary.set(None);
-                        this.hedges.clear();
-                        return Poll::Ready(Ok(resp));
-                    }
-                    Err(e) => *this.last_err = Some(e.into()),
+                if !failed(this.classifier, &res) {
+                    // The losers are cancelled now, not when the caller
+                    // gets round to dropping this future.
+                    this.primary.set(None);
+                    this.hedges.clear();
+                    return Poll::Ready(res.map_err(Into::into));
                 }
+                *this.last_failed = Some(res.map_err(Into::into));
             }
             if this.primary.is_none() && this.hedges.is_empty() {
                 // Every copy sent has failed: a failure is not hedged
-                // (that is a retry's job), so the last error is the answer.
+                // (that is a retry's job), so the last one is the answer.
                 *this.next_hedge = None;
                 this.sleep.set(None);
-                let err = this.last_err.take().expect("polled after completion");
-                return Poll::Ready(Err(err));
+                return Poll::Ready(this.last_failed.take().expect("polled after completion"));
             }
 
             // Send a hedge once the delay has passed and its service is
@@ -222,7 +231,7 @@ where
     }
 }
 
-impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
+impl<S: Service<Req>, Req, C> fmt::Debug for ResponseFuture<S, Req, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("primary_running", &self.primary.is_some())

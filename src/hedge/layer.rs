@@ -8,6 +8,7 @@ use tower_layer::Layer;
 
 use super::state::{Core, Percentile};
 use super::{Hedge, HedgeEvent};
+use crate::classify::DefaultClassifier;
 use crate::clock::{Clock, ClockSource};
 use crate::error::{Check, ConfigError};
 use crate::observe::Listeners;
@@ -59,9 +60,10 @@ impl<F> fmt::Debug for HedgeIf<F> {
 /// Builds [`Hedge`] services that share one latency window and one
 /// budget. Made with [`HedgeLayer::builder`].
 #[derive(Clone)]
-pub struct HedgeLayer<P = HedgeAll> {
+pub struct HedgeLayer<P = HedgeAll, C = DefaultClassifier> {
     pub(crate) core: Arc<Core>,
     pub(crate) predicate: P,
+    pub(crate) classifier: C,
 }
 
 impl HedgeLayer {
@@ -80,12 +82,13 @@ impl HedgeLayer {
             max_extra_load: 0.1,
             clock: ClockSource::Tokio,
             predicate: HedgeAll,
+            classifier: DefaultClassifier,
             listeners: Listeners::default(),
         }
     }
 }
 
-impl<P> HedgeLayer<P> {
+impl<P, C> HedgeLayer<P, C> {
     /// A handle that reads the shared state from outside the stack.
     pub fn handle(&self) -> HedgeHandle {
         HedgeHandle {
@@ -94,7 +97,7 @@ impl<P> HedgeLayer<P> {
     }
 }
 
-impl<P> fmt::Debug for HedgeLayer<P> {
+impl<P, C> fmt::Debug for HedgeLayer<P, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HedgeLayer")
             .field("name", &self.core.name)
@@ -105,16 +108,21 @@ impl<P> fmt::Debug for HedgeLayer<P> {
     }
 }
 
-impl<S, P: Clone> Layer<S> for HedgeLayer<P> {
-    type Service = Hedge<S, P>;
+impl<S, P: Clone, C: Clone> Layer<S> for HedgeLayer<P, C> {
+    type Service = Hedge<S, P, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Hedge::from_parts(inner, self.core.clone(), self.predicate.clone())
+        Hedge::from_parts(
+            inner,
+            self.core.clone(),
+            self.predicate.clone(),
+            self.classifier.clone(),
+        )
     }
 }
 
 /// Configures a [`HedgeLayer`]. See the [module docs](super).
-pub struct HedgeBuilder<P = HedgeAll> {
+pub struct HedgeBuilder<P = HedgeAll, C = DefaultClassifier> {
     name: Option<String>,
     delay: Option<Duration>,
     percentile: f64,
@@ -125,6 +133,7 @@ pub struct HedgeBuilder<P = HedgeAll> {
     max_extra_load: f64,
     clock: ClockSource,
     predicate: P,
+    classifier: C,
     listeners: Listeners<HedgeEvent>,
 }
 
@@ -132,7 +141,7 @@ pub struct HedgeBuilder<P = HedgeAll> {
 /// of it, under the window's lock.
 const MAX_WINDOW: usize = 1 << 16;
 
-impl<P> HedgeBuilder<P> {
+impl<P, C> HedgeBuilder<P, C> {
     /// The layer's name, used in events and metrics.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
@@ -204,7 +213,7 @@ impl<P> HedgeBuilder<P> {
     /// Only requests for which `f` is true are hedged; others are sent
     /// once. With HTTP, hedge only idempotent requests:
     /// `.hedge_if(|req: &http::Request<B>| req.method().is_idempotent())`.
-    pub fn hedge_if<F, Req>(self, f: F) -> HedgeBuilder<HedgeIf<F>>
+    pub fn hedge_if<F, Req>(self, f: F) -> HedgeBuilder<HedgeIf<F>, C>
     where
         F: Fn(&Req) -> bool,
     {
@@ -219,6 +228,29 @@ impl<P> HedgeBuilder<P> {
             max_extra_load: self.max_extra_load,
             clock: self.clock,
             predicate: HedgeIf { f },
+            classifier: self.classifier,
+            listeners: self.listeners,
+        }
+    }
+
+    /// What counts as a failed copy (default: an `Err`). A failed copy
+    /// does not answer the call while another copy is still running; with
+    /// HTTP, a classifier that calls 5xx responses failures lets a hedge's
+    /// 200 win over the first call's 503. The classifier is given
+    /// `Duration::ZERO` as the elapsed time.
+    pub fn classify<C2>(self, classifier: C2) -> HedgeBuilder<P, C2> {
+        HedgeBuilder {
+            name: self.name,
+            delay: self.delay,
+            percentile: self.percentile,
+            min_delay: self.min_delay,
+            min_data_points: self.min_data_points,
+            window: self.window,
+            max_hedges: self.max_hedges,
+            max_extra_load: self.max_extra_load,
+            clock: self.clock,
+            predicate: self.predicate,
+            classifier,
             listeners: self.listeners,
         }
     }
@@ -231,7 +263,7 @@ impl<P> HedgeBuilder<P> {
     }
 
     /// Validates the configuration and makes the layer.
-    pub fn build(self) -> Result<HedgeLayer<P>, ConfigError> {
+    pub fn build(self) -> Result<HedgeLayer<P, C>, ConfigError> {
         let check = Check { layer: LAYER };
         check.at_least_one("max_hedges", u64::from(self.max_hedges))?;
         check.at_most("max_hedges", u64::from(self.max_hedges), 16)?;
@@ -277,11 +309,12 @@ impl<P> HedgeBuilder<P> {
         Ok(HedgeLayer {
             core: Arc::new(core),
             predicate: self.predicate,
+            classifier: self.classifier,
         })
     }
 }
 
-impl<P> fmt::Debug for HedgeBuilder<P> {
+impl<P, C> fmt::Debug for HedgeBuilder<P, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HedgeBuilder")
             .field("name", &self.name)
@@ -293,6 +326,7 @@ impl<P> fmt::Debug for HedgeBuilder<P> {
             .field("max_hedges", &self.max_hedges)
             .field("max_extra_load", &self.max_extra_load)
             .field("predicate", &std::any::type_name::<P>())
+            .field("classifier", &std::any::type_name::<C>())
             .finish_non_exhaustive()
     }
 }

@@ -54,10 +54,11 @@
 //! [`min_delay`](HedgeBuilder::min_delay)); nothing is hedged until
 //! [`min_data_points`](HedgeBuilder::min_data_points) latencies were seen.
 //!
-//! The first copy to answer `Ok` wins and every other is dropped at once,
-//! which cancels it. An error is not hedged (that is a retry's job): it is
-//! the answer when no other copy is running, and otherwise the running
-//! copies go on.
+//! The first copy to answer wins and every other is dropped at once,
+//! which cancels it. A failure (an `Err`, or what a
+//! [`classify`](HedgeBuilder::classify)er calls one, such as a 503) does
+//! not win: the copies still running go on, and it is the answer only when
+//! none is left. A failure is not hedged either (that is a retry's job).
 //!
 //! # Budget
 //!

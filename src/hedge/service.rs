@@ -10,6 +10,7 @@ use super::future::ResponseFuture;
 use super::layer::{HedgeAll, HedgePredicate};
 use super::state::Core;
 use super::{HedgeHandle, HedgeLayer};
+use crate::classify::{Classify, DefaultClassifier};
 use crate::error::BoxError;
 
 /// Sends a second copy of a slow request to `S` and takes whichever copy
@@ -17,27 +18,35 @@ use crate::error::BoxError;
 ///
 /// `S` must be `Clone`: a hedge goes to a clone of the service, readied
 /// before it is called. The request must be `Clone` too.
-pub struct Hedge<S, P = HedgeAll> {
+pub struct Hedge<S, P = HedgeAll, C = DefaultClassifier> {
     inner: S,
     core: Arc<Core>,
     predicate: P,
+    classifier: C,
 }
 
-impl<S, P> Hedge<S, P> {
-    pub(crate) fn from_parts(inner: S, core: Arc<Core>, predicate: P) -> Self {
+impl<S, P, C> Hedge<S, P, C> {
+    pub(crate) fn from_parts(inner: S, core: Arc<Core>, predicate: P, classifier: C) -> Self {
         Self {
             inner,
             core,
             predicate,
+            classifier,
         }
     }
 
     /// Wraps `inner` with `layer`'s settings and shared state.
-    pub fn new(inner: S, layer: &HedgeLayer<P>) -> Self
+    pub fn new(inner: S, layer: &HedgeLayer<P, C>) -> Self
     where
         P: Clone,
+        C: Clone,
     {
-        Self::from_parts(inner, layer.core.clone(), layer.predicate.clone())
+        Self::from_parts(
+            inner,
+            layer.core.clone(),
+            layer.predicate.clone(),
+            layer.classifier.clone(),
+        )
     }
 
     /// A handle on the shared state.
@@ -63,17 +72,18 @@ impl<S, P> Hedge<S, P> {
     }
 }
 
-impl<S: Clone, P: Clone> Clone for Hedge<S, P> {
+impl<S: Clone, P: Clone, C: Clone> Clone for Hedge<S, P, C> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
             core: self.core.clone(),
             predicate: self.predicate.clone(),
+            classifier: self.classifier.clone(),
         }
     }
 }
 
-impl<S: fmt::Debug, P> fmt::Debug for Hedge<S, P> {
+impl<S: fmt::Debug, P, C> fmt::Debug for Hedge<S, P, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Hedge")
             .field("inner", &self.inner)
@@ -83,16 +93,17 @@ impl<S: fmt::Debug, P> fmt::Debug for Hedge<S, P> {
     }
 }
 
-impl<S, P, Req> Service<Req> for Hedge<S, P>
+impl<S, P, C, Req> Service<Req> for Hedge<S, P, C>
 where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     P: HedgePredicate<Req>,
+    C: Classify<S::Response, S::Error> + Clone,
     Req: Clone,
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S, Req>;
+    type Future = ResponseFuture<S, Req, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -101,6 +112,7 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let core = &self.core;
+        let classifier = self.classifier.clone();
         core.budget.deposit();
         // Nothing is cloned for a call that could not be hedged anyway.
         let delay = if core.budget.affordable() && self.predicate.can_hedge(&req) {
@@ -115,10 +127,19 @@ where
             Some(delay) => {
                 let svc = self.inner.clone();
                 let copy = req.clone();
-                ResponseFuture::hedged(self.inner.call(req), core.clone(), delay, svc, copy)
+                ResponseFuture::hedged(
+                    self.inner.call(req),
+                    core.clone(),
+                    delay,
+                    svc,
+                    copy,
+                    classifier,
+                )
             }
-            None if core.records() => ResponseFuture::recorded(self.inner.call(req), core.clone()),
-            None => ResponseFuture::single(self.inner.call(req)),
+            None if core.records() => {
+                ResponseFuture::recorded(self.inner.call(req), core.clone(), classifier)
+            }
+            None => ResponseFuture::single(self.inner.call(req), classifier),
         }
     }
 }
