@@ -32,7 +32,8 @@
 //! header, or an `X-Request-Timeout` of its own. With
 //! [`per_request`](TimeoutBuilder::per_request) the layer reads it from
 //! each request; the shorter of it and the configured timeout applies, so
-//! a caller can ask for less time but never for more.
+//! a caller can ask for less time but never for more. With the `http`
+//! feature, `timeout::grpc_timeout` reads gRPC's header.
 //!
 //! ```
 //! # #[cfg(feature = "http")] {
@@ -77,6 +78,8 @@
 
 mod error;
 pub mod future;
+#[cfg(feature = "http")]
+mod header;
 mod layer;
 mod service;
 
@@ -84,6 +87,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::TimedOut;
+#[cfg(feature = "http")]
+pub use header::grpc_timeout;
 pub use layer::{
     NoRequestTimeout, RequestTimeout, RequestTimeoutFn, TimeoutBuilder, TimeoutHandle, TimeoutLayer,
 };
