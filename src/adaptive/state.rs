@@ -110,20 +110,21 @@ impl Core {
     }
 
     fn record(&self, sample: Sample) {
-        let limit = {
-            // A poisoned lock only means a listener-free update panicked
-            // midway; the estimator's fields are each valid on their own.
+        let moved = {
+            // A poisoned lock only means an update panicked midway; the
+            // estimator's fields are each valid on their own.
             let mut e = self.estimator.lock().unwrap_or_else(|p| p.into_inner());
-            e.update(sample)
+            let next = (e.update(sample) as usize).clamp(self.min, self.max);
+            // Published under the lock, so the limit admission reads is
+            // always the latest update's; written only when its whole part
+            // moves, which most calls do not do.
+            let prev = self.limit.load(Relaxed);
+            (prev != next).then(|| {
+                self.limit.store(next, Relaxed);
+                (prev, next)
+            })
         };
-        let next = (limit as usize).clamp(self.min, self.max);
-        // Written only when it moves: most calls leave the whole part of
-        // the limit as it was, and a store would bounce the line between
-        // cores for nothing. (Updates are serialised by the lock above
-        // only up to here; a racing writer's value is as recent as ours.)
-        let prev = self.limit.load(Relaxed);
-        if prev != next {
-            self.limit.store(next, Relaxed);
+        if let Some((prev, next)) = moved {
             self.limit_changed(prev, next);
         }
     }
