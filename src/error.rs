@@ -193,6 +193,10 @@ const PROBES: &[Probe] = &[
     probe::<crate::rate_limit::CostTooHigh>,
     #[cfg(feature = "bulkhead")]
     probe::<crate::bulkhead::BulkheadFull>,
+    #[cfg(feature = "timeout")]
+    probe::<crate::timeout::TimedOut>,
+    #[cfg(feature = "adaptive")]
+    probe::<crate::adaptive::LimitReached>,
 ];
 
 /// Finds the crate's rejection in `err` or in its chain of
@@ -222,6 +226,12 @@ pub(crate) fn find<'a, T: Error + 'static>(err: &'a (dyn Error + 'static)) -> Op
         cur = e.source();
     }
     None
+}
+
+/// Whether `err` is a rejection that retrying at once cannot cure: every
+/// rejection but a timeout, which says the upstream was slow this time.
+pub(crate) fn refuses_retry(err: &(dyn Error + 'static)) -> bool {
+    rejection(err).is_some_and(|r| r.layer() != "timeout")
 }
 
 /// Whether `err` is (or wraps) one of this crate's rejections.

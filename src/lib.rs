@@ -77,6 +77,9 @@
 //! | `bulkhead` | yes | concurrency cap |
 //! | `rate-limit` | yes | GCRA rate limiter |
 //! | `retry` | yes | [`retry`]: back-off, budgets, `Retry-After` |
+//! | `timeout` | yes | [`timeout`]: a time limit per call, per-request deadlines |
+//! | `hedge` | yes | [`hedge`]: a second copy of a slow request |
+//! | `adaptive` | yes | [`adaptive`]: a concurrency limit that finds its own value |
 //! | `tracing` | yes | `tracing` events from every layer |
 //! | `metrics` | no | counters and gauges through the `metrics` facade |
 //! | `http` | no | status classifier, `Retry-After`, error responses |
@@ -116,6 +119,8 @@ pub mod observe;
 mod outline;
 mod sync;
 
+#[cfg(feature = "adaptive")]
+pub mod adaptive;
 #[cfg(feature = "bulkhead")]
 pub mod bulkhead;
 #[cfg(feature = "circuit-breaker")]
@@ -124,6 +129,8 @@ pub mod circuit_breaker;
 pub mod dedup;
 #[cfg(feature = "fallback")]
 pub mod fallback;
+#[cfg(feature = "hedge")]
+pub mod hedge;
 #[cfg(feature = "http")]
 pub mod http;
 #[cfg(feature = "rate-limit")]
@@ -132,7 +139,11 @@ pub mod rate_limit;
 pub mod retry;
 #[cfg(any(feature = "file-store", feature = "redis"))]
 pub mod store;
+#[cfg(feature = "timeout")]
+pub mod timeout;
 
+#[cfg(feature = "adaptive")]
+pub use adaptive::AdaptiveLimitLayer;
 #[cfg(feature = "bulkhead")]
 pub use bulkhead::BulkheadLayer;
 #[cfg(feature = "circuit-breaker")]
@@ -144,7 +155,11 @@ pub use dedup::DedupLayer;
 pub use error::{BoxError, ConfigError, Rejection};
 #[cfg(feature = "fallback")]
 pub use fallback::FallbackLayer;
+#[cfg(feature = "hedge")]
+pub use hedge::HedgeLayer;
 #[cfg(feature = "rate-limit")]
 pub use rate_limit::RateLimitLayer;
 #[cfg(feature = "retry")]
 pub use retry::RetryLayer;
+#[cfg(feature = "timeout")]
+pub use timeout::TimeoutLayer;

@@ -8,6 +8,7 @@ mod admission;
 mod breaker;
 mod common;
 mod failover;
+mod latency;
 mod retry;
 
 #[tokio::main(flavor = "current_thread")]
@@ -18,5 +19,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     failover::run().await?;
     retry::run().await?;
     admission::run().await?;
+    latency::run().await?;
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::classify::{Classify, Outcome};
-use crate::error::{is_rejection, BoxError};
+use crate::error::{refuses_retry, BoxError};
 
 /// Decides whether a finished attempt is tried again.
 ///
@@ -53,7 +53,7 @@ pub trait RetryPolicy<Req, Res, E> {
 pub(crate) fn is_crate_rejection<E: 'static>(err: &E) -> bool {
     let any: &dyn Any = err;
     match any.downcast_ref::<BoxError>() {
-        Some(boxed) => is_rejection(&**boxed),
+        Some(boxed) => refuses_retry(&**boxed),
         None => false,
     }
 }

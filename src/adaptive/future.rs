@@ -1,0 +1,184 @@
+//! The adaptive limit's response future.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::state::{Core, Permit};
+use crate::classify::Classify;
+use crate::error::BoxError;
+
+type Acquire = Pin<Box<dyn Future<Output = Option<Permit>> + Send>>;
+
+/// A call waiting for a slot, with what it needs to go on.
+struct Waiting<S, Req> {
+    acquire: Acquire,
+    start: Instant,
+    core: Arc<Core>,
+    svc: Option<S>,
+    req: Option<Req>,
+}
+
+pin_project! {
+    /// The response future of [`AdaptiveLimit`](super::AdaptiveLimit). It
+    /// owns the call's slot, feeds the finished call to the algorithm, and
+    /// gives the slot back when it completes or is dropped.
+    pub struct ResponseFuture<S, Req, C>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        kind: Kind<S, Req>,
+        classifier: C,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<S, Req>
+    where
+        S: Service<Req>,
+    {
+        Called {
+            #[pin]
+            fut: S::Future,
+            permit: Option<Permit>,
+        },
+        // Boxed: only waiting calls pay for the service and request kept
+        // aside.
+        Waiting {
+            wait: Box<Waiting<S, Req>>,
+        },
+        Rejected {
+            err: Option<BoxError>,
+        },
+    }
+}
+
+impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
+    #[inline]
+    pub(crate) fn called(fut: S::Future, permit: Permit, classifier: C) -> Self {
+        Self {
+            kind: Kind::Called {
+                fut,
+                permit: Some(permit),
+            },
+            classifier,
+        }
+    }
+
+    pub(crate) fn rejected(err: BoxError, classifier: C) -> Self {
+        Self {
+            kind: Kind::Rejected { err: Some(err) },
+            classifier,
+        }
+    }
+
+    pub(crate) fn waiting(core: Arc<Core>, svc: S, req: Req, classifier: C) -> Self {
+        let acquire = acquire(core.clone(), core.max_wait);
+        Self {
+            kind: Kind::Waiting {
+                wait: Box::new(Waiting {
+                    acquire,
+                    start: Instant::now(),
+                    core,
+                    svc: Some(svc),
+                    req: Some(req),
+                }),
+            },
+            classifier,
+        }
+    }
+}
+
+/// Waits up to `max_wait` for a slot, woken as slots free up or the limit
+/// grows. Waiters are woken in arrival order.
+fn acquire(core: Arc<Core>, max_wait: Duration) -> Acquire {
+    Box::pin(async move {
+        let wait = async {
+            let notify = core.notify.as_ref().expect("waiting needs a notifier");
+            loop {
+                // Registered before trying, so a slot freed in between
+                // still wakes this waiter.
+                let notified = notify.notified();
+                let mut notified = std::pin::pin!(notified);
+                notified.as_mut().enable();
+                if let Some(p) = core.try_acquire() {
+                    return p;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(max_wait, wait).await.ok()
+    })
+}
+
+impl<S, Req, C> Future for ResponseFuture<S, Req, C>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response, S::Error>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut kind = this.kind;
+        loop {
+            match kind.as_mut().project() {
+                KindProj::Called { fut, permit } => {
+                    let res = ready!(fut.poll(cx));
+                    if let Some(p) = permit.take() {
+                        let elapsed = if this.classifier.uses_elapsed() {
+                            p.elapsed()
+                        } else {
+                            Duration::ZERO
+                        };
+                        p.finish(this.classifier.classify(&res, elapsed));
+                    }
+                    return Poll::Ready(res.map_err(Into::into));
+                }
+                KindProj::Waiting { wait } => {
+                    let next = match ready!(wait.acquire.as_mut().poll(cx)) {
+                        Some(permit) => {
+                            let mut svc = wait.svc.take().expect("polled after completion");
+                            let req = wait.req.take().expect("polled after completion");
+                            Kind::Called {
+                                fut: svc.call(req),
+                                permit: Some(permit),
+                            }
+                        }
+                        None => Kind::Rejected {
+                            err: Some(wait.core.rejected(wait.start.elapsed()).into()),
+                        },
+                    };
+                    kind.set(next);
+                }
+                KindProj::Rejected { err } => {
+                    return Poll::Ready(Err(err.take().expect("polled after completion")));
+                }
+            }
+        }
+    }
+}
+
+impl<S: Service<Req>, Req, C> fmt::Debug for ResponseFuture<S, Req, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.kind {
+            Kind::Called { .. } => "called",
+            Kind::Waiting { .. } => "waiting",
+            Kind::Rejected { .. } => "rejected",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
