@@ -83,7 +83,7 @@
 //!
 //! [tower]: https://docs.rs/tower
 
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 // The internal helpers (clock, slots, validation, events) are shared by the
 // layers; with only some layers enabled, parts of them go unused. With all
 // layers on, as CI lints, dead code is still an error.

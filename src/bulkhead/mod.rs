@@ -58,8 +58,8 @@
 //! for a slot inside its response future, waiters served in arrival order
 //! (FIFO), and fails with [`BulkheadFull`] if none frees up. A
 //! [`soft_limit`](BulkheadBuilder::soft_limit) raises a warning event when
-//! the calls in flight reach it (seed 002's `BackpressureGuard`), before
-//! anything is refused.
+//! the calls in flight reach it, before anything is refused, so a
+//! dashboard sees the pressure building while calls still succeed.
 //!
 //! # Errors
 //!

@@ -590,7 +590,7 @@ impl RateLimitHandle {
     }
 
     /// Admits nothing for `d` from now, as an upstream's `Retry-After`
-    /// asks (seed `SetRetryAfter`). Afterwards the bucket refills from
+    /// asks. Afterwards the bucket refills from
     /// holding a single request. A longer block already in force is kept.
     pub fn set_retry_after(&self, d: Duration) {
         self.shared.core().block_for(d);

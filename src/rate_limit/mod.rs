@@ -34,8 +34,8 @@
 //! path takes no lock and allocates nothing (the reservations of dropped
 //! waiters, kept beside it, are only looked at by requests that would wait). It is exact: over any window of
 //! `elapsed`, the cost admitted never exceeds `max_tokens + refill_rate *
-//! elapsed`. Defaults (from seed 001): 50 tokens, refilled at 10 a second,
-//! 1 token a request.
+//! elapsed`. Defaults: 50 tokens, refilled at 10 a second, 1 token a
+//! request: a burst of 50 calls, then a steady 10 a second.
 //!
 //! # Waiting
 //!
