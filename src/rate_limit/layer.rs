@@ -350,10 +350,9 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
         }
     }
 
-    /// Where the limiter reads the time: by default the CPU's time-stamp
-    /// counter ([`ClockSource::Fast`]), or tokio's clock, which
-    /// `tokio::time::pause()` drives, with the `test-util` feature. See
-    /// [`ClockSource`].
+    /// Where the limiter reads the time: by default tokio's clock, which
+    /// `tokio::time::pause()` drives, or the CPU's time-stamp counter
+    /// ([`ClockSource::Fast`]), faster on a hot path. See [`ClockSource`].
     pub fn clock(mut self, source: ClockSource) -> Self {
         self.settings.clock = source;
         self
@@ -620,5 +619,23 @@ impl fmt::Debug for RateLimitHandle {
             .field("name", &self.name())
             .field("tokens", &self.tokens())
             .finish()
+    }
+}
+
+impl RateLimitLayer {
+    /// A limit of `n` calls a second with bursts of up to `n`: a bucket of
+    /// `n` tokens refilled at `n` a second, 1 token a call, rejecting at
+    /// once when empty. The same as
+    /// `RateLimitLayer::builder().max_tokens(n as f64).refill_rate(n as f64).build()`.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0. Use the builder to get a `ConfigError` instead.
+    pub fn per_second(n: u32) -> Self {
+        let n = f64::from(n);
+        match Self::builder().max_tokens(n).refill_rate(n).build() {
+            Ok(layer) => layer,
+            Err(e) => panic!("{e}"),
+        }
     }
 }
