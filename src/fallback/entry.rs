@@ -53,6 +53,9 @@ where
 
 pub(crate) type OrElse<Res> = dyn Fn(AllFailed) -> Result<Res, BoxError> + Send + Sync;
 
+/// Whether a request that reached an entry may be sent to the next one.
+pub(crate) type Resend<Req> = dyn Fn(&Req) -> bool + Send + Sync;
+
 /// One entry: its name, its own breaker, and (for fallbacks) its service.
 pub(crate) struct Entry<Req, Res> {
     pub(crate) name: Arc<str>,
@@ -70,6 +73,9 @@ pub(crate) struct Shared<Req, Res, C> {
     pub(crate) skip_not_ready: bool,
     pub(crate) or_else: Option<Arc<OrElse<Res>>>,
     pub(crate) listeners: Listeners<FallbackEvent>,
+    /// Asked before a request an entry was sent is failed over; `None`
+    /// fails over every request.
+    pub(crate) resend: Option<Arc<Resend<Req>>>,
 }
 
 impl<Req, Res, C> Shared<Req, Res, C> {
@@ -81,6 +87,15 @@ impl<Req, Res, C> Shared<Req, Res, C> {
     /// need not be cloned.
     pub(crate) fn can_fail_over(&self) -> bool {
         self.entries.len() > 1 || self.or_else.is_some()
+    }
+
+    /// Whether `req`, already sent to an entry that failed, may go to the
+    /// next one.
+    pub(crate) fn may_resend(&self, req: Option<&Req>) -> bool {
+        match (&self.resend, req) {
+            (Some(f), Some(req)) => f(req),
+            _ => true,
+        }
     }
 
     /// Whether calls need their duration measured.

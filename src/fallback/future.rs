@@ -208,10 +208,10 @@ where
             // An attempt finished: book it, then answer or move on.
             let g = &mut *this.guard;
             let ticket = g.ticket.take().expect("an attempt holds a ticket");
-            let fail_over = g.shared.finish(g.idx, ticket, g.start, &res);
-            if !fail_over {
+            let failed = g.shared.finish(g.idx, ticket, g.start, &res);
+            if !failed || !g.shared.may_resend(this.req.as_ref()) {
                 this.state.set(State::Done);
-                if g.idx > 0 {
+                if !failed && g.idx > 0 {
                     g.shared.listeners.emit(&FallbackEvent::Answered {
                         name: g.shared.name().clone(),
                         entry: g.shared.entries[g.idx].name.clone(),
@@ -358,6 +358,9 @@ where
                     probe: false,
                 };
                 shared.entries[0].breaker.core.record(ticket, true, false);
+                if !shared.may_resend(req.as_ref()) {
+                    return Poll::Ready(res);
+                }
                 let err = match res {
                     Err(e) => e,
                     Ok(_) => FailedResponse::new(shared.name().clone()).into(),

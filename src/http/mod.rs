@@ -18,24 +18,31 @@
 //!   bulkhead slot until the response body ends (see
 //!   `tower_bulwark::bulkhead::HttpBulkheadLayer`).
 //! - [`ReplayBody`] buffers a streaming request body as it is sent, up to a
-//!   limit, so the request can be retried; with the `retry` feature,
+//!   limit, so the request can be retried, and [`ReplayBodyLayer`] does
+//!   that for every request of a stack; with the `retry` feature,
 //!   [`HttpRetryPolicy`] retries idempotent requests on 5xx, 429 and
 //!   connection errors, honouring `Retry-After`.
 
 mod classify;
 #[cfg(feature = "dedup")]
 pub mod dedup;
+#[cfg(feature = "fallback")]
+mod failover;
+mod idempotent;
 mod replay;
+mod replay_layer;
 mod response;
 #[cfg(feature = "retry")]
 mod retry;
 mod retry_after;
 
 pub use classify::StatusClassifier;
+pub use idempotent::{may_resend, Idempotent};
 pub use replay::{ReplayBody, ReplayError, Replayable};
+pub use replay_layer::{ReplayBodyLayer, ReplayBodyService};
 #[cfg(feature = "axum")]
 pub use response::handle_error;
 pub use response::{error_response, rejection_status};
 #[cfg(feature = "retry")]
-pub use retry::{HttpRetryPolicy, Idempotent};
+pub use retry::HttpRetryPolicy;
 pub use retry_after::{parse_retry_after, retry_after_of};
