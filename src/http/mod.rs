@@ -9,7 +9,10 @@
 //! - [`error_response`] maps the crate's rejections to `503 Service
 //!   Unavailable` or `429 Too Many Requests` with a `Retry-After` header;
 //!   with the `axum` feature, [`handle_error`] plugs it into axum's
-//!   `HandleErrorLayer`.
+//!   `HandleErrorLayer`. tower's timeout becomes 504 and its load
+//!   shedding 503; [`ErrorHandler`] writes your own body.
+//! - [`may_resend`] says whether a request may be sent again, and
+//!   `FallbackLayer::http_builder()` fails over only such requests.
 //! - [`dedup::HttpKey`] (with `dedup`) keys requests for the dedup layer by
 //!   method, URI and the headers that change the answer, and
 //!   [`dedup::HttpDedupLayer`] shares streaming responses by buffering the
@@ -42,7 +45,9 @@ pub use replay::{ReplayBody, ReplayError, Replayable};
 pub use replay_layer::{ReplayBodyLayer, ReplayBodyService};
 #[cfg(feature = "axum")]
 pub use response::handle_error;
-pub use response::{error_response, rejection_status};
+pub use response::{
+    error_response, rejection_status, ErrorBody, ErrorHandler, ErrorInfo, PlainText,
+};
 #[cfg(feature = "retry")]
 pub use retry::HttpRetryPolicy;
 pub use retry_after::{parse_retry_after, retry_after_of};
