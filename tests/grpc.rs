@@ -76,6 +76,7 @@ impl Decoder for Utf8 {
 }
 
 const SAY_HELLO: &str = "/demo.Greeter/SayHello";
+const COUNT: &str = "/demo.Greeter/Count";
 
 /// What a server did: the names it was sent, and the codes it will answer
 /// next (`Ok` once the script runs out).
@@ -109,6 +110,29 @@ impl Service<http::Request<tonic::body::Body>> for Greeter {
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let me = self.clone();
         Box::pin(async move {
+            if req.uri().path() == COUNT {
+                let me = me.clone();
+                let count = service_fn(move |req: tonic::Request<String>| {
+                    let me = me.clone();
+                    async move {
+                        let name = req.into_inner();
+                        let answer = {
+                            let mut s = me.script.lock().unwrap();
+                            s.seen.push(name);
+                            s.answers.pop_front().unwrap_or(Code::Ok)
+                        };
+                        // Two messages, then the status: in the trailers.
+                        let mut items = vec![Ok("1".to_owned()), Ok("2".to_owned())];
+                        if answer != Code::Ok {
+                            items.push(Err(Status::new(answer, "gave up half-way")));
+                        }
+                        Ok::<_, Status>(tonic::Response::new(futures::stream::iter(items)))
+                    }
+                });
+                return Ok(tonic::server::Grpc::new(Utf8)
+                    .server_streaming(count, req)
+                    .await);
+            }
             if req.uri().path() != SAY_HELLO {
                 return Ok(Status::unimplemented("no such method").into_http());
             }
@@ -422,4 +446,76 @@ async fn an_open_circuit_reaches_the_caller_as_unavailable() {
     let ms = pushback_ms(&status).expect("grpc-retry-pushback-ms");
     assert!(ms > 0 && ms <= 30_000, "{ms}");
     assert_eq!(script.lock().unwrap().seen, ["ada"]);
+}
+
+/// Reads a whole server stream: its messages, then its status.
+async fn count<S>(
+    client: &mut tonic::client::Grpc<S>,
+    name: &str,
+) -> (Vec<String>, Result<(), Status>)
+where
+    S: tonic::client::GrpcService<tonic::body::Body>,
+    S::Error: Into<BoxError>,
+    S::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <S::ResponseBody as http_body::Body>::Error: Into<BoxError> + Send,
+{
+    if let Err(e) = client.ready().await {
+        return (Vec::new(), Err(Status::from_error(e.into())));
+    }
+    let req = tonic::Request::new(name.to_owned());
+    let mut stream = match client
+        .server_streaming(req, PathAndQuery::from_static(COUNT), Utf8)
+        .await
+    {
+        Ok(res) => res.into_inner(),
+        Err(status) => return (Vec::new(), Err(status)),
+    };
+    let mut got = Vec::new();
+    loop {
+        match stream.message().await {
+            Ok(Some(m)) => got.push(m),
+            Ok(None) => return (got, Ok(())),
+            Err(status) => return (got, Err(status)),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_breaker_sees_a_stream_fail_in_its_trailers() {
+    let (addr, script) = start_server("primary", 100, 8);
+    script.lock().unwrap().answers = [Code::Ok, Code::Unavailable, Code::Internal].into();
+    let breaker = CircuitBreakerLayer::builder()
+        .name("counter")
+        .failure_threshold(2)
+        .classify(GrpcClassifier::new())
+        .build()
+        .unwrap();
+    let handle = breaker.handle();
+    let svc = ServiceBuilder::new()
+        .map_err(grpc::into_status)
+        .layer(breaker)
+        .service(channel(addr));
+    let mut client = tonic::client::Grpc::new(svc);
+
+    // Each answer starts `200 OK` with messages; the status comes last.
+    let (got, end) = count(&mut client, "ok").await;
+    assert_eq!(
+        (got, end.map_err(|s| s.code())),
+        (vec!["1".into(), "2".into()], Ok(()))
+    );
+    let (got, end) = count(&mut client, "unavailable").await;
+    assert_eq!(got, ["1", "2"]);
+    assert_eq!(end.unwrap_err().code(), Code::Unavailable);
+    assert_eq!(handle.metrics().consecutive_failures, 1);
+    let (_, end) = count(&mut client, "internal").await;
+    assert_eq!(end.unwrap_err().code(), Code::Internal);
+    // Two streams that failed half-way opened the breaker.
+    assert_eq!(handle.state(), CircuitState::Open);
+    let (got, end) = count(&mut client, "refused").await;
+    assert!(got.is_empty());
+    assert_eq!(end.unwrap_err().code(), Code::Unavailable);
+    assert_eq!(
+        script.lock().unwrap().seen,
+        ["ok", "unavailable", "internal"]
+    );
 }

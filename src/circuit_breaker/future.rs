@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 
 use super::state::{record_success, Core, Ticket};
 use super::CircuitOpen;
-use crate::classify::{Classify, Outcome};
+use crate::classify::{Classify, Outcome, Verdict};
 use crate::clock::Nanos;
 use crate::error::BoxError;
 use crate::outline::OutOfLine;
@@ -37,12 +37,11 @@ impl Drop for Permit {
 }
 
 impl Permit {
-    fn finish<C, T, E>(mut self, classifier: &C, res: &Result<T, E>)
+    fn finish<C, T, E>(self, classifier: &C, res: &mut Result<T, E>)
     where
         C: Classify<T, E>,
     {
         let core = &self.core;
-        let ticket = self.ticket;
         let elapsed = match self.start {
             Some(start) => Duration::from_nanos(core.clock.now().saturating_sub(start)),
             None => Duration::ZERO,
@@ -53,7 +52,22 @@ impl Permit {
             }
         }
         let slow = core.cfg.slow_call_duration.is_some_and(|t| elapsed >= t);
-        match classifier.classify(res, elapsed) {
+        if classifier.defers() {
+            // The permit (generation, probe slot) travels with the verdict,
+            // so a late outcome is booked where the call was admitted.
+            let verdict = Verdict::new(move |outcome| self.book(outcome, slow));
+            if let Some(now) = classifier.defer(res, verdict) {
+                now.report(classifier.classify(res, elapsed));
+            }
+            return;
+        }
+        self.book(classifier.classify(res, elapsed), slow);
+    }
+
+    fn book(mut self, outcome: Outcome, slow: bool) {
+        let core = &self.core;
+        let ticket = self.ticket;
+        match outcome {
             Outcome::Success => core.record_shared(ticket, false, slow),
             Outcome::Failure => core.record_shared(ticket, true, slow),
             Outcome::Ignore => {
@@ -206,13 +220,13 @@ fn poll_cold<F, C, T, E>(
             permit,
             classifier,
         } => {
-            let Poll::Ready(res) = fut.poll(cx) else {
+            let Poll::Ready(mut res) = fut.poll(cx) else {
                 return;
             };
             permit
                 .take()
                 .expect("polled after completion")
-                .finish(classifier, &res);
+                .finish(classifier, &mut res);
             Some(res.map_err(Into::into))
         }
         KindProj::Rejected { err } => {

@@ -109,7 +109,9 @@ where
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         if let Some(slot) = self.slot {
-            if !Classify::<S::Response, S::Error>::uses_elapsed(&self.classifier) {
+            if !Classify::<S::Response, S::Error>::uses_elapsed(&self.classifier)
+                && !Classify::<S::Response, S::Error>::defers(&self.classifier)
+            {
                 let gen = closed_generation(slot.slot);
                 if let Some(gen) = gen {
                     let fut = self.inner.call(req);
@@ -138,7 +140,8 @@ impl<S, C> CircuitBreaker<S, C> {
                 let timed = core.needs_elapsed()
                     || Classify::<S::Response, S::Error>::uses_elapsed(&self.classifier);
                 let classifier = self.classifier.clone();
-                if !ticket.probe && !timed && core.slot_path() {
+                let defers = Classify::<S::Response, S::Error>::defers(&classifier);
+                if !ticket.probe && !timed && !defers && core.slot_path() {
                     let slot = core.lease.get();
                     let fut = self.inner.call(req);
                     return ResponseFuture::on_slot(fut, slot, ticket.gen, classifier);

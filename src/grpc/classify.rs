@@ -1,13 +1,18 @@
 //! The gRPC status classifier.
 
 use std::any::Any;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{HeaderMap, Response};
+use http_body::{Frame, SizeHint};
+use pin_project_lite::pin_project;
 use tonic::Code;
 
 use super::codes::{self, CodeSet, Pushback};
-use crate::classify::{Classify, Outcome};
+use crate::classify::{Classify, Outcome, Verdict};
 use crate::error::BoxError;
 
 /// Classifies gRPC answers by their `grpc-status`.
@@ -35,13 +40,20 @@ use crate::error::BoxError;
 ///
 /// # Status in the trailers
 ///
-/// A layer classifies an answer when its headers arrive. An answer whose
-/// status only comes in the trailers (a unary success, a stream) is a
-/// success then: the upstream answered. A stream that fails after it
-/// sent messages reports that in its trailers, which
-/// [`classify_trailers`](Self::classify_trailers) reads; use it where the
-/// body is consumed (the client sees such a failure as the stream's
-/// final `Err(Status)`).
+/// An answer whose status only comes in the trailers (every answer that
+/// carries messages: a unary success, a stream that fails half-way) is
+/// judged when its body ends. A [`CircuitBreakerLayer`] built with this
+/// classifier keeps the call's place (its generation, a half-open probe
+/// slot) until then: the response body of a tonic `Channel`
+/// (`tonic::body::Body`) is wrapped so that its trailers, or its end
+/// without them, report the outcome ([`Classify::defer`]). A body dropped
+/// before its end counts as neither success nor failure. Other body
+/// types, the retry layer and the fallback layer judge such an answer at
+/// its headers: a success, for the upstream answered.
+/// [`classify_trailers`](Self::classify_trailers) reads trailers you hold
+/// yourself.
+///
+/// [`CircuitBreakerLayer`]: crate::circuit_breaker::CircuitBreakerLayer
 ///
 /// ```
 /// use std::time::Duration;
@@ -112,6 +124,11 @@ impl GrpcClassifier {
     pub fn classify_trailers(&self, trailers: &HeaderMap) -> Outcome {
         codes::status_code(trailers).map_or(Outcome::Success, |c| self.classify_code(c))
     }
+    /// Trailers at the end of a response: without a `grpc-status` the
+    /// call ended without its status, which gRPC reads as `UNKNOWN`.
+    fn classify_trailers_or_missing(&self, trailers: &HeaderMap) -> Outcome {
+        self.classify_code(codes::status_code(trailers).unwrap_or(Code::Unknown))
+    }
 }
 
 /// The code of a `tonic::Status` error, boxed or not.
@@ -124,7 +141,7 @@ pub(crate) fn error_code<E: 'static>(err: &E) -> Option<Code> {
     crate::error::find::<tonic::Status>(&**boxed).map(tonic::Status::code)
 }
 
-impl<B, E: 'static> Classify<Response<B>, E> for GrpcClassifier {
+impl<B: 'static, E: 'static> Classify<Response<B>, E> for GrpcClassifier {
     fn classify(&self, result: &Result<Response<B>, E>, _elapsed: Duration) -> Outcome {
         match result {
             Ok(res) => match codes::response_code(res.status(), res.headers()) {
@@ -140,6 +157,81 @@ impl<B, E: 'static> Classify<Response<B>, E> for GrpcClassifier {
             Pushback::Wait(d) => Some(d),
             Pushback::None | Pushback::Stop => None,
         }
+    }
+
+    fn defers(&self) -> bool {
+        true
+    }
+
+    fn defer(&self, result: &mut Result<Response<B>, E>, verdict: Verdict) -> Option<Verdict> {
+        let Ok(res) = result else {
+            return Some(verdict);
+        };
+        if codes::response_code(res.status(), res.headers()).is_some() {
+            return Some(verdict); // trailers-only: the status is here
+        }
+        let any: &mut dyn Any = res.body_mut();
+        let Some(body) = any.downcast_mut::<tonic::body::Body>() else {
+            return Some(verdict);
+        };
+        if http_body::Body::is_end_stream(body) {
+            // Neither a status in the headers nor a body to bring one.
+            verdict.report(self.classify_code(Code::Unknown));
+            return None;
+        }
+        let inner = std::mem::take(body);
+        *body = tonic::body::Body::new(VerdictBody {
+            inner,
+            verdict: Some(verdict),
+            classifier: *self,
+        });
+        None
+    }
+}
+
+pin_project! {
+    /// A response body that reports its call's outcome from its trailers.
+    struct VerdictBody {
+        #[pin]
+        inner: tonic::body::Body,
+        verdict: Option<Verdict>,
+        classifier: GrpcClassifier,
+    }
+}
+
+impl http_body::Body for VerdictBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, tonic::Status>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        let outcome = match &frame {
+            Some(Ok(frame)) => frame
+                .trailers_ref()
+                .map(|t| this.classifier.classify_trailers_or_missing(t)),
+            // The stream broke: the call did not get its answer.
+            Some(Err(status)) => Some(this.classifier.classify_code(status.code())),
+            // An end without trailers: gRPC calls a missing status an error.
+            None => Some(this.classifier.classify_code(Code::Unknown)),
+        };
+        if let Some(outcome) = outcome {
+            if let Some(verdict) = this.verdict.take() {
+                verdict.report(outcome);
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -199,6 +291,70 @@ mod tests {
         assert_eq!(c.classify_trailers(&t), Outcome::Failure);
         let only = c.failure_codes([Code::NotFound]);
         assert_eq!(only.classify_trailers(&t), Outcome::Success);
+    }
+
+    #[tokio::test]
+    async fn a_status_in_the_trailers_is_reported_at_the_end() {
+        use http_body_util::BodyExt;
+        use std::sync::{Arc, Mutex};
+
+        fn streamed(trailer_code: Option<&'static str>) -> Res2 {
+            let mut frames = vec![Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(
+                b"msg",
+            )))];
+            if let Some(code) = trailer_code {
+                let mut t = HeaderMap::new();
+                t.insert("grpc-status", code.parse().unwrap());
+                frames.push(Ok(Frame::trailers(t)));
+            }
+            let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+            Ok(Response::new(tonic::body::Body::new(body)))
+        }
+        type Res2 = Result<Response<tonic::body::Body>, BoxError>;
+
+        let c = GrpcClassifier::new();
+        for (trailers, want) in [
+            (Some("14"), Some(Outcome::Failure)),
+            (Some("0"), Some(Outcome::Success)),
+            (Some("5"), Some(Outcome::Success)),
+            (None, Some(Outcome::Failure)),
+        ] {
+            let seen = Arc::new(Mutex::new(None));
+            let s2 = seen.clone();
+            let mut res = streamed(trailers);
+            assert_eq!(c.classify(&res, Duration::ZERO), Outcome::Success);
+            let verdict = Verdict::new(move |o| *s2.lock().unwrap() = Some(o));
+            assert!(c.defer(&mut res, verdict).is_none());
+            // Nothing is known until the body ends.
+            assert_eq!(*seen.lock().unwrap(), None);
+            let body = res.unwrap().into_body().collect().await.unwrap();
+            assert_eq!(*seen.lock().unwrap(), want, "{trailers:?}");
+            assert_eq!(body.to_bytes(), "msg");
+        }
+
+        // Dropped before its end: no verdict.
+        let seen = Arc::new(Mutex::new(None));
+        let s2 = seen.clone();
+        let mut res = streamed(Some("14"));
+        assert!(c
+            .defer(
+                &mut res,
+                Verdict::new(move |o| *s2.lock().unwrap() = Some(o))
+            )
+            .is_none());
+        drop(res);
+        assert_eq!(*seen.lock().unwrap(), None);
+
+        // Trailers-only: judged now, by the caller of `defer`.
+        let mut only = trailers_only(Code::Unavailable);
+        let only_verdict = Verdict::new(|_| {});
+        let mut only2: Result<Response<tonic::body::Body>, BoxError> =
+            Ok(tonic::Status::unavailable("x").into_http());
+        assert!(c.defer(&mut only2, only_verdict).is_some());
+        assert!(
+            Classify::<Response<()>, BoxError>::defer(&c, &mut only, Verdict::new(|_| {}))
+                .is_some()
+        );
     }
 
     #[test]
