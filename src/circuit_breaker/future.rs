@@ -53,8 +53,12 @@ impl Permit {
         }
         let slow = core.cfg.slow_call_duration.is_some_and(|t| elapsed >= t);
         if classifier.defers() {
-            // The permit (generation, probe slot) travels with the verdict,
-            // so a late outcome is booked where the call was admitted.
+            // Invariant: an admitted call is booked at most once, in the
+            // generation it was admitted in, and its probe slot is given
+            // back exactly once. The permit (ticket, probe slot) moves into
+            // the verdict: reporting books it, dropping it unreported runs
+            // the permit's guard. So deferring is booking late, nothing
+            // more (tests/deferred_verdict.rs checks it over histories).
             let verdict = Verdict::new(move |outcome| self.book(outcome, slow));
             if let Some(now) = classifier.defer(res, verdict) {
                 now.report(classifier.classify(res, elapsed));
