@@ -77,7 +77,7 @@
 //! | `metrics` | no | counters and gauges through the `metrics` facade |
 //! | `http` | no | status classifier, `Retry-After`, error responses |
 //! | `axum` | no | `HandleErrorLayer` handler |
-//! | `grpc` | no | [tonic]: `grpc-status` classifier, gRPC retry policy, rejections as gRPC statuses |
+//! | `grpc` | no | [tonic](https://docs.rs/tonic): `grpc-status` classifier, gRPC retry policy, rejections as gRPC statuses |
 //! | `file-store` | no | state shared across processes through a file |
 //! | `redis` | no | state shared across a fleet through Redis |
 //! | `full` | no | all of the above |

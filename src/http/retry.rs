@@ -16,7 +16,7 @@ use crate::retry::RetryPolicy;
 /// the next attempt at least that long.
 ///
 /// Idempotent means: `GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT` and `DELETE`
-/// (RFC 9110, 9.2.2), or any request carrying the [`Idempotent`] extension
+/// (RFC 9110, 9.2.2), or any request carrying the [`Idempotent`](super::Idempotent) extension
 /// or an `Idempotency-Key` header. Everything else is sent once.
 ///
 /// ```
