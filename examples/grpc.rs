@@ -26,6 +26,7 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tower::{service_fn, BoxError, Service, ServiceBuilder};
+use tower_bulwark::circuit_breaker::CircuitState;
 use tower_bulwark::grpc::{
     self, GrpcClassifier, GrpcRetryPolicy, RejectionStatusLayer, TonicBodyLayer,
 };
@@ -125,7 +126,7 @@ impl Service<http::Request<tonic::body::Body>> for Greeter {
 }
 
 /// Serves a greeter on 127.0.0.1 behind a bucket of `tokens` refilled at
-/// one a second, a 16-slot bulkhead, and `RejectionStatusLayer`.
+/// one a minute, a 16-slot bulkhead, and `RejectionStatusLayer`.
 async fn serve(who: &'static str, tokens: u32, failures: &[Code]) -> Result<SocketAddr, BoxError> {
     let greeter = Greeter {
         who,
@@ -141,7 +142,7 @@ async fn serve(who: &'static str, tokens: u32, failures: &[Code]) -> Result<Sock
             RateLimitLayer::builder()
                 .name(who)
                 .max_tokens(f64::from(tokens))
-                .refill_rate(1.0)
+                .refill_rate(1.0 / 60.0)
                 .build()?,
         )
         .layer(BulkheadLayer::new(16))
@@ -181,7 +182,7 @@ where
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     // The primary fails twice with UNAVAILABLE, then would recover; the
-    // secondary is healthy but allows only 3 calls a second.
+    // secondary is healthy but allows 3 calls, then one a minute.
     let primary = serve(
         "primary",
         100,
@@ -229,34 +230,68 @@ async fn main() -> Result<(), BoxError> {
     let mut client = tonic::client::Grpc::new(svc);
 
     println!("call 1: the primary fails twice; its breaker opens and the secondary answers");
-    println!("  -> {:?}", say_hello(&mut client, "ada").await);
+    let answer = report(say_hello(&mut client, "ada").await);
     println!("  primary breaker: {:?}", breaker_handle.state());
+    expect(
+        answer == Ok("secondary says hello to ada".into()),
+        "call 1 failed over",
+    )?;
+    expect(
+        breaker_handle.state() == CircuitState::Open,
+        "the primary's breaker opened",
+    )?;
 
     println!("call 2: the breaker skips the primary without a call");
-    println!("  -> {:?}", say_hello(&mut client, "grace").await);
+    let answer = report(say_hello(&mut client, "grace").await);
+    expect(
+        answer == Ok("secondary says hello to grace".into()),
+        "call 2 failed over",
+    )?;
 
     println!("call 3: the secondary's bucket (3 calls) runs out on this one");
-    println!("  -> {:?}", say_hello(&mut client, "alan").await);
+    let answer = report(say_hello(&mut client, "alan").await);
+    expect(answer.is_ok(), "call 3 was admitted")?;
 
     println!(
         "call 4, straight to the secondary: its rate limit answers with a status, not a reset"
     );
     let mut direct = tonic::client::Grpc::new(channel(secondary)?);
-    report(say_hello(&mut direct, "edsger").await);
+    let answer = report(say_hello(&mut direct, "edsger").await);
+    expect(
+        answer == Err(Code::ResourceExhausted),
+        "call 4 was RESOURCE_EXHAUSTED",
+    )?;
 
     println!("call 5, through the stack: both entries are out, the caller gets UNAVAILABLE");
-    report(say_hello(&mut client, "barbara").await);
+    let answer = report(say_hello(&mut client, "barbara").await);
+    expect(answer == Err(Code::Unavailable), "call 5 was UNAVAILABLE")?;
     Ok(())
 }
 
-fn report(res: Result<String, Status>) {
+/// Prints an answer; keeps its text or its code for the checks.
+fn report(res: Result<String, Status>) -> Result<String, Code> {
     match res {
-        Ok(answer) => println!("  -> Ok({answer:?})"),
-        Err(status) => println!(
-            "  -> {:?}: {} (grpc-retry-pushback-ms: {:?})",
-            status.code(),
-            status.message(),
-            status.metadata().get("grpc-retry-pushback-ms")
-        ),
+        Ok(answer) => {
+            println!("  -> Ok({answer:?})");
+            Ok(answer)
+        }
+        Err(status) => {
+            println!(
+                "  -> {:?}: {} (grpc-retry-pushback-ms: {:?})",
+                status.code(),
+                status.message(),
+                status.metadata().get("grpc-retry-pushback-ms")
+            );
+            Err(status.code())
+        }
+    }
+}
+
+/// The example doubles as a CI check: it fails when a call went otherwise.
+fn expect(ok: bool, what: &str) -> Result<(), BoxError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("expected: {what}").into())
     }
 }

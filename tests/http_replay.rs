@@ -142,8 +142,6 @@ async fn fallback_resends_a_streamed_body_to_the_secondary() {
     let req = http::Request::put(format!("http://{primary}/doc"))
         .body(streamed(&["hello ", "again"]))
         .unwrap();
-    // `svc` outlives the call: the fallback reaches its entries through
-    // the service, and a call that outlives it does not fail over.
     let res = svc
         .clone()
         .oneshot(req)
