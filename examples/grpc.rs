@@ -183,12 +183,7 @@ where
 async fn main() -> Result<(), BoxError> {
     // The primary fails twice with UNAVAILABLE, then would recover; the
     // secondary is healthy but allows 3 calls, then one a minute.
-    let primary = serve(
-        "primary",
-        100,
-        &[Code::Unavailable, Code::Unavailable, Code::Unavailable],
-    )
-    .await?;
+    let primary = serve("primary", 100, &[Code::Unavailable, Code::Unavailable]).await?;
     let secondary = serve("secondary", 3, &[]).await?;
 
     // The client: retry UNAVAILABLE through a breaker on the primary, and

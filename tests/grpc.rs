@@ -519,3 +519,16 @@ async fn a_breaker_sees_a_stream_fail_in_its_trailers() {
         ["ok", "unavailable", "internal"]
     );
 }
+
+#[test]
+fn public_types_are_send_and_sync() {
+    fn both<T: Send + Sync>() {}
+    both::<GrpcClassifier>();
+    both::<GrpcRetryPolicy>();
+    both::<RejectionStatusLayer>();
+    both::<TonicBodyLayer>();
+    both::<ReplayBodyLayer>();
+    both::<tower_bulwark::http::ErrorHandler>();
+    fn send<T: Send>() {}
+    send::<tower_bulwark::classify::Verdict>();
+}
