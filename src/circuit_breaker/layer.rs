@@ -481,9 +481,6 @@ impl fmt::Debug for CircuitHandle {
     }
 }
 
-// Lets one configuration build several independent breakers (the fallback
-// layer makes one per entry).
-
 impl Default for CircuitBreakerLayer {
     /// A breaker with the defaults (see [`CircuitBreakerLayer::builder`]):
     /// open after 5 consecutive failures, stay open 30 s, 1 probe at a
@@ -495,3 +492,6 @@ impl Default for CircuitBreakerLayer {
         }
     }
 }
+
+// Lets one configuration build several independent breakers (the fallback
+// layer makes one per entry).
