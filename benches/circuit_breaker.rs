@@ -12,7 +12,7 @@ use tower::{Layer, Service};
 use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, Window};
 
 mod support;
-use support::{drive, threaded, Bare};
+use support::{drive, generic_loop, threaded, Bare};
 
 /// failsafe has no tower layer: wrap its futures API as a service.
 #[derive(Clone)]
@@ -55,6 +55,15 @@ fn ours_window() -> impl Service<u64, Response = u64> + Clone + Send + 'static {
         .layer(Bare)
 }
 
+/// A breaker per key, over 1024 keys in turn.
+fn ours_keyed() -> impl Service<u64, Response = u64> + Clone + Send + 'static {
+    CircuitBreakerLayer::builder()
+        .key(|k: &u64| *k % 1024)
+        .build()
+        .unwrap()
+        .layer(Bare)
+}
+
 fn tower_resilience() -> impl Service<u64, Response = u64> + Clone + Send + 'static {
     tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
         .build()
@@ -89,8 +98,25 @@ fn bench(c: &mut Criterion) {
     one!("bare", Bare);
     one!("bulwark consecutive", ours());
     one!("bulwark count window", ours_window());
+    one!("bulwark keyed (1024 keys)", ours_keyed());
     one!("tower-resilience", tower_resilience());
     one!("failsafe", failsafe());
+    g.finish();
+
+    // The same, as a user's generic loop sees it (nothing forced inline).
+    let mut g = c.benchmark_group("circuit_breaker/generic driver");
+    macro_rules! generic {
+        ($name:expr, $svc:expr) => {{
+            let mut svc = $svc;
+            g.bench_function($name, |b| b.iter_custom(|n| generic_loop(&mut svc, n)));
+        }};
+    }
+    generic!("bare", Bare);
+    generic!("bulwark consecutive", ours());
+    generic!("bulwark count window", ours_window());
+    generic!("bulwark keyed (1024 keys)", ours_keyed());
+    generic!("tower-resilience", tower_resilience());
+    generic!("failsafe", failsafe());
     g.finish();
 
     let mut g = c.benchmark_group("circuit_breaker/2 threads");

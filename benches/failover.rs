@@ -15,7 +15,7 @@ use tower_bulwark::dedup::DedupLayer;
 use tower_bulwark::fallback::FallbackLayer;
 
 mod support;
-use support::{drive, Bare};
+use support::{drive, generic_loop, Bare};
 
 fn fallback() -> impl Service<u64, Response = u64> + Clone + Send + 'static {
     FallbackLayer::builder()
@@ -24,6 +24,15 @@ fn fallback() -> impl Service<u64, Response = u64> + Clone + Send + 'static {
         .build()
         .unwrap()
         .layer(Bare)
+}
+
+/// tower-resilience's fallback to a backup service: one secondary, no
+/// per-entry breakers.
+fn tower_resilience_fallback() -> impl Service<u64, Response = u64> + Clone + Send + 'static {
+    tower_resilience::fallback::FallbackLayer::<u64, u64, std::convert::Infallible>::tower_service(
+        Bare,
+    )
+    .layer(Bare)
 }
 
 fn dedup() -> impl Service<u64, Response = u64> + Clone + Send + 'static {
@@ -91,6 +100,25 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("fallback/healthy primary");
     one!(g, "bare", Bare, |i| i);
     one!(g, "bulwark fallback", fallback(), |i| i);
+    one!(
+        g,
+        "tower-resilience fallback",
+        tower_resilience_fallback(),
+        |i| i
+    );
+    g.finish();
+
+    // The same, as a user's generic loop sees it (nothing forced inline).
+    let mut g = c.benchmark_group("fallback/healthy primary, generic driver");
+    macro_rules! generic {
+        ($name:expr, $svc:expr) => {{
+            let mut svc = $svc;
+            g.bench_function($name, |b| b.iter_custom(|n| generic_loop(&mut svc, n)));
+        }};
+    }
+    generic!("bare", Bare);
+    generic!("bulwark fallback", fallback());
+    generic!("tower-resilience fallback", tower_resilience_fallback());
     g.finish();
 
     let mut g = c.benchmark_group("dedup/unique keys");

@@ -189,13 +189,40 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("store/engine");
     let bucket = file.rate_limiter(1e12, 1e12).unwrap();
-    g.bench_function("file token bucket (locked read-modify-write)", |b| {
+    g.bench_function("file GCRA (locked read-modify-write)", |b| {
         b.iter(|| black_box(bucket.try_acquire(1.0)))
     });
     if let Some(redis) = &redis {
         let limiter = redis.rate_limiter("bench", 1e9, 1e9).unwrap();
         g.bench_function("redis GCRA (one EVALSHA round trip)", |b| {
             b.iter(|| black_box(rt.block_on(limiter.try_acquire("", 1))))
+        });
+    }
+    g.finish();
+
+    // The degraded fallback of a keyed Redis limiter, with Redis down:
+    // new keys beyond the 10 000 it keeps cost what the first ones did.
+    // Buckets that never refill during the run: past the cap, each new key
+    // is refused after looking at a few others. Buckets that refill at once:
+    // each new key takes the place of a spent one.
+    let down = RedisStore::builder("redis://127.0.0.1:1/")
+        .timeout(Duration::from_millis(50))
+        .retry_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("store/redis local fallback, new key each call");
+    for (name, rate) in [("buckets still limited", 1e-3), ("buckets spent", 1e9)] {
+        let limiter = down.rate_limiter(name, 1.0, rate).unwrap();
+        // Degraded, then well past the cap.
+        for i in 0..30_000u64 {
+            let _ = rt.block_on(limiter.try_acquire(&i.to_string(), 1));
+        }
+        let mut i = 30_000u64;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                i += 1;
+                black_box(rt.block_on(limiter.try_acquire(&i.to_string(), 1)))
+            })
         });
     }
     g.finish();

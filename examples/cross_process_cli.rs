@@ -1,7 +1,13 @@
 //! A CLI whose every invocation is a new process, yet all invocations share
 //! one token bucket, one bulkhead and one circuit breaker through a state
 //! file: three layers with the file backend, stacked in the seed's gate
-//! order (rate limit, bulkhead, then breaker).
+//! order (rate limit, bulkhead, then breaker). Each layer keeps its entry
+//! under its name (`api`) in the file.
+//!
+//! If the state file cannot be written (a read-only directory, say), each
+//! invocation falls back to limits of its own (`Degrade::FailOpenToLocal`);
+//! pass `closed` as a second argument to reject instead
+//! (`Degrade::FailClosed`).
 //!
 //! Try it from two shells at once:
 //!
@@ -22,6 +28,7 @@ use tower_bulwark::bulkhead::{BulkheadFull, BulkheadLayer};
 use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen};
 use tower_bulwark::rate_limit::{RateLimitLayer, RateLimited};
 use tower_bulwark::store::file::FileStore;
+use tower_bulwark::store::Degrade;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -29,6 +36,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut store = FileStore::builder().app("bulwark-example");
     if let Ok(dir) = std::env::var("BULWARK_STATE_DIR") {
         store = store.dir(dir);
+    }
+    if std::env::args().nth(2).as_deref() == Some("closed") {
+        store = store.degrade(Degrade::FailClosed);
     }
     let store = store.on_event(|e| eprintln!("store: {e:?}")).build()?;
     let breaker = CircuitBreakerLayer::builder()
@@ -55,11 +65,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 
     match cmd.as_str() {
         "status" => {
-            let s = store.load();
             println!(
                 "breaker {} ({} failures), {:.1} tokens, {} slots in use, file {}",
                 handle.state(),
-                s.circuit_breaker.failures,
+                handle.metrics().consecutive_failures,
                 tokens.tokens(),
                 bulkhead.handle().in_flight(),
                 store.path().display()

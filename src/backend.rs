@@ -15,10 +15,13 @@ use crate::store::redis::RedisStore;
 /// - [`Backend::Memory`] (default): this process only; lock-free and
 ///   allocation-free on the hot path.
 /// - `Backend::File` (feature `file-store`): every process using the same
-///   state file shares one breaker, one token bucket and one bulkhead
-///   (see `store::file`). Admission is a short
-///   read-modify-write under the file lock, done in `call`; bulkhead slots
-///   are owned by PIDs, and those of dead processes are reclaimed.
+///   state file shares one breaker, one rate limit and one bulkhead per
+///   name (see `store::file`). Admission is a short read-modify-write
+///   under the file lock, done in `call` when the lock is free and in the
+///   response future when a peer holds it; bulkhead slots are owned by
+///   processes (PID and start time), and those of ended processes are
+///   reclaimed. While the file cannot be used the store's
+///   `store::Degrade` policy applies.
 /// - `Backend::Redis` (feature `redis`): a fleet shares the state (see
 ///   `store::redis`). Rate limits are GCRA in Redis
 ///   (per key for a keyed limiter), bulkhead slots are leases that expire
@@ -32,9 +35,10 @@ use crate::store::redis::RedisStore;
 /// - breaker: both shared backends count consecutive failures; a
 ///   `Window` needs the memory backend. Half-open probes are reserved in
 ///   the shared state, so `half_open_max_calls` holds across processes.
-/// - rate limit: the file keeps one bucket per state file, so a keyed
-///   limiter is refused (`ConfigError` naming `backend`); Redis keeps one
-///   GCRA word per key. `max_wait` needs the memory backend.
+/// - rate limit: every backend runs the same GCRA. The file keeps one
+///   word per limiter name, so a keyed limiter is refused (`ConfigError`
+///   naming `backend`), and wall-clock time, so `clock` is refused; Redis
+///   keeps one GCRA word per key. `max_wait` needs the memory backend.
 /// - bulkhead: fail fast only (`max_wait` and `soft_limit` need the memory
 ///   backend).
 #[derive(Clone, Default)]
@@ -55,6 +59,15 @@ impl Backend {
     /// Whether this is [`Backend::Memory`].
     pub fn is_memory(&self) -> bool {
         matches!(self, Backend::Memory)
+    }
+
+    /// Whether this is the Redis backend.
+    pub(crate) fn is_redis(&self) -> bool {
+        #[cfg(feature = "redis")]
+        if let Backend::Redis(_) = self {
+            return true;
+        }
+        false
     }
 }
 

@@ -85,7 +85,7 @@
 //! [tower]: https://docs.rs/tower
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
-// The internal helpers (clock, slots, validation, events) are shared by the
+// The internal helpers (clock, validation, events) are shared by the
 // layers; with only some layers enabled, parts of them go unused. With all
 // layers on, as CI lints, dead code is still an error.
 #![cfg_attr(
@@ -111,7 +111,6 @@ mod clock;
 pub mod error;
 pub mod observe;
 mod outline;
-mod slot;
 mod sync;
 
 #[cfg(feature = "bulkhead")]

@@ -11,7 +11,9 @@
 //!   `bulwark_events_total{layer, name, event}`, and gauges that layers keep
 //!   current (such as `bulwark_circuit_state{name}`);
 //! - the builder's `on_event` listener, if one was given: a plain closure,
-//!   called synchronously, that must not block.
+//!   called synchronously, that must not block. A listener that panics
+//!   does not disturb the layer: the panic is caught, reported, and the
+//!   call goes on.
 //!
 //! Events are only raised off the hot path: a successful call through a
 //! healthy layer raises none.
@@ -86,12 +88,35 @@ impl<E: Event> Listeners<E> {
     }
 
     /// Sends `event` to tracing, metrics and the listeners.
+    ///
+    /// A listener that panics is contained here: the panic is reported
+    /// (by the panic hook, and as a `tracing` error) and the other
+    /// listeners and the layer carry on. Events are raised while a layer
+    /// is in the middle of its work, often with capacity taken on the
+    /// caller's behalf or inside a background task; unwinding out of
+    /// there would take down the caller's request, or a store's sync
+    /// task, for a fault in observation code.
     pub(crate) fn emit(&self, event: &E) {
         emit_unlistened(event);
         for l in &self.listeners {
-            l(event);
+            let call = std::panic::AssertUnwindSafe(|| l(event));
+            if std::panic::catch_unwind(call).is_err() {
+                listener_panicked(event);
+            }
         }
     }
+}
+
+#[cold]
+#[allow(unused_variables)]
+fn listener_panicked<E: Event>(event: &E) {
+    #[cfg(feature = "tracing")]
+    tracing::error!(
+        layer = event.layer(),
+        name = event.name(),
+        event = event.kind(),
+        "an on_event listener panicked; the panic was contained"
+    );
 }
 
 /// Sends `event` to tracing and metrics, for a layer without listeners.

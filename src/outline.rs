@@ -29,12 +29,6 @@ impl<T> OutOfLine<T> {
     pub(crate) fn get_mut(&mut self) -> Option<&mut T> {
         self.0.as_mut()
     }
-
-    /// Takes the value out; later calls give `None`.
-    #[inline]
-    pub(crate) fn take(&mut self) -> Option<T> {
-        self.0.take()
-    }
 }
 
 impl<T> Drop for OutOfLine<T> {

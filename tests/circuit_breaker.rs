@@ -297,9 +297,17 @@ fn invalid_config_names_the_field() {
     let b = CircuitBreakerLayer::builder;
     let field = |r: Result<CircuitBreakerLayer, tower_bulwark::ConfigError>| r.unwrap_err().field();
     assert_eq!(field(b().failure_threshold(0).build()), "failure_threshold");
+    // Counts are plain integers: any threshold a `u32` holds is sound.
+    assert!(b().failure_threshold(u32::MAX).build().is_ok());
     assert_eq!(
-        field(b().failure_threshold(70_000).build()),
-        "failure_threshold"
+        field(b().max_retry_after(Duration::ZERO).build()),
+        "max_retry_after"
+    );
+    // A setting of a backend the breaker does not use is refused, not
+    // silently ignored.
+    assert_eq!(
+        field(b().sync_interval(Duration::from_secs(1)).build()),
+        "sync_interval"
     );
     assert_eq!(
         field(b().half_open_max_calls(0).build()),

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_test::{assert_pending, assert_ready, assert_ready_ok};
-use tower::{service_fn, BoxError, Layer, Service, ServiceExt};
+use tower::{service_fn, BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_bulwark::circuit_breaker::{CircuitOpen, CircuitState};
 use tower_bulwark::classify::{classify_fn, Outcome};
 use tower_bulwark::error::{rejection, Rejection};
@@ -420,16 +420,16 @@ fn send_sync() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_healthy_call_outliving_its_layer_still_answers() {
-    // The healthy path keeps no reference to the layer: a primary failure
-    // that finishes after every service and the layer are gone returns the
-    // primary's own error instead of failing over into freed state.
+async fn a_call_outliving_its_layer_still_fails_over() {
+    // A primary failure that finishes after every service and the layer
+    // are gone still fails over: the call holds what it needs.
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let rx = Arc::new(tokio::sync::Mutex::new(Some(rx)));
     let layer = FallbackLayer::builder()
         .fallback("b", service_fn(|_: u32| async { Ok::<_, BoxError>("b") }))
         .build()
         .unwrap();
+    let handle = layer.handle();
     let mut svc = layer.layer(service_fn(move |_: u32| {
         let rx = rx.clone();
         async move {
@@ -443,6 +443,30 @@ async fn a_healthy_call_outliving_its_layer_still_answers() {
     drop(svc);
     drop(layer);
     tx.send(()).unwrap();
-    let err = assert_ready!(fut.poll()).unwrap_err();
-    assert_eq!(err.to_string(), "primary failed late");
+    assert_eq!(assert_ready!(fut.poll()).unwrap(), "b");
+    assert_eq!(
+        handle.breaker("primary").unwrap().metrics().failures_total,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_oneshot_through_service_builder_fails_over() {
+    // The layer value is gone before the call: `oneshot` consumes the
+    // service and drops it once the call is made.
+    let answer = ServiceBuilder::new()
+        .layer(
+            FallbackLayer::builder()
+                .fallback("b", service_fn(|_: u32| async { Ok::<_, BoxError>("b") }))
+                .build()
+                .unwrap(),
+        )
+        .service(service_fn(|_: u32| async {
+            tokio::task::yield_now().await;
+            Err::<&'static str, BoxError>("primary down".into())
+        }))
+        .oneshot(1)
+        .await
+        .unwrap();
+    assert_eq!(answer, "b");
 }

@@ -12,7 +12,7 @@ mod breaker_call;
 use breaker_call::call;
 use tower::{service_fn, ServiceBuilder, ServiceExt};
 use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitState};
-use tower_bulwark::store::file::{FileStore, Phase, State};
+use tower_bulwark::store::file::{BreakerEntry, FileRateLimiter, FileStore, State};
 use tower_bulwark::store::{Recovery, StoreEvent};
 
 #[path = "support/child.rs"]
@@ -103,8 +103,8 @@ fn breaker_opened_by_some_processes_rejects_in_another() {
         let out = outputs(spawn_child("breaker_fail", dir.path()));
         assert_eq!(out, ["Some(false)"]);
     }
-    let b = store(dir.path()).load().circuit_breaker;
-    assert_eq!(b.state, Phase::Open);
+    let b = api(&store(dir.path()));
+    assert_eq!(b.state, CircuitState::Open.code());
     // A fourth process is rejected without calling the upstream.
     assert_eq!(outputs(spawn_child("breaker_call", dir.path())), ["None"]);
     let handle = breaker(store(dir.path())).handle();
@@ -123,15 +123,16 @@ async fn killed_process_half_open_probe_is_reclaimed() {
     let s = store(dir.path());
     // Open, with the open period already over: the next call probes.
     s.update(|st| {
-        st.circuit_breaker.state = Phase::Open;
-        st.circuit_breaker.open_until = Some(0);
+        let b = st.breakers.entry("api".into()).or_default();
+        b.state = CircuitState::Open.code();
+        b.open_until = 0;
     });
     let mut child = spawn_child("hold_probe", dir.path());
     wait_ready(&mut child);
-    let b = s.load().circuit_breaker;
+    let b = api(&s);
     assert_eq!(
-        (b.state, b.half_open_pids.clone()),
-        (Phase::HalfOpen, vec![child.id()])
+        (b.state, b.probes.iter().map(|p| p.pid).collect::<Vec<_>>()),
+        (CircuitState::HalfOpen.code(), vec![child.id()])
     );
     let layer = breaker(s.clone());
     assert_eq!(
@@ -157,8 +158,9 @@ fn bucket_never_over_admits_across_processes() {
         .map(|c| outputs(c)[0].parse::<usize>().unwrap())
         .sum();
     assert_eq!(total, 25, "4 processes x 40 calls share one bucket of 25");
-    let state = store(dir.path()).load();
-    assert!(state.rate_limiter.tokens.unwrap() < 1.0);
+    let bucket = store(dir.path()).rate_limiter(25.0, 1e-6).unwrap();
+    assert!(bucket.tokens() < 1.0);
+    assert!(store(dir.path()).load().rate_limits[""].tat > 0);
 }
 
 #[test]
@@ -168,26 +170,30 @@ fn killed_process_bulkhead_slot_is_reclaimed() {
     wait_ready(&mut child);
     let bulkhead = store(dir.path()).bulkhead(1).unwrap();
     assert!(bulkhead.try_acquire().is_none(), "the child holds the slot");
-    assert_eq!(
-        store(dir.path()).load().bulkhead.active_pids,
-        vec![child.id()]
-    );
+    assert_eq!(holders(&store(dir.path())), vec![child.id()]);
     child.kill().unwrap();
     child.wait().unwrap();
     let slot = bulkhead
         .try_acquire()
         .expect("the dead child's slot is reclaimed");
-    assert_eq!(
-        store(dir.path()).load().bulkhead.active_pids,
-        vec![std::process::id()]
-    );
+    assert_eq!(holders(&store(dir.path())), vec![std::process::id()]);
     drop(slot);
     assert_eq!(bulkhead.available(), 1);
 }
 
 /// Whole tokens left (the refill while a test runs is far below one).
-fn tokens(store: &FileStore) -> u32 {
-    store.load().rate_limiter.tokens.unwrap().floor() as u32
+fn tokens(bucket: &FileRateLimiter) -> u32 {
+    bucket.tokens().floor() as u32
+}
+
+/// The PIDs holding slots of the unnamed bulkhead.
+fn holders(store: &FileStore) -> Vec<u32> {
+    let state = store.load();
+    state
+        .bulkheads
+        .get("")
+        .map(|b| b.holders.iter().map(|h| h.pid).collect())
+        .unwrap_or_default()
 }
 
 fn recording_store(dir: &Path) -> (FileStore, Arc<Mutex<Vec<StoreEvent>>>) {
@@ -235,8 +241,8 @@ fn bad_files_are_recovered_and_kept_aside() {
         let kept = kept_at.as_ref().expect("the bad file is kept");
         assert_eq!(std::fs::read(kept).unwrap(), content);
         // The file is valid again, with the call recorded.
-        assert_eq!(tokens(&store), 1);
-        assert_eq!(store.load().version, 1);
+        assert_eq!(tokens(&bucket), 1);
+        assert_eq!(store.load().version, 2);
     }
 }
 
@@ -262,7 +268,7 @@ fn lock_timeout_fails_open_with_an_event() {
         ),
         "{events:?}"
     );
-    assert_eq!(tokens(&store), 3);
+    assert_eq!(tokens(&bucket), 3);
     fs4::FileExt::unlock(&held).unwrap();
     assert!(bucket.try_acquire(1.0).is_ok());
     assert_eq!(events.lock().unwrap().len(), 1);
@@ -319,7 +325,12 @@ fn scopes_are_separate_files() {
     a.rate_limiter(1.0, 1e-6).unwrap().try_acquire(1.0).unwrap();
     b.rate_limiter(1.0, 1e-6).unwrap().try_acquire(1.0).unwrap();
     assert!(a.path().ends_with("a.json") && b.path().ends_with("b.json"));
-    assert_eq!(a.load().circuit_breaker.state, Phase::Closed);
+    assert!(a.load().breakers.is_empty());
     let err = FileStore::builder().scope("../x").build().unwrap_err();
     assert_eq!(err.field(), "scope");
+}
+
+/// The entry of the breaker named `api`, as the file holds it.
+fn api(s: &FileStore) -> BreakerEntry {
+    s.load().breakers.get("api").cloned().unwrap_or_default()
 }

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_bulwark::bulkhead::{BulkheadFull, BulkheadLayer};
-use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen};
+use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, CircuitState};
 use tower_bulwark::rate_limit::{RateLimitLayer, RateLimited};
-use tower_bulwark::store::file::{FileStore, Phase};
+use tower_bulwark::store::file::{BreakerEntry, FileStore};
 use tower_bulwark::ConfigError;
 
 #[path = "support/child.rs"]
@@ -108,6 +108,67 @@ fn rate_limit_layer_never_over_admits_across_processes() {
     assert_eq!(total, 25, "4 processes x 40 calls share one bucket of 25");
 }
 
+/// Each rate limit name and each bulkhead name has its own entry: a child
+/// that drains the limiter `api` and holds the bulkhead `api` leaves the
+/// ones named `other` untouched.
+#[tokio::test]
+async fn each_name_has_its_own_entry_across_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(outputs(spawn_child("layer_bucket", dir.path())), ["25"]);
+    let mut holder = spawn_child("layer_hold_slot", dir.path());
+    wait_ready(&mut holder);
+    let s = store(dir.path());
+    let named = |name: &str| {
+        RateLimitLayer::builder()
+            .name(name)
+            .max_tokens(25.0)
+            .refill_rate(1e-6)
+            .backend(s.clone())
+            .build()
+            .unwrap()
+    };
+    let mut admitted = [0, 0];
+    for (n, name) in ["api", "other"].into_iter().enumerate() {
+        let mut svc = ServiceBuilder::new()
+            .layer(named(name))
+            .service(ok_service());
+        for i in 0..30 {
+            if svc.ready().await.unwrap().call(i).await.is_ok() {
+                admitted[n] += 1;
+            }
+        }
+    }
+    assert_eq!(admitted, [0, 25]);
+    let other = BulkheadLayer::builder()
+        .name("other")
+        .max_concurrent(1)
+        .backend(s.clone())
+        .build()
+        .unwrap();
+    let err = ServiceBuilder::new()
+        .layer(bulkhead(&s))
+        .service(ok_service())
+        .oneshot(1)
+        .await
+        .unwrap_err();
+    assert!(err.is::<BulkheadFull>(), "{err}");
+    let ok = ServiceBuilder::new()
+        .layer(other)
+        .service(ok_service())
+        .oneshot(2)
+        .await;
+    assert_eq!(ok.unwrap(), 2);
+    let state = s.load();
+    assert_eq!(
+        state.rate_limits.keys().collect::<Vec<_>>(),
+        ["api", "other"]
+    );
+    assert_eq!(state.bulkheads["api"].holders.len(), 1);
+    assert_eq!(state.bulkheads["api"].holders[0].pid, holder.id());
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+}
+
 #[tokio::test]
 async fn bulkhead_layer_slot_of_a_killed_process_is_reclaimed() {
     let dir = tempfile::tempdir().unwrap();
@@ -160,32 +221,36 @@ async fn rejected_calls_never_take_a_half_open_probe() {
     // Open, its open period over: the next call the breaker sees probes.
     let half_open = || {
         s.update(|st| {
-            st.circuit_breaker.state = Phase::Open;
-            st.circuit_breaker.open_until = Some(0);
+            let b = st.breakers.entry("api".into()).or_default();
+            b.state = CircuitState::Open.code();
+            b.open_until = 0;
         })
     };
     half_open();
 
     // The bulkhead is full (another process holds the one slot).
-    s.update(|st| st.bulkhead.active_pids = vec![std::process::id()]);
+    let held = s.bulkhead(1).unwrap().named("api").try_acquire().unwrap();
     let err = gate(ok_service()).oneshot(1).await.unwrap_err();
     assert!(err.is::<BulkheadFull>(), "{err}");
     // Free the slot; empty the bucket.
-    s.update(|st| st.bulkhead.active_pids.clear());
+    drop(held);
     limiter.handle().set_retry_after(Duration::from_secs(600));
     let err = gate(ok_service()).oneshot(2).await.unwrap_err();
     assert!(err.is::<RateLimited>(), "{err}");
 
-    let b = s.load().circuit_breaker;
-    assert_eq!(b.half_open_attempts, 0, "no probe taken by a rejected call");
-    assert!(b.half_open_pids.is_empty());
-    assert_eq!(b.state, Phase::Open, "the breaker never saw those calls");
+    let b = api(&s);
+    assert!(b.probes.is_empty(), "no probe taken by a rejected call");
+    assert_eq!(
+        b.state,
+        CircuitState::Open.code(),
+        "the breaker never saw those calls"
+    );
 
     // The probe slot is still there for the first call admitted.
     limiter.handle().reset();
     assert_eq!(gate(ok_service()).oneshot(3).await.unwrap(), 3);
-    let b = s.load().circuit_breaker;
-    assert_eq!((b.state, b.half_open_attempts), (Phase::Closed, 0));
+    let b = api(&s);
+    assert_eq!((b.state, b.probes.len()), (CircuitState::Closed.code(), 0));
 
     // The other order leaks nothing either way a test can see in one
     // process, but it spends the probe on a call the bucket rejects:
@@ -198,8 +263,8 @@ async fn rejected_calls_never_take_a_half_open_probe() {
     let err = wrong.oneshot(4).await.unwrap_err();
     assert!(err.is::<RateLimited>(), "{err}");
     assert_eq!(
-        s.load().circuit_breaker.state,
-        Phase::Open,
+        api(&s).state,
+        CircuitState::Open.code(),
         "the rejection was counted as the probe's failure and reopened the breaker"
     );
     let err = gate(ok_service()).oneshot(5).await.unwrap_err();
@@ -207,7 +272,7 @@ async fn rejected_calls_never_take_a_half_open_probe() {
 }
 
 #[test]
-fn keyed_limits_and_waiting_are_refused_on_the_file_backend() {
+fn modes_the_file_cannot_keep_are_refused_at_build() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
     let err: ConfigError = RateLimitLayer::builder()
@@ -234,6 +299,29 @@ fn keyed_limits_and_waiting_are_refused_on_the_file_backend() {
         .build()
         .unwrap_err();
     assert_eq!(err.field(), "max_wait");
+    let err = BulkheadLayer::builder()
+        .max_concurrent(4)
+        .soft_limit(2)
+        .backend(s.clone())
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "soft_limit");
+    // The file keeps wall-clock time for every process: it cannot follow
+    // tokio's (paused) clock.
+    let err = RateLimitLayer::builder()
+        .clock(tower_bulwark::ClockSource::Tokio)
+        .backend(s.clone())
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "clock");
+    // Everything else a layer offers works on the file: a cost per
+    // request, an upstream's Retry-After, names.
+    assert!(RateLimitLayer::builder()
+        .name("costly")
+        .cost(|r: &u32| f64::from(*r))
+        .backend(s.clone())
+        .build()
+        .is_ok());
 }
 
 #[tokio::test]
@@ -253,5 +341,90 @@ async fn retry_after_through_the_layer_blocks_every_process() {
         .unwrap_err();
     let limited = err.downcast_ref::<RateLimited>().unwrap();
     assert!(limited.retry_after() > Duration::from_secs(500));
-    assert!(s.load().rate_limiter.retry_after_until.is_some());
+    // The block is in the limiter's own entry, folded into its TAT.
+    let tat = s.load().rate_limits["api"].tat;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    assert!(Duration::from_nanos(tat) > now + Duration::from_secs(500));
+}
+
+/// The entry of the breaker named `api`, as the file holds it.
+fn api(s: &FileStore) -> BreakerEntry {
+    s.load().breakers.get("api").cloned().unwrap_or_default()
+}
+
+/// A state file left by an earlier release (schema version 1: one breaker,
+/// one bucket, one bulkhead) keeps its limits for the unnamed layers: the
+/// bucket it emptied stays empty, the slot a live process holds stays
+/// held, the breaker it opened stays open. The next write is version 2.
+#[tokio::test]
+async fn a_version_1_file_keeps_its_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(dir.path());
+    let mut holder = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let v1 = format!(
+        r#"{{"version":1,
+        "circuit_breaker":{{"state":"open","failures":0,"successes":0,"half_open_attempts":0,
+          "half_open_pids":[],"half_open_last_attempt_at":null,"last_failure_at":{now},
+          "opened_at":{now},"open_until":{until},"generation":4}},
+        "rate_limiter":{{"tokens":0.0,"last_refill_at":{now},"retry_after_until":null}},
+        "bulkhead":{{"active_pids":[{pid}]}},"updated_at":{now}}}"#,
+        until = now + 600_000,
+        pid = holder.id()
+    );
+    std::fs::write(s.path(), v1).unwrap();
+
+    let limiter = RateLimitLayer::builder()
+        .max_tokens(5.0)
+        .refill_rate(1e-6)
+        .backend(s.clone())
+        .build()
+        .unwrap();
+    let err = ServiceBuilder::new()
+        .layer(limiter)
+        .service(ok_service())
+        .oneshot(1)
+        .await
+        .unwrap_err();
+    assert!(err.is::<RateLimited>(), "{err}");
+    let bulkhead = BulkheadLayer::builder()
+        .max_concurrent(1)
+        .backend(s.clone())
+        .build()
+        .unwrap();
+    let err = ServiceBuilder::new()
+        .layer(bulkhead)
+        .service(ok_service())
+        .oneshot(2)
+        .await
+        .unwrap_err();
+    assert!(err.is::<BulkheadFull>(), "{err}");
+    let breaker = CircuitBreakerLayer::builder()
+        .backend(s.clone())
+        .build()
+        .unwrap();
+    assert_eq!(breaker.handle().state(), CircuitState::Open);
+    let err = ServiceBuilder::new()
+        .layer(breaker)
+        .service(ok_service())
+        .oneshot(3)
+        .await
+        .unwrap_err();
+    assert!(err.is::<CircuitOpen>(), "{err}");
+
+    let text = std::fs::read_to_string(s.path()).unwrap();
+    assert!(text.starts_with(r#"{"version":2"#), "{text}");
+    for old in ["circuit_breaker", "rate_limiter", "active_pids"] {
+        assert!(!text.contains(old), "{old} in {text}");
+    }
+    holder.kill().unwrap();
+    holder.wait().unwrap();
 }

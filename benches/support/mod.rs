@@ -127,3 +127,33 @@ where
     }
     start.elapsed()
 }
+
+/// What a user's own loop sees: a plain generic `async fn` calling
+/// `svc.ready().await?.call(i).await` `n` times, left to the compiler
+/// (no `#[inline(always)]`), run to completion with a no-op waker.
+/// Returns the wall time of the whole loop, for `iter_custom`.
+pub fn generic_loop<S: Service<u64>>(svc: &mut S, n: u64) -> Duration {
+    let start = Instant::now();
+    let fut = pin!(user_loop(svc, n));
+    let _ = black_box(block_on(fut));
+    start.elapsed()
+}
+
+async fn user_loop<S: Service<u64>>(svc: &mut S, n: u64) -> Result<(), S::Error> {
+    use tower::ServiceExt;
+    for i in 0..n {
+        let r = svc.ready().await?.call(black_box(i)).await?;
+        black_box(r);
+    }
+    Ok(())
+}
+
+fn block_on<F: Future>(mut fut: std::pin::Pin<&mut F>) -> F::Output {
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::hint::spin_loop();
+    }
+}

@@ -100,3 +100,54 @@ pub(crate) async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>
     ));
     Ok(())
 }
+
+/// A breaker per upstream host: one host fails, the other keeps serving.
+pub(crate) async fn run_keyed() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    banner("keyed breakers: one breaker per upstream host");
+    let down = flaky_upstream(Arc::new(AtomicBool::new(false))).await?;
+    let up = flaky_upstream(Arc::new(AtomicBool::new(true))).await?;
+    say(format!("host {down} answers 503, host {up} answers 200"));
+
+    let breakers = CircuitBreakerLayer::builder()
+        .name("hosts")
+        .failure_threshold(2)
+        .classify(classify_fn(
+            |res: &Result<Response<Incoming>, hyper_util::client::legacy::Error>| match res {
+                Ok(r) if r.status().is_server_error() => Outcome::Failure,
+                Ok(_) => Outcome::Success,
+                Err(_) => Outcome::Failure,
+            },
+        ))
+        // The key of a request: the host it goes to.
+        .key(|req: &Request<Empty<Bytes>>| {
+            req.uri()
+                .authority()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        })
+        .max_keys(100)
+        .build()?;
+    let handle = breakers.handle();
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let mut svc = ServiceBuilder::new().layer(breakers).service(client);
+    for i in 1..=6 {
+        for addr in [down, up] {
+            let req = Request::get(format!("http://{addr}/")).body(Empty::new())?;
+            let outcome = match svc.ready().await?.call(req).await {
+                Ok(r) => format!("answered {}", r.status()),
+                Err(e) if e.is::<CircuitOpen>() => "rejected fast".to_owned(),
+                Err(e) => format!("failed: {e}"),
+            };
+            say(format!("round {i}: {addr} {outcome}"));
+        }
+    }
+    for addr in [down, up] {
+        let state = handle.state(&addr.to_string());
+        say(format!(
+            "breaker of {addr}: {}",
+            state.map_or("-", |s| s.as_str())
+        ));
+    }
+    Ok(())
+}

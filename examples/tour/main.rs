@@ -14,6 +14,7 @@ mod retry;
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     common::banner("tower-bulwark tour");
     breaker::run().await?;
+    breaker::run_keyed().await?;
     failover::run().await?;
     retry::run().await?;
     admission::run().await?;

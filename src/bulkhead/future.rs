@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-#[cfg(feature = "redis")]
+#[cfg(any(feature = "redis", feature = "file-store"))]
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
@@ -62,6 +62,20 @@ struct Leasing<S, Req> {
     req: Option<Req>,
 }
 
+/// A slot being taken in a state file whose lock a peer holds.
+#[cfg(feature = "file-store")]
+pub(crate) type ClaimFut =
+    Pin<Box<dyn Future<Output = Option<crate::store::file::FileSlot>> + Send>>;
+
+/// A call waiting for the state file's lock to take its slot.
+#[cfg(feature = "file-store")]
+struct Claim<S, Req> {
+    claim: ClaimFut,
+    core: Arc<Core>,
+    svc: Option<S>,
+    req: Option<Req>,
+}
+
 pin_project! {
     #[project = KindProj]
     enum Kind<S, Req>
@@ -81,6 +95,10 @@ pin_project! {
         Remote {
             leasing: Box<Remote<S, Req>>,
         },
+        // Boxed: only calls to a file bulkhead whose lock is busy.
+        Claiming {
+            claim: Box<FileClaim<S, Req>>,
+        },
         Rejected {
             err: Option<BoxError>,
         },
@@ -93,7 +111,27 @@ type Remote<S, Req> = Leasing<S, Req>;
 #[cfg(not(feature = "redis"))]
 type Remote<S, Req> = (std::convert::Infallible, std::marker::PhantomData<(S, Req)>);
 
+/// `Claim` with the `file-store` feature, uninhabited without it.
+#[cfg(feature = "file-store")]
+type FileClaim<S, Req> = Claim<S, Req>;
+#[cfg(not(feature = "file-store"))]
+type FileClaim<S, Req> = (std::convert::Infallible, std::marker::PhantomData<(S, Req)>);
+
 impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
+    #[cfg(feature = "file-store")]
+    pub(crate) fn claiming(core: Arc<Core>, claim: ClaimFut, svc: S, req: Req) -> Self {
+        Self {
+            kind: Kind::Claiming {
+                claim: Box::new(Claim {
+                    claim,
+                    core,
+                    svc: Some(svc),
+                    req: Some(req),
+                }),
+            },
+        }
+    }
+
     #[cfg(feature = "redis")]
     pub(crate) fn leasing(core: Arc<Core>, lease: Lease, svc: S, req: Req) -> Self {
         Self {
@@ -219,6 +257,26 @@ where
                 }
                 #[cfg(not(feature = "redis"))]
                 KindProj::Remote { leasing } => match leasing.0 {},
+                #[cfg(feature = "file-store")]
+                KindProj::Claiming { claim } => {
+                    let c = &mut **claim;
+                    let next = match ready!(c.claim.as_mut().poll(cx)) {
+                        Some(slot) => {
+                            let mut svc = c.svc.take().expect("polled after completion");
+                            let req = c.req.take().expect("polled after completion");
+                            Kind::Called {
+                                fut: svc.call(req),
+                                slot: Some(Slot::File(slot)),
+                            }
+                        }
+                        None => Kind::Rejected {
+                            err: Some(c.core.rejected(Duration::ZERO).into()),
+                        },
+                    };
+                    kind.set(next);
+                }
+                #[cfg(not(feature = "file-store"))]
+                KindProj::Claiming { claim } => match claim.0 {},
                 KindProj::Rejected { err } => {
                     return Poll::Ready(Err(err.take().expect("polled after completion")));
                 }
@@ -248,6 +306,7 @@ impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
             Kind::Called { .. } => "called",
             Kind::Waiting { .. } => "waiting",
             Kind::Remote { .. } => "leasing",
+            Kind::Claiming { .. } => "claiming",
             Kind::Rejected { .. } => "rejected",
         };
         f.debug_struct("ResponseFuture")

@@ -117,8 +117,10 @@ impl BulkheadBuilder {
 
     /// Where the slots live (default [`Backend::Memory`]): a
     /// `FileStore` shares them across the
-    /// processes using one state file (each slot owned by a PID; those of
-    /// dead processes are reclaimed), a
+    /// processes using one state file (the entry of the bulkhead's name,
+    /// `""` when unnamed; each slot owned by a process, known by PID and
+    /// start time; those of ended processes, and slots held longer than
+    /// the store's `slot_timeout`, are reclaimed), a
     /// `RedisStore` across a fleet
     /// (leases at `{<prefix>:<name>}:bulkhead`, the name defaulting to
     /// `bulkhead`, renewed while the call runs and expiring 30 s after a
@@ -184,7 +186,11 @@ impl BulkheadBuilder {
         let shared = match &self.backend {
             Backend::Memory => None,
             #[cfg(feature = "file-store")]
-            Backend::File(store) => Some(Slots::File(store.bulkhead(self.max_concurrent as u32)?)),
+            Backend::File(store) => Some(Slots::File(
+                store
+                    .bulkhead(self.max_concurrent as u32)?
+                    .named(self.name.as_deref().unwrap_or_default()),
+            )),
             #[cfg(feature = "redis")]
             Backend::Redis(store) => Some(Slots::Redis {
                 bulkhead: store.bulkhead(name, self.max_concurrent as u32)?,

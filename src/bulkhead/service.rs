@@ -8,6 +8,8 @@ use std::time::Duration;
 use tower_service::Service;
 
 use super::future::ResponseFuture;
+#[cfg(feature = "file-store")]
+use super::state::Slot;
 use super::state::{Core, Slots};
 use super::{BulkheadHandle, BulkheadLayer};
 use crate::error::BoxError;
@@ -98,8 +100,20 @@ where
             Slots::Counter(_) => {
                 ResponseFuture::rejected(self.core.rejected(Duration::ZERO).into())
             }
+            // Taken now if the file's lock is free; else the wait for the
+            // lock happens in the response future, on tokio's timers.
             #[cfg(feature = "file-store")]
-            Slots::File(_) => ResponseFuture::rejected(self.core.rejected(Duration::ZERO).into()),
+            Slots::File(b) => match b.try_acquire_now() {
+                Ok(Some(slot)) => ResponseFuture::called(self.inner.call(req), Slot::File(slot)),
+                Ok(None) => ResponseFuture::rejected(self.core.rejected(Duration::ZERO).into()),
+                Err(()) => {
+                    let b = b.clone();
+                    let claim = Box::pin(async move { b.acquire_async().await });
+                    let clone = self.inner.clone();
+                    let svc = std::mem::replace(&mut self.inner, clone);
+                    ResponseFuture::claiming(self.core.clone(), claim, svc, req)
+                }
+            },
             #[cfg(feature = "redis")]
             Slots::Redis { bulkhead, .. } => {
                 let bulkhead = bulkhead.clone();

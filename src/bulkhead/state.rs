@@ -228,8 +228,9 @@ impl Core {
                 self.acquired();
                 Some(Slot::Permit(permit))
             }
+            // Taken by the service: the file's lock may be busy.
             #[cfg(feature = "file-store")]
-            Slots::File(b) => b.try_acquire().map(Slot::File),
+            Slots::File(_) => None,
             // Needs a round trip: taken in the response future.
             #[cfg(feature = "redis")]
             Slots::Redis { .. } => None,

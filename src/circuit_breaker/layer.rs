@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::backend::{Backend, Remote, RemoteCfg};
-use super::state::{Config, Core};
-use super::word::MAX_COUNT;
+use super::backend::{Attached, Backend, SharedCfg};
+use super::circuit::Rules;
+use super::state::{Config, Core, Source};
 use super::{CircuitBreaker, CircuitEvent, CircuitMetrics, CircuitState, Window};
 use crate::backoff::Backoff;
 use crate::classify::DefaultClassifier;
@@ -16,6 +16,9 @@ use crate::error::{Check, ConfigError};
 use crate::observe::Listeners;
 
 const LAYER: &str = "circuit_breaker";
+
+/// The default cap on an upstream's back-off hint.
+const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// Builds [`CircuitBreaker`] services that all share one breaker.
 ///
@@ -91,9 +94,11 @@ struct Settings {
     slow_call_duration: Option<Duration>,
     slow_call_rate_threshold: f64,
     honor_retry_after: bool,
+    max_retry_after: Duration,
     backend: Backend,
     stale_attempt_timeout: Duration,
     sync_interval: Duration,
+    sync_interval_set: bool,
     listeners: Listeners<CircuitEvent>,
 }
 
@@ -113,9 +118,11 @@ impl CircuitBreakerBuilder {
                 slow_call_duration: None,
                 slow_call_rate_threshold: 1.0,
                 honor_retry_after: false,
+                max_retry_after: DEFAULT_MAX_RETRY_AFTER,
                 backend: Backend::Memory,
                 stale_attempt_timeout: Duration::from_secs(120),
                 sync_interval: Duration::from_millis(500),
+                sync_interval_set: false,
                 listeners: Listeners::default(),
             },
             classifier: DefaultClassifier,
@@ -212,6 +219,16 @@ impl<C> CircuitBreakerBuilder<C> {
         self
     }
 
+    /// The longest an upstream's back-off hint may hold the breaker open
+    /// (default 1 hour). A longer hint is cut to this, and a
+    /// [`CircuitEvent::RetryAfterClamped`] event says so: a hint is the
+    /// upstream's word, and one bad header must not shut a service out
+    /// for years.
+    pub fn max_retry_after(mut self, d: Duration) -> Self {
+        self.settings.max_retry_after = d;
+        self
+    }
+
     /// Decides which results are failures (default: every `Err`).
     pub fn classify<C2>(self, classifier: C2) -> CircuitBreakerBuilder<C2> {
         CircuitBreakerBuilder {
@@ -241,6 +258,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// opening is reported at once.
     pub fn sync_interval(mut self, d: Duration) -> Self {
         self.settings.sync_interval = d;
+        self.settings.sync_interval_set = true;
         self
     }
 
@@ -253,32 +271,46 @@ impl<C> CircuitBreakerBuilder<C> {
 
     /// Validates the configuration and makes the layer.
     pub fn build(self) -> Result<CircuitBreakerLayer<C>, ConfigError> {
-        let check = Check { layer: LAYER };
-        let count = |field, v: u32| -> Result<u16, ConfigError> {
-            check.at_least_one(field, u64::from(v))?;
-            check.at_most(field, u64::from(v), MAX_COUNT)?;
-            Ok(v as u16)
+        let (v, classifier) = self.validate()?;
+        let attached = match v.backend {
+            Backend::Memory => Attached::Memory,
+            #[cfg(feature = "file-store")]
+            Backend::File(store) => Attached::File(super::file::FileBreaker {
+                store,
+                name: v.cfg.name.to_string(),
+                rules: v.cfg.rules,
+                stale_attempt_timeout: v.shared.stale_attempt_timeout,
+            }),
+            #[cfg(feature = "redis")]
+            Backend::Redis(store) => {
+                Attached::Redis(super::fleet::FleetSync::new(store, &v.cfg, &v.shared))
+            }
         };
-        let failure_threshold = count("failure_threshold", self.settings.failure_threshold)?;
-        let half_open_max_calls = count("half_open_max_calls", self.settings.half_open_max_calls)?;
-        let success_threshold = count("success_threshold", self.settings.success_threshold)?;
-        check.non_zero_duration("open_timeout", self.settings.open_timeout)?;
-        if let Some(b) = &self.settings.open_backoff {
+        Ok(CircuitBreakerLayer {
+            core: Arc::new(Core::new(v.cfg, v.listeners, attached)),
+            classifier,
+        })
+    }
+
+    /// Checks every setting; the parts a layer is made of.
+    pub(crate) fn validate(self) -> Result<(Validated, C), ConfigError> {
+        let check = Check { layer: LAYER };
+        let s = self.settings;
+        check.at_least_one("failure_threshold", u64::from(s.failure_threshold))?;
+        check.at_least_one("half_open_max_calls", u64::from(s.half_open_max_calls))?;
+        check.at_least_one("success_threshold", u64::from(s.success_threshold))?;
+        check.non_zero_duration("open_timeout", s.open_timeout)?;
+        if let Some(b) = &s.open_backoff {
             b.validate(LAYER, "open_backoff")?;
             check.non_zero_duration("open_backoff", b.max())?;
         }
-        check.ratio(
-            "failure_rate_threshold",
-            self.settings.failure_rate_threshold,
-        )?;
-        check.ratio(
-            "slow_call_rate_threshold",
-            self.settings.slow_call_rate_threshold,
-        )?;
-        if let Some(d) = self.settings.slow_call_duration {
+        check.ratio("failure_rate_threshold", s.failure_rate_threshold)?;
+        check.ratio("slow_call_rate_threshold", s.slow_call_rate_threshold)?;
+        if let Some(d) = s.slow_call_duration {
             check.non_zero_duration("slow_call_duration", d)?;
         }
-        let minimum_calls = match (self.settings.window, self.settings.minimum_calls) {
+        check.non_zero_duration("max_retry_after", s.max_retry_after)?;
+        let minimum_calls = match (s.window, s.minimum_calls) {
             (Some(Window::Count(0)), _) => {
                 return Err(ConfigError::new(
                     LAYER,
@@ -307,9 +339,16 @@ impl<C> CircuitBreakerBuilder<C> {
             (Some(Window::Count(n)), None) => n.min(10),
             (_, None) => 10,
         };
-        check.non_zero_duration("stale_attempt_timeout", self.settings.stale_attempt_timeout)?;
-        check.non_zero_duration("sync_interval", self.settings.sync_interval)?;
-        if !matches!(self.settings.backend, Backend::Memory) && self.settings.window.is_some() {
+        check.non_zero_duration("stale_attempt_timeout", s.stale_attempt_timeout)?;
+        check.non_zero_duration("sync_interval", s.sync_interval)?;
+        if s.sync_interval_set && !s.backend.is_redis() {
+            return Err(ConfigError::new(
+                LAYER,
+                "sync_interval",
+                "only a breaker on the Redis backend syncs with a fleet",
+            ));
+        }
+        if !s.backend.is_memory() && s.window.is_some() {
             return Err(ConfigError::new(
                 LAYER,
                 "window",
@@ -317,51 +356,43 @@ impl<C> CircuitBreakerBuilder<C> {
             ));
         }
         let cfg = Config {
-            name: Arc::from(self.settings.name.unwrap_or_default()),
-            failure_threshold,
-            open_timeout: self.settings.open_timeout,
-            open_backoff: self.settings.open_backoff,
-            half_open_max_calls,
-            success_threshold,
-            window: self.settings.window,
-            failure_rate_threshold: self.settings.failure_rate_threshold,
+            name: Arc::from(s.name.unwrap_or_default()),
+            rules: Rules {
+                failure_threshold: s.failure_threshold,
+                success_threshold: s.success_threshold,
+                half_open_max_calls: s.half_open_max_calls,
+                open_timeout: s.open_timeout,
+                open_backoff: s.open_backoff,
+            },
+            window: s.window,
+            failure_rate_threshold: s.failure_rate_threshold,
             minimum_calls,
-            slow_call_duration: self.settings.slow_call_duration,
-            slow_call_rate_threshold: self.settings.slow_call_rate_threshold,
-            honor_retry_after: self.settings.honor_retry_after,
+            slow_call_duration: s.slow_call_duration,
+            slow_call_rate_threshold: s.slow_call_rate_threshold,
+            honor_retry_after: s.honor_retry_after,
+            max_retry_after: s.max_retry_after,
         };
-        let remote_cfg = RemoteCfg {
-            stale_attempt_timeout: self.settings.stale_attempt_timeout,
-            sync_interval: self.settings.sync_interval,
+        let shared = SharedCfg {
+            stale_attempt_timeout: s.stale_attempt_timeout,
+            sync_interval: s.sync_interval,
         };
-        #[allow(unused_mut)]
-        let mut listeners = self.settings.listeners;
-        let remote = match self.settings.backend {
-            Backend::Memory => Remote::None,
-            #[cfg(feature = "file-store")]
-            Backend::File(store) => Remote::File(super::backend::file::FileRemote {
-                store,
-                cfg: crate::store::file::BreakerCfg {
-                    failure_threshold: u32::from(cfg.failure_threshold),
-                    success_threshold: u32::from(cfg.success_threshold),
-                    open_timeout: cfg.open_timeout,
-                    half_open_max_calls: u32::from(cfg.half_open_max_calls),
-                    stale_attempt_timeout: remote_cfg.stale_attempt_timeout,
-                },
-            }),
-            #[cfg(feature = "redis")]
-            Backend::Redis(store) => {
-                let fleet = super::backend::fleet::Fleet::new(store, &cfg.name, &cfg, &remote_cfg);
-                listeners.push(fleet.listener());
-                Remote::Redis(fleet)
-            }
+        let v = Validated {
+            cfg,
+            shared,
+            backend: s.backend,
+            listeners: s.listeners,
         };
-        let _ = remote_cfg;
-        Ok(CircuitBreakerLayer {
-            core: Core::new_shared_with(cfg, listeners, remote),
-            classifier: self.classifier,
-        })
+        Ok((v, self.classifier))
     }
+}
+
+/// A breaker configuration that passed [`CircuitBreakerBuilder::validate`].
+pub(crate) struct Validated {
+    pub(crate) cfg: Config,
+    #[cfg_attr(not(any(feature = "file-store", feature = "redis")), allow(dead_code))]
+    pub(crate) shared: SharedCfg,
+    pub(crate) backend: Backend,
+    pub(crate) listeners: Listeners<CircuitEvent>,
 }
 
 impl<C> fmt::Debug for CircuitBreakerBuilder<C> {
@@ -407,68 +438,38 @@ impl CircuitHandle {
     /// With the file backend this reads the state file; with Redis it
     /// first takes in the fleet's latest view.
     pub fn state(&self) -> CircuitState {
-        match &self.core().remote {
-            #[cfg(feature = "file-store")]
-            Remote::File(f) => f.state(),
-            #[cfg(feature = "redis")]
-            Remote::Redis(f) => {
-                f.before_call(self.core());
-                self.core().state()
-            }
-            _ => self.core().state(),
-        }
+        self.core().state()
     }
 
-    /// Moves to `to` here and, with a shared backend, for every process.
-    fn force(&self, to: CircuitState) {
-        match &self.core().remote {
-            #[cfg(feature = "file-store")]
-            Remote::File(f) => return f.force(to),
-            #[cfg(feature = "redis")]
-            Remote::Redis(f) => f.force(to),
-            _ => {}
-        }
-        self.core().force(to);
-    }
-
-    /// Closes the breaker and clears its counts.
+    /// Closes the breaker and clears its counts (here and, with a shared
+    /// backend, for every process).
     pub fn reset(&self) {
-        self.force(CircuitState::Closed);
+        self.core().force(CircuitState::Closed, Source::Local);
     }
 
     /// Rejects every call until [`reset`](Self::reset) (or
     /// [`disable`](Self::disable)).
     pub fn force_open(&self) {
-        self.force(CircuitState::ForcedOpen);
+        self.core().force(CircuitState::ForcedOpen, Source::Local);
     }
 
     /// Admits every call and never opens, until [`reset`](Self::reset):
     /// the breaker only keeps its counts. (With the Redis backend, only in
     /// this process.)
     pub fn disable(&self) {
-        self.force(CircuitState::Disabled);
+        self.core().force(CircuitState::Disabled, Source::Local);
     }
 
     /// Holds the breaker open for at least `d` from now, as an upstream's
     /// `Retry-After` would. A longer open period is kept.
     pub fn hold_open(&self, d: Duration) {
-        self.core().hold_open_shared(d);
+        self.core().hold_open(d, Source::Local);
     }
 
     /// A snapshot of the breaker's counts. With the file backend, state and
     /// counts come from the file; totals are this process's.
     pub fn metrics(&self) -> CircuitMetrics {
-        #[allow(unused_mut)]
-        let mut m = self.core().snapshot();
-        #[cfg(feature = "file-store")]
-        if let Remote::File(f) = &self.core().remote {
-            let (failures, probes, open) = f.counts();
-            m.state = f.state();
-            m.consecutive_failures = failures;
-            m.half_open_in_flight = probes;
-            m.open_remaining = open;
-        }
-        m
+        self.core().snapshot()
     }
 }
 

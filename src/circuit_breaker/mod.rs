@@ -82,41 +82,98 @@
 //! clones, every service it makes and their clones all share one breaker;
 //! build another layer for another breaker.
 //!
+//! # Keyed breakers
+//!
+//! A client that calls many hosts or tenants wants a breaker per key, so
+//! one failing host does not shut the others out.
+//! [`key`](CircuitBreakerBuilder::key) turns the builder into a
+//! [`KeyedCircuitBreakerBuilder`]: each key gets a breaker of its own,
+//! with every setting of the builder and the full semantics above, named
+//! `name[key]` in errors and events. With the `http` feature,
+//! [`authority_key`] keys requests by their upstream host.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::{service_fn, ServiceBuilder, ServiceExt};
+//! use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitState};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_bulwark::BoxError> {
+//! let layer = CircuitBreakerLayer::builder()
+//!     .name("hosts")
+//!     .failure_threshold(1)
+//!     .key(|host: &&'static str| *host)
+//!     .max_keys(10_000)
+//!     .build()?;
+//! let handle = layer.handle();
+//! let upstream = service_fn(|host: &'static str| async move {
+//!     if host == "down.example" { Err("unreachable") } else { Ok(host.len()) }
+//! });
+//! let svc = ServiceBuilder::new().layer(layer).service(upstream);
+//! assert!(svc.clone().oneshot("down.example").await.is_err());
+//! assert_eq!(handle.state(&"down.example"), Some(CircuitState::Open));
+//! assert_eq!(svc.oneshot("up.example").await?, 10); // other hosts are not affected
+//! # Ok(()) }
+//! ```
+//!
+//! The table keeps at most `max_keys` keys (default 1024). Past that, a
+//! new key takes the place of an idle one, found by a clock sweep (each
+//! use marks a key, the sweep clears marks and takes the first unmarked
+//! key): idle means closed, or open with its period over, and no call in
+//! flight. An open breaker is never forgotten before its open period
+//! ends, nor a forced-open or disabled one. If every key is busy, new keys
+//! share one overflow breaker ([`KeyedCircuitHandle::overflow`]) until a
+//! place frees. Keyed breakers keep their state in memory; a shared
+//! backend is refused by `build()`.
+//!
 //! # Cost
 //!
 //! In the default consecutive mode a call through a closed breaker does one
 //! atomic load on admission, one reference-count increment, and one more
 //! load when it succeeds: no lock, no allocation, no clock read and no
 //! boxed future. Window mode and slow-call detection read the clock and
-//! take a short lock per finished call.
+//! take a short lock per finished call. A keyed breaker adds a read lock
+//! and a hash lookup per call.
 
 mod backend;
+mod circuit;
 mod error;
+#[cfg(feature = "file-store")]
+mod file;
+#[cfg(feature = "redis")]
+mod fleet;
 pub mod future;
+mod keyed;
 mod layer;
 mod service;
 mod state;
 mod window;
-mod word;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use backend::Backend;
 pub use error::CircuitOpen;
+#[cfg(feature = "http")]
+pub use keyed::authority_key;
+pub use keyed::{
+    KeyedCircuitBreaker, KeyedCircuitBreakerBuilder, KeyedCircuitBreakerLayer, KeyedCircuitHandle,
+};
 pub use layer::{CircuitBreakerBuilder, CircuitBreakerLayer, CircuitHandle};
 pub use service::CircuitBreaker;
 pub use window::Window;
-// The fallback layer drives one breaker core per entry directly.
+// The fallback layer admits calls to each entry's breaker the same way
+// the breaker's own service does.
 #[cfg(feature = "fallback")]
-pub(crate) use state::{closed_generation, record_success, Ticket};
+pub(crate) use state::{Admission, Core};
 
 use crate::observe::Event;
 
 /// The state of a breaker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum CircuitState {
     /// Calls go through; failures are counted.
+    #[default]
     Closed,
     /// Calls are rejected until the open period ends.
     Open,
@@ -144,13 +201,34 @@ impl CircuitState {
     /// The value of the `bulwark_circuit_state` gauge: 0 closed, 1 open,
     /// 2 half-open, 3 forced open, 4 disabled.
     pub fn gauge_value(self) -> f64 {
+        self.code() as f64
+    }
+
+    /// The state as a small number, the one encoding every backend uses
+    /// (the memory backend's word, the state file, the Redis fleet view
+    /// and the gauge): 0 closed, 1 open, 2 half-open, 3 forced open,
+    /// 4 disabled.
+    pub fn code(self) -> u8 {
         match self {
-            CircuitState::Closed => 0.0,
-            CircuitState::Open => 1.0,
-            CircuitState::HalfOpen => 2.0,
-            CircuitState::ForcedOpen => 3.0,
-            CircuitState::Disabled => 4.0,
+            CircuitState::Closed => 0,
+            CircuitState::Open => 1,
+            CircuitState::HalfOpen => 2,
+            CircuitState::ForcedOpen => 3,
+            CircuitState::Disabled => 4,
         }
+    }
+
+    /// The inverse of [`code`](Self::code); `None` for a number no
+    /// state has.
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            0 => CircuitState::Closed,
+            1 => CircuitState::Open,
+            2 => CircuitState::HalfOpen,
+            3 => CircuitState::ForcedOpen,
+            4 => CircuitState::Disabled,
+            _ => return None,
+        })
     }
 }
 
@@ -187,6 +265,28 @@ pub enum CircuitEvent {
         /// Time until the next probe, when known.
         retry_after: Option<Duration>,
     },
+    /// An upstream's back-off hint was longer than `max_retry_after`: the
+    /// breaker was held open for the cap instead.
+    RetryAfterClamped {
+        /// The breaker's name.
+        name: Arc<str>,
+        /// What the upstream asked for.
+        hinted: Duration,
+        /// What the breaker used.
+        used: Duration,
+    },
+    /// A Redis-backed breaker has not heard from the fleet for longer
+    /// than three sync intervals plus two store timeouts, and follows the
+    /// store's degrade policy until it does again.
+    #[cfg(feature = "redis")]
+    FleetUnheard {
+        /// The breaker's name.
+        name: Arc<str>,
+        /// The policy now in force.
+        policy: crate::store::Degrade,
+        /// How long since the last sync round.
+        quiet: Duration,
+    },
 }
 
 impl Event for CircuitEvent {
@@ -196,7 +296,11 @@ impl Event for CircuitEvent {
 
     fn name(&self) -> &str {
         match self {
-            CircuitEvent::StateChanged { name, .. } | CircuitEvent::Rejected { name, .. } => name,
+            CircuitEvent::StateChanged { name, .. }
+            | CircuitEvent::Rejected { name, .. }
+            | CircuitEvent::RetryAfterClamped { name, .. } => name,
+            #[cfg(feature = "redis")]
+            CircuitEvent::FleetUnheard { name, .. } => name,
         }
     }
 
@@ -210,17 +314,22 @@ impl Event for CircuitEvent {
                 CircuitState::Disabled => "disabled",
             },
             CircuitEvent::Rejected { .. } => "rejected",
+            CircuitEvent::RetryAfterClamped { .. } => "retry_after_clamped",
+            #[cfg(feature = "redis")]
+            CircuitEvent::FleetUnheard { .. } => "fleet_unheard",
         }
     }
 
     fn is_warning(&self) -> bool {
-        matches!(
-            self,
-            CircuitEvent::StateChanged {
-                to: CircuitState::Open | CircuitState::ForcedOpen,
-                ..
+        match self {
+            CircuitEvent::StateChanged { to, .. } => {
+                matches!(to, CircuitState::Open | CircuitState::ForcedOpen)
             }
-        )
+            CircuitEvent::RetryAfterClamped { .. } => true,
+            #[cfg(feature = "redis")]
+            CircuitEvent::FleetUnheard { .. } => true,
+            CircuitEvent::Rejected { .. } => false,
+        }
     }
 }
 

@@ -6,12 +6,11 @@ use std::task::{Context, Poll};
 
 use tower_service::Service;
 
-use super::future::{Permit, ResponseFuture};
-use super::state::{closed_generation, Core};
+use super::future::ResponseFuture;
+use super::state::{Admission, Core};
 use super::{CircuitBreakerLayer, CircuitHandle};
 use crate::classify::Classify;
 use crate::error::BoxError;
-use crate::slot::SlotRef;
 
 /// A circuit breaker around `S`. Made by [`CircuitBreakerLayer`].
 ///
@@ -22,20 +21,14 @@ pub struct CircuitBreaker<S, C> {
     inner: S,
     core: Arc<Core>,
     classifier: C,
-    /// The breaker's slot when every closed call can finish through it
-    /// (memory backend, consecutive mode, nothing timed): the hot path
-    /// then reads one word without touching `core`.
-    slot: Option<SlotRef>,
 }
 
 impl<S, C> CircuitBreaker<S, C> {
     pub(crate) fn from_parts(inner: S, core: Arc<Core>, classifier: C) -> Self {
-        let slot = (core.remote.is_memory() && core.slot_path()).then(|| core.lease.get());
         Self {
             inner,
             core,
             classifier,
-            slot,
         }
     }
 
@@ -74,7 +67,6 @@ impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
             inner: self.inner.clone(),
             core: self.core.clone(),
             classifier: self.classifier.clone(),
-            slot: self.slot,
         }
     }
 }
@@ -84,7 +76,6 @@ impl<S: fmt::Debug, C> fmt::Debug for CircuitBreaker<S, C> {
         f.debug_struct("CircuitBreaker")
             .field("inner", &self.inner)
             .field("name", &self.core.cfg.name)
-            .field("state", &self.core.state())
             .field("classifier", &std::any::type_name::<C>())
             .finish()
     }
@@ -108,78 +99,13 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        if let Some(slot) = self.slot {
-            if !Classify::<S::Response, S::Error>::uses_elapsed(&self.classifier)
-                && !Classify::<S::Response, S::Error>::defers(&self.classifier)
-            {
-                let gen = closed_generation(slot.slot);
-                if let Some(gen) = gen {
-                    let fut = self.inner.call(req);
-                    return ResponseFuture::on_slot(fut, slot, gen, self.classifier.clone());
-                }
+        let timed = Classify::<S::Response, S::Error>::uses_elapsed(&self.classifier);
+        match Admission::admit(self.core.clone(), timed) {
+            Ok(admission) => {
+                let fut = self.inner.call(req);
+                ResponseFuture::admitted(fut, admission, self.classifier.clone())
             }
-        }
-        self.call_core(req)
-    }
-}
-
-impl<S, C> CircuitBreaker<S, C> {
-    /// Every call that is not a closed call on the slot path.
-    fn call_core<Req>(&mut self, req: Req) -> ResponseFuture<S::Future, C>
-    where
-        S: Service<Req>,
-        S::Error: Into<BoxError>,
-        C: Classify<S::Response, S::Error> + Clone,
-    {
-        let core = &self.core;
-        if !core.remote.is_memory() {
-            return self.call_shared(req);
-        }
-        match core.try_acquire() {
-            Ok(ticket) => {
-                let timed = core.needs_elapsed()
-                    || Classify::<S::Response, S::Error>::uses_elapsed(&self.classifier);
-                let classifier = self.classifier.clone();
-                let defers = Classify::<S::Response, S::Error>::defers(&classifier);
-                if !ticket.probe && !timed && !defers && core.slot_path() {
-                    let slot = core.lease.get();
-                    let fut = self.inner.call(req);
-                    return ResponseFuture::on_slot(fut, slot, ticket.gen, classifier);
-                }
-                let permit = Permit {
-                    core: core.clone(),
-                    ticket,
-                    start: timed.then(|| core.clock.now()),
-                };
-                ResponseFuture::called(self.inner.call(req), permit, classifier)
-            }
-            Err(open) => ResponseFuture::rejected(open),
-        }
-    }
-}
-
-impl<S, C> CircuitBreaker<S, C> {
-    /// A call through a file or Redis backend: admitted by the backend, and
-    /// always finished through the whole breaker.
-    #[cold]
-    fn call_shared<Req>(&mut self, req: Req) -> ResponseFuture<S::Future, C>
-    where
-        S: Service<Req>,
-        C: Classify<S::Response, S::Error> + Clone,
-    {
-        let core = &self.core;
-        match core.acquire_shared() {
-            Ok(ticket) => {
-                let timed = core.needs_elapsed()
-                    || Classify::<S::Response, S::Error>::uses_elapsed(&self.classifier);
-                let permit = Permit {
-                    core: core.clone(),
-                    ticket,
-                    start: timed.then(|| core.clock.now()),
-                };
-                ResponseFuture::called(self.inner.call(req), permit, self.classifier.clone())
-            }
-            Err(open) => ResponseFuture::rejected(open),
+            Err((_, open)) => ResponseFuture::rejected(open),
         }
     }
 }

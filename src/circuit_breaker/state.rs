@@ -1,148 +1,142 @@
-//! The breaker's shared state machine.
+//! A breaker's shared state, and the admission API every caller uses.
 //!
-//! Everything here is a function of the stored state and `now`; the
-//! service and future only call in. The closed, consecutive-failure path
-//! touches a single atomic word with no clock read and no lock.
+//! The state machine itself is [`Circuit`] (plain functions of the state
+//! and `now`). Here it lives behind a mutex, next to a few atomics that
+//! mirror what the lock-free reads need:
+//!
+//! - `word`: the generation and the state, `generation << 3 | code`;
+//! - `failures`: the consecutive-failure count of the current generation;
+//! - `open_until`: the end of the current open period.
+//!
+//! All three are written only with the mutex held, `open_until` and
+//! `failures` before `word` (release), so a reader that sees a word
+//! (acquire) sees at least the mirrors written with it. The lock-free
+//! reads are the closed admission (one load of `word`), a closed
+//! success (one load of `failures`: zero means nothing to clear) and the
+//! open rejection (`word`, then `open_until`). Anything that changes the
+//! state takes the mutex and decides on the full [`Circuit`], so a stale
+//! mirror can only send a reader to the mutex, never change the state.
+//!
+//! Nothing here is global, recycled or truncated: a breaker is one
+//! `Arc<Core>`, and every admitted call holds a clone of it until it has
+//! booked its result (see [`Admission`]).
 
-use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::backend::Attached;
+use super::circuit::{Cause, Circuit, Pass, Refusal, Rules, Transition};
 use super::window::{Recorder, Totals, Window};
-use super::word::{deadline_is_newer, pack_deadline, unpack_deadline, Word};
 use super::{CircuitEvent, CircuitOpen, CircuitState};
-use crate::backoff::Backoff;
-use crate::clock::{nanos, Clock, Nanos};
+use crate::classify::{Classify, Outcome, Verdict};
+use crate::clock::{Clock, Nanos};
 use crate::observe::{gauge, Listeners};
+use crate::sync::Mutex;
 use crate::sync::{AtomicU32, AtomicU64};
-
-use super::backend::Remote;
-use crate::slot::{Lease, Slot};
-
-const US: u64 = 1_000;
 
 /// Immutable settings, validated by the builder.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) name: Arc<str>,
-    pub(crate) failure_threshold: u16,
-    pub(crate) open_timeout: Duration,
-    pub(crate) open_backoff: Option<Backoff>,
-    pub(crate) half_open_max_calls: u16,
-    pub(crate) success_threshold: u16,
+    pub(crate) rules: Rules,
     pub(crate) window: Option<Window>,
     pub(crate) failure_rate_threshold: f64,
     pub(crate) minimum_calls: u32,
     pub(crate) slow_call_duration: Option<Duration>,
     pub(crate) slow_call_rate_threshold: f64,
     pub(crate) honor_retry_after: bool,
+    pub(crate) max_retry_after: Duration,
 }
 
-/// A call's admission: which generation it belongs to and whether it holds
-/// a half-open probe slot.
+/// Where an event came from: a local decision is reported to a fleet;
+/// one that applies the fleet's view is not reported back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Ticket {
-    pub(crate) gen: u32,
-    pub(crate) probe: bool,
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) enum Source {
+    Local,
+    Fleet,
 }
 
-/// Why a transition happened; carried by events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Cause {
-    Failures,
-    ProbeFailed,
-    RetryAfter,
+/// What the mutex guards.
+#[derive(Debug)]
+struct Locked {
+    circuit: Circuit,
+    window: Option<Recorder>,
 }
 
 #[derive(Debug)]
 pub(crate) struct Core {
     pub(crate) cfg: Config,
-    /// The hot word lives in a type-stable slot (see `crate::slot`), so a
-    /// closed call's future can reach it without a reference count.
-    pub(crate) lease: Lease,
-    /// The open deadline, tagged with its generation (see `pack_deadline`).
-    deadline: AtomicU64,
-    /// Consecutive open periods without a successful recovery, for the
-    /// optional open-duration back-off.
-    opens_in_row: AtomicU32,
-    window: Option<Mutex<Recorder>>,
+    word: AtomicU64,
+    failures: AtomicU32,
+    open_until: AtomicU64,
+    locked: Mutex<Locked>,
     failures_total: AtomicU64,
     rejected_total: AtomicU64,
     pub(crate) clock: Clock,
     pub(crate) listeners: Listeners<CircuitEvent>,
     /// Where the state is shared, if anywhere (see `backend`).
-    pub(crate) remote: Remote,
+    pub(crate) attached: Attached,
+}
+
+const STATE_BITS: u32 = 3;
+const STATE_MASK: u64 = (1 << STATE_BITS) - 1;
+
+fn pack(c: &Circuit) -> u64 {
+    (c.generation << STATE_BITS) | u64::from(c.state().code())
+}
+
+fn state_of(word: u64) -> CircuitState {
+    CircuitState::from_code((word & STATE_MASK) as u8).unwrap_or(CircuitState::Disabled)
+}
+
+fn generation_of(word: u64) -> u64 {
+    word >> STATE_BITS
 }
 
 impl Core {
-    /// A breaker whose slot knows its way back to it.
-    #[allow(dead_code)]
-    pub(crate) fn new_shared(cfg: Config, listeners: Listeners<CircuitEvent>) -> Arc<Self> {
-        Self::new_shared_with(cfg, listeners, Remote::None)
-    }
-
-    /// The same, with the state shared through `remote`.
-    pub(crate) fn new_shared_with(
-        cfg: Config,
-        listeners: Listeners<CircuitEvent>,
-        remote: Remote,
-    ) -> Arc<Self> {
-        Arc::new_cyclic(|weak| {
-            let mut core = Self::new(cfg, listeners, weak.clone());
-            core.remote = remote;
-            core
-        })
-    }
-
-    pub(crate) fn new(
-        cfg: Config,
-        listeners: Listeners<CircuitEvent>,
-        owner: std::sync::Weak<Core>,
-    ) -> Self {
-        // A reused slot's generation jumps far ahead, so a straggling call
-        // of the slot's previous breaker finds a generation not its own.
-        let lease = Lease::new(owner, |old| {
-            Word::new(
-                CircuitState::Closed,
-                Word(old).gen().wrapping_add(1 << 28),
-                0,
-                0,
-            )
-            .0
-        });
-        let core = Self {
-            window: cfg.window.map(|w| Mutex::new(Recorder::new(w))),
+    pub(crate) fn new(cfg: Config, listeners: Listeners<CircuitEvent>, attached: Attached) -> Self {
+        let circuit = Circuit::default();
+        gauge("bulwark_circuit_state", &cfg.name, 0.0);
+        Self {
+            word: AtomicU64::new(pack(&circuit)),
+            failures: AtomicU32::new(0),
+            open_until: AtomicU64::new(0),
+            locked: Mutex::new(Locked {
+                circuit,
+                window: cfg.window.map(Recorder::new),
+            }),
             cfg,
-            lease,
-            deadline: AtomicU64::new(0),
-            opens_in_row: AtomicU32::new(0),
             failures_total: AtomicU64::new(0),
             rejected_total: AtomicU64::new(0),
             clock: Clock::new(),
             listeners,
-            remote: Remote::None,
-        };
-        gauge("bulwark_circuit_state", &core.cfg.name, 0.0);
-        core
+            attached,
+        }
     }
 
-    #[inline]
-    pub(crate) fn slot(&self) -> &'static Slot {
-        self.lease.slot()
+    fn lock(&self) -> impl std::ops::DerefMut<Target = Locked> + '_ {
+        // The guarded data is only ever changed by the functions of
+        // `Circuit` and `Recorder`, which do not panic midway; a poisoned
+        // lock (a panic elsewhere while it was held) still holds a
+        // consistent state.
+        self.locked.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    #[inline]
-    fn load(&self) -> Word {
-        Word(self.slot().word.load(Acquire))
+    /// Runs `f` on the circuit under the lock and republishes the mirrors.
+    fn update<R>(&self, f: impl FnOnce(&mut Locked, Nanos) -> R) -> R {
+        let now = self.clock.now();
+        let mut l = self.lock();
+        let r = f(&mut l, now);
+        self.publish(&l.circuit);
+        r
     }
 
-    #[inline]
-    fn cas(&self, old: Word, new: Word) -> Result<(), Word> {
-        self.slot()
-            .word
-            .compare_exchange_weak(old.0, new.0, AcqRel, Acquire)
-            .map(|_| ())
-            .map_err(Word)
+    fn publish(&self, c: &Circuit) {
+        self.open_until.store(c.open_until, Relaxed);
+        self.failures.store(c.failures, Relaxed);
+        self.word.store(pack(c), Release);
     }
 
     /// Whether calls need their duration measured.
@@ -150,146 +144,158 @@ impl Core {
         self.cfg.slow_call_duration.is_some()
     }
 
-    /// Whether a closed-breaker call can finish through the slot alone:
-    /// consecutive mode, nothing timed, no back-off hints to read.
-    pub(crate) fn slot_path(&self) -> bool {
-        self.window.is_none() && !self.needs_elapsed() && !self.cfg.honor_retry_after
-    }
-
-    /// Admits a call or says why not.
+    /// The pass of a closed in-memory breaker: one load. `None` sends the
+    /// caller to [`admit_pass`](Self::admit_pass).
     #[inline]
-    pub(crate) fn try_acquire(&self) -> Result<Ticket, CircuitOpen> {
-        let mut w = self.load();
-        loop {
-            match w.state() {
-                CircuitState::Closed | CircuitState::Disabled => {
-                    return Ok(Ticket {
-                        gen: w.gen(),
-                        probe: false,
-                    })
-                }
-                CircuitState::Open => {
-                    let now = self.clock.now();
-                    match self.open_remaining(w, now) {
-                        Some(left) => return Err(self.reject(CircuitState::Open, Some(left))),
-                        None => {
-                            // The timeout has passed: exactly one caller moves
-                            // the breaker to half-open and takes the first slot.
-                            let next = w.next(CircuitState::HalfOpen).with_a(1);
-                            match self.cas(w, next) {
-                                Ok(()) => {
-                                    self.changed(CircuitState::Open, CircuitState::HalfOpen, None);
-                                    return Ok(Ticket {
-                                        gen: next.gen(),
-                                        probe: true,
-                                    });
-                                }
-                                Err(cur) => w = cur,
-                            }
-                        }
-                    }
-                }
-                CircuitState::HalfOpen => {
-                    if w.a() >= self.cfg.half_open_max_calls {
-                        return Err(self.reject(CircuitState::HalfOpen, None));
-                    }
-                    match self.cas(w, w.with_a(w.a() + 1)) {
-                        Ok(()) => {
-                            return Ok(Ticket {
-                                gen: w.gen(),
-                                probe: true,
-                            })
-                        }
-                        Err(cur) => w = cur,
-                    }
-                }
-                CircuitState::ForcedOpen => {
-                    return Err(self.reject(CircuitState::ForcedOpen, None));
-                }
-            }
+    fn closed_pass(&self) -> Option<Pass> {
+        if !matches!(self.attached, Attached::Memory) {
+            return None;
         }
+        let w = self.word.load(Acquire);
+        (w & STATE_MASK == 0).then_some(Pass {
+            generation: generation_of(w),
+            probe: false,
+        })
     }
 
-    /// Time left in an open word, `None` once the deadline has passed.
-    fn open_remaining(&self, w: Word, now: Nanos) -> Option<Duration> {
-        match unpack_deadline(self.deadline.load(Acquire), w.gen()) {
-            Some(until_us) => {
-                let until = until_us.saturating_mul(US);
-                (now < until).then(|| Duration::from_nanos(until - now))
+    /// Admits a call in memory: lock-free while closed, and for the
+    /// rejections of an open breaker whose period is still running.
+    fn admit_here(&self) -> (Result<Pass, Refusal>, Option<Transition>) {
+        let w = self.word.load(Acquire);
+        match state_of(w) {
+            CircuitState::Closed | CircuitState::Disabled => {
+                let pass = Pass {
+                    generation: generation_of(w),
+                    probe: false,
+                };
+                return (Ok(pass), None);
             }
-            // The opener has not published the deadline yet: it just opened.
-            None => Some(self.cfg.open_timeout),
+            CircuitState::ForcedOpen => {
+                let refusal = Refusal {
+                    state: CircuitState::ForcedOpen,
+                    retry_after: None,
+                };
+                return (Err(refusal), None);
+            }
+            CircuitState::Open => {
+                let now = self.clock.now();
+                let until = self.open_until.load(Relaxed);
+                if now < until {
+                    let refusal = Refusal {
+                        state: CircuitState::Open,
+                        retry_after: Some(Duration::from_nanos(until - now)),
+                    };
+                    return (Err(refusal), None);
+                }
+            }
+            CircuitState::HalfOpen => {}
+        }
+        self.update(|l, now| l.circuit.admit(&self.cfg.rules, now))
+    }
+
+    /// Admits a call wherever the state lives.
+    #[cold]
+    #[inline(never)]
+    fn admit_pass(&self) -> (Result<Pass, Refusal>, Option<Transition>) {
+        match &self.attached {
+            Attached::Memory => self.admit_here(),
+            #[cfg(feature = "file-store")]
+            Attached::File(f) => f.admit(),
+            #[cfg(feature = "redis")]
+            Attached::Redis(f) => {
+                f.before_call(self);
+                self.admit_here()
+            }
         }
     }
 
     #[cold]
-    pub(crate) fn reject(&self, state: CircuitState, retry_after: Option<Duration>) -> CircuitOpen {
+    fn refuse(&self, r: Refusal) -> CircuitOpen {
         self.rejected_total.fetch_add(1, Relaxed);
-        let err = CircuitOpen::new(self.cfg.name.clone(), state, retry_after);
+        #[cfg(feature = "redis")]
+        if let Attached::Redis(f) = &self.attached {
+            f.rejected();
+        }
         self.listeners.emit(&CircuitEvent::Rejected {
             name: self.cfg.name.clone(),
-            state,
-            retry_after,
+            state: r.state,
+            retry_after: r.retry_after,
         });
-        err
+        CircuitOpen::new(self.cfg.name.clone(), r.state, r.retry_after)
     }
 
-    /// Records a finished call. `slow` is set when the call exceeded the
-    /// slow-call duration.
+    /// Books the result of a call admitted as `pass`.
     #[inline]
-    pub(crate) fn record(&self, t: Ticket, failure: bool, slow: bool) {
-        if t.probe {
-            return self.record_probe(t, failure || slow);
+    fn book(&self, pass: Pass, outcome: Outcome, slow: bool) {
+        if outcome == Outcome::Success
+            && !slow
+            && !pass.probe
+            && self.cfg.window.is_none()
+            && matches!(self.attached, Attached::Memory)
+            && self.failures.load(Relaxed) == 0
+        {
+            // The common case: a closed success with nothing to clear.
+            return;
         }
+        self.book_slow(pass, outcome, slow);
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn book_slow(&self, pass: Pass, outcome: Outcome, slow: bool) {
+        let failure = match outcome {
+            Outcome::Ignore => return self.release(pass),
+            Outcome::Failure => true,
+            Outcome::Success => false,
+        };
         if failure {
             self.failures_total.fetch_add(1, Relaxed);
         }
-        if self.window.is_some() {
-            return self.record_window(t, failure, slow);
-        }
-        let failure = failure || slow;
-        let mut w = self.load();
-        loop {
-            if w.gen() != t.gen || !w.is_closed() {
-                return; // stale result, or disabled
-            }
-            let next = if failure {
-                let n = w.a().saturating_add(1);
-                if n >= self.cfg.failure_threshold {
-                    return self.open_from(w, Cause::Failures);
+        let t = match &self.attached {
+            #[cfg(feature = "file-store")]
+            Attached::File(f) => f.book(pass, failure || slow),
+            #[cfg(feature = "redis")]
+            Attached::Redis(f) => {
+                if !pass.probe {
+                    f.outcome(failure || slow);
                 }
-                w.with_a(n)
-            } else if w.a() == 0 {
-                return; // the common case: nothing to write
-            } else {
-                w.with_a(0)
-            };
-            match self.cas(w, next) {
-                Ok(()) => return,
-                Err(cur) => w = cur,
+                self.book_here(pass, failure, slow)
             }
+            Attached::Memory => self.book_here(pass, failure, slow),
+        };
+        if let Some(t) = t {
+            self.changed(t, Source::Local);
         }
     }
 
-    #[cold]
-    fn record_window(&self, t: Ticket, failure: bool, slow: bool) {
-        let Some(window) = &self.window else { return };
-        // Only a time window needs the time.
-        let now = match self.cfg.window {
-            Some(Window::Time(_)) => self.clock.now(),
-            _ => 0,
-        };
-        let mut rec = window.lock().unwrap_or_else(|e| e.into_inner());
-        let w = self.load();
-        if w.gen() != t.gen || !w.is_closed() {
-            return;
-        }
-        let totals = rec.record(failure, slow, now);
-        if self.trips(totals) {
-            rec.clear();
-            drop(rec);
-            self.open_from(w, Cause::Failures);
-        }
+    fn book_here(&self, pass: Pass, failure: bool, slow: bool) -> Option<Transition> {
+        let rules = &self.cfg.rules;
+        self.update(|l, now| {
+            if pass.probe {
+                return if failure || slow {
+                    l.circuit.fail(rules, pass, now)
+                } else {
+                    l.circuit.succeed(rules, pass)
+                };
+            }
+            let Some(window) = &mut l.window else {
+                return if failure || slow {
+                    l.circuit.fail(rules, pass, now)
+                } else {
+                    l.circuit.succeed(rules, pass)
+                };
+            };
+            if pass.generation != l.circuit.generation || l.circuit.state() != CircuitState::Closed
+            {
+                return None; // the window belongs to a later generation
+            }
+            let totals = window.record(failure, slow, now);
+            if !self.trips(totals) {
+                return None;
+            }
+            window.clear();
+            l.circuit.trip(rules, pass, now)
+        })
     }
 
     fn trips(&self, t: Totals) -> bool {
@@ -300,186 +306,118 @@ impl Core {
                     && t.slow_rate() >= self.cfg.slow_call_rate_threshold)
     }
 
-    fn record_probe(&self, t: Ticket, failure: bool) {
-        let mut w = self.load();
-        loop {
-            if w.gen() != t.gen || w.state() != CircuitState::HalfOpen {
-                return;
-            }
-            if failure {
-                return self.open_from(w, Cause::ProbeFailed);
-            }
-            let successes = w.b() + 1;
-            if successes >= self.cfg.success_threshold {
-                match self.cas(w, w.next(CircuitState::Closed)) {
-                    Ok(()) => {
-                        self.opens_in_row.store(0, Relaxed);
-                        if let Some(window) = &self.window {
-                            window.lock().unwrap_or_else(|e| e.into_inner()).clear();
-                        }
-                        return self.changed(CircuitState::HalfOpen, CircuitState::Closed, None);
-                    }
-                    Err(cur) => w = cur,
-                }
-            } else {
-                match self.cas(w, w.with_a(w.a().saturating_sub(1)).with_b(successes)) {
-                    Ok(()) => return,
-                    Err(cur) => w = cur,
-                }
-            }
+    /// Gives back a probe slot whose call ended without a verdict.
+    fn release(&self, pass: Pass) {
+        if !pass.probe {
+            return;
+        }
+        match &self.attached {
+            #[cfg(feature = "file-store")]
+            Attached::File(f) => f.release(pass),
+            _ => self.update(|l, _| l.circuit.release(pass)),
         }
     }
 
-    /// Gives back a probe slot whose call ended without a verdict (dropped,
-    /// panicked, or classified `Ignore`).
-    pub(crate) fn release_probe(&self, t: Ticket) {
-        let mut w = self.load();
-        while w.gen() == t.gen && w.state() == CircuitState::HalfOpen && w.a() > 0 {
-            match self.cas(w, w.with_a(w.a() - 1)) {
-                Ok(()) => return,
-                Err(cur) => w = cur,
-            }
+    /// An upstream's back-off hint, cut to `max_retry_after`.
+    fn cap_retry_after(&self, hinted: Duration) -> Duration {
+        let max = self.cfg.max_retry_after;
+        if hinted <= max {
+            return hinted;
         }
-    }
-
-    /// Opens the breaker from word `w` (closed or half-open). Only the
-    /// caller whose CAS wins publishes the deadline and the event.
-    fn open_from(&self, mut w: Word, cause: Cause) {
-        loop {
-            let from = w.state();
-            let next = w.next(CircuitState::Open);
-            match self.cas(w, next) {
-                Ok(()) => {
-                    let n = self.opens_in_row.fetch_add(1, Relaxed) + 1;
-                    let d = self.open_duration(n);
-                    self.publish_deadline(next.gen(), d);
-                    return self.changed(from, CircuitState::Open, Some((cause, d)));
-                }
-                Err(cur) => {
-                    if cur.gen() != w.gen() {
-                        return; // someone else moved it on
-                    }
-                    w = cur; // only the counts changed: try again
-                }
-            }
-        }
-    }
-
-    fn open_duration(&self, opens_in_row: u32) -> Duration {
-        match &self.cfg.open_backoff {
-            None => self.cfg.open_timeout,
-            Some(b) => b.jittered(opens_in_row, Duration::ZERO, &mut fastrand::Rng::new()),
-        }
-    }
-
-    fn publish_deadline(&self, gen: u32, d: Duration) {
-        let now = self.clock.now();
-        // Rounded down: `retry_after` never exceeds the configured time.
-        let packed = pack_deadline(gen, now.saturating_add(nanos(d)) / US);
-        // Only the opener of `gen` writes here, but it may be late: never
-        // overwrite the deadline of a later generation.
-        let mut cur = self.deadline.load(Acquire);
-        while !deadline_is_newer(cur, gen) {
-            match self
-                .deadline
-                .compare_exchange_weak(cur, packed, AcqRel, Acquire)
-            {
-                Ok(_) => return,
-                Err(now) => cur = now,
-            }
-        }
+        self.listeners.emit(&CircuitEvent::RetryAfterClamped {
+            name: self.cfg.name.clone(),
+            hinted,
+            used: max,
+        });
+        max
     }
 
     /// Holds the breaker open for at least `d` from now (an upstream's
-    /// `Retry-After`, or the handle). Never shortens a longer open period.
-    pub(crate) fn hold_open(&self, d: Duration) {
-        let now = self.clock.now();
-        let mut w = self.load();
-        loop {
-            match w.state() {
-                CircuitState::ForcedOpen | CircuitState::Disabled => return,
-                CircuitState::Open => {
-                    if let Some(left) = self.open_remaining(w, now) {
-                        if left >= d {
-                            return;
-                        }
+    /// back-off hint, the handle, or a fleet's view).
+    pub(crate) fn hold_open(&self, d: Duration, source: Source) {
+        let t = match &self.attached {
+            #[cfg(feature = "file-store")]
+            Attached::File(f) => f.hold_open(d),
+            _ => self.update(|l, now| l.circuit.hold_open(now, d)),
+        };
+        if let Some(t) = t {
+            self.changed(t, source);
+        }
+    }
+
+    /// Moves to `to` from any state.
+    pub(crate) fn force(&self, to: CircuitState, source: Source) {
+        let t = match &self.attached {
+            #[cfg(feature = "file-store")]
+            Attached::File(f) => f.force(to),
+            _ => self.update(|l, now| {
+                if to == CircuitState::Closed {
+                    if let Some(w) = &mut l.window {
+                        w.clear();
                     }
                 }
-                _ => {}
-            }
-            let from = w.state();
-            let next = w.next(CircuitState::Open);
-            match self.cas(w, next) {
-                Ok(()) => {
-                    self.publish_deadline(next.gen(), d);
-                    let to = CircuitState::Open;
-                    return self.changed(from, to, Some((Cause::RetryAfter, d)));
-                }
-                Err(cur) => w = cur,
-            }
+                l.circuit.force(to, now, &self.cfg.rules)
+            }),
+        };
+        #[cfg(feature = "redis")]
+        if let (Attached::Redis(f), Source::Local) = (&self.attached, source) {
+            f.force(to);
         }
+        self.changed(t, source);
     }
 
-    /// Moves to `to` from any state (handle operations).
-    pub(crate) fn force(&self, to: CircuitState) {
-        let mut w = self.load();
-        loop {
-            match self.cas(w, w.next(to)) {
-                Ok(()) => break,
-                Err(cur) => w = cur,
-            }
+    pub(crate) fn changed(&self, t: Transition, source: Source) {
+        #[cfg(feature = "redis")]
+        if let Attached::Redis(f) = &self.attached {
+            f.changed(&t, source);
         }
-        if to == CircuitState::Closed {
-            self.opens_in_row.store(0, Relaxed);
-            if let Some(window) = &self.window {
-                window.lock().unwrap_or_else(|e| e.into_inner()).clear();
-            }
-        }
-        self.changed(w.state(), to, None);
-    }
-
-    pub(crate) fn changed(
-        &self,
-        from: CircuitState,
-        to: CircuitState,
-        why: Option<(Cause, Duration)>,
-    ) {
-        gauge("bulwark_circuit_state", &self.cfg.name, to.gauge_value());
+        let _ = source;
+        gauge("bulwark_circuit_state", &self.cfg.name, t.to.gauge_value());
         self.listeners.emit(&CircuitEvent::StateChanged {
             name: self.cfg.name.clone(),
-            from,
-            to,
-            open_for: why.map(|(_, d)| d),
-            retry_after_hint: matches!(why, Some((Cause::RetryAfter, _))),
+            from: t.from,
+            to: t.to,
+            open_for: t.open_for,
+            retry_after_hint: t.cause == Cause::RetryAfter,
         });
     }
 
-    /// The state as a caller would see it now: an open breaker whose
-    /// timeout has passed reports half-open (the next call probes).
-    pub(crate) fn state(&self) -> CircuitState {
-        let w = self.load();
-        if w.state() == CircuitState::Open && self.open_remaining(w, self.clock.now()).is_none() {
-            return CircuitState::HalfOpen;
+    /// A copy of the circuit, as the backend has it.
+    pub(crate) fn circuit(&self) -> (Circuit, Nanos) {
+        match &self.attached {
+            #[cfg(feature = "file-store")]
+            Attached::File(f) => f.circuit(),
+            _ => (self.lock().circuit.clone(), self.clock.now()),
         }
-        w.state()
+    }
+
+    /// The state as a caller would see it now: an open breaker whose
+    /// period has passed reports half-open (the next call probes).
+    pub(crate) fn state(&self) -> CircuitState {
+        #[cfg(feature = "redis")]
+        if let Attached::Redis(f) = &self.attached {
+            f.before_call(self);
+        }
+        let (c, now) = self.circuit();
+        c.state_at(now)
     }
 
     pub(crate) fn snapshot(&self) -> super::CircuitMetrics {
-        let w = self.load();
-        let now = self.clock.now();
-        let totals = self
-            .window
-            .as_ref()
-            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).totals(now));
+        let (c, now) = self.circuit();
+        let totals = {
+            let mut l = self.lock();
+            let now = self.clock.now();
+            l.window.as_mut().map(|w| w.totals(now))
+        };
         super::CircuitMetrics {
-            state: self.state(),
-            consecutive_failures: if w.is_closed() && self.window.is_none() {
-                u32::from(w.a())
+            state: c.state_at(now),
+            consecutive_failures: if c.state() == CircuitState::Closed {
+                c.failures
             } else {
                 0
             },
-            half_open_in_flight: if w.state() == CircuitState::HalfOpen {
-                u32::from(w.a())
+            half_open_in_flight: if c.state() == CircuitState::HalfOpen {
+                c.probes
             } else {
                 0
             },
@@ -488,33 +426,189 @@ impl Core {
             slow_call_rate: totals.filter(|t| t.calls > 0).map(|t| t.slow_rate()),
             failures_total: self.failures_total.load(Relaxed),
             rejected_total: self.rejected_total.load(Relaxed),
-            open_remaining: if w.state() == CircuitState::Open {
-                self.open_remaining(w, now)
-            } else {
-                None
-            },
+            open_remaining: c.open_remaining(now),
         }
     }
 }
 
-/// The generation of a closed breaker's slot word, `None` in any other
-/// state: admission on the hot path.
-#[inline]
-pub(crate) fn closed_generation(slot: &Slot) -> Option<u32> {
-    let w = Word(slot.word.load(Acquire));
-    w.is_closed().then(|| w.gen())
+/// A call a breaker let through, until its result is booked.
+///
+/// This is the one way into a breaker: the breaker's own service and each
+/// entry of a fallback group admit calls with [`Admission::admit`] and
+/// book them with [`Admission::finish`]. `R` is whatever keeps the breaker
+/// alive for the call (the breaker's `Arc<Core>`, or a fallback group's
+/// shared state with the entry's index), so a call can always book its
+/// result, whatever became of the layer and services that made it.
+///
+/// Dropped before `finish` (the caller went away, the inner service
+/// panicked), it gives a half-open probe slot back and counts as neither
+/// success nor failure.
+#[derive(Debug)]
+pub(crate) struct Admission<R: AsRef<Core>> {
+    owner: R,
+    pass: Pass,
+    start: Option<Nanos>,
+    /// Whether a result is still to be booked.
+    open: bool,
 }
 
-/// Records a closed-generation success straight on a breaker's slot word:
-/// clears the consecutive-failure count if there is one. Usually a single
-/// load.
-#[inline]
-pub(crate) fn record_success(word: &AtomicU64, gen: u32) {
-    let mut w = Word(word.load(Acquire));
-    while w.gen() == gen && w.is_closed() && w.a() != 0 {
-        match word.compare_exchange_weak(w.0, w.with_a(0).0, AcqRel, Acquire) {
-            Ok(_) => return,
-            Err(cur) => w = Word(cur),
+impl<R: AsRef<Core>> Admission<R> {
+    /// Admits a call, or gives `owner` back with the rejection. `timed`
+    /// says whether the classifier reads the call's duration.
+    #[inline]
+    pub(crate) fn admit(owner: R, timed: bool) -> Result<Self, (R, CircuitOpen)> {
+        let core = owner.as_ref();
+        if !timed && !core.needs_elapsed() {
+            if let Some(pass) = core.closed_pass() {
+                return Ok(Self {
+                    owner,
+                    pass,
+                    start: None,
+                    open: true,
+                });
+            }
+        }
+        Self::admit_slow(owner, timed)
+    }
+
+    /// Every admission but a closed in-memory breaker's untimed one.
+    #[cold]
+    #[inline(never)]
+    fn admit_slow(owner: R, timed: bool) -> Result<Self, (R, CircuitOpen)> {
+        let core = owner.as_ref();
+        let (verdict, transition) = core.admit_pass();
+        match verdict {
+            Ok(pass) => {
+                let start = (timed || core.needs_elapsed()).then(|| core.clock.now());
+                let admission = Self {
+                    owner,
+                    pass,
+                    start,
+                    open: true,
+                };
+                // The probe slot is already this admission's, so whatever
+                // a listener does, it comes back.
+                if let Some(t) = transition {
+                    admission.core().changed(t, Source::Local);
+                }
+                Ok(admission)
+            }
+            Err(refusal) => {
+                let err = core.refuse(refusal);
+                Err((owner, err))
+            }
+        }
+    }
+
+    #[inline]
+    fn core(&self) -> &Core {
+        self.owner.as_ref()
+    }
+
+    /// What keeps the breaker alive.
+    pub(crate) fn owner(&self) -> &R {
+        &self.owner
+    }
+
+    /// Starts the call's clock again (a fallback admits an entry before
+    /// waiting for it to be ready, and times only the call).
+    #[allow(dead_code)]
+    pub(crate) fn restart_clock(&mut self) {
+        if self.start.is_some() {
+            self.start = Some(self.core().clock.now());
+        }
+    }
+
+    /// Books `res` and says how it was classified.
+    #[inline]
+    pub(crate) fn finish<C, T, E>(&mut self, classifier: &C, res: &Result<T, E>) -> Outcome
+    where
+        C: Classify<T, E>,
+    {
+        self.open = false;
+        let core = self.owner.as_ref();
+        if self.start.is_none() && !core.cfg.honor_retry_after {
+            let outcome = classifier.classify(res, Duration::ZERO);
+            core.book(self.pass, outcome, false);
+            return outcome;
+        }
+        self.finish_timed(classifier, res)
+    }
+
+    /// [`finish`](Self::finish) for a timed call, or one whose upstream's
+    /// back-off hints are honoured.
+    #[cold]
+    #[inline(never)]
+    fn finish_timed<C, T, E>(&mut self, classifier: &C, res: &Result<T, E>) -> Outcome
+    where
+        C: Classify<T, E>,
+    {
+        let core = self.owner.as_ref();
+        let elapsed = match self.start {
+            Some(start) => Duration::from_nanos(core.clock.now().saturating_sub(start)),
+            None => Duration::ZERO,
+        };
+        if core.cfg.honor_retry_after {
+            if let Some(d) = classifier.retry_after(res) {
+                core.hold_open(core.cap_retry_after(d), Source::Local);
+            }
+        }
+        let slow = core.cfg.slow_call_duration.is_some_and(|t| elapsed >= t);
+        let outcome = classifier.classify(res, elapsed);
+        core.book(self.pass, outcome, slow);
+        outcome
+    }
+}
+
+impl<R: AsRef<Core> + Clone + Send + 'static> Admission<R> {
+    /// [`finish`](Self::finish) for a classifier that judges some answers
+    /// when they end ([`Classify::defer`]).
+    ///
+    /// Invariant: an admitted call is booked at most once, in the
+    /// generation it was admitted in, and its probe slot is given back
+    /// exactly once. The admission moves into the verdict: reporting books
+    /// it, dropping it unreported runs its guard (`Drop` below). So
+    /// deferring is booking late, nothing more (tests/deferred_verdict.rs
+    /// checks it over histories).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn finish_deferred<C, T, E>(&mut self, classifier: &C, res: &mut Result<T, E>)
+    where
+        C: Classify<T, E>,
+    {
+        let core = self.core();
+        let elapsed = match self.start {
+            Some(start) => Duration::from_nanos(core.clock.now().saturating_sub(start)),
+            None => Duration::ZERO,
+        };
+        if core.cfg.honor_retry_after {
+            if let Some(d) = classifier.retry_after(res) {
+                core.hold_open(core.cap_retry_after(d), Source::Local);
+            }
+        }
+        let slow = core.cfg.slow_call_duration.is_some_and(|t| elapsed >= t);
+        let mut late = Admission {
+            owner: self.owner.clone(),
+            pass: self.pass,
+            start: self.start,
+            open: true,
+        };
+        self.open = false;
+        let verdict = Verdict::new(move |outcome| {
+            late.open = false;
+            late.core().book(late.pass, outcome, slow);
+        });
+        if let Some(now) = classifier.defer(res, verdict) {
+            now.report(classifier.classify(res, elapsed));
+        }
+    }
+}
+
+impl<R: AsRef<Core>> Drop for Admission<R> {
+    #[inline]
+    fn drop(&mut self) {
+        if self.open && self.pass.probe {
+            self.core().release(self.pass);
         }
     }
 }
@@ -526,20 +620,35 @@ mod tests {
     use tokio::time::advance;
 
     use super::*;
+    use crate::backoff::Backoff;
     use crate::circuit_breaker::{CircuitBreakerBuilder, CircuitBreakerLayer};
+    use crate::classify::DefaultClassifier;
 
     fn layer(b: CircuitBreakerBuilder) -> CircuitBreakerLayer {
         b.name("t").build().unwrap()
     }
 
-    fn fail(core: &Core) {
-        let t = core.try_acquire().unwrap();
-        core.record(t, true, false);
+    type Adm = Admission<Arc<Core>>;
+
+    fn admit(core: &Arc<Core>) -> Result<Adm, CircuitOpen> {
+        Admission::admit(core.clone(), false).map_err(|(_, e)| e)
     }
 
-    fn succeed(core: &Core) {
-        let t = core.try_acquire().unwrap();
-        core.record(t, false, false);
+    fn end(mut a: Adm, failure: bool) {
+        let res: Result<(), ()> = if failure { Err(()) } else { Ok(()) };
+        a.finish(&DefaultClassifier, &res);
+    }
+
+    fn fail(core: &Arc<Core>) {
+        end(admit(core).unwrap(), true);
+    }
+
+    fn succeed(core: &Arc<Core>) {
+        end(admit(core).unwrap(), false);
+    }
+
+    fn open_remaining(core: &Core) -> Option<Duration> {
+        core.snapshot().open_remaining
     }
 
     #[tokio::test(start_paused = true)]
@@ -554,10 +663,10 @@ mod tests {
         assert_eq!(core.state(), CircuitState::Closed);
         fail(core);
         assert_eq!(core.state(), CircuitState::Open);
-        let err = core.try_acquire().unwrap_err();
+        let err = admit(core).unwrap_err();
         assert_eq!(err.retry_after(), Some(Duration::from_secs(30)));
         advance(Duration::from_secs(10)).await;
-        let err = core.try_acquire().unwrap_err();
+        let err = admit(core).unwrap_err();
         assert_eq!(err.retry_after(), Some(Duration::from_secs(20)));
     }
 
@@ -573,55 +682,51 @@ mod tests {
         fail(core);
         advance(Duration::from_secs(30)).await;
         assert_eq!(core.state(), CircuitState::HalfOpen);
-        let p1 = core.try_acquire().unwrap();
-        let p2 = core.try_acquire().unwrap();
-        assert!(p1.probe && p2.probe);
-        let third = core.try_acquire().unwrap_err();
+        let p1 = admit(core).unwrap();
+        let p2 = admit(core).unwrap();
+        assert!(p1.pass.probe && p2.pass.probe);
+        let third = admit(core).unwrap_err();
         assert_eq!(third.state(), CircuitState::HalfOpen);
-        core.record(p1, false, false);
+        end(p1, false);
         assert_eq!(core.state(), CircuitState::HalfOpen);
-        core.record(p2, false, false);
+        end(p2, false);
         assert_eq!(core.state(), CircuitState::Closed);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn failed_probe_reopens_and_released_slot_is_reusable() {
+    async fn failed_probe_reopens_and_a_dropped_probe_gives_its_slot_back() {
         let l = layer(CircuitBreakerLayer::builder().failure_threshold(1));
         let core = &l.core;
         fail(core);
         advance(Duration::from_secs(30)).await;
-        let p = core.try_acquire().unwrap();
-        assert!(core.try_acquire().is_err());
-        core.release_probe(p); // dropped: neither success nor failure
-        let p = core.try_acquire().unwrap();
-        core.record(p, true, false);
+        let p = admit(core).unwrap();
+        assert!(admit(core).is_err());
+        drop(p); // neither success nor failure
+        let p = admit(core).unwrap();
+        end(p, true);
         assert_eq!(core.state(), CircuitState::Open);
-        assert_eq!(
-            core.snapshot().open_remaining,
-            Some(Duration::from_secs(30))
-        );
+        assert_eq!(open_remaining(core), Some(Duration::from_secs(30)));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn stale_generation_is_ignored() {
+    async fn results_count_only_in_their_generation() {
         let l = layer(CircuitBreakerLayer::builder().failure_threshold(1));
         let core = &l.core;
-        let slow = core.try_acquire().unwrap(); // starts while closed
+        let slow = admit(core).unwrap(); // starts while closed
         fail(core); // opens
         advance(Duration::from_secs(30)).await;
-        let probe = core.try_acquire().unwrap();
+        let probe = admit(core).unwrap();
         // The slow call from the closed generation finishes now, badly: it
         // must not reopen the half-open breaker.
-        core.record(slow, true, false);
-        assert_eq!(core.load().state(), CircuitState::HalfOpen);
-        core.record(probe, false, false);
-        let again = core.try_acquire().unwrap();
-        core.record(again, false, false);
+        end(slow, true);
+        assert_eq!(core.state(), CircuitState::HalfOpen);
+        end(probe, false);
+        succeed(core);
         assert_eq!(core.state(), CircuitState::Closed);
         // And a success from an old generation cannot close an open breaker.
-        let old = core.try_acquire().unwrap();
+        let old = admit(core).unwrap();
         fail(core);
-        core.record(old, false, false);
+        end(old, false);
         assert_eq!(core.state(), CircuitState::Open);
     }
 
@@ -637,68 +742,30 @@ mod tests {
         );
         let core = &l.core;
         fail(core);
-        let open = |c: &Core| c.snapshot().open_remaining;
-        assert_eq!(open(core), Some(Duration::from_secs(1)));
+        assert_eq!(open_remaining(core), Some(Duration::from_secs(1)));
         for expect in [2, 3, 3] {
-            advance(open(core).unwrap()).await;
+            advance(open_remaining(core).unwrap()).await;
             fail(core); // the probe fails
-            assert_eq!(open(core), Some(Duration::from_secs(expect)));
+            assert_eq!(open_remaining(core), Some(Duration::from_secs(expect)));
         }
         advance(Duration::from_secs(3)).await;
         succeed(core);
         assert_eq!(core.state(), CircuitState::Closed);
         fail(core);
-        assert_eq!(open(core), Some(Duration::from_secs(1)));
+        assert_eq!(open_remaining(core), Some(Duration::from_secs(1)));
     }
 
     #[tokio::test(start_paused = true)]
     async fn hold_open_extends_but_never_shortens() {
         let l = layer(CircuitBreakerLayer::builder());
         let core = &l.core;
-        core.hold_open(Duration::from_secs(5));
-        assert_eq!(core.snapshot().open_remaining, Some(Duration::from_secs(5)));
-        core.hold_open(Duration::from_secs(2));
-        assert_eq!(core.snapshot().open_remaining, Some(Duration::from_secs(5)));
-        core.hold_open(Duration::from_secs(60));
-        assert_eq!(
-            core.snapshot().open_remaining,
-            Some(Duration::from_secs(60))
-        );
-    }
-
-    #[test]
-    fn a_reused_slot_ignores_the_old_breakers_calls() {
-        let old = layer(CircuitBreakerLayer::builder());
-        let slot = old.core.slot();
-        let stale = old.core.try_acquire().unwrap();
-        drop(old);
-        // Lease slots until the freed one comes back (other tests may take it).
-        let fresh: Vec<_> = (0..64)
-            .map(|_| layer(CircuitBreakerLayer::builder().failure_threshold(9)))
-            .collect();
-        if let Some(l) = fresh.iter().find(|l| std::ptr::eq(l.core.slot(), slot)) {
-            let core = &l.core;
-            assert_ne!(core.load().gen(), stale.gen);
-            fail(core);
-            record_success(&core.slot().word, stale.gen);
-            assert_eq!(
-                core.snapshot().consecutive_failures,
-                1,
-                "stale success ignored"
-            );
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_late_deadline_writer_cannot_overwrite_a_newer_one() {
-        let l = layer(CircuitBreakerLayer::builder());
-        let core = &l.core;
-        core.hold_open(Duration::from_secs(5));
-        let gen = core.load().gen();
-        // The opener of the previous generation publishes late.
-        core.publish_deadline(gen.wrapping_sub(1), Duration::from_secs(100));
-        assert_eq!(core.snapshot().open_remaining, Some(Duration::from_secs(5)));
-        advance(Duration::from_secs(5)).await;
+        core.hold_open(Duration::from_secs(5), Source::Local);
+        assert_eq!(open_remaining(core), Some(Duration::from_secs(5)));
+        core.hold_open(Duration::from_secs(2), Source::Local);
+        assert_eq!(open_remaining(core), Some(Duration::from_secs(5)));
+        core.hold_open(Duration::from_secs(60), Source::Local);
+        assert_eq!(open_remaining(core), Some(Duration::from_secs(60)));
+        advance(Duration::from_secs(60)).await;
         assert_eq!(core.state(), CircuitState::HalfOpen);
     }
 
@@ -747,12 +814,14 @@ mod tests {
         );
         let core = &l.core;
         for slow in [true, false, true] {
-            let t = core.try_acquire().unwrap();
-            core.record(t, false, slow);
+            let mut a = admit(core).unwrap();
+            if slow {
+                advance(Duration::from_secs(1)).await;
+            }
+            a.finish(&DefaultClassifier, &Ok::<(), ()>(()));
         }
         assert_eq!(core.state(), CircuitState::Closed);
-        let t = core.try_acquire().unwrap();
-        core.record(t, false, false);
+        succeed(core);
         assert_eq!(core.state(), CircuitState::Open);
         assert_eq!(core.snapshot().failures_total, 0);
     }
@@ -761,32 +830,29 @@ mod tests {
     async fn forced_and_disabled_states() {
         let l = layer(CircuitBreakerLayer::builder().failure_threshold(1));
         let core = &l.core;
-        core.force(CircuitState::ForcedOpen);
-        assert_eq!(
-            core.try_acquire().unwrap_err().state(),
-            CircuitState::ForcedOpen
-        );
+        core.force(CircuitState::ForcedOpen, Source::Local);
+        assert_eq!(admit(core).unwrap_err().state(), CircuitState::ForcedOpen);
         advance(Duration::from_secs(3600)).await;
-        assert!(core.try_acquire().is_err());
-        core.force(CircuitState::Disabled);
+        assert!(admit(core).is_err());
+        core.force(CircuitState::Disabled, Source::Local);
         fail(core);
         fail(core);
         assert_eq!(core.state(), CircuitState::Disabled);
         assert_eq!(core.snapshot().failures_total, 2);
-        core.force(CircuitState::Closed);
+        core.force(CircuitState::Closed, Source::Local);
         fail(core);
         assert_eq!(core.state(), CircuitState::Open);
     }
 
     #[tokio::test(start_paused = true)]
     async fn exactly_one_half_open_transition_under_contention() {
-        let transitions = std::sync::Arc::new(AtomicUsize::new(0));
+        let transitions = Arc::new(AtomicUsize::new(0));
         let seen = transitions.clone();
         let l = CircuitBreakerLayer::builder()
             .failure_threshold(1)
             .half_open_max_calls(3)
             .on_event(move |e| {
-                if let crate::circuit_breaker::CircuitEvent::StateChanged {
+                if let CircuitEvent::StateChanged {
                     to: CircuitState::HalfOpen,
                     ..
                 } = e
@@ -801,34 +867,55 @@ mod tests {
         advance(Duration::from_secs(30)).await;
         // Real threads, on the paused runtime's clock.
         let rt = tokio::runtime::Handle::current();
-        let admitted = std::thread::scope(|s| {
+        let admitted: Vec<Adm> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..8)
                 .map(|_| {
                     let rt = rt.clone();
                     s.spawn(move || {
                         let _clock = rt.enter();
-                        core.try_acquire().is_ok()
+                        admit(core).ok()
                     })
                 })
                 .collect();
-            hs.into_iter()
-                .map(|h| h.join().unwrap())
-                .filter(|ok| *ok)
-                .count()
+            hs.into_iter().filter_map(|h| h.join().unwrap()).collect()
         });
-        assert_eq!(admitted, 3);
+        assert_eq!(admitted.len(), 3);
         assert_eq!(transitions.load(SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_listener_leaks_no_probe() {
+        let l = CircuitBreakerLayer::builder()
+            .failure_threshold(1)
+            .on_event(|e| {
+                if let CircuitEvent::StateChanged {
+                    to: CircuitState::HalfOpen,
+                    ..
+                } = e
+                {
+                    panic!("listener");
+                }
+            })
+            .build()
+            .unwrap();
+        let core = &l.core;
+        fail(core);
+        advance(Duration::from_secs(30)).await;
+        let probe = admit(core).unwrap();
+        drop(probe);
+        assert_eq!(core.snapshot().half_open_in_flight, 0);
+        succeed(core);
+        assert_eq!(core.snapshot().half_open_in_flight, 0);
     }
 }
 
 #[cfg(all(test, bulwark_loom))]
 mod loom_tests {
-    use std::sync::atomic::Ordering::Release;
-
     use loom::thread;
 
     use super::*;
     use crate::circuit_breaker::CircuitBreakerLayer;
+    use crate::classify::DefaultClassifier;
 
     fn core(threshold: u32, probes: u32, successes: u32) -> Arc<Core> {
         let layer = CircuitBreakerLayer::builder()
@@ -838,14 +925,19 @@ mod loom_tests {
             .build()
             .unwrap();
         let cfg = layer.core.cfg.clone();
-        Arc::new_cyclic(|w| Core::new(cfg, Listeners::default(), w.clone()))
+        Arc::new(Core::new(cfg, Listeners::default(), Attached::Memory))
     }
 
-    /// Opens the breaker with a deadline already in the past.
+    /// Opens the breaker with a period already over.
     fn expired_open(core: &Core) {
-        let next = core.load().next(CircuitState::Open);
-        core.slot().word.store(next.0, Release);
-        core.deadline.store(pack_deadline(next.gen(), 0), Release);
+        core.update(|l, now| {
+            l.circuit.force(CircuitState::Open, now, &core.cfg.rules);
+            l.circuit.open_until = 0;
+        });
+    }
+
+    fn admit(c: &Arc<Core>) -> Option<Admission<Arc<Core>>> {
+        Admission::admit(c.clone(), false).ok()
     }
 
     #[test]
@@ -856,14 +948,14 @@ mod loom_tests {
             let hs: Vec<_> = (0..2)
                 .map(|_| {
                     let c = c.clone();
-                    thread::spawn(move || c.try_acquire().ok())
+                    thread::spawn(move || admit(&c))
                 })
                 .collect();
-            let tickets: Vec<_> = hs.into_iter().filter_map(|h| h.join().unwrap()).collect();
-            assert_eq!(tickets.len(), 1, "exactly one probe admitted");
-            let w = c.load();
-            assert_eq!(w.state(), CircuitState::HalfOpen);
-            assert_eq!(w.a(), 1);
+            let admitted: Vec<_> = hs.into_iter().filter_map(|h| h.join().unwrap()).collect();
+            assert_eq!(admitted.len(), 1, "exactly one probe");
+            let (circuit, _) = c.circuit();
+            assert_eq!(circuit.state(), CircuitState::HalfOpen);
+            assert_eq!(circuit.probes, 1);
         });
     }
 
@@ -871,41 +963,42 @@ mod loom_tests {
     fn loom_concurrent_failures_open_once() {
         loom::model(|| {
             let c = core(2, 1, 1);
-            let start_gen = c.load().gen();
             let hs: Vec<_> = (0..2)
                 .map(|_| {
                     let c = c.clone();
                     thread::spawn(move || {
-                        let t = c.try_acquire().unwrap();
-                        c.record(t, true, false);
+                        let mut a = admit(&c).unwrap();
+                        a.finish(&DefaultClassifier, &Err::<(), ()>(()));
                     })
                 })
                 .collect();
             for h in hs {
                 h.join().unwrap();
             }
-            let w = c.load();
-            assert_eq!(w.state(), CircuitState::Open);
-            assert_eq!(w.gen(), start_gen + 1, "one transition");
+            let (circuit, _) = c.circuit();
+            assert_eq!(circuit.state(), CircuitState::Open);
+            assert_eq!(circuit.generation, 1, "one transition");
         });
     }
 
     #[test]
-    fn loom_probe_release_and_success_race() {
+    fn loom_a_success_clears_failures_or_comes_first() {
         loom::model(|| {
-            let c = core(1, 2, 1);
-            expired_open(&c);
-            let a = c.try_acquire().unwrap();
-            let b = c.try_acquire().unwrap();
+            let c = core(3, 1, 1);
+            let mut first = admit(&c).unwrap();
+            first.finish(&DefaultClassifier, &Err::<(), ()>(()));
             let c1 = c.clone();
-            let h = thread::spawn(move || c1.release_probe(a));
-            c.record(b, false, false);
+            let h = thread::spawn(move || {
+                let mut a = admit(&c1).unwrap();
+                a.finish(&DefaultClassifier, &Ok::<(), ()>(()));
+            });
+            let mut a = admit(&c).unwrap();
+            a.finish(&DefaultClassifier, &Err::<(), ()>(()));
             h.join().unwrap();
-            let w = c.load();
-            // The success closed it; the release either came first or found a
-            // new generation. Either way nothing underflowed.
-            assert_eq!(w.state(), CircuitState::Closed);
-            assert_eq!(w.a(), 0);
+            // Either the success came last (0) or before this failure (1);
+            // never lost in a way that leaves 2.
+            let failures = c.circuit().0.failures;
+            assert!(failures <= 1, "failures = {failures}");
         });
     }
 }

@@ -1,21 +1,17 @@
 //! The entries of a fallback group: type-erased fallback services and the
-//! state every service of one layer shares.
+//! group every service of one layer shares.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::slot::Lease;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tower_service::Service;
 
 use super::{AllFailed, FallbackEvent};
-use crate::circuit_breaker::{CircuitBreakerLayer, Ticket};
-use crate::classify::{Classify, Outcome};
-use crate::clock::Nanos;
+use crate::circuit_breaker::{CircuitBreakerLayer, Core};
 use crate::error::BoxError;
 use crate::observe::Listeners;
 
@@ -63,11 +59,9 @@ pub(crate) struct Entry<Req, Res> {
     pub(crate) service: Option<BoxService<Req, Res>>,
 }
 
-/// What every service of one layer shares. Entry 0 is the primary.
-pub(crate) struct Shared<Req, Res, C> {
-    /// Lets a healthy call's future find its way back here without a
-    /// reference count (see `crate::slot`).
-    pub(crate) lease: Lease,
+/// What every service of one layer shares: the entries (entry 0 is the
+/// primary) and how their results are judged.
+pub(crate) struct Group<Req, Res, C> {
     pub(crate) entries: Box<[Entry<Req, Res>]>,
     pub(crate) classifier: C,
     pub(crate) skip_not_ready: bool,
@@ -78,15 +72,9 @@ pub(crate) struct Shared<Req, Res, C> {
     pub(crate) resend: Option<Arc<Resend<Req>>>,
 }
 
-impl<Req, Res, C> Shared<Req, Res, C> {
+impl<Req, Res, C> Group<Req, Res, C> {
     pub(crate) fn name(&self) -> &Arc<str> {
         &self.entries[0].name
-    }
-
-    /// Whether a failed primary has anywhere to go: if not, the request
-    /// need not be cloned.
-    pub(crate) fn can_fail_over(&self) -> bool {
-        self.entries.len() > 1 || self.or_else.is_some()
     }
 
     /// Whether `req`, already sent to an entry that failed, may go to the
@@ -98,66 +86,16 @@ impl<Req, Res, C> Shared<Req, Res, C> {
         }
     }
 
-    /// Whether calls need their duration measured.
-    pub(crate) fn timed(&self, idx: usize) -> bool
-    where
-        C: Classify<Res, BoxError>,
-    {
-        self.entries[idx].breaker.core.needs_elapsed() || self.classifier.uses_elapsed()
-    }
-
-    /// Books a finished attempt with entry `idx`'s breaker and says whether
-    /// the result fails over.
-    pub(crate) fn finish(
-        &self,
-        idx: usize,
-        ticket: Ticket,
-        start: Option<Nanos>,
-        res: &Result<Res, BoxError>,
-    ) -> bool
-    where
-        C: Classify<Res, BoxError>,
-    {
-        let core = &self.entries[idx].breaker.core;
-        let elapsed = match start {
-            Some(start) => Duration::from_nanos(core.clock.now().saturating_sub(start)),
-            None => Duration::ZERO,
-        };
-        if core.cfg.honor_retry_after {
-            if let Some(d) = self.classifier.retry_after(res) {
-                core.hold_open_shared(d);
-            }
-        }
-        let slow = core.cfg.slow_call_duration.is_some_and(|t| elapsed >= t);
-        match self.classifier.classify(res, elapsed) {
-            Outcome::Success => {
-                core.record_shared(ticket, false, slow);
-                false
-            }
-            Outcome::Failure => {
-                core.record_shared(ticket, true, slow);
-                true
-            }
-            Outcome::Ignore => {
-                if ticket.probe {
-                    core.release_shared(ticket);
-                }
-                false
-            }
-        }
-    }
-
-    /// Gives back a probe slot whose attempt ended without a verdict.
-    pub(crate) fn release(&self, idx: usize, ticket: Ticket) {
-        if ticket.probe {
-            self.entries[idx].breaker.core.release_shared(ticket);
-        }
+    /// Whether a failed primary has anywhere to go: if not, the request
+    /// need not be cloned.
+    pub(crate) fn can_fail_over(&self) -> bool {
+        self.entries.len() > 1 || self.or_else.is_some()
     }
 }
 
-impl<Req, Res, C> fmt::Debug for Shared<Req, Res, C> {
+impl<Req, Res, C> fmt::Debug for Group<Req, Res, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Shared")
+        f.debug_struct("Group")
             .field(
                 "entries",
                 &self.entries.iter().map(|e| &*e.name).collect::<Vec<_>>(),
@@ -166,5 +104,32 @@ impl<Req, Res, C> fmt::Debug for Shared<Req, Res, C> {
             .field("skip_not_ready", &self.skip_not_ready)
             .field("or_else", &self.or_else.is_some())
             .finish()
+    }
+}
+
+/// One entry of a group, kept alive by the group: what an attempt's
+/// breaker admission holds, so the attempt can book its result and the
+/// call can go on to the next entry whatever became of the layer.
+pub(crate) struct EntryRef<Req, Res, C> {
+    pub(crate) group: Arc<Group<Req, Res, C>>,
+    pub(crate) idx: usize,
+}
+
+impl<Req, Res, C> EntryRef<Req, Res, C> {
+    pub(crate) fn entry(&self) -> &Entry<Req, Res> {
+        &self.group.entries[self.idx]
+    }
+}
+
+impl<Req, Res, C> AsRef<Core> for EntryRef<Req, Res, C> {
+    #[inline]
+    fn as_ref(&self) -> &Core {
+        &self.group.entries[self.idx].breaker.core
+    }
+}
+
+impl<Req, Res, C> fmt::Debug for EntryRef<Req, Res, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("EntryRef").field(&self.entry().name).finish()
     }
 }

@@ -8,40 +8,59 @@ use std::task::{ready, Context, Poll};
 
 use pin_project_lite::pin_project;
 
-use super::entry::{BoxFuture, BoxService, Shared};
+use super::entry::{BoxFuture, BoxService, EntryRef, Group};
 use super::{AllFailed, FailedResponse, FallbackEvent, NotReady};
-use crate::circuit_breaker::{record_success, Ticket};
+use crate::circuit_breaker::Admission;
 use crate::classify::{Classify, Outcome};
-use crate::clock::Nanos;
 use crate::error::BoxError;
-use crate::slot::SlotRef;
 
-/// The attempt in progress: which entry, its breaker admission and when it
-/// started. Dropping it before the attempt finished (the caller went away,
-/// or a service panicked) gives a half-open probe slot back.
-pub(crate) struct Guard<Req, Res, C> {
-    pub(crate) shared: Arc<Shared<Req, Res, C>>,
-    pub(crate) idx: usize,
-    pub(crate) ticket: Option<Ticket>,
-    pub(crate) start: Option<Nanos>,
+/// Where a call stands among the group's entries.
+enum Cursor<Req, Res, C> {
+    /// An attempt admitted by its entry's breaker, not yet booked.
+    Attempt(Admission<EntryRef<Req, Res, C>>),
+    /// Between attempts, at the last entry tried.
+    At(EntryRef<Req, Res, C>),
+    /// Finished.
+    Done,
 }
 
-impl<Req, Res, C> Drop for Guard<Req, Res, C> {
-    fn drop(&mut self) {
-        if let Some(t) = self.ticket.take() {
-            self.shared.release(self.idx, t);
+impl<Req, Res, C> Cursor<Req, Res, C> {
+    fn entry(&self) -> &EntryRef<Req, Res, C> {
+        match self {
+            Cursor::Attempt(a) => a.owner(),
+            Cursor::At(e) => e,
+            Cursor::Done => panic!("fallback future polled after completion"),
         }
+    }
+
+    /// Ends the attempt in progress, if any (dropping its admission gives
+    /// a probe slot back), and stays at its entry.
+    fn leave(&mut self) -> &EntryRef<Req, Res, C> {
+        if let Cursor::Attempt(a) = self {
+            let at = EntryRef {
+                group: a.owner().group.clone(),
+                idx: a.owner().idx,
+            };
+            *self = Cursor::At(at);
+        }
+        self.entry()
     }
 }
 
 pin_project! {
-    /// The general path: probes, timed calls, window-mode breakers, and
-    /// everything after the primary has failed. Failing over clones the
-    /// next entry's service, drives its readiness, then calls it.
-    pub(crate) struct SlowFuture<F, Req, Res, C> {
+    /// The response future of [`Fallback`](super::Fallback).
+    ///
+    /// It holds the layer's group of entries until it has answered, so a
+    /// failed primary always fails over, whatever became of the layer and
+    /// services that made the call. Dropped before it finished, it gives
+    /// back the half-open probe slot of the attempt in progress.
+    #[project = ResponseFutureProj]
+    pub struct ResponseFuture<F, Req, Res, C> {
         #[pin]
         state: State<F, Req, Res>,
-        guard: Guard<Req, Res, C>,
+        cursor: Cursor<Req, Res, C>,
+        classifier: C,
+        // Kept for the next attempt; `None` once the last one has it.
         req: Option<Req>,
         errors: Vec<(Arc<str>, BoxError)>,
     }
@@ -52,7 +71,7 @@ pin_project! {
     enum State<F, Req, Res> {
         // The primary's call.
         Primary { #[pin] fut: F },
-        // Find the next entry after `guard.idx` whose breaker admits a call.
+        // Find the next entry whose breaker admits a call.
         Next,
         // Drive the chosen entry's readiness.
         Ready { svc: BoxService<Req, Res> },
@@ -62,257 +81,41 @@ pin_project! {
     }
 }
 
-impl<F, Req, Res, C> SlowFuture<F, Req, Res, C> {
+impl<F, Req, Res, C> ResponseFuture<F, Req, Res, C> {
+    /// The primary was admitted and called.
+    #[inline]
     pub(crate) fn primary(
         fut: F,
-        shared: Arc<Shared<Req, Res, C>>,
-        ticket: Ticket,
-        start: Option<Nanos>,
+        admission: Admission<EntryRef<Req, Res, C>>,
+        classifier: C,
         req: Option<Req>,
     ) -> Self {
         Self {
             state: State::Primary { fut },
-            guard: Guard {
-                shared,
-                idx: 0,
-                ticket: Some(ticket),
-                start,
-            },
+            cursor: Cursor::Attempt(admission),
+            classifier,
             req,
             errors: Vec::new(),
         }
     }
 
     /// The primary was skipped (open breaker, or not ready) with `err`.
+    #[cold]
     pub(crate) fn skipped(
-        shared: Arc<Shared<Req, Res, C>>,
+        at: EntryRef<Req, Res, C>,
         err: BoxError,
-        req: Option<Req>,
+        classifier: C,
+        req: Req,
     ) -> Self {
-        let name = shared.name().clone();
-        shared.listeners.emit(&FallbackEvent::EntryFailed {
-            name: name.clone(),
-            entry: name.clone(),
-        });
+        let group = &at.group;
+        let name = group.name().clone();
+        entry_failed(group, &name);
         Self {
             state: State::Next,
-            guard: Guard {
-                shared,
-                idx: 0,
-                ticket: None,
-                start: None,
-            },
-            req,
+            cursor: Cursor::At(at),
+            classifier,
+            req: Some(req),
             errors: vec![(name, err)],
-        }
-    }
-}
-
-impl<F, Req, Res, C, E> Future for SlowFuture<F, Req, Res, C>
-where
-    F: Future<Output = Result<Res, E>>,
-    E: Into<BoxError>,
-    Req: Clone,
-    C: Classify<Res, BoxError>,
-{
-    type Output = Result<Res, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        loop {
-            let res: Result<Res, BoxError> = match this.state.as_mut().project() {
-                StateProj::Primary { fut } => ready!(fut.poll(cx)).map_err(Into::into),
-                StateProj::Calling { fut } => ready!(fut.as_mut().poll(cx)),
-                StateProj::Ready { svc } => match svc.poll_ready(cx) {
-                    Poll::Pending if !this.guard.shared.skip_not_ready => return Poll::Pending,
-                    Poll::Pending => {
-                        let g = &mut *this.guard;
-                        if let Some(t) = g.ticket.take() {
-                            g.shared.release(g.idx, t);
-                        }
-                        let name = g.shared.entries[g.idx].name.clone();
-                        entry_failed(g, &name);
-                        this.errors.push((name.clone(), NotReady::new(name).into()));
-                        this.state.set(State::Next);
-                        continue;
-                    }
-                    // A broken entry is a failed attempt.
-                    Poll::Ready(Err(e)) => Err(e),
-                    Poll::Ready(Ok(())) => {
-                        let g = &mut *this.guard;
-                        let last = g.idx + 1 == g.shared.entries.len();
-                        let req = if last {
-                            this.req.take()
-                        } else {
-                            this.req.clone()
-                        }
-                        .expect("request kept until the last attempt");
-                        g.start = g
-                            .shared
-                            .timed(g.idx)
-                            .then(|| g.shared.entries[g.idx].breaker.core.clock.now());
-                        let fut = svc.call(req);
-                        this.state.set(State::Calling { fut });
-                        continue;
-                    }
-                },
-                StateProj::Next => {
-                    let g = &mut *this.guard;
-                    let shared = g.shared.clone();
-                    let mut next = None;
-                    for i in g.idx + 1..shared.entries.len() {
-                        let entry = &shared.entries[i];
-                        match entry.breaker.core.acquire_shared() {
-                            Ok(t) => {
-                                next = Some((i, t));
-                                break;
-                            }
-                            Err(open) => {
-                                entry_failed(g, &entry.name);
-                                this.errors.push((entry.name.clone(), open.into()));
-                            }
-                        }
-                    }
-                    match next {
-                        Some((i, t)) => {
-                            g.idx = i;
-                            g.ticket = Some(t);
-                            g.start = None;
-                            let svc = shared.entries[i]
-                                .service
-                                .as_ref()
-                                .expect("fallback entries have a service")
-                                .clone_box();
-                            this.state.set(State::Ready { svc });
-                            continue;
-                        }
-                        None => {
-                            this.state.set(State::Done);
-                            this.req.take();
-                            let all =
-                                AllFailed::new(shared.name().clone(), std::mem::take(this.errors));
-                            shared.listeners.emit(&FallbackEvent::AllFailed {
-                                name: shared.name().clone(),
-                                entries: all.errors().len(),
-                            });
-                            return Poll::Ready(match &shared.or_else {
-                                Some(f) => f(all),
-                                None => Err(all.into()),
-                            });
-                        }
-                    }
-                }
-                StateProj::Done => panic!("fallback future polled after completion"),
-            };
-
-            // An attempt finished: book it, then answer or move on.
-            let g = &mut *this.guard;
-            let ticket = g.ticket.take().expect("an attempt holds a ticket");
-            let failed = g.shared.finish(g.idx, ticket, g.start, &res);
-            if !failed || !g.shared.may_resend(this.req.as_ref()) {
-                this.state.set(State::Done);
-                if !failed && g.idx > 0 {
-                    g.shared.listeners.emit(&FallbackEvent::Answered {
-                        name: g.shared.name().clone(),
-                        entry: g.shared.entries[g.idx].name.clone(),
-                    });
-                }
-                return Poll::Ready(res);
-            }
-            let name = g.shared.entries[g.idx].name.clone();
-            entry_failed(g, &name);
-            let err = match res {
-                Err(e) => e,
-                Ok(_) => FailedResponse::new(name.clone()).into(),
-            };
-            this.errors.push((name, err));
-            this.state.set(State::Next);
-        }
-    }
-}
-
-fn entry_failed<Req, Res, C>(g: &Guard<Req, Res, C>, entry: &Arc<str>) {
-    g.shared.listeners.emit(&FallbackEvent::EntryFailed {
-        name: g.shared.name().clone(),
-        entry: entry.clone(),
-    });
-}
-
-impl<F, Req, Res, C> fmt::Debug for SlowFuture<F, Req, Res, C> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match &self.state {
-            State::Primary { .. } => "primary",
-            State::Next => "next",
-            State::Ready { .. } => "ready",
-            State::Calling { .. } => "calling",
-            State::Done => "done",
-        };
-        f.debug_struct("SlowFuture")
-            .field("state", &state)
-            .field("entry", &self.guard.shared.entries[self.guard.idx].name)
-            .field("errors", &self.errors.len())
-            .finish()
-    }
-}
-
-pin_project! {
-    /// The response future of [`Fallback`](super::Fallback).
-    ///
-    /// While the primary answers through a closed breaker, this is the
-    /// primary's own future, the request kept for a failover, and two
-    /// plain slot references: nothing is boxed and no reference count is
-    /// taken. Only a failure reaches for the layer's shared state.
-    pub struct ResponseFuture<F, Req, Res, C> {
-        #[pin]
-        inner: Inner<F, Req, Res, C>,
-    }
-}
-
-pin_project! {
-    #[project = InnerProj]
-    enum Inner<F, Req, Res, C> {
-        Fast {
-            #[pin]
-            fut: F,
-            classifier: C,
-            // The layer's shared state, for a failover.
-            layer: SlotRef,
-            // The primary's breaker and the generation it admitted us in.
-            breaker: SlotRef,
-            gen: u32,
-            req: Option<Req>,
-        },
-        Slow {
-            #[pin]
-            slow: SlowFuture<F, Req, Res, C>,
-        },
-    }
-}
-
-impl<F, Req, Res, C> ResponseFuture<F, Req, Res, C> {
-    pub(crate) fn fast(
-        fut: F,
-        classifier: C,
-        layer: SlotRef,
-        breaker: SlotRef,
-        gen: u32,
-        req: Option<Req>,
-    ) -> Self {
-        Self {
-            inner: Inner::Fast {
-                fut,
-                classifier,
-                layer,
-                breaker,
-                gen,
-                req,
-            },
-        }
-    }
-
-    pub(crate) fn slow(slow: SlowFuture<F, Req, Res, C>) -> Self {
-        Self {
-            inner: Inner::Slow { slow },
         }
     }
 }
@@ -321,68 +124,195 @@ impl<F, Req, Res, C, E> Future for ResponseFuture<F, Req, Res, C>
 where
     F: Future<Output = Result<Res, E>>,
     E: Into<BoxError>,
-    Req: Clone + Send + 'static,
-    Res: Send + 'static,
-    C: Classify<Res, BoxError> + Send + Sync + 'static,
+    Req: Clone,
+    C: Classify<Res, BoxError>,
 {
     type Output = Result<Res, BoxError>;
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut inner = self.project().inner;
-        let (shared, err, req) = match inner.as_mut().project() {
-            InnerProj::Slow { slow } => return slow.poll(cx),
-            InnerProj::Fast {
-                fut,
-                classifier,
-                layer,
-                breaker,
-                gen,
-                req,
-            } => {
-                let res = ready!(fut.poll(cx)).map_err(Into::into);
-                match classifier.classify(&res, std::time::Duration::ZERO) {
-                    Outcome::Success => {
-                        record_success(&breaker.slot.word, *gen);
-                        return Poll::Ready(res);
-                    }
-                    Outcome::Ignore => return Poll::Ready(res),
-                    Outcome::Failure => {}
-                }
-                // Cold: the primary failed. Book it, then fail over.
-                let Some(shared) = layer.upgrade::<Shared<Req, Res, C>>() else {
-                    return Poll::Ready(res); // the layer is gone
-                };
-                let ticket = Ticket {
-                    gen: *gen,
-                    probe: false,
-                };
-                shared.entries[0].breaker.core.record(ticket, true, false);
-                if !shared.may_resend(req.as_ref()) {
+        let mut this = self.project();
+        if let StateProj::Primary { fut } = this.state.as_mut().project() {
+            let res = ready!(fut.poll(cx)).map_err(Into::into);
+            if let Cursor::Attempt(a) = this.cursor {
+                if a.finish(this.classifier, &res) != Outcome::Failure
+                    || !a.owner().group.may_resend(this.req.as_ref())
+                {
+                    // The healthy path: the primary answered. Everything
+                    // is dropped once, with the future (a future polled
+                    // again after it answered may panic, as the primary's
+                    // own would).
                     return Poll::Ready(res);
                 }
-                let err = match res {
-                    Err(e) => e,
-                    Ok(_) => FailedResponse::new(shared.name().clone()).into(),
+            }
+            let err = failed(this.cursor, res);
+            this.errors.push(err);
+            this.state.set(State::Next);
+        }
+        fail_over(this, cx)
+    }
+}
+
+/// The failed attempt's error (a failed `Ok` answer becomes
+/// [`FailedResponse`]), after telling the listeners.
+fn failed<Req, Res, C>(
+    cursor: &mut Cursor<Req, Res, C>,
+    res: Result<Res, BoxError>,
+) -> (Arc<str>, BoxError) {
+    let at = cursor.leave();
+    let name = at.entry().name.clone();
+    entry_failed(&at.group, &name);
+    let err = match res {
+        Err(e) => e,
+        Ok(_) => FailedResponse::new(name.clone()).into(),
+    };
+    (name, err)
+}
+
+/// Everything after the primary has failed or been skipped.
+#[cold]
+#[inline(never)]
+fn fail_over<F, Req, Res, C>(
+    mut this: ResponseFutureProj<'_, F, Req, Res, C>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Res, BoxError>>
+where
+    Req: Clone,
+    C: Classify<Res, BoxError>,
+{
+    loop {
+        let res: Result<Res, BoxError> = match this.state.as_mut().project() {
+            StateProj::Primary { .. } => unreachable!("the primary is polled inline"),
+            StateProj::Done => panic!("fallback future polled after completion"),
+            StateProj::Calling { fut } => ready!(fut.as_mut().poll(cx)),
+            StateProj::Ready { svc } => match svc.poll_ready(cx) {
+                Poll::Pending if !this.cursor.entry().group.skip_not_ready => return Poll::Pending,
+                Poll::Pending => {
+                    let at = this.cursor.leave();
+                    let name = at.entry().name.clone();
+                    entry_failed(&at.group, &name);
+                    this.errors.push((name.clone(), NotReady::new(name).into()));
+                    this.state.set(State::Next);
+                    continue;
+                }
+                // A broken entry is a failed attempt.
+                Poll::Ready(Err(e)) => Err(e),
+                Poll::Ready(Ok(())) => {
+                    let at = this.cursor.entry();
+                    let last = at.idx + 1 == at.group.entries.len();
+                    let req = if last {
+                        this.req.take()
+                    } else {
+                        this.req.clone()
+                    }
+                    .expect("request kept until the last attempt");
+                    if let Cursor::Attempt(a) = this.cursor {
+                        a.restart_clock();
+                    }
+                    let fut = svc.call(req);
+                    this.state.set(State::Calling { fut });
+                    continue;
+                }
+            },
+            StateProj::Next => {
+                let Cursor::At(at) = std::mem::replace(this.cursor, Cursor::Done) else {
+                    unreachable!("between attempts")
                 };
-                (shared, err, req.take())
+                let group = at.group;
+                let mut next = None;
+                for idx in at.idx + 1..group.entries.len() {
+                    let timed = this.classifier.uses_elapsed();
+                    let entry = EntryRef {
+                        group: group.clone(),
+                        idx,
+                    };
+                    match Admission::admit(entry, timed) {
+                        Ok(a) => {
+                            next = Some(a);
+                            break;
+                        }
+                        Err((_, open)) => {
+                            let name = group.entries[idx].name.clone();
+                            entry_failed(&group, &name);
+                            this.errors.push((name, open.into()));
+                        }
+                    }
+                }
+                let Some(a) = next else {
+                    this.state.set(State::Done);
+                    this.req.take();
+                    let all = AllFailed::new(group.name().clone(), std::mem::take(this.errors));
+                    group.listeners.emit(&FallbackEvent::AllFailed {
+                        name: group.name().clone(),
+                        entries: all.errors().len(),
+                    });
+                    return Poll::Ready(match &group.or_else {
+                        Some(f) => f(all),
+                        None => Err(all.into()),
+                    });
+                };
+                let svc = a
+                    .owner()
+                    .entry()
+                    .service
+                    .as_ref()
+                    .expect("fallback entries have a service")
+                    .clone_box();
+                *this.cursor = Cursor::Attempt(a);
+                this.state.set(State::Ready { svc });
+                continue;
             }
         };
-        inner.set(Inner::Slow {
-            slow: SlowFuture::skipped(shared, err, req),
-        });
-        match inner.project() {
-            InnerProj::Slow { slow } => slow.poll(cx),
-            InnerProj::Fast { .. } => unreachable!("just switched to the slow path"),
+
+        // An attempt finished: book it, then answer or move on.
+        let Cursor::Attempt(a) = this.cursor else {
+            unreachable!("an attempt holds an admission")
+        };
+        let failure = a.finish(this.classifier, &res) == Outcome::Failure;
+        if !failure || !a.owner().group.may_resend(this.req.as_ref()) {
+            let at = a.owner();
+            if !failure {
+                at.group.listeners.emit(&FallbackEvent::Answered {
+                    name: at.group.name().clone(),
+                    entry: at.entry().name.clone(),
+                });
+            }
+            *this.cursor = Cursor::Done;
+            this.state.set(State::Done);
+            this.req.take();
+            return Poll::Ready(res);
         }
+        let err = failed(this.cursor, res);
+        this.errors.push(err);
+        this.state.set(State::Next);
     }
+}
+
+fn entry_failed<Req, Res, C>(group: &Group<Req, Res, C>, entry: &Arc<str>) {
+    group.listeners.emit(&FallbackEvent::EntryFailed {
+        name: group.name().clone(),
+        entry: entry.clone(),
+    });
 }
 
 impl<F, Req, Res, C> fmt::Debug for ResponseFuture<F, Req, Res, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.inner {
-            Inner::Fast { .. } => f.write_str("ResponseFuture(primary)"),
-            Inner::Slow { slow } => fmt::Debug::fmt(slow, f),
-        }
+        let state = match &self.state {
+            State::Primary { .. } => "primary",
+            State::Next => "next",
+            State::Ready { .. } => "ready",
+            State::Calling { .. } => "calling",
+            State::Done => "done",
+        };
+        let entry = match &self.cursor {
+            Cursor::Attempt(a) => Some(&a.owner().entry().name),
+            Cursor::At(e) => Some(&e.entry().name),
+            Cursor::Done => None,
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .field("entry", &entry)
+            .field("errors", &self.errors.len())
+            .finish()
     }
 }

@@ -6,13 +6,12 @@ use std::sync::Arc;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::entry::{BoxService, Entry, OrElse, Resend, Shared};
+use super::entry::{BoxService, Entry, Group, OrElse, Resend};
 use super::{AllFailed, Fallback, FallbackEvent};
 use crate::circuit_breaker::{CircuitBreakerBuilder, CircuitBreakerLayer, CircuitHandle};
 use crate::classify::DefaultClassifier;
 use crate::error::{BoxError, ConfigError};
 use crate::observe::Listeners;
-use crate::slot::Lease;
 
 const LAYER: &str = "fallback";
 
@@ -23,7 +22,7 @@ const LAYER: &str = "fallback";
 /// Cloning the layer, and every service it makes, shares the fallbacks and
 /// the breakers.
 pub struct FallbackLayer<Req, Res, C = DefaultClassifier> {
-    pub(crate) shared: Arc<Shared<Req, Res, C>>,
+    pub(crate) group: Arc<Group<Req, Res, C>>,
     pub(crate) handle: FallbackHandle,
 }
 
@@ -54,7 +53,7 @@ impl<Req, Res, C> FallbackLayer<Req, Res, C> {
 impl<Req, Res, C> Clone for FallbackLayer<Req, Res, C> {
     fn clone(&self) -> Self {
         Self {
-            shared: self.shared.clone(),
+            group: self.group.clone(),
             handle: self.handle.clone(),
         }
     }
@@ -63,7 +62,7 @@ impl<Req, Res, C> Clone for FallbackLayer<Req, Res, C> {
 impl<Req, Res, C> fmt::Debug for FallbackLayer<Req, Res, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FallbackLayer")
-            .field("shared", &self.shared)
+            .field("group", &self.group)
             .finish()
     }
 }
@@ -233,8 +232,7 @@ impl<Req, Res, C> FallbackBuilder<Req, Res, C> {
                 .collect(),
         };
         Ok(FallbackLayer {
-            shared: Arc::new_cyclic(|weak| Shared {
-                lease: Lease::new(weak.clone(), |word| word),
+            group: Arc::new(Group {
                 entries: entries.into_boxed_slice(),
                 classifier: self.classifier,
                 skip_not_ready: self.skip_not_ready,

@@ -115,21 +115,21 @@
 //!
 //! The fallback services, the breakers and the classifier live behind an
 //! `Arc` made by `build()`: the layer, its clones, every service it makes
-//! and their clones share them. Each service owns its own primary. A call
-//! on the healthy path does not keep that state alive: if the layer and
-//! all its services are dropped while a primary call is running and that
-//! call then fails, the primary's error is returned as it is.
+//! and their clones share them. Each service owns its own primary. Every
+//! call's response future holds a reference to that shared state until it
+//! has answered, so a primary that fails always fails over, even when the
+//! layer value and the service that made the call are long gone (as with
+//! `ServiceBuilder::new().layer(..).service(primary).oneshot(req)`).
 //!
 //! # Cost
 //!
-//! While the primary answers through a closed breaker (consecutive mode,
-//! no timing), a call costs one breaker admission (an atomic load), one
-//! more load when it succeeds, the classifier's clone, and a clone of the
-//! request (kept in case the primary fails; skipped when there is nowhere
-//! to fail over to). No reference count is taken, nothing is boxed and no
-//! lock is held: the future finds the shared state through a type-stable
-//! slot only when the primary fails. Failing over boxes the fallback's
-//! future. The classifier must be `Clone`.
+//! While the primary answers through a closed breaker, a call costs one
+//! reference count on the shared state, one breaker admission (an atomic
+//! load), one more load when it succeeds, the classifier's clone, and a
+//! clone of the request (kept in case the primary fails; skipped when
+//! there is nowhere to fail over to). Nothing is boxed and no lock is
+//! held. Failing over boxes the fallback's future. The classifier must be
+//! `Clone`.
 
 mod entry;
 mod error;

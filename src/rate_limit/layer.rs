@@ -216,6 +216,8 @@ struct Settings {
     max_wait: Duration,
     max_keys: usize,
     clock: ClockSource,
+    /// Whether `clock` was chosen (a file backend cannot follow it).
+    clock_chosen: bool,
     listeners: Listeners<RateLimitEvent>,
     backend: Backend,
 }
@@ -231,6 +233,7 @@ impl RateLimitBuilder {
                 max_wait: Duration::ZERO,
                 max_keys: 100_000,
                 clock: ClockSource::default(),
+                clock_chosen: false,
                 listeners: Listeners::default(),
                 backend: Backend::Memory,
             },
@@ -353,8 +356,10 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
     /// Where the limiter reads the time: by default tokio's clock, which
     /// `tokio::time::pause()` drives, or the CPU's time-stamp counter
     /// ([`ClockSource::Fast`]), faster on a hot path. See [`ClockSource`].
+    /// A file backend keeps wall-clock time and refuses this setting.
     pub fn clock(mut self, source: ClockSource) -> Self {
         self.settings.clock = source;
+        self.settings.clock_chosen = true;
         self
     }
 
@@ -372,6 +377,14 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
                 LAYER,
                 "max_wait",
                 "waiting for tokens needs the memory backend: a shared bucket rejects at once",
+            ));
+        }
+        #[cfg(feature = "file-store")]
+        if matches!(self.settings.backend, Backend::File(_)) && self.settings.clock_chosen {
+            return Err(ConfigError::new(
+                LAYER,
+                "clock",
+                "a state file keeps wall-clock time, shared by every process: it cannot follow another clock",
             ));
         }
         check.positive("max_tokens", self.settings.max_tokens)?;
@@ -421,7 +434,9 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
             Backend::Memory => None,
             #[cfg(feature = "file-store")]
             Backend::File(store) => Some(Remote::File(
-                store.rate_limiter(self.settings.max_tokens, self.settings.refill_rate)?,
+                store
+                    .rate_limiter(self.settings.max_tokens, self.settings.refill_rate)?
+                    .named(self.settings.name.as_deref().unwrap_or_default()),
             )),
             #[cfg(feature = "redis")]
             Backend::Redis(store) => {
@@ -439,14 +454,17 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
 impl<C, H> RateLimitBuilder<Global, C, H> {
     /// Where the bucket lives (default [`Backend::Memory`]): a
     /// `FileStore` shares it across the
-    /// processes using one state file, a
+    /// processes using one state file (the entry of the limiter's name,
+    /// `""` when unnamed), a
     /// `RedisStore` across a fleet
     /// (its Redis key is `{<prefix>:<name>}:gcra`, the name defaulting to
-    /// `rate_limit`). See [`Backend`] and the `store`
-    /// module for how to stack it with a shared breaker.
+    /// `rate_limit`). Both run the same GCRA as the memory backend. See
+    /// [`Backend`] and the `store` module for how to stack it with a
+    /// shared breaker.
     ///
-    /// A shared bucket rejects at once (`max_wait` must stay zero). With
-    /// Redis, an upstream's `Retry-After` is kept by this process only.
+    /// A shared bucket rejects at once (`max_wait` must stay zero). A file
+    /// keeps wall-clock time (`clock` must stay unset). With Redis, an
+    /// upstream's `Retry-After` is kept by this process only.
     pub fn backend(mut self, backend: impl Into<Backend>) -> Self {
         self.settings.backend = backend.into();
         self
@@ -458,8 +476,8 @@ impl<F, K: fmt::Display, C, H> RateLimitBuilder<Keyed<F, K>, C, H> {
     /// `RedisStore`, each key's GCRA
     /// word lives in Redis at `{<prefix>:<name>}:gcra:<key>` (the key
     /// written with `Display`), shared exactly across the fleet. The file
-    /// backend keeps one bucket per file and is refused for a keyed
-    /// limiter. Call it after [`key`](RateLimitBuilder::key).
+    /// backend keeps one entry per limiter name, not per key, and is
+    /// refused for a keyed limiter. Call it after [`key`](RateLimitBuilder::key).
     pub fn backend(mut self, backend: impl Into<Backend>) -> Self {
         self.settings.backend = backend.into();
         self.key.remote_key = Some(<K as ToString>::to_string);
@@ -491,7 +509,7 @@ impl<F, K: Hash + Eq, C, H> RateLimitBuilder<Keyed<F, K>, C, H> {
             Backend::File(_) => return Err(ConfigError::new(
                 LAYER,
                 "backend",
-                "a state file holds one bucket: a keyed limiter needs the memory or Redis backend",
+                "a state file keeps one bucket per limiter name, not per key: a keyed limiter needs the memory or Redis backend",
             )),
             #[allow(unreachable_patterns)]
             _ if self.key.remote_key.is_none() => {

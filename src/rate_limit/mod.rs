@@ -127,7 +127,7 @@
 
 mod error;
 pub mod future;
-mod gcra;
+pub(crate) mod gcra;
 mod keyed;
 mod layer;
 mod remote;

@@ -19,7 +19,8 @@ pub(crate) type Pending = Pin<Box<dyn Future<Output = Result<(), Duration>> + Se
 
 /// The shared bucket(s) of a limiter built with a shared backend.
 pub(crate) enum Remote {
-    /// One bucket in a state file, shared by every process using it.
+    /// The limiter's entry in a state file, shared by every process using
+    /// it.
     #[cfg(feature = "file-store")]
     File(FileRateLimiter),
     /// GCRA words in Redis, one per key.
@@ -54,7 +55,15 @@ impl Remote {
     pub(crate) fn admit(&self, key: Option<String>, tokens: f64) -> Verdict {
         match *self {
             #[cfg(feature = "file-store")]
-            Remote::File(ref f) => Verdict::Now(f.try_acquire(tokens)),
+            // Decided now when the lock is free; else the wait for it
+            // happens in the response future, on tokio's timers.
+            Remote::File(ref f) => match f.try_acquire_now(tokens) {
+                Some(r) => Verdict::Now(r),
+                None => {
+                    let f = f.clone();
+                    Verdict::Later(Box::pin(async move { f.acquire_async(tokens).await }))
+                }
+            },
             #[cfg(feature = "redis")]
             Remote::Redis(ref r) => {
                 let r = r.clone();
@@ -82,7 +91,7 @@ impl Remote {
         match *self {
             #[cfg(feature = "file-store")]
             Remote::File(ref f) => {
-                f.set_retry_after(d);
+                f.set_retry_after_detached(d);
                 true
             }
             #[cfg(feature = "redis")]

@@ -26,9 +26,9 @@
 //!
 //! let store = FileStore::builder().app("mycli").build()?;
 //! let svc = ServiceBuilder::new()
-//!     // 1. the token bucket, shared by every process
+//!     // 1. the rate limit, shared by every process
 //!     .layer(RateLimitLayer::builder().backend(store.clone()).build()?)
-//!     // 2. the bulkhead: slots owned by PIDs
+//!     // 2. the bulkhead: slots owned by processes
 //!     .layer(BulkheadLayer::builder().max_concurrent(4).backend(store.clone()).build()?)
 //!     // 3. the breaker, innermost: it only sees calls that will run
 //!     .layer(CircuitBreakerLayer::builder().name("api").backend(store).build()?)
@@ -49,15 +49,22 @@
 //!
 //! Neither backend holds a lock, or a remote lease, around the wrapped
 //! call: a file lock is held only for a read-modify-write of a few hundred
-//! bytes, and a Redis script runs atomically on the server.
+//! bytes, and a Redis script runs atomically on the server. With the file
+//! backend a call through this stack takes three lock rounds (the rate
+//! limit's admission, the bulkhead's slot taken and given back); a closed
+//! breaker's admission and a success with nothing to clear only read the
+//! file, without the lock.
 //!
 //! # Failure of the store itself
 //!
 //! A store that cannot be reached never hangs a call and never crashes the
-//! program: the file store proceeds without its lock after `lock_timeout`
-//! (100 ms by default) and recovers a corrupt file by starting afresh; the
-//! Redis store gives each command a timeout and then follows its
-//! [`Degrade`] policy. Each of these emits a [`StoreEvent`].
+//! program. The file store proceeds without its lock after `lock_timeout`
+//! (100 ms by default) when a peer holds it, sets a corrupt or over-size
+//! file aside and starts afresh, and follows its [`Degrade`] policy when
+//! the file cannot be read, locked or written; the Redis store gives each
+//! command a timeout and then follows its [`Degrade`] policy. Failing open
+//! means local limits (the same algorithms over a state in memory), never
+//! no limit. Each of these emits a [`StoreEvent`].
 
 // The breaker's parts of each store are used only with `circuit-breaker`.
 #![cfg_attr(not(feature = "circuit-breaker"), allow(dead_code))]
@@ -101,6 +108,9 @@ pub enum Recovery {
     Truncated,
     /// The file was written by a newer schema version than this one reads.
     FutureVersion(u32),
+    /// The file was larger than the store reads (see
+    /// `store::file::MAX_FILE_SIZE`).
+    TooLarge,
 }
 
 /// Something a store did that deserves a line in the logs.

@@ -1,87 +1,157 @@
 //! State shared across processes through a JSON file (feature
 //! `file-store`): a CLI whose every invocation is a new process still has
-//! one breaker, one token bucket and one bulkhead.
+//! one breaker, one rate limit and one bulkhead per name.
 //!
 //! ```no_run
+//! # #[cfg(feature = "rate-limit")] {
 //! use std::time::Duration;
 //! use tower_bulwark::store::file::FileStore;
 //!
 //! // ~/.cache/mycli/resilience/state.json on Linux
 //! let store = FileStore::builder().app("mycli").build()?;
-//! let bucket = store.rate_limiter(50.0, 10.0)?;
+//! let bucket = store.rate_limiter(50.0, 10.0)?.named("api");
 //! match bucket.try_acquire(1.0) {
 //!     Ok(()) => { /* call the API */ }
 //!     Err(wait) => eprintln!("rate limited, retry in {wait:?}"),
 //! }
-//! let bulkhead = store.bulkhead(10)?;
+//! let bulkhead = store.bulkhead(10)?.named("api");
 //! if let Some(_slot) = bulkhead.try_acquire() {
 //!     // at most 10 of these run at once across every process
 //! }
+//! # }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! Pass the store to `CircuitBreakerBuilder::backend` to share a breaker.
+//! Pass the store to the `.backend(..)` of `CircuitBreakerLayer`,
+//! `RateLimitLayer` or `BulkheadLayer` to share that layer.
 //!
 //! # The file
 //!
 //! One file per scope: `<dir>/state.json`, or `<dir>/<scope>.json` with
 //! [`scope`](FileStoreBuilder::scope). `dir` defaults to the user's cache
-//! directory, `<cache>/<app>/resilience`. The file holds `"version": 1`
-//! and the [`State`] fields (times in Unix milliseconds):
+//! directory, `<cache>/<app>/resilience`. The file holds `"version": 2`
+//! and one entry per name for each primitive ([`State`]):
 //!
 //! ```json
-//! {"version":1,
-//!  "circuit_breaker":{"state":"open","failures":0,"successes":0,
-//!    "half_open_attempts":0,"half_open_pids":[],"half_open_last_attempt_at":null,
-//!    "last_failure_at":1732500000000,"opened_at":1732500000000,
-//!    "open_until":1732500030000,"generation":3},
-//!  "rate_limiter":{"tokens":41.5,"last_refill_at":1732500000000,"retry_after_until":null},
-//!  "bulkhead":{"active_pids":[4242]},
+//! {"version":2,
+//!  "breakers":{"api":{"state":1,"generation":3,"failures":0,"successes":0,
+//!    "open_until":1732500030000000000,"opens_in_row":1,"probes":[]}},
+//!  "rate_limits":{"api":{"tat":1732500000400000000}},
+//!  "bulkheads":{"api":{"holders":[{"pid":4242,"start":918273,"since":1732500000000,"id":77}]}},
 //!  "updated_at":1732500000000}
 //! ```
 //!
-//! # Concurrency and failure
+//! - A breaker entry holds the same state machine the in-memory breaker
+//!   runs (state, generation, counts, the end of the open period in Unix
+//!   nanoseconds) plus who holds each half-open probe.
+//! - A rate limit entry is one number, the GCRA *theoretical arrival
+//!   time* in Unix nanoseconds, decided by the same functions as the
+//!   in-memory limiter: the same configuration admits the same calls on
+//!   every backend. An upstream's `Retry-After` is folded into it.
+//! - A bulkhead entry lists its holders: process id, that process's start
+//!   time, when the slot was taken, and an id naming the slot.
+//!
+//! A layer's entry is the one of its `name` (the unnamed entry `""` when it
+//! has none). Version-1 files, one breaker, bucket and bulkhead per file,
+//! are read and migrated into the unnamed entries; the next write is
+//! version 2.
+//!
+//! # Concurrency
 //!
 //! - Every change is a read-modify-write under an advisory lock on
 //!   `<file>.lock`, held for that step only, never around the wrapped
-//!   call. If the lock is not won within `lock_timeout` (100 ms) the
-//!   update goes ahead without it (fail-open: a CLI must not hang on a
+//!   call. If a peer holds the lock for longer than `lock_timeout`
+//!   (100 ms) the update goes ahead without it (a CLI must not hang on a
 //!   stuck peer) and a [`StoreEvent::LockTimeout`] is emitted.
+//! - Waiting for the lock does not stall an async runtime where the wait
+//!   can be moved off it: a rate limit's admission waits inside its
+//!   response future with tokio timers, as does a bulkhead's slot; a slot
+//!   or probe given back, and an upstream's `Retry-After` block, are
+//!   written on tokio's blocking pool when the lock is busy; other waits
+//!   on a multi-threaded runtime use `block_in_place`. Only the breaker's
+//!   locked steps (a failure, a probe, `hold_open`, the handle) on a
+//!   current-thread runtime still hold the thread while a peer holds the
+//!   lock (at most `lock_timeout`).
 //! - Writes go to a temporary file in the same directory, then `rename`
 //!   over the state file: a reader sees the old state or the new one,
-//!   never half of one. Files are created with mode 0600, the directory
-//!   with 0700, and a symbolic link at the state file's path is never
-//!   followed.
-//! - A corrupt, truncated or future-version file is moved aside to
-//!   `<file>.corrupt-<ms>` and the state starts afresh, with a
-//!   [`StoreEvent::Recovered`]: never a crash.
-//! - Reads that need no change (a closed breaker's admission) take no lock
-//!   and reuse the parsed file while its inode, size and modification time
-//!   are unchanged.
-//! - Bulkhead slots and half-open probes are owned by PIDs: those of dead
-//!   processes are reclaimed on the next update. A probe reservation older
-//!   than the breaker's `stale_attempt_timeout` (2 min) is reclaimed too,
-//!   which covers a hung process or a reused PID.
+//!   never half of one. Temporary files left by a process killed while
+//!   writing are removed by a later write. Files are created with mode
+//!   0600, the directory with 0700.
+//! - Reads that need no change (a closed breaker's admission, an open
+//!   one's rejection, a bulkhead's count) take no lock and reuse the
+//!   parsed file while its inode, size and modification time are
+//!   unchanged. A call through the documented three-layer stack takes
+//!   three lock rounds: the rate limit's admission and the bulkhead's
+//!   slot taken and given back.
+//!
+//! # What is refused, and what is recovered
+//!
+//! - The state file must be a regular file: it is opened without
+//!   following a symbolic link (a link at its path is replaced by the next
+//!   write, its target never read or written) and without blocking (a
+//!   FIFO cannot hang the open), and the opened handle is checked. A FIFO,
+//!   a device or a directory at the path makes the file unreachable (see
+//!   below).
+//! - A file larger than [`MAX_FILE_SIZE`] (1 MiB, far above what any
+//!   real state needs) is not read: like a corrupt, truncated or
+//!   future-version file it is moved aside to `<file>.corrupt-<ms>` and
+//!   the state starts afresh, with a [`StoreEvent::Recovered`].
+//! - Holders are processes identified by PID *and* start time (Linux;
+//!   elsewhere by PID): the slots and probes of processes that ended,
+//!   zombies included, or whose PID now names another process, are
+//!   reclaimed on the next update. A bulkhead slot held longer than
+//!   [`slot_timeout`](FileStoreBuilder::slot_timeout) (10 min) and a probe
+//!   older than the breaker's `stale_attempt_timeout` (2 min) are
+//!   reclaimed too, which covers a hung process.
+//!
+//! # When the file cannot be used
+//!
+//! When the state cannot be read, locked or written (a read-only file or
+//! directory, a directory or FIFO at the path, a parent path that is a
+//! file, an I/O error), the store follows its [`Degrade`] policy and
+//! emits [`StoreEvent::Degraded`]; the first update that reaches the file
+//! again emits [`StoreEvent::Restored`]. A file or directory without its
+//! owner's write permission counts as read-only even for a user the
+//! system would let write (root).
+//!
+//! - [`Degrade::FailOpenToLocal`] (default): this process keeps enforcing
+//!   every limit on its own, with the same breaker, GCRA and bulkhead
+//!   logic over a state in memory. Never "no limit".
+//! - [`Degrade::FailClosed`]: calls that need the shared state are
+//!   rejected (a breaker rejects as open, the rate limiter with a retry
+//!   time of one second, the bulkhead as full).
 
+mod process;
 mod state;
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-pub use state::{BreakerState, BucketState, BulkheadState, Phase, State, STATE_VERSION};
+pub use state::{
+    BreakerEntry, BreakerState, BucketState, BulkheadEntry, BulkheadState, Holder, Phase,
+    ProbeHolder, RateLimitEntry, State, STATE_VERSION,
+};
 
-pub(crate) use state::{BreakerCfg, BucketCfg, Verdict};
+pub(crate) use process::{alive, me};
 
-use super::{unix_ms, Recovery, StoreEvent};
+use super::{unix_ms, Degrade, Recovery, StoreEvent};
 use crate::error::{Check, ConfigError};
 use crate::observe::Listeners;
 
 const LAYER: &str = "file_store";
+
+/// The largest state file the store reads: 1 MiB. A real state of a few
+/// hundred names is a few tens of kilobytes; anything larger is taken for
+/// damage (or an attack) and set aside, as a corrupt file is.
+pub const MAX_FILE_SIZE: u64 = 1 << 20;
+
+/// How long temporary files of a live writer are left alone.
+const TMP_GRACE_MS: u64 = 60_000;
 
 /// A scope's state file, shared by every clone.
 ///
@@ -96,9 +166,18 @@ struct Inner {
     path: PathBuf,
     lock_path: PathBuf,
     lock_timeout: Duration,
+    slot_timeout: Duration,
+    degrade: Degrade,
     listeners: Listeners<StoreEvent>,
     cache: Mutex<Option<Cached>>,
     tmp_seq: AtomicU64,
+    /// When temporary files were last swept (Unix ms; 0: never).
+    swept_at: AtomicU64,
+    /// Set from [`StoreEvent::Degraded`] to [`StoreEvent::Restored`].
+    degraded: AtomicBool,
+    /// This process's state while the file cannot be used
+    /// ([`Degrade::FailOpenToLocal`]).
+    local: Mutex<State>,
 }
 
 struct Cached {
@@ -113,11 +192,29 @@ struct FileKey {
     mtime: Option<std::time::SystemTime>,
 }
 
+/// The shared state cannot be used and the store fails closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Unavailable;
+
+/// One attempt at the lock.
+enum Locking {
+    Locked(File),
+    Busy,
+    Broken(io::Error),
+}
+
+/// The lock for one update: held, or given up after `lock_timeout`
+/// (`None`: go ahead without it); `Err` when it cannot be taken at all.
+type Lock = io::Result<Option<File>>;
+
 impl fmt::Debug for FileStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FileStore")
             .field("path", &self.inner.path)
             .field("lock_timeout", &self.inner.lock_timeout)
+            .field("slot_timeout", &self.inner.slot_timeout)
+            .field("degrade", &self.inner.degrade)
+            .field("degraded", &self.is_degraded())
             .finish_non_exhaustive()
     }
 }
@@ -128,6 +225,8 @@ pub struct FileStoreBuilder {
     app: String,
     scope: Option<String>,
     lock_timeout: Duration,
+    slot_timeout: Duration,
+    degrade: Degrade,
     listeners: Listeners<StoreEvent>,
 }
 
@@ -138,19 +237,24 @@ impl fmt::Debug for FileStoreBuilder {
             .field("app", &self.app)
             .field("scope", &self.scope)
             .field("lock_timeout", &self.lock_timeout)
+            .field("slot_timeout", &self.slot_timeout)
+            .field("degrade", &self.degrade)
             .finish_non_exhaustive()
     }
 }
 
 impl FileStore {
     /// A builder: the state file `<cache>/bulwark/resilience/state.json`,
-    /// a 100 ms lock timeout.
+    /// a 100 ms lock timeout, bulkhead slots reclaimed after 10 minutes,
+    /// failing open to local limits.
     pub fn builder() -> FileStoreBuilder {
         FileStoreBuilder {
             dir: None,
             app: "bulwark".to_owned(),
             scope: None,
             lock_timeout: Duration::from_millis(100),
+            slot_timeout: Duration::from_secs(600),
+            degrade: Degrade::default(),
             listeners: Listeners::default(),
         }
     }
@@ -185,7 +289,25 @@ impl FileStoreBuilder {
         self
     }
 
-    /// Calls `f` on every [`StoreEvent`] (lock timeouts, recoveries).
+    /// How long a bulkhead slot may be held before it is taken to belong
+    /// to a hung process and reclaimed (default 10 minutes). A call that
+    /// runs longer than this loses its slot to the count, so set it above
+    /// your longest call.
+    pub fn slot_timeout(mut self, d: Duration) -> Self {
+        self.slot_timeout = d;
+        self
+    }
+
+    /// What to do while the state file cannot be read, locked or written
+    /// (default [`Degrade::FailOpenToLocal`]: enforce the limits in this
+    /// process alone). See the [module docs](self#when-the-file-cannot-be-used).
+    pub fn degrade(mut self, policy: Degrade) -> Self {
+        self.degrade = policy;
+        self
+    }
+
+    /// Calls `f` on every [`StoreEvent`] (lock timeouts, recoveries,
+    /// switches to and from degraded).
     pub fn on_event(mut self, f: impl Fn(&StoreEvent) + Send + Sync + 'static) -> Self {
         self.listeners.push(f);
         self
@@ -196,6 +318,7 @@ impl FileStoreBuilder {
     pub fn build(self) -> Result<FileStore, ConfigError> {
         let check = Check { layer: LAYER };
         check.non_zero_duration("lock_timeout", self.lock_timeout)?;
+        check.non_zero_duration("slot_timeout", self.slot_timeout)?;
         let plain = |field, s: &str| -> Result<(), ConfigError> {
             if s.is_empty() || s.contains(['/', '\\']) || s == "." || s == ".." {
                 return Err(ConfigError::new(
@@ -232,12 +355,23 @@ impl FileStoreBuilder {
                 lock_path: dir.join(format!("{file}.lock")),
                 path,
                 lock_timeout: self.lock_timeout,
+                slot_timeout: self.slot_timeout,
+                degrade: self.degrade,
                 listeners: self.listeners,
                 cache: Mutex::new(None),
                 tmp_seq: AtomicU64::new(0),
+                swept_at: AtomicU64::new(0),
+                degraded: AtomicBool::new(false),
+                local: Mutex::new(State::default()),
             }),
         })
     }
+}
+
+fn lock_mutex<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded states are plain data changed by functions that do not
+    // panic midway.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl FileStore {
@@ -251,26 +385,53 @@ impl FileStore {
         &self.inner.name
     }
 
-    /// The state as the file holds it now, without taking the lock. A
-    /// missing or unreadable file reads as the initial state (it is
-    /// recovered by the next [`update`](Self::update)).
-    pub fn load(&self) -> State {
-        self.view(Clone::clone)
+    /// The policy followed while the file cannot be used.
+    pub fn degrade_policy(&self) -> Degrade {
+        self.inner.degrade
     }
 
-    /// Reads the file through the cache: parsed again only when its inode,
-    /// size or modification time changed.
-    pub(crate) fn view<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+    /// Whether the file could not be used at the last attempt (between a
+    /// [`StoreEvent::Degraded`] and the next [`StoreEvent::Restored`]).
+    pub fn is_degraded(&self) -> bool {
+        self.inner.degraded.load(Relaxed)
+    }
+
+    /// The state as the file holds it now, without taking the lock. A
+    /// missing or unreadable file reads as the initial state (it is
+    /// recovered by the next [`update`](Self::update)); while the store
+    /// is degraded this is the process's local state.
+    pub fn load(&self) -> State {
+        self.view(Clone::clone).unwrap_or_default()
+    }
+
+    /// Reads the state without the lock, through the cache: the file is
+    /// parsed again only when its inode, size or modification time
+    /// changed. `Err` when the file cannot be read and the caller should
+    /// take the update path (which follows the degrade policy).
+    pub(crate) fn view<R>(&self, f: impl FnOnce(&State) -> R) -> Result<R, Unavailable> {
+        if self.is_degraded() {
+            return match self.inner.degrade {
+                Degrade::FailOpenToLocal => Ok(f(&lock_mutex(&self.inner.local))),
+                Degrade::FailClosed => Err(Unavailable),
+            };
+        }
         let key = match fs::symlink_metadata(&self.inner.path) {
             Ok(m) if m.file_type().is_file() => file_key(&m),
-            _ => return f(&State::default()),
+            Ok(m) if m.file_type().is_symlink() => return Ok(f(&State::default())),
+            Ok(_) => return Err(Unavailable),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(f(&State::default())),
+            Err(_) => return Err(Unavailable),
         };
-        let mut cache = self.inner.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = lock_mutex(&self.inner.cache);
         if let Some(c) = cache.as_ref().filter(|c| c.key == key) {
-            return f(&c.state);
+            return Ok(f(&c.state));
         }
         let state = match read_file(&self.inner.path) {
-            Ok(Some((bytes, key))) => match parse(&bytes) {
+            Ok(Some(Contents {
+                bytes: Ok(bytes),
+                key,
+                ..
+            })) => match parse(&bytes) {
                 Ok(s) => {
                     *cache = Some(Cached {
                         key,
@@ -280,33 +441,33 @@ impl FileStore {
                 }
                 Err(_) => State::default(),
             },
-            _ => State::default(),
+            Ok(_) => State::default(),
+            Err(_) => return Err(Unavailable),
         };
-        f(&state)
+        Ok(f(&state))
     }
 
     /// Reads, changes and writes the state under the file lock. `f` sees
     /// the current state (recovered if the file was bad) and may change
-    /// it; the file is written only if it did.
+    /// it; the file is written only if it did. While the file cannot be
+    /// used, `f` runs on this process's local state, whatever the
+    /// store's policy (the policy applies to the layers' admissions).
+    ///
+    /// This waits for the lock (up to `lock_timeout`) on the calling
+    /// thread.
     pub fn update<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        let _lock = self.lock();
-        let before = self.read_for_update();
-        let mut state = before.clone();
-        let r = f(&mut state);
-        if state != before {
-            state.version = STATE_VERSION;
-            state.updated_at = Some(unix_ms());
-            if let Err(e) = self.write(&state) {
-                self.io_error(format!("writing {}: {e}", self.inner.path.display()));
-            }
+        let lock = self.lock_blocking();
+        match self.round(lock, Degrade::FailOpenToLocal, f) {
+            Ok(r) => r,
+            Err(Unavailable) => unreachable!("a fail-open round always runs"),
         }
-        r
     }
 
     /// Removes the state file: every primitive of the scope starts afresh.
     pub fn clear(&self) -> io::Result<()> {
-        let _lock = self.lock();
-        *self.inner.cache.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let _lock = self.lock_blocking();
+        *lock_mutex(&self.inner.cache) = None;
+        *lock_mutex(&self.inner.local) = State::default();
         match fs::remove_file(&self.inner.path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -314,98 +475,213 @@ impl FileStore {
     }
 
     /// A token bucket of `max_tokens` refilled at `refill_rate` tokens per
-    /// second, kept in this file.
+    /// second, kept in this file: the unnamed entry, or the one
+    /// [`named`](FileRateLimiter::named) picks (feature `rate-limit`).
+    #[cfg(feature = "rate-limit")]
     pub fn rate_limiter(
         &self,
         max_tokens: f64,
         refill_rate: f64,
     ) -> Result<FileRateLimiter, ConfigError> {
+        use crate::rate_limit::gcra::Params;
         let check = Check { layer: LAYER };
         check.positive("max_tokens", max_tokens)?;
         check.positive("refill_rate", refill_rate)?;
+        let params = Params::new(max_tokens, refill_rate, 0);
+        if params.increment(1.0_f64.min(max_tokens)).is_none() {
+            return Err(ConfigError::new(
+                LAYER,
+                "max_tokens",
+                "is too large for this refill_rate",
+            ));
+        }
         Ok(FileRateLimiter {
             store: self.clone(),
-            cfg: BucketCfg {
-                max_tokens,
-                refill_rate,
-            },
+            name: Arc::from(""),
+            params,
         })
     }
 
     /// A bulkhead of `max_concurrent` slots shared by every process, kept
-    /// in this file.
+    /// in this file: the unnamed entry, or the one
+    /// [`named`](FileBulkhead::named) picks.
     pub fn bulkhead(&self, max_concurrent: u32) -> Result<FileBulkhead, ConfigError> {
         Check { layer: LAYER }.at_least_one("max_concurrent", u64::from(max_concurrent))?;
         Ok(FileBulkhead {
             store: self.clone(),
+            name: Arc::from(""),
             max: max_concurrent,
         })
     }
 
-    /// Admits a call to the file's breaker. A closed breaker is only read.
-    pub(crate) fn breaker_acquire(&self, cfg: &BreakerCfg) -> Verdict {
-        let read_only = self.view(|s| {
-            let b = &s.circuit_breaker;
-            b.admits_read_only().then_some(Verdict::Admit {
-                gen: b.generation,
-                probe: false,
-            })
-        });
-        if let Some(v) = read_only {
-            return v;
-        }
-        let pid = pid();
-        self.update(|s| s.circuit_breaker.allow(cfg, pid, unix_ms(), alive))
-    }
-
-    /// Records a call's outcome; returns the transition it caused. A
-    /// success that changes nothing is only read.
-    pub(crate) fn breaker_record(
-        &self,
-        cfg: &BreakerCfg,
-        gen: u32,
-        probe: bool,
-        failure: bool,
-    ) -> Option<(Phase, Phase)> {
-        if !failure && !probe {
-            let nothing_to_do = self.view(|s| {
-                let b = &s.circuit_breaker;
-                b.generation != gen || b.failures == 0
-            });
-            if nothing_to_do {
-                return None;
-            }
-        }
-        let pid = pid();
-        self.update(|s| {
-            let b = &mut s.circuit_breaker;
-            let from = b.state;
-            b.record(cfg, gen, probe, pid, failure, unix_ms());
-            (b.state != from).then_some((from, b.state))
-        })
-    }
-
-    /// Gives back a probe whose call ended without a verdict.
-    pub(crate) fn breaker_release(&self, gen: u32) {
-        let pid = pid();
-        self.update(|s| s.circuit_breaker.release(gen, pid));
+    /// How long a bulkhead slot may be held.
+    pub(crate) fn slot_timeout(&self) -> Duration {
+        self.inner.slot_timeout
     }
 
     pub(crate) fn emit(&self, event: StoreEvent) {
         self.inner.listeners.emit(&event);
     }
 
-    fn io_error(&self, error: String) {
-        self.emit(StoreEvent::IoError {
-            name: self.inner.name.clone(),
-            error,
-        });
+    // --- Rounds: one read-modify-write each ------------------------------
+
+    /// One update if the lock is free right now; `Err(f)` (not run) if a
+    /// peer holds it.
+    pub(crate) fn try_round<R, F>(&self, f: F) -> Result<Result<R, Unavailable>, F>
+    where
+        F: FnOnce(&mut State) -> R,
+    {
+        let lock = match self.try_lock() {
+            Locking::Busy => return Err(f),
+            Locking::Locked(file) => Ok(Some(file)),
+            Locking::Broken(e) => Err(e),
+        };
+        Ok(self.round(lock, self.inner.degrade, f))
     }
+
+    /// One update, waiting for the lock on this thread if a peer holds
+    /// it (moved off the async worker with `block_in_place` where the
+    /// runtime allows it).
+    pub(crate) fn round_blocking<R>(
+        &self,
+        f: impl FnOnce(&mut State) -> R,
+    ) -> Result<R, Unavailable> {
+        match self.try_round(f) {
+            Ok(r) => r,
+            Err(f) => {
+                let lock = off_runtime(|| self.lock_blocking());
+                self.round(lock, self.inner.degrade, f)
+            }
+        }
+    }
+
+    /// One update, waiting for the lock with tokio timers if a peer holds
+    /// it: other tasks run meanwhile.
+    pub(crate) async fn round_async<R>(
+        &self,
+        f: impl FnOnce(&mut State) -> R,
+    ) -> Result<R, Unavailable> {
+        match self.try_round(f) {
+            Ok(r) => r,
+            Err(f) => {
+                let lock = self.lock_async().await;
+                self.round(lock, self.inner.degrade, f)
+            }
+        }
+    }
+
+    /// One update from a destructor: now if the lock is free, else on
+    /// tokio's blocking pool when there is a runtime (the caller must not
+    /// wait), else on this thread.
+    pub(crate) fn round_detached(&self, f: impl FnOnce(&mut State) + Send + 'static) {
+        let Err(f) = self.try_round(f) else {
+            return;
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let store = self.clone();
+            drop(rt.spawn_blocking(move || {
+                let _ = store.round_blocking(f);
+            }));
+        } else {
+            let _ = self.round_blocking(f);
+        }
+    }
+
+    /// Runs `f` on the file's state under `lock` and writes the result;
+    /// when the file cannot be used, follows `policy`.
+    fn round<R>(
+        &self,
+        lock: Lock,
+        policy: Degrade,
+        f: impl FnOnce(&mut State) -> R,
+    ) -> Result<R, Unavailable> {
+        let lock = match lock {
+            Ok(l) => l,
+            Err(e) => {
+                let msg = format!("locking {}: {e}", self.inner.lock_path.display());
+                return self.fallback(policy, msg, f);
+            }
+        };
+        let before = match self.read_for_update() {
+            Ok(s) => s,
+            Err(e) => {
+                let msg = format!("reading {}: {e}", self.inner.path.display());
+                return self.fallback(policy, msg, f);
+            }
+        };
+        let mut state = before.clone();
+        let r = f(&mut state);
+        if state != before {
+            state.version = STATE_VERSION;
+            state.updated_at = Some(unix_ms());
+            if let Err(e) = self.write(&state) {
+                let msg = format!("writing {}: {e}", self.inner.path.display());
+                self.degraded(msg);
+                return match policy {
+                    // The change stands, in this process: the file's
+                    // state with it becomes the local state.
+                    Degrade::FailOpenToLocal => {
+                        *lock_mutex(&self.inner.local) = state;
+                        Ok(r)
+                    }
+                    Degrade::FailClosed => Err(Unavailable),
+                };
+            }
+        }
+        drop(lock);
+        self.restored();
+        Ok(r)
+    }
+
+    /// The file cannot be used: `f` runs on the local state, or not at all.
+    fn fallback<R>(
+        &self,
+        policy: Degrade,
+        error: String,
+        f: impl FnOnce(&mut State) -> R,
+    ) -> Result<R, Unavailable> {
+        self.degraded(error);
+        match policy {
+            Degrade::FailOpenToLocal => Ok(f(&mut lock_mutex(&self.inner.local))),
+            Degrade::FailClosed => Err(Unavailable),
+        }
+    }
+
+    fn degraded(&self, error: String) {
+        if !self.inner.degraded.swap(true, Relaxed) {
+            self.emit(StoreEvent::Degraded {
+                name: self.inner.name.clone(),
+                policy: self.inner.degrade,
+                error,
+            });
+        }
+    }
+
+    fn restored(&self) {
+        if self.inner.degraded.load(Relaxed) && self.inner.degraded.swap(false, Relaxed) {
+            self.emit(StoreEvent::Restored {
+                name: self.inner.name.clone(),
+            });
+        }
+    }
+
+    // --- The lock --------------------------------------------------------
 
     fn ensure_dir(&self) -> io::Result<()> {
         let dir = self.inner.path.parent().unwrap_or(Path::new("."));
-        if dir.as_os_str().is_empty() || dir.is_dir() {
+        if dir.as_os_str().is_empty() {
             return Ok(());
+        }
+        match fs::metadata(dir) {
+            Ok(m) if m.is_dir() => return writable(&m, "directory"),
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotADirectory,
+                    "the state directory's path is not a directory",
+                ))
+            }
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            Err(_) => {}
         }
         let mut b = fs::DirBuilder::new();
         b.recursive(true);
@@ -414,71 +690,103 @@ impl FileStore {
         b.create(dir)
     }
 
-    /// Takes the advisory lock, or gives up after the timeout (fail-open).
-    fn lock(&self) -> Option<File> {
+    /// One attempt at the advisory lock, never waiting.
+    fn try_lock(&self) -> Locking {
         let file = match self
             .ensure_dir()
             .and_then(|()| open_private(&self.inner.lock_path, false))
         {
             Ok(f) => f,
-            Err(e) => {
-                self.io_error(format!("opening {}: {e}", self.inner.lock_path.display()));
-                return None;
-            }
+            Err(e) => return Locking::Broken(e),
         };
+        match fs4::FileExt::try_lock(&file) {
+            Ok(()) => Locking::Locked(file),
+            Err(fs4::TryLockError::WouldBlock) => Locking::Busy,
+            Err(fs4::TryLockError::Error(e)) => Locking::Broken(e),
+        }
+    }
+
+    fn lock_timed_out(&self) -> Lock {
+        self.emit(StoreEvent::LockTimeout {
+            name: self.inner.name.clone(),
+            path: self.inner.path.clone(),
+        });
+        Ok(None)
+    }
+
+    /// Takes the lock, sleeping this thread between attempts, or gives up
+    /// after `lock_timeout` (`Ok(None)`: go ahead without it).
+    fn lock_blocking(&self) -> Lock {
         let start = Instant::now();
         let mut pause = Duration::from_micros(200);
         loop {
-            match fs4::FileExt::try_lock(&file) {
-                Ok(()) => return Some(file),
-                Err(fs4::TryLockError::WouldBlock) => {}
-                Err(fs4::TryLockError::Error(e)) => {
-                    self.io_error(format!("locking {}: {e}", self.inner.lock_path.display()));
-                    return None;
-                }
+            match self.try_lock() {
+                Locking::Locked(f) => return Ok(Some(f)),
+                Locking::Broken(e) => return Err(e),
+                Locking::Busy => {}
             }
             let left = self.inner.lock_timeout.saturating_sub(start.elapsed());
             if left.is_zero() {
-                self.emit(StoreEvent::LockTimeout {
-                    name: self.inner.name.clone(),
-                    path: self.inner.path.clone(),
-                });
-                return None;
+                return self.lock_timed_out();
             }
             std::thread::sleep(pause.min(left));
             pause = (pause * 2).min(Duration::from_millis(5));
         }
     }
 
-    /// Reads the state for an update, recovering a bad file.
-    fn read_for_update(&self) -> State {
-        let path = &self.inner.path;
-        let bytes = match read_file(path) {
-            Ok(Some((bytes, _))) => bytes,
-            Ok(None) => return State::default(),
-            Err(e) => {
-                self.io_error(format!("reading {}: {e}", path.display()));
-                return State::default();
+    /// [`lock_blocking`](Self::lock_blocking), waiting with tokio timers.
+    async fn lock_async(&self) -> Lock {
+        let start = Instant::now();
+        let mut pause = Duration::from_micros(200);
+        loop {
+            match self.try_lock() {
+                Locking::Locked(f) => return Ok(Some(f)),
+                Locking::Broken(e) => return Err(e),
+                Locking::Busy => {}
             }
-        };
-        match parse(&bytes) {
-            Ok(s) => s,
-            Err(reason) => {
-                let kept = path.with_file_name(format!(
-                    "{}.corrupt-{}",
-                    path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
-                    unix_ms()
-                ));
-                let kept_at = fs::rename(path, &kept).ok().map(|()| kept);
-                self.emit(StoreEvent::Recovered {
-                    name: self.inner.name.clone(),
-                    path: path.clone(),
-                    reason,
-                    kept_at,
-                });
-                State::default()
+            // Wall-clock time: a peer's lock is held in real time, even
+            // when the caller's tokio clock is paused.
+            let left = self.inner.lock_timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return self.lock_timed_out();
             }
+            tokio::time::sleep(pause.min(left)).await;
+            pause = (pause * 2).min(Duration::from_millis(5));
         }
+    }
+
+    // --- The file --------------------------------------------------------
+
+    /// Reads the state for an update, setting a bad file aside.
+    fn read_for_update(&self) -> io::Result<State> {
+        let path = &self.inner.path;
+        let reason = match read_file(path)? {
+            None => return Ok(State::default()),
+            Some(c) if c.read_only => {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "the state file is read-only",
+                ))
+            }
+            Some(Contents { bytes: Err(r), .. }) => r,
+            Some(Contents { bytes: Ok(b), .. }) => match parse(&b) {
+                Ok(s) => return Ok(s),
+                Err(r) => r,
+            },
+        };
+        let kept = path.with_file_name(format!(
+            "{}.corrupt-{}",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
+            unix_ms()
+        ));
+        let kept_at = fs::rename(path, &kept).ok().map(|()| kept);
+        self.emit(StoreEvent::Recovered {
+            name: self.inner.name.clone(),
+            path: path.clone(),
+            reason,
+            kept_at,
+        });
+        Ok(State::default())
     }
 
     fn write(&self, state: &State) -> io::Result<()> {
@@ -486,8 +794,8 @@ impl FileStore {
         let path = &self.inner.path;
         let bytes = serde_json::to_vec(state).map_err(io::Error::other)?;
         let tmp = path.with_file_name(format!(
-            ".{}.{}.{}.tmp",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
+            "{}{}.{}.tmp",
+            self.tmp_prefix(),
             std::process::id(),
             self.inner.tmp_seq.fetch_add(1, Relaxed)
         ));
@@ -500,8 +808,95 @@ impl FileStore {
         if res.is_err() {
             let _ = fs::remove_file(&tmp);
         }
+        self.sweep_tmp();
         res
     }
+
+    fn tmp_prefix(&self) -> String {
+        let file = self.inner.path.file_name().and_then(|n| n.to_str());
+        format!(".{}.", file.unwrap_or("state"))
+    }
+
+    /// Removes temporary files that writers killed mid-write left behind:
+    /// those of processes that ended, and any older than a minute. Done
+    /// under the lock, by the first write of a store and then at most
+    /// every few seconds.
+    fn sweep_tmp(&self) {
+        let now = unix_ms();
+        let last = self.inner.swept_at.load(Relaxed);
+        if last != 0 && now.saturating_sub(last) < 5_000 {
+            return;
+        }
+        self.inner.swept_at.store(now.max(1), Relaxed);
+        let Some(dir) = self.inner.path.parent() else {
+            return;
+        };
+        let Ok(entries) = fs::read_dir(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        }) else {
+            return;
+        };
+        let prefix = self.tmp_prefix();
+        let me = std::process::id();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(rest) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|n| n.strip_suffix(".tmp"))
+            else {
+                continue;
+            };
+            let pid = rest.split('.').next().and_then(|p| p.parse::<u32>().ok());
+            let old = entry
+                .metadata()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age.as_millis() as u64 > TMP_GRACE_MS);
+            let orphan = pid.is_some_and(|p| p != me && !alive(p, None));
+            if old || orphan {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// Runs a blocking wait off the async worker where tokio allows it (a
+/// multi-threaded runtime), else right here.
+fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// `Err` if the owner may not write `m` (read as read-only whoever we
+/// are, root included).
+fn writable(m: &fs::Metadata, what: &str) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if m.permissions().mode() & 0o200 == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("the state {what} is read-only"),
+            ));
+        }
+    }
+    // Elsewhere a directory's read-only attribute says nothing about
+    // writing in it: only a file's is taken at its word.
+    #[cfg(not(unix))]
+    if m.is_file() && m.permissions().readonly() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("the state {what} is read-only"),
+        ));
+    }
+    Ok(())
 }
 
 fn file_key(m: &fs::Metadata) -> FileKey {
@@ -529,31 +924,77 @@ fn open_private(path: &Path, new: bool) -> io::Result<File> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        o.mode(0o600)
-            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
+        o.mode(0o600).custom_flags(
+            (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
+        );
     }
-    o.open(path)
+    let f = o.open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    Ok(f)
 }
 
-/// The file's bytes and identity, `None` if it does not exist. A symbolic
-/// link is refused.
-fn read_file(path: &Path) -> io::Result<Option<(Vec<u8>, FileKey)>> {
+/// What [`read_file`] found.
+struct Contents {
+    /// The bytes, or why they were not read.
+    bytes: Result<Vec<u8>, Recovery>,
+    key: FileKey,
+    /// The owner may not write the file.
+    read_only: bool,
+}
+
+/// The file's bytes and identity, `None` if there is no file (or only a
+/// symbolic link, which the next write replaces). Refuses anything but a
+/// regular file, checked on the opened handle; the open never blocks, so
+/// a FIFO cannot hang it. A file above [`MAX_FILE_SIZE`] is not read.
+fn read_file(path: &Path) -> io::Result<Option<Contents>> {
     let mut o = OpenOptions::new();
     o.read(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::custom_flags(
         &mut o,
-        rustix::fs::OFlags::NOFOLLOW.bits() as i32,
+        (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32,
     );
-    let mut f = match o.open(path) {
+    let f = match o.open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
+        Err(e) => {
+            let link = fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+            return if link { Ok(None) } else { Err(e) };
+        }
     };
-    let key = file_key(&f.metadata()?);
-    let mut bytes = Vec::with_capacity(key.len as usize);
-    f.read_to_end(&mut bytes)?;
-    Ok(Some((bytes, key)))
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the state file's path is not a regular file",
+        ));
+    }
+    let key = file_key(&meta);
+    let read_only = writable(&meta, "file").is_err();
+    if meta.len() > MAX_FILE_SIZE {
+        return Ok(Some(Contents {
+            bytes: Err(Recovery::TooLarge),
+            key,
+            read_only,
+        }));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    f.take(MAX_FILE_SIZE + 1).read_to_end(&mut bytes)?;
+    let bytes = if bytes.len() as u64 > MAX_FILE_SIZE {
+        Err(Recovery::TooLarge)
+    } else {
+        Ok(bytes)
+    };
+    Ok(Some(Contents {
+        bytes,
+        key,
+        read_only,
+    }))
 }
 
 fn parse(bytes: &[u8]) -> Result<State, Recovery> {
@@ -562,7 +1003,10 @@ fn parse(bytes: &[u8]) -> Result<State, Recovery> {
     }
     match serde_json::from_slice::<State>(bytes) {
         Ok(s) if s.version > STATE_VERSION => Err(Recovery::FutureVersion(s.version)),
-        Ok(s) => Ok(s),
+        Ok(mut s) => {
+            s.migrate();
+            Ok(s)
+        }
         Err(e) if e.is_eof() => Err(Recovery::Truncated),
         Err(_) => {
             // A newer schema may change field types: report its version if
@@ -579,69 +1023,142 @@ fn parse(bytes: &[u8]) -> Result<State, Recovery> {
     }
 }
 
-/// This process's id, as the file records slot owners.
-pub(crate) fn pid() -> u32 {
-    std::process::id()
+/// The current wall-clock time in Unix nanoseconds: shared state is
+/// compared across processes.
+#[cfg(feature = "rate-limit")]
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
-/// Whether process `pid` is still running. A process we may not signal
-/// is alive; on platforms without a check every process is.
-pub(crate) fn alive(pid: u32) -> bool {
-    #[cfg(unix)]
-    {
-        let Some(p) = i32::try_from(pid)
-            .ok()
-            .and_then(rustix::process::Pid::from_raw)
-        else {
-            return false;
-        };
-        !matches!(
-            rustix::process::test_kill_process(p),
-            Err(rustix::io::Errno::SRCH)
-        )
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = pid;
-        true
-    }
-}
+/// The retry time a rate limiter answers while it fails closed.
+#[cfg(feature = "rate-limit")]
+const CLOSED_RETRY: Duration = Duration::from_secs(1);
 
-/// A token bucket kept in a [`FileStore`]: made by
-/// [`FileStore::rate_limiter`].
+/// A rate limit kept in a [`FileStore`]: made by
+/// [`FileStore::rate_limiter`] (feature `rate-limit`).
+///
+/// It is the same GCRA as the in-memory limiter's, over the TAT the file
+/// keeps for its name.
+#[cfg(feature = "rate-limit")]
 #[derive(Debug, Clone)]
 pub struct FileRateLimiter {
     store: FileStore,
-    cfg: BucketCfg,
+    name: Arc<str>,
+    params: crate::rate_limit::gcra::Params,
 }
 
+#[cfg(feature = "rate-limit")]
 impl FileRateLimiter {
+    /// The same limiter on the entry of `name` (by default the unnamed
+    /// entry, `""`). Limiters of different names are independent.
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        self.name = Arc::from(name.into());
+        self
+    }
+
+    /// The entry's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn decide(&self, s: &mut State, now: u64, inc: u64) -> Result<(), Duration> {
+        let e = s.rate_limits.entry(self.name.to_string()).or_default();
+        e.acquire(now, inc, &self.params)
+            .map_err(Duration::from_nanos)
+    }
+
+    fn increment(&self, cost: f64) -> Result<u64, Duration> {
+        self.params.increment(cost).ok_or(Duration::MAX)
+    }
+
     /// Takes `cost` tokens, or says how long until they would be there (or
-    /// until a `Retry-After` block ends).
+    /// until a `Retry-After` block ends). A cost that can never be met
+    /// (above the bucket, negative, NaN) answers `Duration::MAX`. Waits
+    /// for the file lock on this thread.
     pub fn try_acquire(&self, cost: f64) -> Result<(), Duration> {
-        let cfg = self.cfg;
-        self.store
-            .update(|s| s.rate_limiter.take(&cfg, cost, unix_ms()))
+        let inc = self.increment(cost)?;
+        let r = self
+            .store
+            .round_blocking(|s| self.decide(s, unix_ns(), inc));
+        r.unwrap_or(Err(CLOSED_RETRY))
+    }
+
+    /// [`try_acquire`](Self::try_acquire) at the Unix time `now` (nanos).
+    #[cfg(test)]
+    fn try_acquire_at(&self, cost: f64, now: u64) -> Result<(), Duration> {
+        let inc = self.increment(cost)?;
+        let r = self.store.round_blocking(|s| self.decide(s, now, inc));
+        r.unwrap_or(Err(CLOSED_RETRY))
+    }
+
+    /// [`try_acquire`](Self::try_acquire) if the lock is free now; `None`
+    /// if a peer holds it.
+    pub(crate) fn try_acquire_now(&self, cost: f64) -> Option<Result<(), Duration>> {
+        let inc = match self.increment(cost) {
+            Ok(inc) => inc,
+            Err(d) => return Some(Err(d)),
+        };
+        match self.store.try_round(|s| self.decide(s, unix_ns(), inc)) {
+            Ok(r) => Some(r.unwrap_or(Err(CLOSED_RETRY))),
+            Err(_) => None,
+        }
+    }
+
+    /// [`try_acquire`](Self::try_acquire), waiting for the lock with tokio
+    /// timers.
+    pub(crate) async fn acquire_async(&self, cost: f64) -> Result<(), Duration> {
+        let inc = self.increment(cost)?;
+        let r = self
+            .store
+            .round_async(|s| self.decide(s, unix_ns(), inc))
+            .await;
+        r.unwrap_or(Err(CLOSED_RETRY))
     }
 
     /// Tokens available now.
     pub fn tokens(&self) -> f64 {
-        let cfg = self.cfg;
-        self.store
-            .view(|s| s.rate_limiter.available(&cfg, unix_ms()))
+        let now = unix_ns();
+        let r = self.store.view(|s| match s.rate_limits.get(&*self.name) {
+            Some(e) => e.tokens(now, &self.params),
+            None => RateLimitEntry::default().tokens(now, &self.params),
+        });
+        r.unwrap_or(0.0)
     }
 
     /// Admits nothing for `d` (an upstream's `Retry-After`) in every
-    /// process. A longer block is kept.
+    /// process; from then the bucket refills from one request's worth, as
+    /// the in-memory limiter does. A longer block is kept.
     pub fn set_retry_after(&self, d: Duration) {
-        let until = unix_ms().saturating_add(d.as_millis() as u64);
-        self.store.update(|s| s.rate_limiter.block_until(until));
+        let until = unix_ns().saturating_add(crate::clock::nanos(d));
+        let inc = self.params.increment(1.0).unwrap_or(self.params.tau);
+        let _ = self.store.round_blocking(|s| {
+            let e = s.rate_limits.entry(self.name.to_string()).or_default();
+            e.block_until(until, inc, &self.params);
+        });
+    }
+
+    /// [`set_retry_after`](Self::set_retry_after) from a response future:
+    /// applied now if the lock is free, else on tokio's blocking pool, so
+    /// the caller's runtime never waits for a peer's lock.
+    pub(crate) fn set_retry_after_detached(&self, d: Duration) {
+        let until = unix_ns().saturating_add(crate::clock::nanos(d));
+        let p = self.params;
+        let inc = p.increment(1.0).unwrap_or(p.tau);
+        let name = self.name.clone();
+        self.store.round_detached(move |s| {
+            let e = s.rate_limits.entry(name.to_string()).or_default();
+            e.block_until(until, inc, &p);
+        });
     }
 
     /// Refills the bucket and lifts any block.
     pub fn reset(&self) {
-        self.store
-            .update(|s| s.rate_limiter = BucketState::default());
+        let _ = self.store.round_blocking(|s| {
+            s.rate_limits.remove(&*self.name);
+        });
     }
 }
 
@@ -649,28 +1166,97 @@ impl FileRateLimiter {
 #[derive(Debug, Clone)]
 pub struct FileBulkhead {
     store: FileStore,
+    name: Arc<str>,
     max: u32,
 }
 
 impl FileBulkhead {
-    /// Takes a slot if one is free across all processes. The slot is
-    /// given back when the returned guard drops; if the process dies
-    /// first, the next process to look reclaims it.
-    pub fn try_acquire(&self) -> Option<FileSlot> {
-        let (max, pid) = (self.max, pid());
-        self.store
-            .update(|s| s.bulkhead.acquire(max, pid, alive))
-            .then(|| FileSlot {
-                store: self.store.clone(),
-            })
+    /// The same bulkhead on the entry of `name` (by default the unnamed
+    /// entry, `""`). Bulkheads of different names are independent.
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        self.name = Arc::from(name.into());
+        self
     }
 
-    /// Slots held by live processes (reclaiming those of dead ones).
-    pub fn in_use(&self) -> u32 {
-        self.store.update(|s| {
-            s.bulkhead.reclaim(alive);
-            s.bulkhead.active_pids.len() as u32
+    /// The entry's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn stale_ms(&self) -> u64 {
+        u64::try_from(self.store.slot_timeout().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Takes a slot if one is free across all processes. The slot is
+    /// given back when the returned guard drops; if the process dies
+    /// first, the next process to look reclaims it. Waits for the file
+    /// lock on this thread. While the store fails closed, `None`.
+    pub fn try_acquire(&self) -> Option<FileSlot> {
+        let (holder, claim) = self.claim();
+        let taken = self.store.round_blocking(claim);
+        self.slot(holder, taken)
+    }
+
+    /// [`try_acquire`](Self::try_acquire) if the lock is free now;
+    /// `Err(())` if a peer holds it.
+    pub(crate) fn try_acquire_now(&self) -> Result<Option<FileSlot>, ()> {
+        let (holder, claim) = self.claim();
+        match self.store.try_round(claim) {
+            Ok(taken) => Ok(self.slot(holder, taken)),
+            Err(_) => Err(()),
+        }
+    }
+
+    /// [`try_acquire`](Self::try_acquire), waiting for the lock with tokio
+    /// timers.
+    pub(crate) async fn acquire_async(&self) -> Option<FileSlot> {
+        let (holder, claim) = self.claim();
+        let taken = self.store.round_async(claim).await;
+        self.slot(holder, taken)
+    }
+
+    /// A new holder record for this process, and the update that takes a
+    /// slot for it (after reclaiming those of holders that ended or went
+    /// stale).
+    fn claim(&self) -> (Holder, impl FnOnce(&mut State) -> bool + '_) {
+        let me = me();
+        let now = unix_ms();
+        let stale = self.stale_ms();
+        let holder = Holder {
+            pid: me.pid,
+            start: me.start,
+            since: now,
+            id: fastrand::u64(..),
+        };
+        let claim = move |s: &mut State| {
+            let e = s.bulkheads.entry(self.name.to_string()).or_default();
+            e.reclaim(now, stale, |h| alive(h.pid, h.start));
+            e.acquire(self.max, holder)
+        };
+        (holder, claim)
+    }
+
+    fn slot(&self, holder: Holder, taken: Result<bool, Unavailable>) -> Option<FileSlot> {
+        (taken == Ok(true)).then(|| FileSlot {
+            store: self.store.clone(),
+            name: self.name.clone(),
+            id: holder.id,
         })
+    }
+
+    /// Slots held by live processes, read without the lock.
+    pub fn in_use(&self) -> u32 {
+        let now = unix_ms();
+        let stale = self.stale_ms();
+        let n = self.store.view(|s| {
+            s.bulkheads.get(&*self.name).map_or(0, |e| {
+                e.holders
+                    .iter()
+                    .filter(|h| now.saturating_sub(h.since) < stale && alive(h.pid, h.start))
+                    .count()
+            })
+        });
+        n.map_or(self.max, |n| u32::try_from(n).unwrap_or(u32::MAX))
     }
 
     /// Free slots, in `[0, max_concurrent]`.
@@ -683,12 +1269,26 @@ impl FileBulkhead {
 #[derive(Debug)]
 pub struct FileSlot {
     store: FileStore,
+    name: Arc<str>,
+    id: u64,
 }
 
 impl Drop for FileSlot {
     fn drop(&mut self) {
-        let pid = pid();
-        self.store.update(|s| s.bulkhead.release(pid));
+        let (name, id) = (self.name.clone(), self.id);
+        // Taken from the file or from the local state: the id names it in
+        // whichever holds it, and releasing it elsewhere does nothing.
+        if let Some(e) = lock_mutex(&self.store.inner.local)
+            .bulkheads
+            .get_mut(&*name)
+        {
+            e.release(id);
+        }
+        self.store.round_detached(move |s| {
+            if let Some(e) = s.bulkheads.get_mut(&*name) {
+                e.release(id);
+            }
+        });
     }
 }
 
@@ -706,18 +1306,97 @@ mod tests {
         assert_eq!(parse(b"not json"), Err(Recovery::Corrupt));
         assert_eq!(parse(b"{\"version\":7}"), Err(Recovery::FutureVersion(7)));
         assert_eq!(
-            parse(b"{\"version\":2,\"circuit_breaker\":\"new shape\"}"),
-            Err(Recovery::FutureVersion(2))
+            parse(b"{\"version\":3,\"breakers\":\"new shape\"}"),
+            Err(Recovery::FutureVersion(3))
         );
         assert!(parse(b"{\"version\":1}").is_ok());
+        assert!(parse(b"{\"version\":2}").is_ok());
     }
 
-    #[test]
-    fn this_process_is_alive_and_a_reaped_child_is_not() {
-        assert!(alive(pid()));
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let id = child.id();
-        child.wait().unwrap();
-        assert!(!alive(id));
+    #[cfg(feature = "rate-limit")]
+    mod same_verdicts {
+        use std::time::Duration;
+
+        use proptest::prelude::*;
+        use tower::{service_fn, Service, ServiceExt};
+
+        use crate::rate_limit::{RateLimitLayer, RateLimited};
+        use crate::ClockSource;
+
+        use super::super::FileStore;
+
+        /// A call `after` the previous one, costing `cost` tokens.
+        #[derive(Debug, Clone)]
+        struct Step {
+            after: Duration,
+            cost: f64,
+        }
+
+        fn steps() -> impl Strategy<Value = Vec<Step>> {
+            let step =
+                (0u64..3_000, prop_oneof![Just(1.0), 0.5f64..4.0]).prop_map(|(ms, cost)| Step {
+                    after: Duration::from_millis(ms),
+                    cost,
+                });
+            prop::collection::vec(step, 1..40)
+        }
+
+        /// The in-memory limiter, on tokio's paused clock.
+        fn memory(max: f64, rate: f64, steps: &[Step]) -> Vec<Result<(), Duration>> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let layer = RateLimitLayer::builder()
+                    .max_tokens(max)
+                    .refill_rate(rate)
+                    .clock(ClockSource::Tokio)
+                    .cost(|c: &f64| *c)
+                    .build()
+                    .unwrap();
+                let mut svc = tower::Layer::layer(
+                    &layer,
+                    service_fn(|_: f64| async { Ok::<_, crate::BoxError>(()) }),
+                );
+                let mut out = Vec::new();
+                for s in steps {
+                    tokio::time::advance(s.after).await;
+                    let r = svc.ready().await.unwrap().call(s.cost).await;
+                    out.push(r.map_err(|e| e.downcast_ref::<RateLimited>().unwrap().retry_after()));
+                }
+                out
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(48))]
+
+            /// The file backend runs the memory backend's GCRA: the same
+            /// calls at the same times get the same answers, retry times
+            /// included.
+            #[test]
+            fn file_and_memory_admit_the_same_calls(
+                max in 1.0f64..10.0,
+                rate in 0.1f64..5.0,
+                steps in steps(),
+            ) {
+                let max = max.max(4.0);
+                let want = memory(max, rate, &steps);
+                let dir = tempfile::tempdir().unwrap();
+                let store = FileStore::builder().dir(dir.path()).build().unwrap();
+                let file = store.rate_limiter(max, rate).unwrap().named("p");
+                let mut now = 1_700_000_000_000_000_000u64;
+                let got: Vec<_> = steps
+                    .iter()
+                    .map(|s| {
+                        now += s.after.as_nanos() as u64;
+                        file.try_acquire_at(s.cost, now)
+                    })
+                    .collect();
+                prop_assert_eq!(got, want);
+            }
+        }
     }
 }

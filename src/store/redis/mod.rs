@@ -37,6 +37,30 @@
 //!   until their retry time, so a hot rejected key costs no round trip;
 //! - bulkhead: a sorted set of leases scored by expiry. A lease is renewed
 //!   while its call runs and expires `lease_ttl` after its process died;
+//!
+//! # Calls that give up
+//!
+//! A lease or token request carries an id chosen before it is sent. If
+//! its caller never learns the answer (the future is dropped, or the
+//! store's `timeout` fires while Redis still holds the request), the store
+//! gives it back in the background by that id: the lease is released, the
+//! tokens refunded. A request that reaches Redis after its give-back takes
+//! nothing (the give-back leaves a short-lived mark for it). So a call
+//! that was not admitted is never charged, a fail-open call admitted
+//! locally is not counted in Redis as well, and leases taken while Redis
+//! stalled are released as soon as it answers again, rather than a
+//! `lease_ttl` later. Give-backs that cannot be delivered are retried every
+//! `retry_interval`; [`RedisStore::flush`] delivers them now (before a
+//! process exits, say).
+//!
+//! For this, each admitted rate-limit request leaves a receipt in Redis
+//! (a key of some 60 bytes) that expires after four times `timeout` plus
+//! `retry_interval`, at least 1 s; a key that had refunds lately also
+//! keeps their total and a log of at most 1024 of them, as long. A refund
+//! gives back the part of the request's tokens that has not refilled yet,
+//! so it never leaves a bucket fuller than had the request never been
+//! made: if the bucket was full when the request came and another came
+//! before the refund, the little that refilled in between stays charged.
 //! - breaker: the fleet's failures and state in a hash with a TTL; each
 //!   process keeps deciding locally and syncs within `sync_interval`
 //!   (see `circuit_breaker`).
@@ -54,13 +78,17 @@
 //! never waits longer than `timeout` on Redis.
 //!
 //! - [`Degrade::FailOpenToLocal`] (default): each process enforces the
-//!   same limits on its own, in memory;
+//!   same limits on its own, in memory. A keyed limiter keeps at most
+//!   10 000 keys locally; past that, a new key takes the place of one
+//!   whose bucket is full again, and when there is none it is rejected
+//!   (a key is never forgotten while it is still being limited);
 //! - [`Degrade::FailClosed`]: calls are rejected (the rate limiter answers
 //!   `Err(retry_interval)`, the bulkhead `None`).
 
+mod local;
 mod scripts;
 
-use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -74,6 +102,7 @@ use tokio::time::Instant;
 use super::{Degrade, StoreEvent};
 use crate::error::{Check, ConfigError};
 use crate::observe::Listeners;
+use local::Bounded;
 
 const LAYER: &str = "redis_store";
 
@@ -99,10 +128,23 @@ struct Inner {
     origin: Instant,
     listeners: Listeners<StoreEvent>,
     scripts: Scripts,
+    /// What abandoned or finished requests hold in Redis, to give back.
+    undo: Mutex<Undo>,
+    /// A give-back was queued with no runtime to deliver it: the next
+    /// command starts the delivery.
+    stranded: AtomicBool,
+    /// One deliverer at a time, so give-backs reach Redis in queue order.
+    delivering: tokio::sync::Mutex<()>,
+    /// Makes request ids unique across the fleet.
+    id_prefix: u64,
+    next_id: AtomicU64,
+    /// How long a rate-limit receipt (or its refund's mark) lives.
+    receipt_ttl_ms: u64,
 }
 
 struct Scripts {
     gcra: Script,
+    refund: Script,
     lease_acquire: Script,
     lease_renew: Script,
     lease_release: Script,
@@ -217,8 +259,18 @@ impl RedisStoreBuilder {
                 quiet_until: AtomicU64::new(0),
                 origin: Instant::now(),
                 listeners: self.listeners,
+                undo: Mutex::new(Undo::default()),
+                stranded: AtomicBool::new(false),
+                id_prefix: fastrand::u64(..),
+                next_id: AtomicU64::new(0),
+                delivering: tokio::sync::Mutex::new(()),
+                // Refunds follow their charge within a few retries.
+                receipt_ttl_ms: (4 * (self.timeout + self.retry_interval))
+                    .as_millis()
+                    .clamp(1_000, u128::from(u32::MAX)) as u64,
                 scripts: Scripts {
                     gcra: Script::new(scripts::GCRA),
+                    refund: Script::new(scripts::REFUND),
                     lease_acquire: Script::new(scripts::LEASE_ACQUIRE),
                     lease_renew: Script::new(scripts::LEASE_RENEW),
                     lease_release: Script::new(scripts::LEASE_RELEASE),
@@ -234,6 +286,7 @@ impl RedisStoreBuilder {
 #[derive(Clone, Copy)]
 enum Which {
     Gcra,
+    Refund,
     LeaseAcquire,
     LeaseRenew,
     LeaseRelease,
@@ -276,11 +329,14 @@ impl RedisStore {
         let interval_us = 1e6 / refill_rate;
         Ok(RedisRateLimiter {
             store: self.clone(),
-            base: self.key(name, "gcra"),
+            base: Arc::from(self.key(name, "gcra")),
+            receipts: Arc::from(format!("{}:", self.key(name, "gcra-receipt"))),
+            given: Arc::from(self.key(name, "gcra-given")),
+            log: Arc::from(self.key(name, "gcra-refunds")),
             interval_us,
             capacity_us: interval_us * max_tokens,
-            over: Arc::new(Mutex::new(HashMap::new())),
-            local: Arc::new(Mutex::new(HashMap::new())),
+            over: Arc::new(Mutex::new(Bounded::new(LOCAL_KEYS_MAX))),
+            local: Arc::new(Mutex::new(Bounded::new(LOCAL_KEYS_MAX))),
             local_cache: true,
         })
     }
@@ -291,11 +347,32 @@ impl RedisStore {
         Check { layer: LAYER }.at_least_one("max_concurrent", u64::from(max_concurrent))?;
         Ok(RedisBulkhead {
             store: self.clone(),
-            key: Arc::from(self.key(name, "bulkhead")),
+            keys: Arc::new(LeaseKeys {
+                set: self.key(name, "bulkhead"),
+                gone: self.key(name, "bulkhead-gone"),
+            }),
             max: max_concurrent,
             ttl: Duration::from_secs(30),
             local: Arc::new(tokio::sync::Semaphore::new(max_concurrent as usize)),
         })
+    }
+
+    /// Delivers every lease release and token refund queued so far (see
+    /// "Calls that give up" in the module docs), each batch waiting at most
+    /// `timeout`. Returns whether nothing is left to deliver; what could not
+    /// be delivered stays queued and is retried in the background.
+    ///
+    /// A process about to exit calls this so its leases are free for the
+    /// fleet at once, not after `lease_ttl`.
+    pub async fn flush(&self) -> bool {
+        let _one = self.inner.delivering.lock().await;
+        let batch = self.take_queued(usize::MAX);
+        let left = self.deliver(batch).await;
+        let mut q = self.undo_queue();
+        for item in left.into_iter().rev() {
+            q.items.push_front(item);
+        }
+        q.items.is_empty()
     }
 
     /// `{prefix:name}:kind`: the braces make a hash tag.
@@ -307,6 +384,26 @@ impl RedisStore {
         self.inner.origin.elapsed().as_millis() as u64
     }
 
+    /// A request id no other request of the fleet has.
+    fn request_id(&self) -> String {
+        let n = self.inner.next_id.fetch_add(1, Relaxed);
+        format!("{:016x}.{n:x}", self.inner.id_prefix)
+    }
+
+    /// Takes up to `max` queued give-backs, oldest first.
+    fn take_queued(&self, max: usize) -> Vec<Item> {
+        let mut q = self.undo_queue();
+        let n = q.items.len().min(max);
+        q.items.drain(..n).collect()
+    }
+
+    /// Degraded and not yet due to ask Redis again: follow the policy
+    /// without sending anything.
+    fn is_quiet(&self) -> bool {
+        let inner = &*self.inner;
+        inner.degraded.load(Relaxed) && self.now_ms() < inner.quiet_until.load(Relaxed)
+    }
+
     /// Runs a script with the store's timeout. `None` when Redis could not
     /// answer in time (the caller then follows the policy), or while
     /// degraded and not yet due to try again.
@@ -316,12 +413,59 @@ impl RedisStore {
         keys: &[&str],
         args: &[String],
     ) -> Option<T> {
-        let inner = &*self.inner;
-        if inner.degraded.load(Relaxed) && self.now_ms() < inner.quiet_until.load(Relaxed) {
+        if self.is_quiet() {
             return None;
         }
+        self.send(which, keys, args).await
+    }
+
+    /// [`run`](Self::run) without the quiet check: the request is sent.
+    /// Switches to and from degraded, with an event.
+    async fn send<T: FromRedisValue>(
+        &self,
+        which: Which,
+        keys: &[&str],
+        args: &[String],
+    ) -> Option<T> {
+        let inner = &*self.inner;
+        if inner.stranded.load(Relaxed) && inner.stranded.swap(false, Relaxed) {
+            self.kick();
+        }
+        match self.raw(which, keys, args).await {
+            Ok(v) => {
+                if inner.degraded.swap(false, Relaxed) {
+                    inner.listeners.emit(&StoreEvent::Restored {
+                        name: inner.name.clone(),
+                    });
+                }
+                Some(v)
+            }
+            Err(error) => {
+                let until = self.now_ms() + inner.retry_interval.as_millis() as u64;
+                inner.quiet_until.store(until, Relaxed);
+                if !inner.degraded.swap(true, Relaxed) {
+                    inner.listeners.emit(&StoreEvent::Degraded {
+                        name: inner.name.clone(),
+                        policy: inner.degrade,
+                        error,
+                    });
+                }
+                None
+            }
+        }
+    }
+
+    /// One script, bounded by the store's timeout (connecting included).
+    async fn raw<T: FromRedisValue>(
+        &self,
+        which: Which,
+        keys: &[&str],
+        args: &[String],
+    ) -> Result<T, String> {
+        let inner = &*self.inner;
         let script = match which {
             Which::Gcra => &inner.scripts.gcra,
+            Which::Refund => &inner.scripts.refund,
             Which::LeaseAcquire => &inner.scripts.lease_acquire,
             Which::LeaseRenew => &inner.scripts.lease_renew,
             Which::LeaseRelease => &inner.scripts.lease_release,
@@ -350,31 +494,100 @@ impl RedisStore {
             }
             inv.invoke_async::<T>(&mut conn).await
         };
-        let res = match tokio::time::timeout(inner.timeout, call).await {
+        match tokio::time::timeout(inner.timeout, call).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {:?}", inner.timeout)),
-        };
-        match res {
-            Ok(v) => {
-                if inner.degraded.swap(false, Relaxed) {
-                    inner.listeners.emit(&StoreEvent::Restored {
-                        name: inner.name.clone(),
-                    });
-                }
-                Some(v)
+        }
+    }
+
+    fn undo_queue(&self) -> std::sync::MutexGuard<'_, Undo> {
+        self.inner.undo.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a give-back and makes sure a task is delivering them.
+    fn give_back(&self, item: Item) {
+        {
+            let mut q = self.undo_queue();
+            if q.items.len() >= UNDO_MAX {
+                // A lease left behind expires with its ttl; a charge, with
+                // the bucket's refill.
+                q.items.pop_front();
             }
-            Err(error) => {
-                let until = self.now_ms() + inner.retry_interval.as_millis() as u64;
-                inner.quiet_until.store(until, Relaxed);
-                if !inner.degraded.swap(true, Relaxed) {
-                    inner.listeners.emit(&StoreEvent::Degraded {
-                        name: inner.name.clone(),
-                        policy: inner.degrade,
-                        error,
-                    });
+            q.items.push_back(item);
+        }
+        self.kick();
+    }
+
+    /// Starts the delivery task unless one runs (or there is no runtime
+    /// to run one: the next command, or `flush`, delivers).
+    fn kick(&self) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.inner.stranded.store(true, Relaxed);
+            return;
+        };
+        {
+            let mut q = self.undo_queue();
+            if q.running || q.items.is_empty() {
+                return;
+            }
+            q.running = true;
+        }
+        rt.spawn(deliver_all(self.clone()));
+    }
+
+    /// Sends `items`, batched by script and key, until a batch gets no
+    /// answer; returns what was not delivered, in order.
+    async fn deliver(&self, items: Vec<Item>) -> Vec<Item> {
+        // Few groups: one per limiter or bulkhead with something to give back.
+        let mut groups: Vec<(BatchKey, Vec<Item>)> = Vec::new();
+        for item in items {
+            match groups.iter_mut().find(|(k, _)| item.in_batch(k)) {
+                Some((_, g)) => g.push(item),
+                None => groups.push((item.batch_key(), vec![item])),
+            }
+        }
+        let mut left = Vec::new();
+        for (_, group) in groups {
+            let mut group = group.into_iter().peekable();
+            while group.peek().is_some() {
+                let batch: Vec<Item> = group.by_ref().take(BATCH_MAX).collect();
+                if !left.is_empty() || !self.deliver_batch(&batch).await {
+                    left.extend(batch);
                 }
-                None
+            }
+        }
+        left
+    }
+
+    /// One script for `batch` (items of one batch key); whether Redis
+    /// answered.
+    async fn deliver_batch(&self, batch: &[Item]) -> bool {
+        match &batch[0] {
+            Item::Lease { keys, ttl_ms, .. } => {
+                let mut args = Vec::with_capacity(batch.len() + 1);
+                args.push(ttl_ms.to_string());
+                args.extend(batch.iter().map(|i| i.id().to_owned()));
+                self.raw::<i64>(Which::LeaseRelease, &[&keys.set, &keys.gone], &args)
+                    .await
+                    .is_ok()
+            }
+            Item::Charge { .. } => {
+                let mut keys: Vec<&str> = Vec::with_capacity(batch.len() * 4);
+                for i in batch {
+                    if let Item::Charge {
+                        bucket,
+                        receipt,
+                        given,
+                        log,
+                        ..
+                    } = i
+                    {
+                        keys.extend([bucket.as_str(), receipt, given, log]);
+                    }
+                }
+                let ttl = [self.inner.receipt_ttl_ms.to_string()];
+                self.raw::<i64>(Which::Refund, &keys, &ttl).await.is_ok()
             }
         }
     }
@@ -460,18 +673,145 @@ fn instance_id() -> String {
     format!("{}-{:016x}", std::process::id(), fastrand::u64(..))
 }
 
+/// Give-backs queued beyond this drop the oldest: a lease left behind
+/// expires with its ttl anyway, and a charge with the bucket's refill.
+const UNDO_MAX: usize = 100_000;
+
+/// Give-backs sent in one script.
+const BATCH_MAX: usize = 256;
+
+/// The give-back queue.
+#[derive(Default)]
+struct Undo {
+    items: VecDeque<Item>,
+    /// A task is delivering.
+    running: bool,
+}
+
+/// Something a request holds in Redis that its caller no longer wants.
+enum Item {
+    /// A bulkhead lease: released, or refused if it has not arrived yet.
+    Lease {
+        keys: Arc<LeaseKeys>,
+        ttl_ms: u64,
+        id: String,
+    },
+    /// A rate-limit charge: refunded, or refused if it has not arrived
+    /// yet. `tag` is the limiter's key base, which holds the hash tag.
+    Charge {
+        tag: Arc<str>,
+        bucket: String,
+        receipt: String,
+        given: String,
+        log: String,
+    },
+}
+
+/// Which give-backs can share one script.
+enum BatchKey {
+    Lease(Arc<LeaseKeys>, u64),
+    Charge(Arc<str>),
+}
+
+impl Item {
+    fn batch_key(&self) -> BatchKey {
+        match self {
+            Item::Lease { keys, ttl_ms, .. } => BatchKey::Lease(keys.clone(), *ttl_ms),
+            Item::Charge { tag, .. } => BatchKey::Charge(tag.clone()),
+        }
+    }
+
+    fn in_batch(&self, k: &BatchKey) -> bool {
+        match (self, k) {
+            (Item::Lease { keys, ttl_ms, .. }, BatchKey::Lease(k, t)) => {
+                keys.set == k.set && ttl_ms == t
+            }
+            (Item::Charge { tag, .. }, BatchKey::Charge(t)) => tag == t,
+            _ => false,
+        }
+    }
+
+    fn id(&self) -> &str {
+        match self {
+            Item::Lease { id, .. } => id,
+            Item::Charge { receipt, .. } => receipt,
+        }
+    }
+}
+
+/// Delivers the give-back queue until it is empty; what Redis does not
+/// answer is tried again every `retry_interval`.
+fn deliver_all(store: RedisStore) -> impl std::future::Future<Output = ()> + Send {
+    /// Lets a later give-back start a new task once this one ends, or is
+    /// dropped with its runtime (even before it first ran: it is created
+    /// with the future, not inside it).
+    struct Running(RedisStore, std::cell::Cell<bool>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if self.1.get() {
+                let mut q = self.0.undo_queue();
+                q.running = false;
+            }
+        }
+    }
+    let running = Running(store, std::cell::Cell::new(true));
+    async move {
+        let store = &running.0;
+        loop {
+            let one = store.inner.delivering.lock().await;
+            let batch: Vec<Item> = {
+                let mut q = store.undo_queue();
+                if q.items.is_empty() {
+                    // Under the lock: a give-back queued from now on
+                    // starts a new task.
+                    q.running = false;
+                    running.1.set(false);
+                    return;
+                }
+                let n = q.items.len().min(BATCH_MAX * 4);
+                q.items.drain(..n).collect()
+            };
+            let left = store.deliver(batch).await;
+            let retry = !left.is_empty();
+            {
+                let mut q = store.undo_queue();
+                for item in left.into_iter().rev() {
+                    q.items.push_front(item);
+                }
+            }
+            drop(one);
+            if retry {
+                tokio::time::sleep(store.inner.retry_interval).await;
+            }
+        }
+    }
+}
+
+/// Keys kept per limiter in this process (the degraded fallback's buckets
+/// and the over-limit cache), so a flood of distinct keys cannot grow them
+/// without bound.
+const LOCAL_KEYS_MAX: usize = 10_000;
+
 /// A fleet-wide GCRA rate limiter: made by [`RedisStore::rate_limiter`].
 #[derive(Clone)]
 pub struct RedisRateLimiter {
     store: RedisStore,
-    base: String,
+    /// `{prefix:name}:gcra`: the bucket keys' base, and their hash tag.
+    base: Arc<str>,
+    /// `{prefix:name}:gcra-receipt:`: where admitted requests leave their
+    /// receipts.
+    receipts: Arc<str>,
+    /// `{prefix:name}:gcra-given`: the base of the buckets' refund totals.
+    given: Arc<str>,
+    /// `{prefix:name}:gcra-refunds`: the base of the buckets' refund logs.
+    log: Arc<str>,
     interval_us: f64,
     capacity_us: f64,
     /// Keys known to be over the limit, until when (ms since the store's
     /// origin): rejected without a round trip.
-    over: Arc<Mutex<HashMap<String, u64>>>,
+    over: Arc<Mutex<Bounded<u64>>>,
     /// The local fallback's theoretical arrival times (µs since origin).
-    local: Arc<Mutex<HashMap<String, f64>>>,
+    local: Arc<Mutex<Bounded<f64>>>,
     local_cache: bool,
 }
 
@@ -485,9 +825,31 @@ impl fmt::Debug for RedisRateLimiter {
     }
 }
 
-/// Cap on the over-limit cache, so a flood of distinct keys cannot grow it
-/// without bound.
-const OVER_CACHE_MAX: usize = 10_000;
+/// A charge sent to Redis whose answer the caller has not seen yet:
+/// dropped armed (the caller left, or Redis did not answer in time), it
+/// has the charge refunded.
+struct Charge<'a> {
+    limiter: &'a RedisRateLimiter,
+    bucket: String,
+    receipt: String,
+    given: String,
+    log: String,
+    armed: bool,
+}
+
+impl Drop for Charge<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.limiter.store.give_back(Item::Charge {
+                tag: self.limiter.base.clone(),
+                bucket: std::mem::take(&mut self.bucket),
+                receipt: std::mem::take(&mut self.receipt),
+                given: std::mem::take(&mut self.given),
+                log: std::mem::take(&mut self.log),
+            });
+        }
+    }
+}
 
 impl RedisRateLimiter {
     /// Whether keys found over the limit are remembered locally until their
@@ -500,6 +862,9 @@ impl RedisRateLimiter {
 
     /// Takes `cost` for `key` (use `""` for one fleet-wide limit), or says
     /// how long until it could be taken.
+    ///
+    /// Dropping the future before it answers takes nothing: if the request
+    /// reached Redis, its tokens are refunded.
     pub async fn try_acquire(&self, key: &str, cost: u32) -> Result<(), Duration> {
         self.acquire(key, f64::from(cost)).await
     }
@@ -510,50 +875,82 @@ impl RedisRateLimiter {
         let now = self.store.now_ms();
         if self.local_cache {
             let over = self.over.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(&until) = over.get(key) {
+            if let Some(until) = over.get(key) {
                 if now < until {
                     return Err(Duration::from_millis(until - now));
                 }
             }
         }
-        let redis_key = if key.is_empty() {
-            self.base.clone()
-        } else {
-            format!("{}:{key}", self.base)
+        if self.store.is_quiet() {
+            return self.degraded(key, cost);
+        }
+        let per_key = |base: &str| {
+            if key.is_empty() {
+                base.to_owned()
+            } else {
+                format!("{base}:{key}")
+            }
+        };
+        let (bucket, given, log) = (
+            per_key(&self.base),
+            per_key(&self.given),
+            per_key(&self.log),
+        );
+        let id = self.store.request_id();
+        let mut charge = Charge {
+            limiter: self,
+            bucket,
+            receipt: format!("{}{id}", self.receipts),
+            given,
+            log,
+            armed: true,
         };
         let args = [
             format!("{}", self.interval_us),
             format!("{}", self.capacity_us),
             cost.to_string(),
+            self.store.inner.receipt_ttl_ms.to_string(),
         ];
-        let res: Option<Vec<i64>> = self.store.run(Which::Gcra, &[&redis_key], &args).await;
+        let res: Option<Vec<i64>> = self
+            .store
+            .send(
+                Which::Gcra,
+                &[&charge.bucket, &charge.receipt, &charge.given, &charge.log],
+                &args,
+            )
+            .await;
+        // Answered: the caller learns the verdict, so nothing to give back.
+        charge.armed = res.is_none();
         match res.as_deref() {
             Some([1, ..]) => Ok(()),
             Some([_, wait_us, ..]) => {
                 let wait = Duration::from_micros((*wait_us).max(0) as u64);
                 if self.local_cache {
                     let mut over = self.over.lock().unwrap_or_else(|e| e.into_inner());
-                    if over.len() >= OVER_CACHE_MAX {
-                        over.retain(|_, &mut until| until > now);
-                    }
-                    if over.len() < OVER_CACHE_MAX {
-                        over.insert(key.to_owned(), now + wait.as_millis() as u64);
-                    }
+                    // Full of live entries: this key is just not cached.
+                    let _ = over.set(key, now + wait.as_millis() as u64, now);
                 }
                 Err(wait)
             }
-            _ => match self.store.inner.degrade {
-                Degrade::FailClosed => Err(self.store.inner.retry_interval),
-                Degrade::FailOpenToLocal => self.local_acquire(key, cost),
-            },
+            _ => self.degraded(key, cost),
         }
     }
 
-    /// The same GCRA, in this process only (the degraded fallback).
+    /// The answer while Redis cannot be reached, per the store's policy.
+    fn degraded(&self, key: &str, cost: f64) -> Result<(), Duration> {
+        match self.store.inner.degrade {
+            Degrade::FailClosed => Err(self.store.inner.retry_interval),
+            Degrade::FailOpenToLocal => self.local_acquire(key, cost),
+        }
+    }
+
+    /// The same GCRA, in this process only (the degraded fallback). A new
+    /// key past the cap is rejected while every key it could replace is
+    /// still being limited.
     fn local_acquire(&self, key: &str, cost: f64) -> Result<(), Duration> {
         let now = self.store.inner.origin.elapsed().as_micros() as f64;
         let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
-        let tat = local.get(key).copied().unwrap_or(now).max(now);
+        let tat = local.get(key).unwrap_or(now).max(now);
         let new_tat = tat + self.interval_us * cost;
         let diff = new_tat - now;
         if diff > self.capacity_us {
@@ -561,19 +958,26 @@ impl RedisRateLimiter {
                 (diff - self.capacity_us).ceil() as u64
             ));
         }
-        if local.len() >= OVER_CACHE_MAX && !local.contains_key(key) {
-            local.retain(|_, t| *t > now);
-        }
-        local.insert(key.to_owned(), new_tat);
-        Ok(())
+        local
+            .set(key, new_tat, now)
+            .map_err(|soonest| Duration::from_micros((soonest - now).ceil().max(1.0) as u64))
     }
+}
+
+/// The keys of one fleet bulkhead.
+#[derive(Debug)]
+struct LeaseKeys {
+    /// Leases held, scored by expiry.
+    set: String,
+    /// Ids given back before they were taken, scored by expiry.
+    gone: String,
 }
 
 /// A fleet-wide bulkhead: made by [`RedisStore::bulkhead`].
 #[derive(Clone)]
 pub struct RedisBulkhead {
     store: RedisStore,
-    key: Arc<str>,
+    keys: Arc<LeaseKeys>,
     max: u32,
     ttl: Duration,
     /// The degraded fallback: the same cap in this process.
@@ -583,10 +987,32 @@ pub struct RedisBulkhead {
 impl fmt::Debug for RedisBulkhead {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisBulkhead")
-            .field("key", &self.key)
+            .field("key", &self.keys.set)
             .field("max_concurrent", &self.max)
             .field("lease_ttl", &self.ttl)
             .finish_non_exhaustive()
+    }
+}
+
+/// A lease request sent to Redis whose answer the caller has not seen yet:
+/// dropped armed (the caller left, or Redis did not answer in time), it
+/// has the lease released, or refused should it arrive later.
+struct Asking<'a> {
+    bulkhead: &'a RedisBulkhead,
+    id: String,
+    armed: bool,
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let b = self.bulkhead;
+            b.store.give_back(Item::Lease {
+                keys: b.keys.clone(),
+                ttl_ms: b.ttl_ms(),
+                id: std::mem::take(&mut self.id),
+            });
+        }
     }
 }
 
@@ -598,40 +1024,66 @@ impl RedisBulkhead {
         self
     }
 
+    fn ttl_ms(&self) -> u64 {
+        self.ttl.as_millis() as u64
+    }
+
     /// Takes a lease if the fleet holds fewer than `max_concurrent`.
-    /// Dropping the lease gives it back (in a background task).
+    /// Dropping the lease gives it back (in a background task), and so
+    /// does dropping this future before it answers.
     pub async fn try_acquire(&self) -> Option<RedisLease> {
-        let id = instance_id();
-        let ttl_ms = self.ttl.as_millis() as u64;
-        let args = [self.max.to_string(), ttl_ms.to_string(), id.clone()];
-        let key: &str = &self.key;
-        match self
+        if self.store.is_quiet() {
+            return self.degraded();
+        }
+        let mut asking = Asking {
+            bulkhead: self,
+            id: self.store.request_id(),
+            armed: true,
+        };
+        let args = [
+            self.max.to_string(),
+            self.ttl_ms().to_string(),
+            asking.id.clone(),
+        ];
+        let keys = [self.keys.set.as_str(), self.keys.gone.as_str()];
+        let res = self
             .store
-            .run::<i64>(Which::LeaseAcquire, &[key], &args)
-            .await
-        {
-            Some(1) => Some(RedisLease::remote(self, id)),
-            Some(_) => None,
-            None => match self.store.inner.degrade {
-                Degrade::FailClosed => None,
-                Degrade::FailOpenToLocal => {
-                    self.local
-                        .clone()
-                        .try_acquire_owned()
-                        .ok()
-                        .map(|p| RedisLease {
-                            kind: LeaseKind::Local(p),
-                        })
-                }
-            },
+            .send::<i64>(Which::LeaseAcquire, &keys, &args)
+            .await;
+        match res {
+            Some(1) => {
+                // The lease's own drop gives it back from now on.
+                asking.armed = false;
+                Some(RedisLease::remote(self, std::mem::take(&mut asking.id)))
+            }
+            Some(_) => {
+                asking.armed = false;
+                None
+            }
+            None => self.degraded(),
+        }
+    }
+
+    /// The answer while Redis cannot be reached, per the store's policy.
+    fn degraded(&self) -> Option<RedisLease> {
+        match self.store.inner.degrade {
+            Degrade::FailClosed => None,
+            Degrade::FailOpenToLocal => {
+                self.local
+                    .clone()
+                    .try_acquire_owned()
+                    .ok()
+                    .map(|p| RedisLease {
+                        kind: LeaseKind::Local(p),
+                    })
+            }
         }
     }
 
     /// Leases held across the fleet now; `None` if Redis did not answer.
     pub async fn in_use(&self) -> Option<u32> {
-        let key: &str = &self.key;
         self.store
-            .run::<i64>(Which::LeaseCount, &[key], &[])
+            .run::<i64>(Which::LeaseCount, &[&self.keys.set], &[])
             .await
             .map(|n| n.max(0) as u32)
     }
@@ -647,7 +1099,8 @@ pub struct RedisLease {
 enum LeaseKind {
     Remote {
         store: RedisStore,
-        key: Arc<str>,
+        keys: Arc<LeaseKeys>,
+        ttl_ms: u64,
         id: String,
         renew: Option<tokio::task::JoinHandle<()>>,
     },
@@ -659,21 +1112,24 @@ impl RedisLease {
         // Renew while held, so a long call keeps its lease and a dead
         // process loses it within one ttl.
         let renew = tokio::runtime::Handle::try_current().ok().map(|h| {
-            let (store, key, id, ttl) = (b.store.clone(), b.key.clone(), id.clone(), b.ttl);
+            let (store, keys, id, ttl) = (b.store.clone(), b.keys.clone(), id.clone(), b.ttl);
             h.spawn(async move {
                 let mut tick = tokio::time::interval(ttl / 3);
                 tick.tick().await;
                 loop {
                     tick.tick().await;
                     let args = [(ttl.as_millis() as u64).to_string(), id.clone()];
-                    let _ = store.run::<i64>(Which::LeaseRenew, &[&key], &args).await;
+                    let _ = store
+                        .run::<i64>(Which::LeaseRenew, &[&keys.set], &args)
+                        .await;
                 }
             })
         });
         RedisLease {
             kind: LeaseKind::Remote {
                 store: b.store.clone(),
-                key: b.key.clone(),
+                keys: b.keys.clone(),
+                ttl_ms: b.ttl_ms(),
                 id,
                 renew,
             },
@@ -691,7 +1147,8 @@ impl Drop for RedisLease {
     fn drop(&mut self) {
         if let LeaseKind::Remote {
             store,
-            key,
+            keys,
+            ttl_ms,
             id,
             renew,
         } = &mut self.kind
@@ -699,13 +1156,11 @@ impl Drop for RedisLease {
             if let Some(r) = renew.take() {
                 r.abort();
             }
-            let (store, key, id) = (store.clone(), key.clone(), std::mem::take(id));
-            if let Ok(h) = tokio::runtime::Handle::try_current() {
-                h.spawn(async move {
-                    // An unanswered release expires with its ttl anyway.
-                    let _ = store.run::<i64>(Which::LeaseRelease, &[&key], &[id]).await;
-                });
-            }
+            store.give_back(Item::Lease {
+                keys: keys.clone(),
+                ttl_ms: *ttl_ms,
+                id: std::mem::take(id),
+            });
         }
     }
 }
