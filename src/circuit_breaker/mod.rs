@@ -90,7 +90,7 @@
 //! [`KeyedCircuitBreakerBuilder`]: each key gets a breaker of its own,
 //! with every setting of the builder and the full semantics above, named
 //! `name[key]` in errors and events. With the `http` feature,
-//! [`authority_key`] keys requests by their upstream host.
+//! `authority_key` keys requests by their upstream host.
 //!
 //! ```
 //! use std::time::Duration;
