@@ -142,12 +142,7 @@ async fn fallback_resends_a_streamed_body_to_the_secondary() {
     let req = http::Request::put(format!("http://{primary}/doc"))
         .body(streamed(&["hello ", "again"]))
         .unwrap();
-    let res = svc
-        .clone()
-        .oneshot(req)
-        .await
-        .map_err(|e: BoxError| e)
-        .unwrap();
+    let res = svc.oneshot(req).await.map_err(|e: BoxError| e).unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(bodies(&primary_up), ["hello again"]);
     assert_eq!(bodies(&secondary_up), ["hello again"]);
