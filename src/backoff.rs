@@ -27,7 +27,8 @@ use std::time::Duration;
 
 use crate::error::ConfigError;
 
-/// The seed designs cap every back-off at one minute.
+/// Every back-off is capped at one minute unless set otherwise: a longer
+/// pause rarely helps, and it holds the caller's resources as long.
 const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

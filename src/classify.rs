@@ -98,6 +98,63 @@ pub trait Classify<Res, E> {
         let _ = result;
         None
     }
+
+    /// Whether this classifier judges some answers only when they end
+    /// (see [`defer`](Classify::defer)). A layer asks once per call, before
+    /// it is made, and keeps a deferring call off its fastest path.
+    fn defers(&self) -> bool {
+        false
+    }
+
+    /// For an answer whose outcome is only known later, such as a gRPC
+    /// response whose status comes in the trailers at the end of its body:
+    /// keep `verdict` (typically inside the response's body, which may be
+    /// replaced) and [`report`](Verdict::report) the outcome when it is
+    /// known, then return `None`. Return `Some(verdict)` to have the layer
+    /// book [`classify`](Classify::classify)'s outcome now, which is the
+    /// default.
+    ///
+    /// Only asked when [`defers`](Classify::defers) is `true`, by the
+    /// circuit breaker. A verdict dropped without a report (the caller
+    /// stopped reading) counts as [`Outcome::Ignore`].
+    fn defer(&self, result: &mut Result<Res, E>, verdict: Verdict) -> Option<Verdict> {
+        let _ = result;
+        Some(verdict)
+    }
+}
+
+/// A call's outcome, to be reported once it is known. See
+/// [`Classify::defer`].
+///
+/// It holds what the layer needs to book the call (for the breaker: the
+/// generation the call was admitted in, and a half-open probe slot), so a
+/// late verdict counts where the call started. Dropping it unreported
+/// counts as [`Outcome::Ignore`] and frees what it held.
+pub struct Verdict {
+    book: Option<Box<dyn FnOnce(Outcome) + Send>>,
+}
+
+impl Verdict {
+    /// A verdict that calls `book` with the outcome reported, or never
+    /// when dropped unreported.
+    pub fn new(book: impl FnOnce(Outcome) + Send + 'static) -> Self {
+        Self {
+            book: Some(Box::new(book)),
+        }
+    }
+
+    /// Books the call's outcome.
+    pub fn report(mut self, outcome: Outcome) {
+        if let Some(book) = self.book.take() {
+            book(outcome);
+        }
+    }
+}
+
+impl fmt::Debug for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Verdict").finish_non_exhaustive()
+    }
 }
 
 /// The default classifier: `Err` is a failure, `Ok` a success.
@@ -192,6 +249,14 @@ where
 
     fn retry_after(&self, result: &Result<Res, E>) -> Option<Duration> {
         (**self).retry_after(result)
+    }
+
+    fn defers(&self) -> bool {
+        (**self).defers()
+    }
+
+    fn defer(&self, result: &mut Result<Res, E>, verdict: Verdict) -> Option<Verdict> {
+        (**self).defer(result, verdict)
     }
 }
 

@@ -12,17 +12,16 @@ pub(crate) type Nanos = u64;
 
 /// Where the rate limiter reads the time (it reads it on every call).
 ///
-/// Chosen by benchmark: on the CI machine a read costs about 21 ns through
-/// tokio's (or std's) `Instant` and a few through the CPU's time-stamp
-/// counter, while a whole admitted call through the limiter costs about 9
-/// ns with the counter. So in production the default is
-/// [`ClockSource::Fast`], as governor's is.
+/// The default is [`ClockSource::Tokio`], the clock every other layer
+/// reads: a test with `#[tokio::test(start_paused = true)]` or
+/// `tokio::time::pause()` drives the limiter with no extra setting.
 ///
-/// Tests that drive time with `tokio::time::pause()` need tokio's clock:
-/// enable this crate's `test-util` feature in your dev-dependencies (as you
-/// enable tokio's), which makes [`ClockSource::Tokio`] the default, or set
-/// `.clock(ClockSource::Tokio)` on the builder. Every other layer reads
-/// tokio's clock, and only off its hot path.
+/// [`ClockSource::Fast`] is the choice for a hot path: on the CI machine a
+/// read of tokio's (or std's) `Instant` costs about 21 ns and one of the
+/// CPU's time-stamp counter a few, while a whole admitted call through the
+/// limiter costs about 9 ns with the counter. Set it with
+/// `.clock(ClockSource::Fast)` on the builder; paused tokio time then no
+/// longer moves the limiter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ClockSource {
@@ -37,12 +36,8 @@ pub enum ClockSource {
 }
 
 impl Default for ClockSource {
-    /// [`Fast`](ClockSource::Fast), or [`Tokio`](ClockSource::Tokio) with
-    /// the `test-util` feature (or without `rate-limit`).
+    /// [`Tokio`](ClockSource::Tokio): paused tokio time drives it.
     fn default() -> Self {
-        #[cfg(all(feature = "rate-limit", not(feature = "test-util")))]
-        return ClockSource::Fast;
-        #[allow(unreachable_code)]
         ClockSource::Tokio
     }
 }

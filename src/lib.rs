@@ -84,13 +84,14 @@
 //! | `metrics` | no | counters and gauges through the `metrics` facade |
 //! | `http` | no | status classifier, `Retry-After`, error responses |
 //! | `axum` | no | `HandleErrorLayer` handler |
+//! | `grpc` | no | [tonic](https://docs.rs/tonic): `grpc-status` classifier, gRPC retry policy, rejections as gRPC statuses |
 //! | `file-store` | no | state shared across processes through a file |
 //! | `redis` | no | state shared across a fleet through Redis |
 //! | `full` | no | all of the above |
 //!
 //! [tower]: https://docs.rs/tower
 
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 // The internal helpers (clock, validation, events) are shared by the
 // layers; with only some layers enabled, parts of them go unused. With all
 // layers on, as CI lints, dead code is still an error.
@@ -129,6 +130,8 @@ pub mod circuit_breaker;
 pub mod dedup;
 #[cfg(feature = "fallback")]
 pub mod fallback;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 #[cfg(feature = "hedge")]
 pub mod hedge;
 #[cfg(feature = "http")]

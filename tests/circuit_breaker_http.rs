@@ -117,6 +117,8 @@ async fn retry_after_holds_the_breaker_open() {
     let breaker = CircuitBreakerLayer::builder()
         .open_timeout(Duration::from_secs(5))
         .honor_retry_after(true)
+        // Above the default cap (60 s), so the hint is honoured whole.
+        .max_retry_after(Duration::from_secs(300))
         .classify(StatusClassifier::new())
         .build()
         .unwrap();

@@ -678,9 +678,10 @@ async fn a_panicking_eviction_listener_strands_no_reservation() {
     panicking.store(true, Ordering::SeqCst);
     // Key 0 comes back, no fuller than it left (its bucket ends at 1 s or
     // later): its request waits, and its eviction's listener panics.
+    // The panic is contained (as every listener's is); the caller then
+    // gives up, dropping its waiting request.
     svc.ready().await.unwrap();
-    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| svc.call(1)));
-    assert!(caught.is_err());
+    drop(svc.call(1));
     panicking.store(false, Ordering::SeqCst);
     assert_eq!(calls.load(Ordering::SeqCst), before);
     // Key 0's next request waits half a second or a second; had the

@@ -261,3 +261,21 @@ impl fmt::Debug for BulkheadHandle {
             .finish()
     }
 }
+
+impl BulkheadLayer {
+    /// A bulkhead of `max_concurrent` slots, failing fast when full, with
+    /// the memory backend: the same as
+    /// `BulkheadLayer::builder().max_concurrent(max_concurrent).build()`.
+    ///
+    /// # Panics
+    ///
+    /// If `max_concurrent` is 0 or above tokio's semaphore limit
+    /// (`usize::MAX >> 3`), as `build()` refuses them. Use the builder to
+    /// get a `ConfigError` instead.
+    pub fn new(max_concurrent: usize) -> Self {
+        match Self::builder().max_concurrent(max_concurrent).build() {
+            Ok(layer) => layer,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}

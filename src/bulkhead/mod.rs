@@ -58,8 +58,8 @@
 //! for a slot inside its response future, waiters served in arrival order
 //! (FIFO), and fails with [`BulkheadFull`] if none frees up. A
 //! [`soft_limit`](BulkheadBuilder::soft_limit) raises a warning event when
-//! the calls in flight reach it (seed 002's `BackpressureGuard`), before
-//! anything is refused.
+//! the calls in flight reach it, before anything is refused, so a
+//! dashboard sees the pressure building while calls still succeed.
 //!
 //! # Errors
 //!
@@ -82,6 +82,19 @@
 //! The slots live behind an `Arc` made by `build()`. The layer, its
 //! clones, every service it makes and their clones all share one set;
 //! build another layer for another bulkhead.
+//!
+//! ## The inner service must be `Clone`
+//!
+//! A call that waits for a slot (with `max_wait`, or for a shared
+//! backend's lease) takes the service it was readied on into its response
+//! future and leaves a clone behind for the next caller, as the
+//! `tower-service` docs advise, so `Bulkhead<S>` is a `Service` only when
+//! `S: Clone`. Without it the compiler says that ``the method `oneshot`
+//! exists ... but its trait bounds were not satisfied``. Most services
+//! are cheap to clone (axum's `Router`, tonic's `Channel`, hyper's
+//! `Client`, `service_fn` over a cloneable closure); for one that is not,
+//! put `tower::buffer::BufferLayer` under the bulkhead, or share it
+//! behind `Arc<Mutex<..>>` in a `service_fn`.
 //!
 //! # Cost
 //!

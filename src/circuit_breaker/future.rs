@@ -83,8 +83,12 @@ where
                 admission,
                 classifier,
             } => {
-                let res = ready!(fut.poll(cx));
-                admission.finish(classifier, &res);
+                let mut res = ready!(fut.poll(cx));
+                if classifier.defers() {
+                    admission.finish_deferred(classifier, &mut res);
+                } else {
+                    admission.finish(classifier, &res);
+                }
                 Poll::Ready(res.map_err(Into::into))
             }
             KindProj::Rejected { err } => {

@@ -479,3 +479,18 @@ impl fmt::Debug for CircuitHandle {
             .finish()
     }
 }
+
+impl Default for CircuitBreakerLayer {
+    /// A breaker with the defaults (see [`CircuitBreakerLayer::builder`]):
+    /// open after 5 consecutive failures, stay open 30 s, 1 probe at a
+    /// time, close after 2 probe successes; every `Err` a failure.
+    fn default() -> Self {
+        match Self::builder().build() {
+            Ok(layer) => layer,
+            Err(e) => unreachable!("the default breaker config is valid: {e}"),
+        }
+    }
+}
+
+// Lets one configuration build several independent breakers (the fallback
+// layer makes one per entry).

@@ -34,7 +34,7 @@
 //! # States
 //!
 //! - **Closed**: calls go through. By default `failure_threshold`
-//!   consecutive failures (seed default 5) open the breaker; with a
+//!   consecutive failures (default 5) open the breaker; with a
 //!   [`Window`] it opens when the failure rate (or slow-call rate) over the
 //!   last `n` calls or the last `d` reaches its threshold, once the window
 //!   holds at least `minimum_calls` calls (also before a count window is
@@ -90,7 +90,7 @@
 //! [`KeyedCircuitBreakerBuilder`]: each key gets a breaker of its own,
 //! with every setting of the builder and the full semantics above, named
 //! `name[key]` in errors and events. With the `http` feature,
-//! [`authority_key`] keys requests by their upstream host.
+//! `authority_key` keys requests by their upstream host.
 //!
 //! ```
 //! use std::time::Duration;

@@ -29,7 +29,7 @@ use super::backend::Attached;
 use super::circuit::{Cause, Circuit, Pass, Refusal, Rules, Transition};
 use super::window::{Recorder, Totals, Window};
 use super::{CircuitEvent, CircuitOpen, CircuitState};
-use crate::classify::{Classify, Outcome};
+use crate::classify::{Classify, Outcome, Verdict};
 use crate::clock::{Clock, Nanos};
 use crate::observe::{gauge, Listeners};
 use crate::sync::Mutex;
@@ -325,9 +325,20 @@ impl Core {
         }
     }
 
-    /// An upstream's back-off hint, cut to `max_retry_after`.
-    fn cap_retry_after(&self, hinted: Duration) -> (Duration, bool) {
-        crate::classify::clamp_retry_after(hinted, self.cfg.max_retry_after)
+    /// Holds the breaker open for an upstream's back-off hint, cut to
+    /// `max_retry_after` (with an event when it was cut).
+    fn honor_hint(&self, hint: Option<Duration>) {
+        let Some(hinted) = hint else { return };
+        let (used, clamped) = crate::classify::clamp_retry_after(hinted, self.cfg.max_retry_after);
+        // The hold first: a listener that panics cannot skip it.
+        self.hold_open(used, Source::Local);
+        if clamped {
+            self.listeners.emit(&CircuitEvent::RetryAfterClamped {
+                name: self.cfg.name.clone(),
+                hinted,
+                used,
+            });
+        }
     }
 
     /// Holds the breaker open for at least `d` from now (an upstream's
@@ -567,23 +578,54 @@ impl<R: AsRef<Core>> Admission<R> {
             None => Duration::ZERO,
         };
         if core.cfg.honor_retry_after {
-            if let Some(hinted) = classifier.retry_after(res) {
-                let (used, clamped) = core.cap_retry_after(hinted);
-                // The hold first: a listener that panics cannot skip it.
-                core.hold_open(used, Source::Local);
-                if clamped {
-                    core.listeners.emit(&CircuitEvent::RetryAfterClamped {
-                        name: core.cfg.name.clone(),
-                        hinted,
-                        used,
-                    });
-                }
-            }
+            core.honor_hint(classifier.retry_after(res));
         }
         let slow = core.cfg.slow_call_duration.is_some_and(|t| elapsed >= t);
         let outcome = classifier.classify(res, elapsed);
         core.book(self.pass, outcome, slow);
         outcome
+    }
+}
+
+impl<R: AsRef<Core> + Clone + Send + 'static> Admission<R> {
+    /// [`finish`](Self::finish) for a classifier that judges some answers
+    /// when they end ([`Classify::defer`]).
+    ///
+    /// Invariant: an admitted call is booked at most once, in the
+    /// generation it was admitted in, and its probe slot is given back
+    /// exactly once. The admission moves into the verdict: reporting books
+    /// it, dropping it unreported runs its guard (`Drop` below). So
+    /// deferring is booking late, nothing more (tests/deferred_verdict.rs
+    /// checks it over histories).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn finish_deferred<C, T, E>(&mut self, classifier: &C, res: &mut Result<T, E>)
+    where
+        C: Classify<T, E>,
+    {
+        let core = self.core();
+        let elapsed = match self.start {
+            Some(start) => Duration::from_nanos(core.clock.now().saturating_sub(start)),
+            None => Duration::ZERO,
+        };
+        if core.cfg.honor_retry_after {
+            core.honor_hint(classifier.retry_after(res));
+        }
+        let slow = core.cfg.slow_call_duration.is_some_and(|t| elapsed >= t);
+        let mut late = Admission {
+            owner: self.owner.clone(),
+            pass: self.pass,
+            start: self.start,
+            open: true,
+        };
+        self.open = false;
+        let verdict = Verdict::new(move |outcome| {
+            late.open = false;
+            late.core().book(late.pass, outcome, slow);
+        });
+        if let Some(now) = classifier.defer(res, verdict) {
+            now.report(classifier.classify(res, elapsed));
+        }
     }
 }
 

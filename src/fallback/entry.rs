@@ -49,6 +49,9 @@ where
 
 pub(crate) type OrElse<Res> = dyn Fn(AllFailed) -> Result<Res, BoxError> + Send + Sync;
 
+/// Whether a request that reached an entry may be sent to the next one.
+pub(crate) type Resend<Req> = dyn Fn(&Req) -> bool + Send + Sync;
+
 /// One entry: its name, its own breaker, and (for fallbacks) its service.
 pub(crate) struct Entry<Req, Res> {
     pub(crate) name: Arc<str>,
@@ -64,11 +67,23 @@ pub(crate) struct Group<Req, Res, C> {
     pub(crate) skip_not_ready: bool,
     pub(crate) or_else: Option<Arc<OrElse<Res>>>,
     pub(crate) listeners: Listeners<FallbackEvent>,
+    /// Asked before a request an entry was sent is failed over; `None`
+    /// fails over every request.
+    pub(crate) resend: Option<Arc<Resend<Req>>>,
 }
 
 impl<Req, Res, C> Group<Req, Res, C> {
     pub(crate) fn name(&self) -> &Arc<str> {
         &self.entries[0].name
+    }
+
+    /// Whether `req`, already sent to an entry that failed, may go to the
+    /// next one.
+    pub(crate) fn may_resend(&self, req: Option<&Req>) -> bool {
+        match (&self.resend, req) {
+            (Some(f), Some(req)) => f(req),
+            _ => true,
+        }
     }
 
     /// Whether a failed primary has anywhere to go: if not, the request

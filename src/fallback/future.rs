@@ -135,7 +135,9 @@ where
         if let StateProj::Primary { fut } = this.state.as_mut().project() {
             let res = ready!(fut.poll(cx)).map_err(Into::into);
             if let Cursor::Attempt(a) = this.cursor {
-                if a.finish(this.classifier, &res) != Outcome::Failure {
+                if a.finish(this.classifier, &res) != Outcome::Failure
+                    || !a.owner().group.may_resend(this.req.as_ref())
+                {
                     // The healthy path: the primary answered. Everything
                     // is dropped once, with the future (a future polled
                     // again after it answered may panic, as the primary's
@@ -266,12 +268,15 @@ where
         let Cursor::Attempt(a) = this.cursor else {
             unreachable!("an attempt holds an admission")
         };
-        if a.finish(this.classifier, &res) != Outcome::Failure {
+        let failure = a.finish(this.classifier, &res) == Outcome::Failure;
+        if !failure || !a.owner().group.may_resend(this.req.as_ref()) {
             let at = a.owner();
-            at.group.listeners.emit(&FallbackEvent::Answered {
-                name: at.group.name().clone(),
-                entry: at.entry().name.clone(),
-            });
+            if !failure {
+                at.group.listeners.emit(&FallbackEvent::Answered {
+                    name: at.group.name().clone(),
+                    entry: at.entry().name.clone(),
+                });
+            }
             *this.cursor = Cursor::Done;
             this.state.set(State::Done);
             this.req.take();

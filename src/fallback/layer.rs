@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::entry::{BoxService, Entry, Group, OrElse};
+use super::entry::{BoxService, Entry, Group, OrElse, Resend};
 use super::{AllFailed, Fallback, FallbackEvent};
 use crate::circuit_breaker::{CircuitBreakerBuilder, CircuitBreakerLayer, CircuitHandle};
 use crate::classify::DefaultClassifier;
@@ -38,6 +38,7 @@ impl<Req, Res> FallbackLayer<Req, Res> {
             skip_not_ready: false,
             or_else: None,
             listeners: Listeners::default(),
+            resend: None,
         }
     }
 }
@@ -83,6 +84,7 @@ pub struct FallbackBuilder<Req, Res, C = DefaultClassifier> {
     skip_not_ready: bool,
     or_else: Option<Arc<OrElse<Res>>>,
     listeners: Listeners<FallbackEvent>,
+    resend: Option<Arc<Resend<Req>>>,
 }
 
 impl<Req, Res, C> FallbackBuilder<Req, Res, C> {
@@ -134,7 +136,22 @@ impl<Req, Res, C> FallbackBuilder<Req, Res, C> {
             skip_not_ready: self.skip_not_ready,
             or_else: self.or_else,
             listeners: self.listeners,
+            resend: self.resend,
         }
+    }
+
+    /// Fails over a request that an entry was sent only when `f` says it
+    /// may be sent again (default: always). When `f` says no, the failed
+    /// entry's answer or error is the call's. An entry skipped without a
+    /// call (open breaker, not ready) never saw the request, so the next
+    /// one gets it regardless.
+    ///
+    /// For HTTP, `http::may_resend` allows idempotent requests whose body
+    /// can still be replayed, the rule retry follows; the builder from
+    /// `FallbackLayer::http_builder()` (feature `http`) sets it.
+    pub fn fail_over_if(mut self, f: impl Fn(&Req) -> bool + Send + Sync + 'static) -> Self {
+        self.resend = Some(Arc::new(f));
+        self
     }
 
     /// Treats an entry that is not ready as unavailable and moves on to the
@@ -221,6 +238,7 @@ impl<Req, Res, C> FallbackBuilder<Req, Res, C> {
                 skip_not_ready: self.skip_not_ready,
                 or_else: self.or_else,
                 listeners: self.listeners,
+                resend: self.resend,
             }),
             handle,
         })

@@ -90,6 +90,12 @@
 //! `http::ReplayBody` (feature `http`): the clone replays the bytes the
 //! primary already read, then the rest of the stream.
 //!
+//! A request an entry was sent may have taken effect there. With
+//! [`fail_over_if`](FallbackBuilder::fail_over_if) the next entry gets it
+//! only when a predicate allows; for HTTP, `FallbackLayer::http_builder()`
+//! allows idempotent requests whose body can still be replayed, the rule
+//! retry follows.
+//!
 //! # Errors
 //!
 //! The service's error is [`BoxError`](crate::error::BoxError): the

@@ -2,24 +2,12 @@
 
 use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 
+use super::idempotent::is_idempotent_request;
 use super::Replayable;
 use crate::retry::policy::is_crate_rejection;
 use crate::retry::RetryPolicy;
-
-/// Marks a request as safe to repeat although its method is not
-/// idempotent (a `POST` with an idempotency key, say). Insert it into the
-/// request's extensions.
-///
-/// ```
-/// use tower_bulwark::http::Idempotent;
-///
-/// let mut req = http::Request::post("http://example.com/orders").body(()).unwrap();
-/// req.extensions_mut().insert(Idempotent);
-/// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Idempotent;
 
 /// The default HTTP retry policy: retries **idempotent** requests whose
 /// body can be replayed, when the answer is a 5xx (but not 501 or 505,
@@ -28,7 +16,7 @@ pub struct Idempotent;
 /// the next attempt at least that long.
 ///
 /// Idempotent means: `GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT` and `DELETE`
-/// (RFC 9110, 9.2.2), or any request carrying the [`Idempotent`] extension
+/// (RFC 9110, 9.2.2), or any request carrying the [`Idempotent`](super::Idempotent) extension
 /// or an `Idempotency-Key` header. Everything else is sent once.
 ///
 /// ```
@@ -80,18 +68,7 @@ impl HttpRetryPolicy {
 
     /// Whether `req` may be sent more than once.
     pub fn is_idempotent<B>(&self, req: &Request<B>) -> bool {
-        self.any_method
-            || matches!(
-                *req.method(),
-                Method::GET
-                    | Method::HEAD
-                    | Method::OPTIONS
-                    | Method::TRACE
-                    | Method::PUT
-                    | Method::DELETE
-            )
-            || req.extensions().get::<Idempotent>().is_some()
-            || req.headers().contains_key("idempotency-key")
+        self.any_method || is_idempotent_request(req)
     }
 
     /// Whether an answer with `status` is retried.
@@ -134,6 +111,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::Idempotent;
+    use http::Method;
 
     fn req(method: Method) -> Request<()> {
         Request::builder().method(method).uri("/").body(()).unwrap()

@@ -374,11 +374,10 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
         self
     }
 
-    /// Where the limiter reads the time: by default the CPU's time-stamp
-    /// counter ([`ClockSource::Fast`]), or tokio's clock, which
-    /// `tokio::time::pause()` drives, with the `test-util` feature. See
-    /// [`ClockSource`]. A file backend keeps wall-clock time and refuses
-    /// this setting.
+    /// Where the limiter reads the time: by default tokio's clock, which
+    /// `tokio::time::pause()` drives, or the CPU's time-stamp counter
+    /// ([`ClockSource::Fast`]), faster on a hot path. See [`ClockSource`].
+    /// A file backend keeps wall-clock time and refuses this setting.
     pub fn clock(mut self, source: ClockSource) -> Self {
         self.settings.clock = source;
         self.settings.clock_chosen = true;
@@ -641,7 +640,7 @@ impl RateLimitHandle {
     }
 
     /// Admits nothing for `d` from now, as an upstream's `Retry-After`
-    /// asks (seed `SetRetryAfter`). Afterwards the bucket refills from
+    /// asks. Afterwards the bucket refills from
     /// holding a single request. A longer block already in force is kept.
     pub fn set_retry_after(&self, d: Duration) {
         self.shared.core().block_for(d);
@@ -671,5 +670,23 @@ impl fmt::Debug for RateLimitHandle {
             .field("name", &self.name())
             .field("tokens", &self.tokens())
             .finish()
+    }
+}
+
+impl RateLimitLayer {
+    /// A limit of `n` calls a second with bursts of up to `n`: a bucket of
+    /// `n` tokens refilled at `n` a second, 1 token a call, rejecting at
+    /// once when empty. The same as
+    /// `RateLimitLayer::builder().max_tokens(n as f64).refill_rate(n as f64).build()`.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0. Use the builder to get a `ConfigError` instead.
+    pub fn per_second(n: u32) -> Self {
+        let n = f64::from(n);
+        match Self::builder().max_tokens(n).refill_rate(n).build() {
+            Ok(layer) => layer,
+            Err(e) => panic!("{e}"),
+        }
     }
 }

@@ -34,8 +34,8 @@
 //! path takes no lock and allocates nothing (the reservations of dropped
 //! waiters, kept beside it, are only looked at by requests that would wait). It is exact: over any window of
 //! `elapsed`, the cost admitted never exceeds `max_tokens + refill_rate *
-//! elapsed`. Defaults (from seed 001): 50 tokens, refilled at 10 a second,
-//! 1 token a request.
+//! elapsed`. Defaults: 50 tokens, refilled at 10 a second, 1 token a
+//! request: a burst of 50 calls, then a steady 10 a second.
 //!
 //! # Waiting
 //!
@@ -124,6 +124,18 @@
 //! clones, every service it makes and their clones all share them (unlike
 //! `tower::limit::RateLimit`); build another layer for another limit.
 //!
+//! ## The inner service must be `Clone`
+//!
+//! A call that waits for tokens (with `max_wait`, or for a shared
+//! backend's answer) takes the service it was readied on into its response
+//! future and leaves a clone behind for the next caller, as the
+//! `tower-service` docs advise, so `RateLimit<S>` is a `Service` only when
+//! `S: Clone`. Without it the compiler says that ``the method `oneshot`
+//! exists ... but its trait bounds were not satisfied``. Most services
+//! are cheap to clone (axum's `Router`, tonic's `Channel`, hyper's
+//! `Client`, `service_fn` over a cloneable closure); for one that is not,
+//! put `tower::buffer::BufferLayer` under the limiter.
+//!
 //! # Cost of a call
 //!
 //! An admitted call through an unkeyed limiter reads the clock once and
@@ -132,12 +144,13 @@
 //!
 //! # Time
 //!
-//! The limiter reads the time on every call, so its clock is chosen by
-//! benchmark: the CPU's time-stamp counter ([`ClockSource::Fast`](crate::ClockSource))
-//! by default, a few nanoseconds against about 21 for an OS clock read on
-//! the CI machine. Tests that use `tokio::time::pause()` enable this
-//! crate's `test-util` feature in their dev-dependencies, which makes
-//! tokio's clock the default, or set `.clock(ClockSource::Tokio)`.
+//! The limiter reads tokio's clock by default, so a test with
+//! `#[tokio::test(start_paused = true)]` or `tokio::time::pause()` drives
+//! it as it drives every other layer. It reads the time on every call: on
+//! a hot path, `.clock(ClockSource::Fast)` reads the CPU's time-stamp
+//! counter instead ([`ClockSource`](crate::ClockSource)), a few nanoseconds
+//! against about 21 for an OS clock read on the CI machine, at the price of
+//! ignoring paused time.
 
 mod error;
 pub mod future;

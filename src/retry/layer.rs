@@ -307,3 +307,15 @@ impl fmt::Debug for RetryHandle {
             .finish()
     }
 }
+
+impl Default for RetryLayer {
+    /// A retry layer with the defaults (see [`RetryLayer::builder`]): 3
+    /// attempts in all, exponential back-off from 100 ms with full jitter,
+    /// every error retried except the crate's own rejections.
+    fn default() -> Self {
+        match Self::builder().build() {
+            Ok(layer) => layer,
+            Err(e) => unreachable!("the default retry config is valid: {e}"),
+        }
+    }
+}

@@ -5,7 +5,7 @@
 //! homes let processes share one breaker, one bucket and one bulkhead:
 //!
 //! - [`file`](mod@file) (feature `file-store`): one versioned JSON file per scope,
-//!   for CLIs where every invocation is a new process (the seed-001 model);
+//!   for CLIs where every invocation is a new process;
 //! - [`redis`](mod@redis) (feature `redis`): a fleet of processes shares
 //!   one state through atomic Lua scripts on a Redis server.
 //!
@@ -14,8 +14,7 @@
 //!
 //! # Gate order
 //!
-//! Stack shared layers as seed 001 gates its calls: **rate limit and
-//! bulkhead before the breaker**. With `ServiceBuilder` the first layer
+//! Stack shared layers **rate limit and bulkhead before the breaker**. With `ServiceBuilder` the first layer
 //! added is the outermost, so:
 //!
 //! ```no_run
@@ -44,7 +43,7 @@
 //! and the bucket then rejected would spend the probe on a call that never
 //! reached the upstream (and count as its failure), and a process killed in
 //! between would hold the slot until `stale_attempt_timeout`. Inside, a
-//! rejected call never reaches the breaker. The price, as in the seed: a
+//! rejected call never reaches the breaker. The price: a
 //! call the bulkhead or the open breaker rejects has already spent its
 //! token.
 //!
