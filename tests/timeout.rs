@@ -281,3 +281,26 @@ fn public_types_are_send_sync_and_debug() {
     let layer = TimeoutLayer::builder().timeout(MS).build().unwrap();
     assert!(format!("{layer:?}").contains("TimeoutLayer"));
 }
+
+/// A timeout reaches an HTTP client as `504 Gateway Timeout` and a gRPC
+/// client as `DEADLINE_EXCEEDED`, not as an unavailable upstream.
+#[cfg(any(feature = "http", feature = "grpc"))]
+#[tokio::test(start_paused = true)]
+async fn a_timeout_maps_to_504_and_deadline_exceeded() {
+    let layer = TimeoutLayer::builder()
+        .timeout(Duration::from_millis(10))
+        .build()
+        .unwrap();
+    let err = layer.layer(sleeper()).oneshot(60_000).await.unwrap_err();
+    assert!(err.is::<TimedOut>());
+    #[cfg(feature = "http")]
+    {
+        let res: http::Response<String> = tower_bulwark::http::error_response(&*err);
+        assert_eq!(res.status(), http::StatusCode::GATEWAY_TIMEOUT);
+    }
+    #[cfg(feature = "grpc")]
+    {
+        let status = tower_bulwark::grpc::rejection_status(&err);
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+    }
+}

@@ -24,6 +24,8 @@ fn known_status(err: &(dyn Error + 'static)) -> Option<Status> {
         let code = match r.layer() {
             // An empty bucket: the caller asks too often.
             "rate_limit" => Code::ResourceExhausted,
+            // The call ran out of time.
+            "timeout" => Code::DeadlineExceeded,
             // An open circuit, a full bulkhead, every upstream failed:
             // the service cannot take the call now, and nothing ran.
             _ => Code::Unavailable,

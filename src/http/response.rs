@@ -8,12 +8,13 @@ use std::time::Duration;
 use crate::error::{find, rejection, Rejection};
 
 /// The status a rejection maps to: `429 Too Many Requests` for the rate
-/// limiter, `503 Service Unavailable` for every other layer.
+/// limiter, `504 Gateway Timeout` for a timeout, `503 Service
+/// Unavailable` for every other layer.
 pub fn rejection_status(r: &dyn Rejection) -> StatusCode {
-    if r.layer() == "rate_limit" {
-        StatusCode::TOO_MANY_REQUESTS
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+    match r.layer() {
+        "rate_limit" => StatusCode::TOO_MANY_REQUESTS,
+        "timeout" => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
