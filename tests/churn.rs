@@ -1,18 +1,32 @@
 //! Layers built and dropped by the hundred thousand leave no memory behind:
-//! a service that builds a rate limit, retry or bulkhead layer per tenant
-//! or per host must not grow for the life of the process.
+//! a service that builds a layer of any kind per tenant or per host must
+//! not grow for the life of the process.
 //!
 //! One test in its own binary, so that no other test's allocations move
 //! the resident set meanwhile. `BULWARK_CHURN_LAYERS` sets how many layers
 //! of each kind are built (default 100,000).
-#![cfg(all(feature = "rate-limit", feature = "retry", feature = "bulkhead"))]
+#![cfg(all(
+    feature = "rate-limit",
+    feature = "retry",
+    feature = "bulkhead",
+    feature = "circuit-breaker",
+    feature = "fallback",
+    feature = "timeout",
+    feature = "hedge",
+    feature = "adaptive"
+))]
 
 use std::time::Duration;
 
 use tower::{service_fn, BoxError, Layer, ServiceExt};
+use tower_bulwark::adaptive::AdaptiveLimitLayer;
 use tower_bulwark::bulkhead::BulkheadLayer;
+use tower_bulwark::circuit_breaker::CircuitBreakerLayer;
+use tower_bulwark::fallback::FallbackLayer;
+use tower_bulwark::hedge::HedgeLayer;
 use tower_bulwark::rate_limit::RateLimitLayer;
 use tower_bulwark::retry::{Backoff, RetryLayer};
+use tower_bulwark::timeout::TimeoutLayer;
 use tower_bulwark::ClockSource;
 
 /// Resident set size in bytes, from `/proc/self/statm`.
@@ -52,6 +66,56 @@ async fn churn(kind: &str, i: u64) {
                 .unwrap();
             layer.layer(echo).oneshot(i).await
         }
+        "circuit_breaker" => {
+            let layer = CircuitBreakerLayer::builder()
+                .name(name)
+                .failure_threshold(1 + (i % 50) as u32)
+                .open_timeout(Duration::from_millis(1 + i % 100_000))
+                .build()
+                .unwrap();
+            layer.layer(echo).oneshot(i).await
+        }
+        "keyed_breaker" => {
+            let layer = CircuitBreakerLayer::builder()
+                .name(name)
+                .key(|n: &u64| n % 4)
+                .max_keys(1 + (i % 16) as usize)
+                .build()
+                .unwrap();
+            layer.layer(echo).oneshot(i).await
+        }
+        "fallback" => {
+            let layer = FallbackLayer::builder()
+                .primary_name(name)
+                .fallback("secondary", echo)
+                .build()
+                .unwrap();
+            layer.layer(echo).oneshot(i).await
+        }
+        "timeout" => {
+            let layer = TimeoutLayer::builder()
+                .name(name)
+                .timeout(Duration::from_millis(1 + i % 100_000))
+                .build()
+                .unwrap();
+            layer.layer(echo).oneshot(i).await
+        }
+        "hedge" => {
+            let layer = HedgeLayer::builder()
+                .name(name)
+                .delay(Duration::from_millis(1 + i % 1000))
+                .build()
+                .unwrap();
+            layer.layer(echo).oneshot(i).await
+        }
+        "adaptive" => {
+            let layer = AdaptiveLimitLayer::builder()
+                .initial_limit(1 + (i % 100) as usize)
+                .max_limit(1000)
+                .build()
+                .unwrap();
+            layer.layer(echo).oneshot(i).await
+        }
         _ => {
             let layer = BulkheadLayer::builder()
                 .name(name)
@@ -70,7 +134,17 @@ async fn building_and_dropping_layers_leaves_memory_bounded() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
-    for kind in ["rate_limit", "retry", "bulkhead"] {
+    for kind in [
+        "rate_limit",
+        "retry",
+        "bulkhead",
+        "circuit_breaker",
+        "keyed_breaker",
+        "fallback",
+        "timeout",
+        "hedge",
+        "adaptive",
+    ] {
         // Warm up: the allocator's arenas and the runtime reach their
         // working size.
         for i in 0..10_000 {
