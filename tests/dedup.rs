@@ -157,12 +157,7 @@ async fn first_caller_dropped_at_every_point_others_still_answered() {
         assert_pending!(third.poll());
         go.send(true).unwrap();
         // Whoever is polled now drives the shared call to its end.
-        let a = loop {
-            if let std::task::Poll::Ready(r) = second.poll() {
-                break r;
-            }
-            tokio::task::yield_now().await;
-        };
+        let a = poll_to_end(&mut second).await;
         assert_eq!(a.unwrap(), 2);
         assert!(third.is_woken());
         assert_eq!(assert_ready!(third.poll()).unwrap(), 2);
@@ -433,12 +428,7 @@ async fn leader_pending_then_dropped_hands_the_call_over() {
     assert_pending!(late.poll());
     drop(leader);
     go.send(true).unwrap();
-    let a = loop {
-        if let std::task::Poll::Ready(r) = early.poll() {
-            break r;
-        }
-        tokio::task::yield_now().await;
-    };
+    let a = poll_to_end(&mut early).await;
     assert_eq!(a.unwrap(), 2);
     assert_eq!(assert_ready!(late.poll()).unwrap(), 2);
     assert_eq!(gated.calls.load(Ordering::SeqCst), 1);
@@ -530,12 +520,7 @@ async fn a_listener_that_panics_on_leader_does_not_wedge_the_key() {
     assert_eq!(handle.in_flight(), 1);
     armed.store(false, Ordering::SeqCst);
     go.send(true).unwrap();
-    let a = loop {
-        if let std::task::Poll::Ready(r) = leader.poll() {
-            break r;
-        }
-        tokio::task::yield_now().await;
-    };
+    let a = poll_to_end(&mut leader).await;
     assert_eq!(a.unwrap(), 2);
     assert_eq!(handle.in_flight(), 0);
     // And the key is not wedged.
@@ -562,12 +547,7 @@ async fn a_listener_that_panics_on_joined_leaves_the_call_to_the_others() {
     armed.store(false, Ordering::SeqCst);
     assert_eq!(handle.in_flight(), 1, "the leader's call goes on");
     go.send(true).unwrap();
-    let a = loop {
-        if let std::task::Poll::Ready(r) = leader.poll() {
-            break r;
-        }
-        tokio::task::yield_now().await;
-    };
+    let a = poll_to_end(&mut leader).await;
     assert_eq!(a.unwrap(), 2);
     assert_eq!(handle.in_flight(), 0);
     assert_eq!(gated.calls.load(Ordering::SeqCst), 1);
@@ -860,4 +840,15 @@ async fn a_service_of_two_request_types_keeps_a_table_for_each() {
     assert_eq!(layer.handle().cached(), 2);
     svc.handle().clear_cache();
     assert_eq!(layer.handle().cached(), 0);
+}
+
+/// Polls `f` until it is ready, letting the runtime run in between (the
+/// shared call it waits on runs as its own task).
+async fn poll_to_end<F: std::future::Future>(f: &mut tokio_test::task::Spawn<F>) -> F::Output {
+    loop {
+        if let std::task::Poll::Ready(r) = f.poll() {
+            return r;
+        }
+        tokio::task::yield_now().await;
+    }
 }
