@@ -19,7 +19,8 @@ use tower_service::Service;
 use super::backend::Attached;
 use super::future::ResponseFuture;
 use super::layer::{CircuitBreakerBuilder, Validated};
-use super::state::{Admission, Config, Core};
+use super::service::call_through;
+use super::state::{Config, Core};
 use super::{CircuitEvent, CircuitHandle, CircuitState};
 use crate::classify::{Classify, DefaultClassifier};
 use crate::error::{BoxError, Check, ConfigError};
@@ -323,15 +324,7 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let core = self.layer.table.breaker((self.layer.key)(&req));
-        let classifier = &self.layer.classifier;
-        let timed = Classify::<S::Response, S::Error>::uses_elapsed(classifier);
-        match Admission::admit(core, timed) {
-            Ok(admission) => {
-                let fut = self.inner.call(req);
-                ResponseFuture::admitted(fut, admission, classifier.clone())
-            }
-            Err((_, open)) => ResponseFuture::rejected(open),
-        }
+        call_through(core, &self.layer.classifier, &mut self.inner, req)
     }
 }
 

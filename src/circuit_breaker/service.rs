@@ -99,13 +99,29 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        let timed = Classify::<S::Response, S::Error>::uses_elapsed(&self.classifier);
-        match Admission::admit(self.core.clone(), timed) {
-            Ok(admission) => {
-                let fut = self.inner.call(req);
-                ResponseFuture::admitted(fut, admission, self.classifier.clone())
-            }
-            Err((_, open)) => ResponseFuture::rejected(open),
+        call_through(self.core.clone(), &self.classifier, &mut self.inner, req)
+    }
+}
+
+/// One call through breaker `core`: admitted and sent to `inner`, or
+/// rejected with a ready error. Shared by the plain and keyed breakers.
+#[inline]
+pub(crate) fn call_through<S, C, Req>(
+    core: Arc<Core>,
+    classifier: &C,
+    inner: &mut S,
+    req: Req,
+) -> ResponseFuture<S::Future, C>
+where
+    S: Service<Req>,
+    C: Classify<S::Response, S::Error> + Clone,
+{
+    let timed = Classify::<S::Response, S::Error>::uses_elapsed(classifier);
+    match Admission::admit(core, timed) {
+        Ok(admission) => {
+            let fut = inner.call(req);
+            ResponseFuture::admitted(fut, admission, classifier.clone())
         }
+        Err((_, open)) => ResponseFuture::rejected(open),
     }
 }
