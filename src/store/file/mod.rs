@@ -724,44 +724,46 @@ impl FileStore {
         Ok(None)
     }
 
+    /// One attempt at the lock while waiting for it: the outcome, or how
+    /// long to wait before the next attempt (growing from 200 us to 5 ms,
+    /// never past `lock_timeout` counted from `start`).
+    fn lock_attempt(&self, start: Instant, pause: &mut Duration) -> Result<Lock, Duration> {
+        match self.try_lock() {
+            Locking::Locked(f) => return Ok(Ok(Some(f))),
+            Locking::Broken(e) => return Ok(Err(e)),
+            Locking::Busy => {}
+        }
+        // Wall-clock time: a peer's lock is held in real time, even when
+        // the caller's tokio clock is paused.
+        let left = self.inner.lock_timeout.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return Ok(self.lock_timed_out());
+        }
+        let wait = (*pause).min(left);
+        *pause = (*pause * 2).min(Duration::from_millis(5));
+        Err(wait)
+    }
+
     /// Takes the lock, sleeping this thread between attempts, or gives up
     /// after `lock_timeout` (`Ok(None)`: go ahead without it).
     fn lock_blocking(&self) -> Lock {
-        let start = Instant::now();
-        let mut pause = Duration::from_micros(200);
+        let (start, mut pause) = (Instant::now(), Duration::from_micros(200));
         loop {
-            match self.try_lock() {
-                Locking::Locked(f) => return Ok(Some(f)),
-                Locking::Broken(e) => return Err(e),
-                Locking::Busy => {}
+            match self.lock_attempt(start, &mut pause) {
+                Ok(lock) => return lock,
+                Err(wait) => std::thread::sleep(wait),
             }
-            let left = self.inner.lock_timeout.saturating_sub(start.elapsed());
-            if left.is_zero() {
-                return self.lock_timed_out();
-            }
-            std::thread::sleep(pause.min(left));
-            pause = (pause * 2).min(Duration::from_millis(5));
         }
     }
 
     /// [`lock_blocking`](Self::lock_blocking), waiting with tokio timers.
     async fn lock_async(&self) -> Lock {
-        let start = Instant::now();
-        let mut pause = Duration::from_micros(200);
+        let (start, mut pause) = (Instant::now(), Duration::from_micros(200));
         loop {
-            match self.try_lock() {
-                Locking::Locked(f) => return Ok(Some(f)),
-                Locking::Broken(e) => return Err(e),
-                Locking::Busy => {}
+            match self.lock_attempt(start, &mut pause) {
+                Ok(lock) => return lock,
+                Err(wait) => tokio::time::sleep(wait).await,
             }
-            // Wall-clock time: a peer's lock is held in real time, even
-            // when the caller's tokio clock is paused.
-            let left = self.inner.lock_timeout.saturating_sub(start.elapsed());
-            if left.is_zero() {
-                return self.lock_timed_out();
-            }
-            tokio::time::sleep(pause.min(left)).await;
-            pause = (pause * 2).min(Duration::from_millis(5));
         }
     }
 
