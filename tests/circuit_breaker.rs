@@ -1,6 +1,9 @@
 //! The circuit breaker through its public API: readiness, rejection,
 //! shared state, cancellation, a reference model, and a real HTTP upstream.
 
+#[path = "support/breaker_ops.rs"]
+mod breaker_ops;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -480,28 +483,7 @@ mod model {
         }
     }
 
-    #[derive(Debug, Clone)]
-    enum Op {
-        Start,
-        /// Finish the `i`th running call (mod the count) with an outcome,
-        /// or drop it (`None`).
-        Finish(usize, Option<Outcome>),
-        Advance(u64),
-    }
-
-    fn op() -> impl Strategy<Value = Op> {
-        let outcome = prop_oneof![
-            Just(Some(Outcome::Success)),
-            Just(Some(Outcome::Failure)),
-            Just(Some(Outcome::Ignore)),
-            Just(None),
-        ];
-        prop_oneof![
-            3 => Just(Op::Start),
-            4 => (any::<usize>(), outcome).prop_map(|(i, o)| Op::Finish(i, o)),
-            1 => (1u64..1500).prop_map(Op::Advance),
-        ]
-    }
+    use crate::breaker_ops::{op, Op};
 
     type Call = (
         Ticket,

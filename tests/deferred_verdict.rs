@@ -3,6 +3,9 @@
 //! half-open probe slot until the verdict comes or is dropped.
 #![cfg(feature = "circuit-breaker")]
 
+#[path = "support/breaker_ops.rs"]
+mod breaker_ops;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -118,27 +121,7 @@ mod same_as_finishing_late {
     use super::*;
     use tower_bulwark::classify::classify_fn;
 
-    #[derive(Debug, Clone)]
-    enum Op {
-        Start,
-        /// Finish the `i`th running call with an outcome, or drop it.
-        Finish(usize, Option<Outcome>),
-        Advance(u64),
-    }
-
-    fn op() -> impl Strategy<Value = Op> {
-        let outcome = prop_oneof![
-            Just(Some(Outcome::Success)),
-            Just(Some(Outcome::Failure)),
-            Just(Some(Outcome::Ignore)),
-            Just(None),
-        ];
-        prop_oneof![
-            3 => Just(Op::Start),
-            4 => (any::<usize>(), outcome).prop_map(|(i, o)| Op::Finish(i, o)),
-            1 => (1u64..1500).prop_map(Op::Advance),
-        ]
-    }
+    use crate::breaker_ops::{op, Op};
 
     type Late = Pin<Box<dyn Future<Output = Result<Outcome, BoxError>> + Send>>;
 
