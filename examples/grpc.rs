@@ -20,9 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, BufMut};
 use http::uri::PathAndQuery;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tower::{service_fn, BoxError, Service, ServiceBuilder};
@@ -36,42 +34,9 @@ use tower_bulwark::{
     BulkheadLayer, CircuitBreakerLayer, FallbackLayer, RateLimitLayer, RetryLayer,
 };
 
-/// UTF-8 text messages.
-#[derive(Debug, Clone, Copy, Default)]
-struct Utf8;
-
-impl Codec for Utf8 {
-    type Encode = String;
-    type Decode = String;
-    type Encoder = Utf8;
-    type Decoder = Utf8;
-    fn encoder(&mut self) -> Utf8 {
-        Utf8
-    }
-    fn decoder(&mut self) -> Utf8 {
-        Utf8
-    }
-}
-
-impl Encoder for Utf8 {
-    type Item = String;
-    type Error = Status;
-    fn encode(&mut self, item: String, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(item.as_bytes());
-        Ok(())
-    }
-}
-
-impl Decoder for Utf8 {
-    type Item = String;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<String>, Status> {
-        let bytes = src.copy_to_bytes(src.remaining());
-        String::from_utf8(bytes.to_vec())
-            .map(Some)
-            .map_err(|e| Status::invalid_argument(e.to_string()))
-    }
-}
+#[path = "../tests/support/utf8_codec.rs"]
+mod utf8_codec;
+use utf8_codec::Utf8;
 
 const SAY_HELLO: &str = "/demo.Greeter/SayHello";
 
