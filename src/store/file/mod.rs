@@ -198,14 +198,32 @@ pub(crate) struct Unavailable;
 
 /// One attempt at the lock.
 enum Locking {
-    Locked(File),
+    Locked(Held),
     Busy,
     Broken(io::Error),
 }
 
 /// The lock for one update: held, or given up after `lock_timeout`
 /// (`None`: go ahead without it); `Err` when it cannot be taken at all.
-type Lock = io::Result<Option<File>>;
+type Lock = io::Result<Option<Held>>;
+
+/// The advisory lock on the lock file, given up when dropped.
+///
+/// Unlocked explicitly, not by closing the file: `flock` belongs to the
+/// open file description, and a child this process forks (by any thread,
+/// for any reason) shares that description until it calls `exec`. Closing
+/// only our descriptor would leave the lock held for that window, and our
+/// own next update would find it busy.
+#[derive(Debug)]
+struct Held(File);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // Closing the file gives the lock up anyway once every copy is
+        // closed; an error here leaves nothing else to do.
+        let _ = fs4::FileExt::unlock(&self.0);
+    }
+}
 
 impl fmt::Debug for FileStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -710,7 +728,7 @@ impl FileStore {
             Err(e) => return Locking::Broken(e),
         };
         match fs4::FileExt::try_lock(&file) {
-            Ok(()) => Locking::Locked(file),
+            Ok(()) => Locking::Locked(Held(file)),
             Err(fs4::TryLockError::WouldBlock) => Locking::Busy,
             Err(fs4::TryLockError::Error(e)) => Locking::Broken(e),
         }
