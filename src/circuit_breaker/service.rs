@@ -117,11 +117,11 @@ where
     C: Classify<S::Response, S::Error> + Clone,
 {
     let timed = Classify::<S::Response, S::Error>::uses_elapsed(classifier);
-    match Admission::admit(core, timed) {
-        Ok(admission) => {
-            let fut = inner.call(req);
-            ResponseFuture::admitted(fut, admission, classifier.clone())
-        }
-        Err((_, open)) => ResponseFuture::rejected(open),
-    }
+    Admission::admit_then(
+        core,
+        timed,
+        req,
+        |admission, req| ResponseFuture::admitted(inner.call(req), admission, classifier.clone()),
+        |_, open, _| ResponseFuture::rejected(open),
+    )
 }

@@ -62,7 +62,7 @@ pin_project! {
         classifier: C,
         // Kept for the next attempt; `None` once the last one has it.
         req: Option<Req>,
-        errors: Vec<(Arc<str>, BoxError)>,
+        errors: Errors,
     }
 }
 
@@ -95,27 +95,29 @@ impl<F, Req, Res, C> ResponseFuture<F, Req, Res, C> {
             cursor: Cursor::Attempt(admission),
             classifier,
             req,
-            errors: Vec::new(),
+            errors: Errors::default(),
         }
     }
 
     /// The primary was skipped (open breaker, or not ready) with `err`.
-    #[cold]
+    ///
+    /// Inlined, with its work out of line in [`Errors::skipped`]: built
+    /// in place like the healthy path's future, so that `call` returns one
+    /// shape of value and never copies it out of a temporary.
+    #[inline]
     pub(crate) fn skipped(
         at: EntryRef<Req, Res, C>,
         err: BoxError,
         classifier: C,
         req: Req,
     ) -> Self {
-        let group = &at.group;
-        let name = group.name().clone();
-        entry_failed(group, &name);
+        let errors = Errors::skipped(&at.group, err);
         Self {
             state: State::Next,
             cursor: Cursor::At(at),
             classifier,
             req: Some(req),
-            errors: vec![(name, err)],
+            errors,
         }
     }
 }
@@ -150,6 +152,42 @@ where
             this.state.set(State::Next);
         }
         fail_over(this, cx)
+    }
+}
+
+/// The errors of the attempts that failed, in order.
+///
+/// Boxed, and empty until a first failure: the healthy path never touches
+/// it, and its future stays a word smaller than with a `Vec` in place,
+/// which is moved with the future on every call.
+// One pointer where a `Vec` is three words: that is the point of the box.
+#[allow(clippy::box_collection)]
+#[derive(Default)]
+struct Errors(Option<Box<Vec<EntryError>>>);
+
+/// An entry's name and why its attempt failed.
+type EntryError = (Arc<str>, BoxError);
+
+impl Errors {
+    /// The primary's error, after telling the listeners.
+    #[cold]
+    #[inline(never)]
+    fn skipped<Req, Res, C>(group: &Group<Req, Res, C>, err: BoxError) -> Self {
+        let name = group.name().clone();
+        entry_failed(group, &name);
+        Self(Some(Box::new(vec![(name, err)])))
+    }
+
+    fn push(&mut self, err: EntryError) {
+        self.0.get_or_insert_with(Box::default).push(err);
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |e| e.len())
+    }
+
+    fn take(&mut self) -> Vec<EntryError> {
+        self.0.take().map(|e| *e).unwrap_or_default()
     }
 }
 
@@ -241,7 +279,7 @@ where
                 let Some(a) = next else {
                     this.state.set(State::Done);
                     this.req.take();
-                    let all = AllFailed::new(group.name().clone(), std::mem::take(this.errors));
+                    let all = AllFailed::new(group.name().clone(), this.errors.take());
                     group.listeners.emit(&FallbackEvent::AllFailed {
                         name: group.name().clone(),
                         entries: all.errors().len(),

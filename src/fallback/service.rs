@@ -119,13 +119,19 @@ where
             let err = NotReady::new(group.name().clone()).into();
             return ResponseFuture::skipped(primary, err, classifier, req);
         }
-        match Admission::admit(primary, classifier.uses_elapsed()) {
-            Ok(admission) => {
+        let timed = classifier.uses_elapsed();
+        let inner = &mut self.primary;
+        Admission::admit_then(
+            primary,
+            timed,
+            (req, classifier),
+            |admission, (req, classifier)| {
                 let backup = admission.owner().group.can_fail_over().then(|| req.clone());
-                let fut = self.primary.call(req);
-                ResponseFuture::primary(fut, admission, classifier, backup)
-            }
-            Err((primary, open)) => ResponseFuture::skipped(primary, open.into(), classifier, req),
-        }
+                ResponseFuture::primary(inner.call(req), admission, classifier, backup)
+            },
+            |primary, open, (req, classifier)| {
+                ResponseFuture::skipped(primary, open.into(), classifier, req)
+            },
+        )
     }
 }
