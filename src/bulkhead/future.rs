@@ -13,7 +13,7 @@ use tokio::sync::{AcquireError, OwnedSemaphorePermit};
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use super::state::{Core, Slot};
+use super::state::{Core, HeldSlot};
 use crate::clock::instant_after;
 use crate::error::BoxError;
 
@@ -21,7 +21,7 @@ use crate::error::BoxError;
 pub use super::hold::HttpResponseFuture;
 
 /// A response with the slot it still holds.
-pub(crate) type Kept<T> = Result<(T, Option<Slot>), BoxError>;
+pub(crate) type Kept<T> = Result<(T, Option<HeldSlot>), BoxError>;
 
 type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
@@ -33,7 +33,7 @@ pin_project! {
         S: Service<Req>,
     {
         #[pin]
-        kind: Kind<S, Req>,
+        stage: Stage<S, Req>,
     }
 }
 
@@ -78,23 +78,23 @@ struct Claim<S, Req> {
 }
 
 pin_project! {
-    #[project = KindProj]
-    enum Kind<S, Req>
+    #[project = StageProj]
+    enum Stage<S, Req>
     where
         S: Service<Req>,
     {
         Called {
             #[pin]
             fut: S::Future,
-            slot: Option<Slot>,
+            slot: Option<HeldSlot>,
         },
         // Boxed: only waiting calls pay for the timer's size.
         Waiting {
             wait: Pin<Box<Wait<S, Req>>>,
         },
         // Boxed: only calls to a Redis bulkhead take this path.
-        Remote {
-            leasing: Box<Remote<S, Req>>,
+        Leasing {
+            leasing: Box<RedisLeasing<S, Req>>,
         },
         // Boxed: only calls to a file bulkhead whose lock is busy.
         Claiming {
@@ -108,9 +108,9 @@ pin_project! {
 
 /// `Leasing` with the `redis` feature, uninhabited without it.
 #[cfg(feature = "redis")]
-type Remote<S, Req> = Leasing<S, Req>;
+type RedisLeasing<S, Req> = Leasing<S, Req>;
 #[cfg(not(feature = "redis"))]
-type Remote<S, Req> = (std::convert::Infallible, std::marker::PhantomData<(S, Req)>);
+type RedisLeasing<S, Req> = (std::convert::Infallible, std::marker::PhantomData<(S, Req)>);
 
 /// `Claim` with the `file-store` feature, uninhabited without it.
 #[cfg(feature = "file-store")]
@@ -122,7 +122,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
     #[cfg(feature = "file-store")]
     pub(crate) fn claiming(core: Arc<Core>, claim: ClaimFut, svc: S, req: Req) -> Self {
         Self {
-            kind: Kind::Claiming {
+            stage: Stage::Claiming {
                 claim: Box::new(Claim {
                     claim,
                     core,
@@ -136,7 +136,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
     #[cfg(feature = "redis")]
     pub(crate) fn leasing(core: Arc<Core>, lease: Lease, svc: S, req: Req) -> Self {
         Self {
-            kind: Kind::Remote {
+            stage: Stage::Leasing {
                 leasing: Box::new(Leasing {
                     lease,
                     core,
@@ -148,9 +148,9 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
     }
 
     #[inline]
-    pub(crate) fn called(fut: S::Future, slot: Slot) -> Self {
+    pub(crate) fn called(fut: S::Future, slot: HeldSlot) -> Self {
         Self {
-            kind: Kind::Called {
+            stage: Stage::Called {
                 fut,
                 slot: Some(slot),
             },
@@ -160,7 +160,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
     pub(crate) fn waiting(core: Arc<Core>, acquire: Acquire, svc: S, req: Req) -> Self {
         let start = Instant::now();
         Self {
-            kind: Kind::Waiting {
+            stage: Stage::Waiting {
                 wait: Box::pin(Wait {
                     acquire,
                     deadline: tokio::time::sleep_until(instant_after(start, core.cfg.max_wait)),
@@ -175,7 +175,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
 
     pub(crate) fn rejected(err: BoxError) -> Self {
         Self {
-            kind: Kind::Rejected { err: Some(err) },
+            stage: Stage::Rejected { err: Some(err) },
         }
     }
 }
@@ -192,10 +192,10 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Kept<S::Response>> {
-        let mut kind = self.project().kind;
+        let mut stage = self.project().stage;
         loop {
-            match kind.as_mut().project() {
-                KindProj::Called { fut, slot } => {
+            match stage.as_mut().project() {
+                StageProj::Called { fut, slot } => {
                     let res = ready!(fut.poll(cx));
                     // The call is over: the slot leaves the future now
                     // rather than when it is dropped.
@@ -205,7 +205,7 @@ where
                         Err(e) => Err(e.into()),
                     });
                 }
-                KindProj::Waiting { wait } => {
+                StageProj::Waiting { wait } => {
                     let w = wait.as_mut().project();
                     let (acquire, deadline, start, core, svc, req) =
                         (w.acquire, w.deadline, w.start, w.core, w.svc, w.req);
@@ -215,7 +215,7 @@ where
                         Poll::Ready(Err(_)) | Poll::Pending => {
                             ready!(deadline.poll(cx));
                             let err = core.rejected(start.elapsed());
-                            kind.set(Kind::Rejected {
+                            stage.set(Stage::Rejected {
                                 err: Some(err.into()),
                             });
                             continue;
@@ -223,64 +223,64 @@ where
                     };
                     // Into its guard first: a listener that panics on the
                     // soft-limit event unwinds through it.
-                    let slot = Slot::Permit(permit);
+                    let slot = HeldSlot::Permit(permit);
                     core.acquired();
                     let mut svc = svc.take().expect("polled after completion");
                     let req = req.take().expect("polled after completion");
                     let fut = svc.call(req);
-                    kind.set(Kind::Called {
+                    stage.set(Stage::Called {
                         fut,
                         slot: Some(slot),
                     });
                 }
                 #[cfg(feature = "redis")]
-                KindProj::Remote { leasing } => {
+                StageProj::Leasing { leasing } => {
                     let l = &mut **leasing;
                     let kind_next = match ready!(l.lease.as_mut().poll(cx)) {
                         Some(lease) => {
                             if let super::state::Slots::Redis { here, .. } = &l.core.slots {
                                 here.try_acquire(usize::MAX);
                             }
-                            let slot = Slot::Redis(Box::new(super::state::RedisSlot {
+                            let slot = HeldSlot::Redis(Box::new(super::state::RedisSlot {
                                 lease,
                                 core: l.core.clone(),
                             }));
                             let mut svc = l.svc.take().expect("polled after completion");
                             let req = l.req.take().expect("polled after completion");
-                            Kind::Called {
+                            Stage::Called {
                                 fut: svc.call(req),
                                 slot: Some(slot),
                             }
                         }
-                        None => Kind::Rejected {
+                        None => Stage::Rejected {
                             err: Some(l.core.rejected(Duration::ZERO).into()),
                         },
                     };
-                    kind.set(kind_next);
+                    stage.set(kind_next);
                 }
                 #[cfg(not(feature = "redis"))]
-                KindProj::Remote { leasing } => match leasing.0 {},
+                StageProj::Leasing { leasing } => match leasing.0 {},
                 #[cfg(feature = "file-store")]
-                KindProj::Claiming { claim } => {
+                StageProj::Claiming { claim } => {
                     let c = &mut **claim;
                     let next = match ready!(c.claim.as_mut().poll(cx)) {
                         Some(slot) => {
                             let mut svc = c.svc.take().expect("polled after completion");
                             let req = c.req.take().expect("polled after completion");
-                            Kind::Called {
+                            Stage::Called {
                                 fut: svc.call(req),
-                                slot: Some(Slot::File(slot)),
+                                slot: Some(HeldSlot::File(slot)),
                             }
                         }
-                        None => Kind::Rejected {
+                        None => Stage::Rejected {
                             err: Some(c.core.rejected(Duration::ZERO).into()),
                         },
                     };
-                    kind.set(next);
+                    stage.set(next);
                 }
                 #[cfg(not(feature = "file-store"))]
-                KindProj::Claiming { claim } => match claim.0 {},
-                KindProj::Rejected { err } => {
+                StageProj::Claiming { claim } => match claim.0 {},
+                StageProj::Rejected { err } => {
                     return Poll::Ready(Err(err.take().expect("polled after completion")));
                 }
             }
@@ -305,12 +305,12 @@ where
 
 impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match &self.kind {
-            Kind::Called { .. } => "called",
-            Kind::Waiting { .. } => "waiting",
-            Kind::Remote { .. } => "leasing",
-            Kind::Claiming { .. } => "claiming",
-            Kind::Rejected { .. } => "rejected",
+        let state = match &self.stage {
+            Stage::Called { .. } => "called",
+            Stage::Waiting { .. } => "waiting",
+            Stage::Leasing { .. } => "leasing",
+            Stage::Claiming { .. } => "claiming",
+            Stage::Rejected { .. } => "rejected",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)

@@ -12,7 +12,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::future::ResponseFuture;
-use super::state::Slot;
+use super::state::HeldSlot;
 use super::{Bulkhead, BulkheadHandle, BulkheadLayer};
 use crate::error::BoxError;
 
@@ -203,12 +203,12 @@ pin_project! {
     pub struct BulkheadBody<B> {
         #[pin]
         inner: B,
-        slot: Option<Slot>,
+        slot: Option<HeldSlot>,
     }
 }
 
 impl<B: Body> BulkheadBody<B> {
-    fn new(inner: B, slot: Option<Slot>) -> Self {
+    fn new(inner: B, slot: Option<HeldSlot>) -> Self {
         // An empty body may never be polled: nothing is left to do.
         let slot = if inner.is_end_stream() { None } else { slot };
         Self { inner, slot }

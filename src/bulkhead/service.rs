@@ -9,7 +9,7 @@ use tower_service::Service;
 
 use super::future::ResponseFuture;
 #[cfg(feature = "file-store")]
-use super::state::Slot;
+use super::state::HeldSlot;
 use super::state::{Core, Slots};
 use super::{BulkheadHandle, BulkheadLayer};
 use crate::error::BoxError;
@@ -104,7 +104,9 @@ where
             // lock happens in the response future, on tokio's timers.
             #[cfg(feature = "file-store")]
             Slots::File(b) => match b.try_acquire_now() {
-                Ok(Some(slot)) => ResponseFuture::called(self.inner.call(req), Slot::File(slot)),
+                Ok(Some(slot)) => {
+                    ResponseFuture::called(self.inner.call(req), HeldSlot::File(slot))
+                }
                 Ok(None) => ResponseFuture::rejected(self.core.rejected(Duration::ZERO).into()),
                 Err(()) => {
                     let b = b.clone();

@@ -156,7 +156,7 @@ pub(crate) struct Core {
 
 /// A held slot, given back on drop (completion, cancellation or panic).
 #[derive(Debug)]
-pub(crate) enum Slot {
+pub(crate) enum HeldSlot {
     Counter(&'static Cell),
     Permit(#[allow(dead_code)] OwnedSemaphorePermit),
     /// Given back to the file by its own drop.
@@ -185,10 +185,10 @@ impl Drop for RedisSlot {
     }
 }
 
-impl Drop for Slot {
+impl Drop for HeldSlot {
     #[inline]
     fn drop(&mut self) {
-        if let Slot::Counter(cell) = self {
+        if let HeldSlot::Counter(cell) = self {
             release(cell);
         }
     }
@@ -214,20 +214,20 @@ impl Core {
 
     /// Takes a slot at once if one is free.
     #[inline]
-    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<HeldSlot> {
         match &self.slots {
             Slots::Counter(c) => {
                 let (n, cell) = c.try_acquire(self.cfg.capacity)?;
                 // The guard exists before any listener runs: one that
                 // panics unwinds through it and the slot comes back.
-                let slot = Slot::Counter(cell);
+                let slot = HeldSlot::Counter(cell);
                 if self.cfg.soft_limit == Some(n) {
                     self.soft_limit_reached(n);
                 }
                 Some(slot)
             }
             Slots::Queue(sem) => {
-                let slot = Slot::Permit(sem.clone().try_acquire_owned().ok()?);
+                let slot = HeldSlot::Permit(sem.clone().try_acquire_owned().ok()?);
                 self.acquired();
                 Some(slot)
             }
@@ -297,7 +297,7 @@ mod tests {
         assert_eq!(cell.word.load(Acquire), ORPHAN | 1);
         let others: Vec<_> = (0..64).map(|_| Counter::new()).collect();
         assert!(others.iter().all(|o| !std::ptr::eq(o.cell, cell)));
-        drop(Slot::Counter(held));
+        drop(HeldSlot::Counter(held));
         // Now it is free (or already leased again, counting from zero).
         let w = cell.word.load(Acquire);
         assert!(w == ORPHAN || w & !ORPHAN == 0, "{w:#x}");
@@ -326,13 +326,13 @@ mod loom_tests {
                     thread::spawn(move || {
                         c.try_acquire(2).map(|(n, cell)| {
                             assert!(n <= 2);
-                            Slot::Counter(cell)
+                            HeldSlot::Counter(cell)
                         })
                     })
                 })
                 .collect();
-            drop(Slot::Counter(first));
-            let mut held: Vec<Slot> = t.into_iter().filter_map(|h| h.join().unwrap()).collect();
+            drop(HeldSlot::Counter(first));
+            let mut held: Vec<HeldSlot> = t.into_iter().filter_map(|h| h.join().unwrap()).collect();
             assert!(!held.is_empty());
             assert_eq!(c.in_flight(), held.len());
             let cell = c.cell;

@@ -24,14 +24,14 @@ pin_project! {
     #[derive(Debug)]
     pub struct ResponseFuture<F, C> {
         #[pin]
-        kind: Kind<F, C>,
+        stage: Stage<F, C>,
     }
 }
 
 pin_project! {
-    #[project = KindProj]
+    #[project = StageProj]
     #[derive(Debug)]
-    enum Kind<F, C> {
+    enum Stage<F, C> {
         Admitted {
             #[pin]
             fut: F,
@@ -50,7 +50,7 @@ impl<F, C> ResponseFuture<F, C> {
     #[inline]
     pub(crate) fn admitted(fut: F, admission: Admission<Arc<Core>>, classifier: C) -> Self {
         Self {
-            kind: Kind::Admitted {
+            stage: Stage::Admitted {
                 fut,
                 admission,
                 classifier,
@@ -60,7 +60,7 @@ impl<F, C> ResponseFuture<F, C> {
 
     pub(crate) fn rejected(err: CircuitOpen) -> Self {
         Self {
-            kind: Kind::Rejected {
+            stage: Stage::Rejected {
                 err: Some(err.into()),
             },
         }
@@ -77,8 +77,8 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Admitted {
+        match self.project().stage.project() {
+            StageProj::Admitted {
                 fut,
                 admission,
                 classifier,
@@ -91,7 +91,7 @@ where
                 }
                 Poll::Ready(res.map_err(Into::into))
             }
-            KindProj::Rejected { err } => {
+            StageProj::Rejected { err } => {
                 Poll::Ready(Err(err.take().expect("polled after completion")))
             }
         }

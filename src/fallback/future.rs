@@ -57,7 +57,7 @@ pin_project! {
     #[project = ResponseFutureProj]
     pub struct ResponseFuture<F, Req, Res, C> {
         #[pin]
-        state: State<F, Req, Res>,
+        state: Stage<F, Req, Res>,
         cursor: Cursor<Req, Res, C>,
         classifier: C,
         // Kept for the next attempt; `None` once the last one has it.
@@ -67,8 +67,8 @@ pin_project! {
 }
 
 pin_project! {
-    #[project = StateProj]
-    enum State<F, Req, Res> {
+    #[project = StageProj]
+    enum Stage<F, Req, Res> {
         // The primary's call.
         Primary { #[pin] fut: F },
         // Find the next entry whose breaker admits a call.
@@ -91,7 +91,7 @@ impl<F, Req, Res, C> ResponseFuture<F, Req, Res, C> {
         req: Option<Req>,
     ) -> Self {
         Self {
-            state: State::Primary { fut },
+            state: Stage::Primary { fut },
             cursor: Cursor::Attempt(admission),
             classifier,
             req,
@@ -113,7 +113,7 @@ impl<F, Req, Res, C> ResponseFuture<F, Req, Res, C> {
     ) -> Self {
         let errors = Errors::skipped(&at.group, err);
         Self {
-            state: State::Next,
+            state: Stage::Next,
             cursor: Cursor::At(at),
             classifier,
             req: Some(req),
@@ -134,7 +134,7 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        if let StateProj::Primary { fut } = this.state.as_mut().project() {
+        if let StageProj::Primary { fut } = this.state.as_mut().project() {
             let res = ready!(fut.poll(cx)).map_err(Into::into);
             if let Cursor::Attempt(a) = this.cursor {
                 if a.finish(this.classifier, &res) != Outcome::Failure
@@ -149,7 +149,7 @@ where
             }
             let err = failed(this.cursor, res);
             this.errors.push(err);
-            this.state.set(State::Next);
+            this.state.set(Stage::Next);
         }
         fail_over(this, cx)
     }
@@ -220,17 +220,17 @@ where
 {
     loop {
         let res: Result<Res, BoxError> = match this.state.as_mut().project() {
-            StateProj::Primary { .. } => unreachable!("the primary is polled inline"),
-            StateProj::Done => panic!("fallback future polled after completion"),
-            StateProj::Calling { fut } => ready!(fut.as_mut().poll(cx)),
-            StateProj::Ready { svc } => match svc.poll_ready(cx) {
+            StageProj::Primary { .. } => unreachable!("the primary is polled inline"),
+            StageProj::Done => panic!("fallback future polled after completion"),
+            StageProj::Calling { fut } => ready!(fut.as_mut().poll(cx)),
+            StageProj::Ready { svc } => match svc.poll_ready(cx) {
                 Poll::Pending if !this.cursor.entry().group.skip_not_ready => return Poll::Pending,
                 Poll::Pending => {
                     let at = this.cursor.leave();
                     let name = at.entry().name.clone();
                     entry_failed(&at.group, &name);
                     this.errors.push((name.clone(), NotReady::new(name).into()));
-                    this.state.set(State::Next);
+                    this.state.set(Stage::Next);
                     continue;
                 }
                 // A broken entry is a failed attempt.
@@ -248,11 +248,11 @@ where
                         a.restart_clock();
                     }
                     let fut = svc.call(req);
-                    this.state.set(State::Calling { fut });
+                    this.state.set(Stage::Calling { fut });
                     continue;
                 }
             },
-            StateProj::Next => {
+            StageProj::Next => {
                 let Cursor::At(at) = std::mem::replace(this.cursor, Cursor::Done) else {
                     unreachable!("between attempts")
                 };
@@ -277,7 +277,7 @@ where
                     }
                 }
                 let Some(a) = next else {
-                    this.state.set(State::Done);
+                    this.state.set(Stage::Done);
                     this.req.take();
                     let all = AllFailed::new(group.name().clone(), this.errors.take());
                     group.listeners.emit(&FallbackEvent::AllFailed {
@@ -297,7 +297,7 @@ where
                     .expect("fallback entries have a service")
                     .clone_box();
                 *this.cursor = Cursor::Attempt(a);
-                this.state.set(State::Ready { svc });
+                this.state.set(Stage::Ready { svc });
                 continue;
             }
         };
@@ -316,13 +316,13 @@ where
                 });
             }
             *this.cursor = Cursor::Done;
-            this.state.set(State::Done);
+            this.state.set(Stage::Done);
             this.req.take();
             return Poll::Ready(res);
         }
         let err = failed(this.cursor, res);
         this.errors.push(err);
-        this.state.set(State::Next);
+        this.state.set(Stage::Next);
     }
 }
 
@@ -336,11 +336,11 @@ fn entry_failed<Req, Res, C>(group: &Group<Req, Res, C>, entry: &Arc<str>) {
 impl<F, Req, Res, C> fmt::Debug for ResponseFuture<F, Req, Res, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
-            State::Primary { .. } => "primary",
-            State::Next => "next",
-            State::Ready { .. } => "ready",
-            State::Calling { .. } => "calling",
-            State::Done => "done",
+            Stage::Primary { .. } => "primary",
+            Stage::Next => "next",
+            Stage::Ready { .. } => "ready",
+            Stage::Calling { .. } => "calling",
+            Stage::Done => "done",
         };
         let entry = match &self.cursor {
             Cursor::Attempt(a) => Some(&a.owner().entry().name),

@@ -48,7 +48,7 @@ use crate::error::BoxError;
 /// # Ok(()) }
 /// ```
 pub struct ReplayBody<B> {
-    shared: Arc<Shared<B>>,
+    shared: Arc<SharedBody<B>>,
     /// The shared body while this clone holds it.
     state: Option<BodyState<B>>,
     /// Buffered chunks this clone has already yielded.
@@ -60,7 +60,7 @@ pub struct ReplayBody<B> {
     started: bool,
 }
 
-struct Shared<B> {
+struct SharedBody<B> {
     body: Mutex<Option<BodyState<B>>>,
     capped: AtomicBool,
     limit: usize,
@@ -108,7 +108,7 @@ impl<B: Body> ReplayBody<B> {
             trailers: None,
         };
         Self {
-            shared: Arc::new(Shared {
+            shared: Arc::new(SharedBody {
                 body: Mutex::new(None),
                 capped: AtomicBool::new(capped),
                 limit,

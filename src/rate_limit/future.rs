@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use super::layer::Shared;
+use super::layer::LayerState;
 use super::remote::Admit;
 use crate::classify::Classify;
 use crate::error::BoxError;
@@ -46,7 +46,7 @@ pin_project! {
         S: Service<Req>,
     {
         #[pin]
-        kind: Kind<S, Req, K, C, H>,
+        stage: Stage<S, Req, K, C, H>,
     }
 }
 
@@ -65,20 +65,20 @@ pin_project! {
 }
 
 pin_project! {
-    #[project = KindProj]
-    enum Kind<S, Req, K, C, H>
+    #[project = StageProj]
+    enum Stage<S, Req, K, C, H>
     where
         S: Service<Req>,
     {
         Called {
             #[pin]
             fut: S::Future,
-            hint: Option<Arc<Shared<K, C, H>>>,
+            hint: Option<Arc<LayerState<K, C, H>>>,
         },
         // Boxed: only waiting requests pay for the timer's size.
         Waiting {
             wait: Pin<Box<Wait<S, Req>>>,
-            hint: Option<Arc<Shared<K, C, H>>>,
+            hint: Option<Arc<LayerState<K, C, H>>>,
         },
         Rejected {
             err: Option<BoxError>,
@@ -87,9 +87,9 @@ pin_project! {
 }
 
 impl<S: Service<Req>, Req, K, C, H> ResponseFuture<S, Req, K, C, H> {
-    pub(crate) fn called(fut: S::Future, hint: Option<Arc<Shared<K, C, H>>>) -> Self {
+    pub(crate) fn called(fut: S::Future, hint: Option<Arc<LayerState<K, C, H>>>) -> Self {
         Self {
-            kind: Kind::Called { fut, hint },
+            stage: Stage::Called { fut, hint },
         }
     }
 
@@ -98,10 +98,10 @@ impl<S: Service<Req>, Req, K, C, H> ResponseFuture<S, Req, K, C, H> {
         svc: S,
         req: Req,
         refund: Refund,
-        hint: Option<Arc<Shared<K, C, H>>>,
+        hint: Option<Arc<LayerState<K, C, H>>>,
     ) -> Self {
         Self {
-            kind: Kind::Waiting {
+            stage: Stage::Waiting {
                 wait: Box::pin(Wait {
                     sleep: Some(tokio::time::sleep_until(at)),
                     admit: None,
@@ -119,10 +119,10 @@ impl<S: Service<Req>, Req, K, C, H> ResponseFuture<S, Req, K, C, H> {
         admit: Admit,
         svc: S,
         req: Req,
-        hint: Option<Arc<Shared<K, C, H>>>,
+        hint: Option<Arc<LayerState<K, C, H>>>,
     ) -> Self {
         Self {
-            kind: Kind::Waiting {
+            stage: Stage::Waiting {
                 wait: Box::pin(Wait {
                     sleep: None,
                     admit: Some(admit),
@@ -137,7 +137,7 @@ impl<S: Service<Req>, Req, K, C, H> ResponseFuture<S, Req, K, C, H> {
 
     pub(crate) fn rejected(err: BoxError) -> Self {
         Self {
-            kind: Kind::Rejected { err: Some(err) },
+            stage: Stage::Rejected { err: Some(err) },
         }
     }
 }
@@ -147,16 +147,16 @@ impl<S: Service<Req>, Req, K, C, H> ResponseFuture<S, Req, K, C, H> {
 #[inline(never)]
 fn poll_wait<S, Req, K, C, H>(
     wait: Pin<&mut Wait<S, Req>>,
-    hint: &mut Option<Arc<Shared<K, C, H>>>,
+    hint: &mut Option<Arc<LayerState<K, C, H>>>,
     cx: &mut Context<'_>,
-) -> Poll<Kind<S, Req, K, C, H>>
+) -> Poll<Stage<S, Req, K, C, H>>
 where
     S: Service<Req>,
 {
     let w = wait.project();
     if let Some(admit) = w.admit {
         if let Err(err) = ready!(admit.as_mut().poll(cx)) {
-            return Poll::Ready(Kind::Rejected { err: Some(err) });
+            return Poll::Ready(Stage::Rejected { err: Some(err) });
         }
     } else if let Some(sleep) = w.sleep.as_pin_mut() {
         ready!(sleep.poll(cx));
@@ -166,7 +166,7 @@ where
     let req = w.req.take().expect("polled after completion");
     let hint = hint.take();
     let fut = svc.call(req);
-    Poll::Ready(Kind::Called { fut, hint })
+    Poll::Ready(Stage::Called { fut, hint })
 }
 
 impl<S, Req, K, C, H> Future for ResponseFuture<S, Req, K, C, H>
@@ -178,10 +178,10 @@ where
     type Output = Result<S::Response, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut kind = self.project().kind;
+        let mut stage = self.project().stage;
         loop {
-            match kind.as_mut().project() {
-                KindProj::Called { fut, hint } => {
+            match stage.as_mut().project() {
+                StageProj::Called { fut, hint } => {
                     let res = ready!(fut.poll(cx));
                     if let Some(shared) = hint.take() {
                         let after = shared.hint.as_ref().and_then(|h| h.retry_after(&res));
@@ -191,11 +191,11 @@ where
                     }
                     return Poll::Ready(res.map_err(Into::into));
                 }
-                KindProj::Waiting { wait, hint } => {
+                StageProj::Waiting { wait, hint } => {
                     let next = ready!(poll_wait(wait.as_mut(), hint, cx));
-                    kind.set(next);
+                    stage.set(next);
                 }
-                KindProj::Rejected { err } => {
+                StageProj::Rejected { err } => {
                     return Poll::Ready(Err(err.take().expect("polled after completion")));
                 }
             }
@@ -205,10 +205,10 @@ where
 
 impl<S: Service<Req>, Req, K, C, H> fmt::Debug for ResponseFuture<S, Req, K, C, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match &self.kind {
-            Kind::Called { .. } => "called",
-            Kind::Waiting { .. } => "waiting",
-            Kind::Rejected { .. } => "rejected",
+        let state = match &self.stage {
+            Stage::Called { .. } => "called",
+            Stage::Waiting { .. } => "waiting",
+            Stage::Rejected { .. } => "rejected",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)

@@ -152,14 +152,14 @@ pub(crate) fn block_until(tat: Nanos, until: Nanos, inc: Nanos, p: &Params) -> N
 
 /// A reservation: the stretch `[end - inc, end)` of the TAT axis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Slot {
+pub(crate) struct Reservation {
     /// The TAT its decision stored.
     pub(crate) end: Nanos,
     /// The increment it owns.
     pub(crate) inc: Nanos,
 }
 
-impl Slot {
+impl Reservation {
     #[inline]
     pub(crate) fn start(&self) -> Nanos {
         self.end - self.inc
@@ -178,14 +178,14 @@ impl Slot {
 /// and the memory of a keyed bucket small.
 #[derive(Debug, Clone)]
 pub(crate) struct Freed<const N: usize> {
-    slots: [Slot; N],
+    slots: [Reservation; N],
     len: usize,
 }
 
 impl<const N: usize> Freed<N> {
     pub(crate) const fn new() -> Self {
         Self {
-            slots: [Slot { end: 0, inc: 0 }; N],
+            slots: [Reservation { end: 0, inc: 0 }; N],
             len: 0,
         }
     }
@@ -204,11 +204,11 @@ impl<const N: usize> Freed<N> {
         self.len = 0;
     }
 
-    fn live(&self) -> &[Slot] {
+    fn live(&self) -> &[Reservation] {
         &self.slots[..self.len]
     }
 
-    fn remove(&mut self, i: usize) -> Slot {
+    fn remove(&mut self, i: usize) -> Reservation {
         let s = self.slots[i];
         self.len -= 1;
         self.slots[i] = self.slots[self.len];
@@ -231,7 +231,7 @@ impl<const N: usize> Freed<N> {
 
     /// Keeps the freed stretch `s` (not at the TAT). `false` when a
     /// stretch lapsed for want of room.
-    pub(crate) fn record(&mut self, s: Slot, now: Nanos) -> bool {
+    pub(crate) fn record(&mut self, s: Reservation, now: Nanos) -> bool {
         if s.inc == 0 || s.end <= now {
             return true;
         }
@@ -286,7 +286,7 @@ impl<const N: usize> Freed<N> {
     pub(crate) fn release(
         &mut self,
         mut tat: Nanos,
-        mine: Slot,
+        mine: Reservation,
         now: Nanos,
         mut set: impl FnMut(Nanos, Nanos) -> Result<(), Nanos>,
     ) -> Nanos {
@@ -333,7 +333,7 @@ impl<const N: usize> Freed<N> {
     /// decision is the stretch's end, to be stored nowhere.
     pub(crate) fn take(&mut self, now: Nanos, inc: Nanos, p: &Params) -> Option<Decision> {
         self.prune(now);
-        let at = |s: &Slot| s.end.saturating_sub(p.tau).max(now);
+        let at = |s: &Reservation| s.end.saturating_sub(p.tau).max(now);
         let i = self
             .live()
             .iter()
@@ -435,8 +435,8 @@ mod tests {
         );
     }
 
-    fn slot(end: Nanos, inc: Nanos) -> Slot {
-        Slot { end, inc }
+    fn slot(end: Nanos, inc: Nanos) -> Reservation {
+        Reservation { end, inc }
     }
 
     fn no_race(_: Nanos, _: Nanos) -> Result<(), Nanos> {
@@ -445,7 +445,7 @@ mod tests {
 
     /// A bucket of one token a second after one admission and three
     /// waiters, the reservations ending at 2, 3 and 4 s.
-    fn queued() -> (Params, Nanos, [Slot; 3]) {
+    fn queued() -> (Params, Nanos, [Reservation; 3]) {
         let p = p(1.0, 1.0, 10 * S);
         (p, 4 * S, [slot(2 * S, S), slot(3 * S, S), slot(4 * S, S)])
     }
@@ -653,7 +653,7 @@ mod tests {
             let mut freed = Freed::<N>::new();
             let mut tat = 0;
             let mut now = 0;
-            let mut queued: Vec<(Nanos, f64, Slot)> = Vec::new();
+            let mut queued: Vec<(Nanos, f64, Reservation)> = Vec::new();
             let mut called = Vec::new();
             for &(gap, frac, drop, pick) in ops {
                 now += gap;
@@ -682,7 +682,7 @@ mod tests {
                     } => {
                         prop_assert!(wait > 0 && wait <= p.max_wait);
                         prop_assert!(own >= inc);
-                        queued.push((now + wait, cost, Slot { end, inc: own }));
+                        queued.push((now + wait, cost, Reservation { end, inc: own }));
                     }
                     Decision::Reject { retry_after } => prop_assert!(retry_after > p.max_wait),
                 }

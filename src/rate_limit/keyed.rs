@@ -38,7 +38,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::{PoisonError, RwLock};
 
-use super::gcra::{self, Decision, Freed, Params, Slot};
+use super::gcra::{self, Decision, Freed, Params, Reservation};
 use super::state::Word;
 use crate::clock::Nanos;
 
@@ -84,7 +84,7 @@ impl Bucket {
     }
 
     /// Gives back `mine`, with the shard's write lock held.
-    fn release(&mut self, mine: Slot, now: Nanos) {
+    fn release(&mut self, mine: Reservation, now: Nanos) {
         let tat = self.word.load();
         if self.freed.is_none() && tat == mine.end {
             // The newest reservation, nothing under it to roll back
@@ -236,7 +236,7 @@ impl<K: Hash + Eq> KeyMap<K> {
 
     /// Gives back `key`'s reservation `mine`; nothing if the key was
     /// forgotten since (its reservations lapse with it).
-    pub(crate) fn release(&self, key: &K, mine: Slot, now: Nanos) {
+    pub(crate) fn release(&self, key: &K, mine: Reservation, now: Nanos) {
         let mut s = self
             .shard(key)
             .write()
@@ -348,7 +348,7 @@ mod tests {
         let p = Params::new(1.0, 1.0, 10 * S);
         let m = KeyMap::<&str>::new(10);
         let wait = |d: Decision| match d {
-            Decision::Wait { tat, inc, .. } => Slot { end: tat, inc },
+            Decision::Wait { tat, inc, .. } => Reservation { end: tat, inc },
             d => panic!("{d:?}"),
         };
         assert!(matches!(m.acquire("a", 0, S, &p).0, Decision::Admit { .. }));

@@ -10,7 +10,7 @@ use tower_layer::Layer;
 
 use super::gcra::{Params, MAX_TAU};
 use super::keyed::KeyMap;
-use super::remote::Remote;
+use super::remote::StoreBuckets;
 use super::state::{Config, Core};
 use super::{RateLimit, RateLimitEvent};
 use crate::backend::Backend;
@@ -105,7 +105,7 @@ impl<F> fmt::Debug for CostFn<F> {
 /// What every service of a layer shares: the core and the request-typed
 /// parts, behind one `Arc`.
 #[derive(Debug)]
-pub(crate) struct Shared<K, C, H> {
+pub(crate) struct LayerState<K, C, H> {
     pub(crate) core: Core,
     pub(crate) key: K,
     pub(crate) cost: C,
@@ -118,7 +118,7 @@ pub(crate) struct Shared<K, C, H> {
 /// Made with [`RateLimitLayer::builder`]. Cloning the layer, and every
 /// service it makes, shares the same buckets.
 pub struct RateLimitLayer<K = Global, C = FixedCost, H = DefaultClassifier> {
-    pub(crate) shared: Arc<Shared<K, C, H>>,
+    pub(crate) shared: Arc<LayerState<K, C, H>>,
 }
 
 impl RateLimitLayer {
@@ -461,11 +461,11 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
     }
 
     /// The shared bucket(s) of a file or Redis backend.
-    fn remote(&self) -> Result<Option<Remote>, ConfigError> {
+    fn remote(&self) -> Result<Option<StoreBuckets>, ConfigError> {
         Ok(match &self.settings.backend {
             Backend::Memory => None,
             #[cfg(feature = "file-store")]
-            Backend::File(store) => Some(Remote::File(
+            Backend::File(store) => Some(StoreBuckets::File(
                 store
                     .rate_limiter(self.settings.max_tokens, self.settings.refill_rate)?
                     .named(self.settings.name.as_deref().unwrap_or_default()),
@@ -473,7 +473,7 @@ impl<K, C, H> RateLimitBuilder<K, C, H> {
             #[cfg(feature = "redis")]
             Backend::Redis(store) => {
                 let name = self.settings.name.as_deref().filter(|n| !n.is_empty());
-                Some(Remote::Redis(Arc::new(store.rate_limiter(
+                Some(StoreBuckets::Redis(Arc::new(store.rate_limiter(
                     name.unwrap_or(LAYER),
                     self.settings.max_tokens,
                     self.settings.refill_rate,
@@ -522,7 +522,7 @@ impl<C, H> RateLimitBuilder<Global, C, H> {
     pub fn build(self) -> Result<RateLimitLayer<Global, C, H>, ConfigError> {
         let core = self.core()?;
         Ok(RateLimitLayer {
-            shared: Arc::new(Shared {
+            shared: Arc::new(LayerState {
                 core,
                 key: Global,
                 cost: self.cost,
@@ -556,7 +556,7 @@ impl<F, K: Hash + Eq, C, H> RateLimitBuilder<Keyed<F, K>, C, H> {
         }
         let core = self.core()?;
         Ok(RateLimitLayer {
-            shared: Arc::new(Shared {
+            shared: Arc::new(LayerState {
                 core,
                 key: Keyed {
                     f: self.key.f,
@@ -594,7 +594,7 @@ pub(crate) trait HandleOps: Send + Sync {
     fn clear_keys(&self);
 }
 
-impl<C: Send + Sync, H: Send + Sync> HandleOps for Shared<Global, C, H> {
+impl<C: Send + Sync, H: Send + Sync> HandleOps for LayerState<Global, C, H> {
     fn core(&self) -> &Core {
         &self.core
     }
@@ -605,7 +605,7 @@ impl<C: Send + Sync, H: Send + Sync> HandleOps for Shared<Global, C, H> {
 }
 
 impl<F: Send + Sync, K: Hash + Eq + Send + Sync, C: Send + Sync, H: Send + Sync> HandleOps
-    for Shared<Keyed<F, K>, C, H>
+    for LayerState<Keyed<F, K>, C, H>
 {
     fn core(&self) -> &Core {
         &self.core

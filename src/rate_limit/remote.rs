@@ -18,7 +18,7 @@ pub(crate) type Admit = Pin<Box<dyn Future<Output = Result<(), crate::BoxError>>
 pub(crate) type Pending = Pin<Box<dyn Future<Output = Result<(), Duration>> + Send>>;
 
 /// The shared bucket(s) of a limiter built with a shared backend.
-pub(crate) enum Remote {
+pub(crate) enum StoreBuckets {
     /// The limiter's entry in a state file, shared by every process using
     /// it.
     #[cfg(feature = "file-store")]
@@ -28,46 +28,46 @@ pub(crate) enum Remote {
     Redis(std::sync::Arc<RedisRateLimiter>),
 }
 
-impl fmt::Debug for Remote {
+impl fmt::Debug for StoreBuckets {
     #[allow(unused_variables)]
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             #[cfg(feature = "file-store")]
-            Remote::File(ref r) => f.debug_tuple("File").field(r).finish(),
+            StoreBuckets::File(ref r) => f.debug_tuple("File").field(r).finish(),
             #[cfg(feature = "redis")]
-            Remote::Redis(ref r) => f.debug_tuple("Redis").field(r).finish(),
+            StoreBuckets::Redis(ref r) => f.debug_tuple("Redis").field(r).finish(),
         }
     }
 }
 
 /// How a shared backend answers a request.
 #[allow(dead_code)]
-pub(crate) enum Verdict {
+pub(crate) enum StoreAnswer {
     /// Decided now (the file): admitted, or rejected with a retry time.
     Now(Result<(), Duration>),
     /// To be decided in the response future (Redis).
     Later(Pending),
 }
 
-impl Remote {
+impl StoreBuckets {
     /// Takes `tokens` for `key` (`None`: the limiter's one bucket).
     #[allow(unused_variables)]
-    pub(crate) fn admit(&self, key: Option<String>, tokens: f64) -> Verdict {
+    pub(crate) fn admit(&self, key: Option<String>, tokens: f64) -> StoreAnswer {
         match *self {
             #[cfg(feature = "file-store")]
             // Decided now when the lock is free; else the wait for it
             // happens in the response future, on tokio's timers.
-            Remote::File(ref f) => match f.try_acquire_now(tokens) {
-                Some(r) => Verdict::Now(r),
+            StoreBuckets::File(ref f) => match f.try_acquire_now(tokens) {
+                Some(r) => StoreAnswer::Now(r),
                 None => {
                     let f = f.clone();
-                    Verdict::Later(Box::pin(async move { f.acquire_async(tokens).await }))
+                    StoreAnswer::Later(Box::pin(async move { f.acquire_async(tokens).await }))
                 }
             },
             #[cfg(feature = "redis")]
-            Remote::Redis(ref r) => {
+            StoreBuckets::Redis(ref r) => {
                 let r = r.clone();
-                Verdict::Later(Box::pin(async move {
+                StoreAnswer::Later(Box::pin(async move {
                     r.acquire(key.as_deref().unwrap_or(""), tokens).await
                 }))
             }
@@ -78,9 +78,9 @@ impl Remote {
     pub(crate) fn tokens(&self) -> Option<f64> {
         match *self {
             #[cfg(feature = "file-store")]
-            Remote::File(ref f) => Some(f.tokens()),
+            StoreBuckets::File(ref f) => Some(f.tokens()),
             #[cfg(feature = "redis")]
-            Remote::Redis(_) => None,
+            StoreBuckets::Redis(_) => None,
         }
     }
 
@@ -90,21 +90,21 @@ impl Remote {
     pub(crate) fn block_for(&self, d: Duration) -> bool {
         match *self {
             #[cfg(feature = "file-store")]
-            Remote::File(ref f) => {
+            StoreBuckets::File(ref f) => {
                 f.set_retry_after_detached(d);
                 true
             }
             #[cfg(feature = "redis")]
-            Remote::Redis(_) => false,
+            StoreBuckets::Redis(_) => false,
         }
     }
 
     pub(crate) fn reset(&self) {
         match *self {
             #[cfg(feature = "file-store")]
-            Remote::File(ref f) => f.reset(),
+            StoreBuckets::File(ref f) => f.reset(),
             #[cfg(feature = "redis")]
-            Remote::Redis(_) => {}
+            StoreBuckets::Redis(_) => {}
         }
     }
 }

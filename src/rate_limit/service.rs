@@ -8,9 +8,9 @@ use std::task::{Context, Poll};
 use tower_service::Service;
 
 use super::future::{Refund, ResponseFuture};
-use super::gcra::{Decision, Slot};
-use super::layer::{Cost, Global, Keyed, Shared};
-use super::remote::Verdict;
+use super::gcra::{Decision, Reservation};
+use super::layer::{Cost, Global, Keyed, LayerState};
+use super::remote::StoreAnswer;
 use super::{CostTooHigh, RateLimitEvent, RateLimitLayer};
 use crate::classify::Classify;
 use crate::clock::{nanos, Nanos};
@@ -23,11 +23,11 @@ use crate::error::BoxError;
 /// readied service along into its response future.
 pub struct RateLimit<S, K, C, H> {
     inner: S,
-    shared: Arc<Shared<K, C, H>>,
+    shared: Arc<LayerState<K, C, H>>,
 }
 
 impl<S, K, C, H> RateLimit<S, K, C, H> {
-    pub(crate) fn from_shared(inner: S, shared: Arc<Shared<K, C, H>>) -> Self {
+    pub(crate) fn from_shared(inner: S, shared: Arc<LayerState<K, C, H>>) -> Self {
         Self { inner, shared }
     }
 
@@ -118,12 +118,12 @@ where
         let remote = core.remote.as_ref().expect("a shared backend");
         let hint = shared.hint.as_ref().map(|_| shared.clone());
         match remote.admit(key, tokens) {
-            Verdict::Now(Ok(())) => ResponseFuture::called(self.inner.call(req), hint),
-            Verdict::Now(Err(wait)) => {
+            StoreAnswer::Now(Ok(())) => ResponseFuture::called(self.inner.call(req), hint),
+            StoreAnswer::Now(Err(wait)) => {
                 let left = remote.tokens().unwrap_or(0.0);
                 ResponseFuture::rejected(core.rejected(nanos(wait), left).into())
             }
-            Verdict::Later(pending) => {
+            StoreAnswer::Later(pending) => {
                 let owner = shared.clone();
                 let admit = Box::pin(async move {
                     pending
@@ -145,7 +145,7 @@ where
         now: Nanos,
         decision: Decision,
         inc: Nanos,
-        refund: impl FnOnce(&Arc<Shared<K, C, H>>, Slot) -> Refund,
+        refund: impl FnOnce(&Arc<LayerState<K, C, H>>, Reservation) -> Refund,
     ) -> ResponseFuture<S, Req, K, C, H>
     where
         S: Service<Req> + Clone,
@@ -158,7 +158,7 @@ where
                 inc: own,
                 wait,
             } => {
-                let refund = refund(&self.shared, Slot { end: tat, inc: own });
+                let refund = refund(&self.shared, Reservation { end: tat, inc: own });
                 // The readied service goes into the future; this one gets a
                 // fresh clone that will be readied before its own call.
                 let clone = self.inner.clone();

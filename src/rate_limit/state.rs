@@ -5,8 +5,8 @@ use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use super::gcra::{self, Decision, Freed, Params, Slot};
-use super::remote::Remote;
+use super::gcra::{self, Decision, Freed, Params, Reservation};
+use super::remote::StoreBuckets;
 use super::{RateLimitEvent, RateLimited};
 use crate::classify::clamp_retry_after;
 use crate::clock::{nanos, Clock, Nanos};
@@ -126,7 +126,7 @@ impl Bucket {
             return d;
         };
         if let Decision::Wait { tat, inc: own, .. } = d {
-            let mine = Slot { end: tat, inc: own };
+            let mine = Reservation { end: tat, inc: own };
             let tat = self.word.load();
             freed.release(tat, mine, now, |from, to| self.word.set(from, to));
         }
@@ -142,7 +142,7 @@ impl Bucket {
     /// Admissions race on without the lock; they only raise the word, which
     /// fails a roll-back's compare-and-swap and leaves the stretch kept.
     #[cold]
-    pub(crate) fn release(&self, mine: Slot, now: Nanos) {
+    pub(crate) fn release(&self, mine: Reservation, now: Nanos) {
         let mut freed = self.lock();
         let tat = self.word.load();
         freed.release(tat, mine, now, |from, to| self.word.set(from, to));
@@ -200,7 +200,7 @@ pub(crate) struct Core {
     pub(crate) listeners: Listeners<RateLimitEvent>,
     /// The shared bucket(s), for a limiter built with a file or Redis
     /// backend; `None` (memory) on the hot path.
-    pub(crate) remote: Option<Remote>,
+    pub(crate) remote: Option<StoreBuckets>,
 }
 
 impl Core {
@@ -295,7 +295,7 @@ impl Core {
     }
 
     pub(crate) fn tokens(&self) -> f64 {
-        if let Some(t) = self.remote.as_ref().and_then(Remote::tokens) {
+        if let Some(t) = self.remote.as_ref().and_then(StoreBuckets::tokens) {
             return t;
         }
         gcra::tokens(self.bucket.load(), self.clock.now(), &self.params)
@@ -319,7 +319,7 @@ mod tests {
             }
         };
         queue(&b);
-        b.release(Slot { end: 2 * S, inc: S }, 0);
+        b.release(Reservation { end: 2 * S, inc: S }, 0);
         let handed = Decision::Wait {
             tat: 2 * S,
             inc: S,
@@ -328,7 +328,7 @@ mod tests {
         assert_eq!(b.acquire(0, S, &p), handed);
         assert_eq!(b.freed_len.load(Relaxed), 0);
         // Handing it on would admit before an upstream's block ends.
-        b.release(Slot { end: 2 * S, inc: S }, 0);
+        b.release(Reservation { end: 2 * S, inc: S }, 0);
         b.block_until(5 * S, S, &p);
         assert_eq!(
             b.acquire(0, S, &p),
@@ -342,9 +342,9 @@ mod tests {
         // above the word belongs to nothing and is not kept.
         b.reset();
         queue(&b);
-        b.release(Slot { end: 9 * S, inc: S }, 0);
+        b.release(Reservation { end: 9 * S, inc: S }, 0);
         assert_eq!(b.freed_len.load(Relaxed), 0);
-        b.release(Slot { end: 2 * S, inc: S }, 0);
+        b.release(Reservation { end: 2 * S, inc: S }, 0);
         b.reset();
         assert_eq!(b.freed_len.load(Relaxed), 0);
         assert_eq!(b.load(), 0);
@@ -397,8 +397,8 @@ mod loom_tests {
         (p, b)
     }
 
-    fn mine(end: u64) -> Slot {
-        Slot { end, inc: S }
+    fn mine(end: u64) -> Reservation {
+        Reservation { end, inc: S }
     }
 
     /// A newcomer racing the release of the newest waiter: either the

@@ -64,10 +64,10 @@ const MAX_PERCENT: f64 = 1000.0;
 /// runtime.
 #[derive(Clone)]
 pub struct RetryBudget {
-    inner: Arc<Inner>,
+    inner: Arc<BudgetState>,
 }
 
-struct Inner {
+struct BudgetState {
     clock: Clock,
     slot_nanos: u64,
     /// `(epoch: u32) << 32 | (balance: i32)` per slot.
@@ -145,7 +145,7 @@ impl RetryBudgetBuilder {
         let window_ms = self.window.as_millis() as u64;
         let reserve = u64::from(self.min_per_second) * window_ms * withdraw / 1000;
         Ok(RetryBudget {
-            inner: Arc::new(Inner {
+            inner: Arc::new(BudgetState {
                 clock: Clock::new(),
                 slot_nanos: nanos(self.window / SLOTS as u32).max(1),
                 slots: Default::default(),
@@ -242,7 +242,7 @@ impl Default for RetryBudget {
     }
 }
 
-impl Inner {
+impl BudgetState {
     #[inline]
     fn epoch(&self) -> u32 {
         // Wraps after 2^32 slots (13 years with 100 ms slots).

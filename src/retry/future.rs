@@ -68,7 +68,7 @@ impl Plan {
 
 /// A layer's settings, budget and listeners, made once by `build()` and
 /// shared by the layer, its clones, its services and the futures that
-/// need them (behind the `Arc` in [`Shared`]): they live as long as one of
+/// need them (behind the `Arc` in [`LayerState`]): they live as long as one of
 /// those does, and no longer.
 #[derive(Debug)]
 pub(crate) struct Config {
@@ -153,12 +153,12 @@ pub(crate) struct Light {
 /// A layer's state: copied (`policy`) or shared (`cfg`) by every service
 /// it makes.
 #[derive(Debug, Clone)]
-pub(crate) struct Shared<P> {
+pub(crate) struct LayerState<P> {
     pub(crate) cfg: Arc<Config>,
     pub(crate) policy: P,
 }
 
-impl<P> Shared<P> {
+impl<P> LayerState<P> {
     /// A call is starting: it earns the budget its share. Out of line so
     /// a call without a budget carries none of its code.
     #[inline(never)]
@@ -192,14 +192,14 @@ pin_project! {
         S: Service<Req>,
     {
         #[pin]
-        inner: Inner<S, Req, P>,
+        stage: Stage<S, Req, P>,
     }
 }
 
 pin_project! {
-    #[project = InnerProj]
-    #[project_replace = InnerTaken]
-    enum Inner<S, Req, P>
+    #[project = StageProj]
+    #[project_replace = StageTaken]
+    enum Stage<S, Req, P>
     where
         S: Service<Req>,
     {
@@ -220,12 +220,12 @@ pin_project! {
             fut: S::Future,
             svc: S,
             req: Option<Req>,
-            shared: Shared<P>,
+            shared: LayerState<P>,
             // When the call began, if there is a deadline.
             started: Option<Instant>,
         },
         // Retrying, or with a per-attempt timeout from the start.
-        Driven { driver: Boxed<S, Req, P> },
+        Driven { driver: BoxedDriver<S, Req, P> },
         // Only while moving from the first to the second.
         Moving,
     }
@@ -239,7 +239,7 @@ where
     #[inline]
     pub(crate) fn plain(light: Light, policy: P, svc: S, fut: S::Future, req: Option<Req>) -> Self {
         Self {
-            inner: Inner::First {
+            stage: Stage::First {
                 fut,
                 svc,
                 req,
@@ -251,18 +251,18 @@ where
 
     /// Any call; `timed`: the layer has a per-attempt timeout.
     pub(crate) fn new(
-        shared: Shared<P>,
+        shared: LayerState<P>,
         timed: bool,
         svc: S,
         fut: S::Future,
         req: Option<Req>,
     ) -> Self {
-        let inner = if timed {
-            Inner::Driven {
+        let stage = if timed {
+            Stage::Driven {
                 driver: OutOfLine::new(Driver::timed(shared, svc, fut, req)),
             }
         } else {
-            Inner::Counted {
+            Stage::Counted {
                 started: shared.cfg.deadline.map(|_| Instant::now()),
                 fut,
                 svc,
@@ -270,7 +270,7 @@ where
                 shared,
             }
         };
-        Self { inner }
+        Self { stage }
     }
 }
 
@@ -287,15 +287,15 @@ where
     /// answered and the policy does not retry it.
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut inner = self.project().inner;
-        let (fut, req, policy) = match inner.as_mut().project() {
-            InnerProj::First {
+        let mut stage = self.project().stage;
+        let (fut, req, policy) = match stage.as_mut().project() {
+            StageProj::First {
                 fut, req, policy, ..
             } => (fut, req, &*policy),
-            InnerProj::Counted {
+            StageProj::Counted {
                 fut, req, shared, ..
             } => (fut, req, &shared.policy),
-            _ => return poll_slow(inner, cx, None),
+            _ => return poll_slow(stage, cx, None),
         };
         let res = ready!(fut.poll(cx));
         let again = match req.as_ref() {
@@ -305,7 +305,7 @@ where
         if !again {
             return Poll::Ready(res.map_err(Into::into));
         }
-        poll_slow(inner, cx, Some(res))
+        poll_slow(stage, cx, Some(res))
     }
 }
 
@@ -314,7 +314,7 @@ where
 /// through a slot that is read only when it answered.
 #[inline(always)]
 fn poll_slow<S, Req, P>(
-    inner: Pin<&mut Inner<S, Req, P>>,
+    stage: Pin<&mut Stage<S, Req, P>>,
     cx: &mut Context<'_>,
     first: Option<Result<S::Response, S::Error>>,
 ) -> Poll<Result<S::Response, BoxError>>
@@ -326,8 +326,8 @@ where
 {
     let mut out = None;
     match first {
-        Some(res) => escalate(inner, cx, res, &mut out),
-        None => poll_driven(inner, cx, &mut out),
+        Some(res) => escalate(stage, cx, res, &mut out),
+        None => poll_driven(stage, cx, &mut out),
     }
     out.map_or(Poll::Pending, Poll::Ready)
 }
@@ -337,7 +337,7 @@ where
 #[cold]
 #[inline(never)]
 fn escalate<S, Req, P>(
-    mut inner: Pin<&mut Inner<S, Req, P>>,
+    mut stage: Pin<&mut Stage<S, Req, P>>,
     cx: &mut Context<'_>,
     res: Result<S::Response, S::Error>,
     out: &mut Option<Result<S::Response, BoxError>>,
@@ -347,8 +347,8 @@ fn escalate<S, Req, P>(
     Req: Clone,
     P: RetryPolicy<Req, S::Response, S::Error>,
 {
-    let (svc, req, shared, started) = match inner.as_mut().project_replace(Inner::Moving) {
-        InnerTaken::First {
+    let (svc, req, shared, started) = match stage.as_mut().project_replace(Stage::Moving) {
+        StageTaken::First {
             svc,
             req,
             light,
@@ -357,13 +357,13 @@ fn escalate<S, Req, P>(
         } => (
             svc,
             req,
-            Shared {
+            LayerState {
                 cfg: Arc::new(Config::from_light(&light)),
                 policy,
             },
             None,
         ),
-        InnerTaken::Counted {
+        StageTaken::Counted {
             svc,
             req,
             shared,
@@ -380,22 +380,22 @@ fn escalate<S, Req, P>(
         attempt: 1,
         prev_delay: Duration::ZERO,
         rng: None,
-        state: State::Readying,
+        state: Step::Readying,
         timer: None,
     });
     *out = driver.as_mut().project().judge(Finished::Done(res), true);
     if out.is_none() {
-        inner.set(Inner::Driven {
+        stage.set(Stage::Driven {
             driver: OutOfLine::new(driver),
         });
-        poll_driven(inner, cx, out);
+        poll_driven(stage, cx, out);
     }
 }
 
 #[cold]
 #[inline(never)]
 fn poll_driven<S, Req, P>(
-    inner: Pin<&mut Inner<S, Req, P>>,
+    stage: Pin<&mut Stage<S, Req, P>>,
     cx: &mut Context<'_>,
     out: &mut Option<Result<S::Response, BoxError>>,
 ) where
@@ -404,24 +404,24 @@ fn poll_driven<S, Req, P>(
     Req: Clone,
     P: RetryPolicy<Req, S::Response, S::Error>,
 {
-    match inner.project() {
-        InnerProj::Driven { driver } => {
+    match stage.project() {
+        StageProj::Driven { driver } => {
             let driver = driver.get_mut().expect("a driven future has its driver");
             if let Poll::Ready(done) = driver.as_mut().poll_drive(cx) {
                 *out = Some(done);
             }
         }
-        InnerProj::First { .. } | InnerProj::Counted { .. } => {
+        StageProj::First { .. } | StageProj::Counted { .. } => {
             unreachable!("the first attempt is polled in place")
         }
-        InnerProj::Moving => panic!("retry future polled after a panic"),
+        StageProj::Moving => panic!("retry future polled after a panic"),
     }
 }
 
 /// The boxed driver, dropped out of line: the response future's own drop
 /// then stays small enough to inline into the caller, where the success
 /// path (which never has a driver) drops nothing.
-type Boxed<S, Req, P> = OutOfLine<Pin<Box<Driver<S, Req, P>>>>;
+type BoxedDriver<S, Req, P> = OutOfLine<Pin<Box<Driver<S, Req, P>>>>;
 
 pin_project! {
     /// Everything a call that retries (or is timed) needs, in one box.
@@ -430,7 +430,7 @@ pin_project! {
     where
         S: Service<Req>,
     {
-        shared: Shared<P>,
+        shared: LayerState<P>,
         svc: S,
         req: Option<Req>,
         // When the call began, for the deadline.
@@ -441,7 +441,7 @@ pin_project! {
         // Made at the first jittered delay.
         rng: Option<fastrand::Rng>,
         #[pin]
-        state: State<S::Future>,
+        state: Step<S::Future>,
         // The per-attempt timeout and the back-off share one timer.
         #[pin]
         timer: Option<Sleep>,
@@ -449,8 +449,8 @@ pin_project! {
 }
 
 pin_project! {
-    #[project = StateProj]
-    enum State<F> {
+    #[project = StepProj]
+    enum Step<F> {
         Calling { #[pin] fut: F },
         Waiting,
         Readying,
@@ -464,7 +464,7 @@ where
     /// A call with a per-attempt timeout: its timer (and clock, with a
     /// deadline) starts with the first attempt.
     #[cold]
-    fn timed(shared: Shared<P>, svc: S, fut: S::Future, req: Option<Req>) -> Pin<Box<Self>> {
+    fn timed(shared: LayerState<P>, svc: S, fut: S::Future, req: Option<Req>) -> Pin<Box<Self>> {
         let now = Instant::now();
         let cfg = &*shared.cfg;
         Box::pin(Self {
@@ -478,7 +478,7 @@ where
             attempt: 1,
             prev_delay: Duration::ZERO,
             rng: None,
-            state: State::Calling { fut },
+            state: Step::Calling { fut },
         })
     }
 }
@@ -502,7 +502,7 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Calling { fut } => {
+                StepProj::Calling { fut } => {
                     let finished = match fut.poll(cx) {
                         Poll::Ready(res) => Finished::Done(res),
                         Poll::Pending => {
@@ -521,13 +521,13 @@ where
                         return Poll::Ready(out);
                     }
                 }
-                StateProj::Waiting => {
+                StepProj::Waiting => {
                     if let Some(timer) = this.timer.as_mut().as_pin_mut() {
                         ready!(timer.poll(cx));
                     }
-                    this.state.set(State::Readying);
+                    this.state.set(Step::Readying);
                 }
-                StateProj::Readying => {
+                StepProj::Readying => {
                     // Readiness is driven on the very service this attempt
                     // will call.
                     if let Err(e) = ready!(this.svc.poll_ready(cx)) {
@@ -542,7 +542,7 @@ where
                     if let Some(t) = this.shared.cfg.attempt_timeout {
                         arm(this.timer.as_mut(), instant_after(Instant::now(), t));
                     }
-                    this.state.set(State::Calling { fut });
+                    this.state.set(Step::Calling { fut });
                 }
             }
         }
@@ -626,10 +626,10 @@ where
                 // The failed attempt (and any response body) goes now.
                 drop(finished);
                 if delay.is_zero() {
-                    self.state.set(State::Readying);
+                    self.state.set(Step::Readying);
                 } else {
                     arm(self.timer.as_mut(), instant_after(Instant::now(), delay));
-                    self.state.set(State::Waiting);
+                    self.state.set(Step::Waiting);
                 }
                 None
             }
@@ -658,7 +658,7 @@ enum Stop {
 
 /// Decides the delay before attempt `attempt + 1`, or why there is none.
 fn plan<P>(
-    shared: &Shared<P>,
+    shared: &LayerState<P>,
     attempt: u32,
     prev: Duration,
     hint: Option<Duration>,
@@ -698,22 +698,22 @@ where
     S: Service<Req>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (name, attempt, state) = match &self.inner {
-            Inner::First { light, .. } => (light.name.as_str(), 1, "calling"),
-            Inner::Counted { shared, .. } => (&*shared.cfg.name, 1, "calling"),
-            Inner::Driven { driver } => match driver.get() {
+        let (name, attempt, state) = match &self.stage {
+            Stage::First { light, .. } => (light.name.as_str(), 1, "calling"),
+            Stage::Counted { shared, .. } => (&*shared.cfg.name, 1, "calling"),
+            Stage::Driven { driver } => match driver.get() {
                 Some(driver) => (
                     &*driver.shared.cfg.name,
                     driver.attempt,
                     match driver.state {
-                        State::Calling { .. } => "calling",
-                        State::Waiting => "waiting",
-                        State::Readying => "readying",
+                        Step::Calling { .. } => "calling",
+                        Step::Waiting => "waiting",
+                        Step::Readying => "readying",
                     },
                 ),
                 None => ("", 0, "moving"),
             },
-            Inner::Moving => ("", 0, "moving"),
+            Stage::Moving => ("", 0, "moving"),
         };
         f.debug_struct("ResponseFuture")
             .field("name", &name)

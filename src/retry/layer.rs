@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::future::{starts_light, Config, InlineName, Light, Plan, Shared};
+use super::future::{starts_light, Config, InlineName, LayerState, Light, Plan};
 use super::{ClassifyPolicy, DefaultPolicy, Retry, RetryBudget, RetryEvent, RetryFn};
 use crate::backoff::{Backoff, Jitter};
 use crate::classify::DEFAULT_MAX_RETRY_AFTER;
@@ -20,7 +20,7 @@ const LAYER: &str = "retry";
 ///
 /// Made with [`RetryLayer::builder`].
 pub struct RetryLayer<P = DefaultPolicy> {
-    pub(crate) shared: Shared<P>,
+    pub(crate) shared: LayerState<P>,
 }
 
 impl RetryLayer {
@@ -242,7 +242,7 @@ impl<P> RetryBuilder<P> {
             light,
         });
         Ok(RetryLayer {
-            shared: Shared {
+            shared: LayerState {
                 cfg,
                 policy: self.policy,
             },
@@ -273,7 +273,7 @@ pub struct RetryHandle {
 }
 
 impl RetryHandle {
-    pub(crate) fn new<P>(shared: &Shared<P>) -> Self {
+    pub(crate) fn new<P>(shared: &LayerState<P>) -> Self {
         Self {
             name: shared.cfg.name.clone(),
             max_attempts: shared.cfg.plan.max_attempts,

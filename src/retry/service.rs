@@ -5,7 +5,7 @@ use std::task::{Context, Poll};
 
 use tower_service::Service;
 
-use super::future::{Light, ResponseFuture, Shared};
+use super::future::{LayerState, Light, ResponseFuture};
 use super::{RetryHandle, RetryLayer, RetryPolicy};
 use crate::error::BoxError;
 
@@ -15,7 +15,7 @@ use crate::error::BoxError;
 /// Every clone shares the layer's configuration, budget and counts.
 pub struct Retry<S, P> {
     inner: S,
-    shared: Shared<P>,
+    shared: LayerState<P>,
     // Read from `shared.cfg` once, so a call need not follow the pointer.
     retries: bool,
     // No timeout, no deadline, no budget, no listener, a short name: what
@@ -24,7 +24,7 @@ pub struct Retry<S, P> {
 }
 
 impl<S, P> Retry<S, P> {
-    pub(crate) fn from_shared(inner: S, shared: Shared<P>) -> Self {
+    pub(crate) fn from_shared(inner: S, shared: LayerState<P>) -> Self {
         Self {
             inner,
             retries: shared.cfg.plan.max_attempts > 1,
