@@ -107,8 +107,8 @@ impl Bucket {
     #[inline]
     pub(crate) fn acquire(&self, now: Nanos, inc: Nanos, p: &Params) -> Decision {
         let d = self.word.acquire(now, inc, p);
-        // The admit-now path is the word's alone, as it was before any
-        // reservation could be handed on.
+        // Admitting now needs only the word: freed reservations matter
+        // only to a request that would otherwise wait or be rejected.
         if matches!(d, Decision::Admit { .. }) || self.freed_len.load(Relaxed) == 0 {
             return d;
         }
