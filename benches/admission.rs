@@ -164,6 +164,13 @@ fn overhead(c: &mut Criterion) {
         .refill_rate(HUGE)
         .build()
         .unwrap();
+    // governor reads the CPU's counter: the like-for-like setting.
+    let rate_limit_fast = tower_bulwark::RateLimitLayer::builder()
+        .max_tokens(HUGE)
+        .refill_rate(HUGE)
+        .clock(tower_bulwark::ClockSource::Fast)
+        .build()
+        .unwrap();
     let max = NonZeroU32::MAX;
     let gov = std::sync::Arc::new(Governor::direct(Quota::per_second(max).allow_burst(max)));
     let retry = tower_bulwark::RetryLayer::builder()
@@ -192,6 +199,7 @@ fn overhead(c: &mut Criterion) {
     both!(g, "bulkhead", bulkhead.layer(Bare));
     both!(g, "tower_concurrency_limit", limit.layer(Bare));
     both!(g, "rate_limit", rate_limit.layer(Bare));
+    both!(g, "rate_limit_fast_clock", rate_limit_fast.layer(Bare));
     both!(g, "governor_check", support::GovernorGate(gov.clone()));
     both!(g, "retry", retry.layer(Bare));
     both!(g, "tower_retry", tower_retry.layer(Bare));

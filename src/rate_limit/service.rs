@@ -203,6 +203,10 @@ where
         };
         let core = &self.shared.core;
         let now = core.clock.now();
+        if core.bucket.admit_now(now, inc, &core.params) {
+            let hint = self.shared.hint.as_ref().map(|_| self.shared.clone());
+            return ResponseFuture::called(self.inner.call(req), hint);
+        }
         let decision = core.bucket.acquire(now, inc, &core.params);
         self.dispatch(req, now, decision, inc, |shared, mine| {
             let shared = shared.clone();

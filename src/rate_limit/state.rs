@@ -115,6 +115,18 @@ impl Bucket {
         self.hand_on(d, now, inc, p)
     }
 
+    /// Admits now, or changes nothing (`false`: ask [`acquire`]).
+    ///
+    /// The whole decision of an admitted call fits in a `bool`, which the
+    /// caller keeps in a register; a [`Decision`] is built in memory and
+    /// read back in pieces that stall on store forwarding.
+    ///
+    /// [`acquire`]: Self::acquire
+    #[inline]
+    pub(crate) fn admit_now(&self, now: Nanos, inc: Nanos, p: &Params) -> bool {
+        self.word.try_admit(now, inc, p).is_some()
+    }
+
     /// A request that queued (or was rejected) while freed reservations
     /// are kept: it takes the earliest that serves it and gives back the
     /// one it just made, as any waiter would.
