@@ -1,17 +1,25 @@
 //! The dedup table and its shared calls.
 //!
-//! A call with a new key is led by its first caller, who holds the boxed
-//! inner future privately and polls it inline, with its own waker and no
-//! lock. Most calls end there: if the inner future answers on its first
-//! poll, the call costs one table lock to start it, one to finish it, and
-//! the box. Shared state (a [`Group`]) is made only when a second caller
-//! joins, or when the inner future is pending on its first poll: then the
-//! leader hands the future to the group, and from there on whichever
-//! waiter is polled drives it (at most one at a time), with a waker that
-//! wakes every waiter, so the call keeps going for as long as anyone waits
-//! and no runtime is needed to spawn it. When the last waiter goes away
-//! before the answer, the inner future is dropped (cancelled). A panic
-//! while polling it becomes every waiter's error.
+//! A call with a new key is led by its first caller. The boxed inner
+//! future waits in the call's table entry until the first of the call's
+//! waiters is polled: usually the leader, which takes it out and polls it
+//! inline, with its own waker and no lock held. Most calls end there: if
+//! the inner future answers on its first poll, the call costs three table
+//! locks (start, take, finish) and a reused box. Shared state (a
+//! [`Group`]) is made only when a second caller joins, or when the inner
+//! future is pending on its first poll. From there on whichever waiter is
+//! polled drives it (at most one at a time), with a waker that wakes every
+//! waiter, so the call keeps going for as long as anyone waits, whether or
+//! not the leader is ever polled, and no runtime is needed to spawn it.
+//! When the last waiter goes away before the answer, the inner future is
+//! dropped (cancelled). A panic while polling it reaches the waiter that
+//! polled it; every other waiter gets a [`Panicked`] error.
+//!
+//! A leader that has not been polled is one of its group's waiters but does
+//! not hold the group: it finds it through the table entry, or, once the
+//! call has left the table, in `Inner::unpolled_leaders`, where the call's
+//! finisher leaves it. The leader's first poll or its drop takes it back
+//! out, so that map holds only groups whose leaders are alive.
 //!
 //! The table is hashed once per call with a randomly keyed hasher (std's
 //! `RandomState`, so keys chosen by a client cannot degrade it); the hash
@@ -37,7 +45,8 @@
 //! never the other way round; a group's waker list is only ever locked
 //! last. The inner future is polled and dropped with no lock held.
 
-use std::collections::VecDeque;
+use std::any::Any;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -69,6 +78,14 @@ where
 }
 
 pub(crate) type Shared<T> = Result<T, SharedError>;
+
+/// A panic caught while polling an inner future, to be resumed in the
+/// waiter that polled it.
+pub(crate) type Payload = Box<dyn Any + Send>;
+
+/// What one poll gave a waiter: its answer, or the panic of the inner
+/// future it polled.
+pub(crate) type Polled<T> = Result<Shared<T>, Payload>;
 
 /// A pinned, reusable home for an inner future: `None` once it finished.
 /// Leaders reuse the homes of finished calls, so a call that answers at
@@ -143,8 +160,12 @@ struct Item<K, F, T> {
 }
 
 enum Slot<F, T> {
+    /// Started and not polled yet: the inner future waits here for the
+    /// first of its waiters to be polled.
+    Unpolled(Boxed<F>),
     /// In flight; the group exists once a second caller joined or the
-    /// inner future was pending.
+    /// inner future was pending. Without one, the leader is polling the
+    /// inner future inline.
     InFlight(Option<Arc<Group<F, T>>>),
     Cached {
         result: Shared<T>,
@@ -154,15 +175,22 @@ enum Slot<F, T> {
 
 /// What `Table::start` decided for one call.
 pub(crate) enum Start<F, T> {
-    /// This call leads a new call: it holds the inner future (and a spare
-    /// home for it, if there was one).
-    Leader(Ticket, F, Option<Boxed<F>>),
+    /// This call leads a new call, whose inner future waits in the table.
+    Leader(Ticket),
     /// This call waits on a call already running.
     Joined(Ticket, Arc<Group<F, T>>),
     /// A cached answer.
     Hit(Shared<T>),
     /// The table is full of calls in flight: this call goes straight through.
     Bypass(F),
+}
+
+/// How a leader's first poll finds its call.
+pub(crate) enum Claim<F, T> {
+    /// Nobody else polled it yet: the leader polls the inner future inline.
+    Mine(Boxed<F>),
+    /// Others joined first: the leader is one of the group's waiters.
+    Joined(Arc<Group<F, T>>),
 }
 
 /// A cached answer's place in its expiry queue.
@@ -179,9 +207,46 @@ struct Inner<K, F, T> {
     spares: Vec<Boxed<F>>,
     /// Cached answers in the order they were cached: successes, errors.
     expiry: [VecDeque<Expiry>; 2],
+    /// Groups of finished calls whose leaders were not polled yet, by call
+    /// id (see the module docs).
+    unpolled_leaders: HashMap<u64, Arc<Group<F, T>>>,
+}
+
+/// A new call's entry, with the inner future in a spare home if there is
+/// one.
+fn unpolled<F, T>(spares: &mut Vec<Boxed<F>>, fut: F) -> Slot<F, T> {
+    let home = match spares.pop() {
+        Some(mut home) => {
+            home.set(Some(fut));
+            home
+        }
+        None => Box::pin(Some(fut)),
+    };
+    Slot::Unpolled(home)
 }
 
 impl<K, F, T> Inner<K, F, T> {
+    /// What a call that left the table leaves to its waiters: its group,
+    /// which an unpolled leader must still be able to find.
+    #[inline(always)]
+    fn retire(&mut self, id: u64, slot: Slot<F, T>) -> Option<Arc<Group<F, T>>> {
+        match slot {
+            Slot::InFlight(Some(g)) => {
+                if g.leader_unpolled.load(Ordering::Relaxed) {
+                    self.keep_for_leader(id, &g);
+                }
+                Some(g)
+            }
+            _ => None,
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn keep_for_leader(&mut self, id: u64, g: &Arc<Group<F, T>>) {
+        self.unpolled_leaders.insert(id, g.clone());
+    }
+
     fn is_live(&self, e: &Expiry) -> bool {
         matches!(
             self.map.find(e.hash, |it| it.id == e.id),
@@ -271,6 +336,7 @@ where
                 next_id: 0,
                 spares: Vec::new(),
                 expiry: [VecDeque::new(), VecDeque::new()],
+                unpolled_leaders: HashMap::new(),
             }),
         }
     }
@@ -301,11 +367,23 @@ where
                         Start::Joined(ticket, g.clone())
                     }
                     Slot::InFlight(group) => {
-                        // The leader holds the future: it hands it over at
-                        // its next poll or when dropped, or finishes and
-                        // answers us.
+                        // The leader is polling the future inline: it hands
+                        // it over if it is pending, or answers us.
                         let g = Arc::new(Group::new(None, 2));
                         *group = Some(g.clone());
+                        Start::Joined(ticket, g)
+                    }
+                    slot @ Slot::Unpolled(_) => {
+                        // The future goes to a group that this call and
+                        // the leader wait on, so that whichever is polled
+                        // first drives it.
+                        let Slot::Unpolled(fut) = std::mem::replace(slot, Slot::InFlight(None))
+                        else {
+                            unreachable!("matched above")
+                        };
+                        let g = Arc::new(Group::new(Some(fut), 2));
+                        g.leader_unpolled.store(true, Ordering::Relaxed);
+                        *slot = Slot::InFlight(Some(g.clone()));
                         Start::Joined(ticket, g)
                     }
                     Slot::Cached { result, until } if now < *until => Start::Hit(result.clone()),
@@ -316,9 +394,8 @@ where
                         let id = inner.next_id;
                         inner.next_id += 1;
                         item.id = id;
-                        item.slot = Slot::InFlight(None);
-                        let spare = inner.spares.pop();
-                        Start::Leader(Ticket { hash, id }, fut, spare)
+                        item.slot = unpolled(&mut inner.spares, fut);
+                        Start::Leader(Ticket { hash, id })
                     }
                 };
             }
@@ -330,10 +407,9 @@ where
                     hash,
                     id,
                     key,
-                    slot: Slot::InFlight(None),
+                    slot: unpolled(&mut inner.spares, fut),
                 });
-                let spare = inner.spares.pop();
-                return Start::Leader(Ticket { hash, id }, fut, spare);
+                return Start::Leader(Ticket { hash, id });
             }
             Entry::Vacant(_) => {}
         }
@@ -345,18 +421,18 @@ where
         let fut = call();
         let id = inner.next_id;
         inner.next_id += 1;
+        let slot = unpolled(&mut inner.spares, fut);
         inner.map.insert_unique(
             hash,
             Item {
                 hash,
                 id,
                 key,
-                slot: Slot::InFlight(None),
+                slot,
             },
             |it| it.hash,
         );
-        let spare = inner.spares.pop();
-        Start::Leader(Ticket { hash, id }, fut, spare)
+        Start::Leader(Ticket { hash, id })
     }
 
     #[inline]
@@ -365,14 +441,17 @@ where
     }
 
     /// Takes a finished call out of the table, leaving its answer cached
-    /// when the layer caches answers of that kind. Returns its group.
+    /// when the layer caches answers of that kind (never a panic). Returns
+    /// its group.
     fn finish(
         &self,
         t: Ticket,
         outcome: &Shared<T>,
+        panicked: bool,
         spare: Option<Boxed<F>>,
     ) -> Option<Arc<Group<F, T>>> {
         let ttl = match outcome {
+            _ if panicked => None,
             Ok(_) => self.cfg.cache_ttl,
             Err(_) => self.cfg.error_ttl,
         };
@@ -385,10 +464,10 @@ where
         }
         match ttl {
             None => match inner.map.find_entry(t.hash, |it| it.id == t.id) {
-                Ok(e) => match e.remove().0.slot {
-                    Slot::InFlight(g) => g,
-                    Slot::Cached { .. } => None,
-                },
+                Ok(e) => {
+                    let slot = e.remove().0.slot;
+                    inner.retire(t.id, slot)
+                }
                 Err(_) => None,
             },
             Some(ttl) => self.cache(inner, t, outcome, ttl),
@@ -417,10 +496,7 @@ where
             until,
         };
         inner.queue(queue, e, now);
-        match old {
-            Slot::InFlight(g) => g,
-            Slot::Cached { .. } => None,
-        }
+        inner.retire(t.id, old)
     }
 
     /// Removes a call that every waiter left.
@@ -430,15 +506,59 @@ where
         }
     }
 
+    /// The leader's first poll: takes the inner future to poll it inline,
+    /// or finds the group of the callers that joined before.
+    #[inline]
+    pub(crate) fn claim(&self, t: Ticket) -> Claim<F, T> {
+        let mut inner = lock(&self.inner);
+        if let Some(item) = inner.map.find_mut(t.hash, |it| it.id == t.id) {
+            if let Slot::Unpolled(_) = item.slot {
+                let Slot::Unpolled(fut) = std::mem::replace(&mut item.slot, Slot::InFlight(None))
+                else {
+                    unreachable!("matched above")
+                };
+                return Claim::Mine(fut);
+            }
+        }
+        Self::claim_joined(&mut inner, t)
+    }
+
+    /// Others joined before the leader's first poll.
+    #[cold]
+    #[inline(never)]
+    fn claim_joined(inner: &mut Inner<K, F, T>, t: Ticket) -> Claim<F, T> {
+        if let Some(Item {
+            slot: Slot::InFlight(Some(g)),
+            ..
+        }) = inner.map.find(t.hash, |it| it.id == t.id)
+        {
+            if g.leader_unpolled.load(Ordering::Relaxed) {
+                g.leader_unpolled.store(false, Ordering::Relaxed);
+                return Claim::Joined(g.clone());
+            }
+        }
+        // The call left the table (answered by a caller that joined it):
+        // its finisher left the group here. The leader is counted among
+        // its waiters, so the call cannot have been cancelled.
+        let g = inner
+            .unpolled_leaders
+            .remove(&t.id)
+            .expect("an unpolled leader's call is in the table or among unpolled_leaders");
+        g.leader_unpolled.store(false, Ordering::Relaxed);
+        Claim::Joined(g)
+    }
+
     /// The leader's inner future answered (or panicked) on the leader's own
     /// poll. Returns the leader's answer and hands the others theirs.
+    #[inline]
     pub(crate) fn finish_leader(
         &self,
         t: Ticket,
         outcome: Shared<T>,
+        panicked: bool,
         spare: Option<Boxed<F>>,
     ) -> Shared<T> {
-        match self.finish(t, &outcome, spare) {
+        match self.finish(t, &outcome, panicked, spare) {
             None => outcome,
             Some(g) => g.settle(outcome),
         }
@@ -471,9 +591,51 @@ where
         }
     }
 
-    /// The leader went away while holding the inner future: it goes to the
-    /// others if anyone waits, else the call is cancelled.
-    pub(crate) fn leader_leave(&self, t: Ticket, fut: Boxed<F>) {
+    /// The leader went away: before its first poll (`None`: the future is
+    /// in the table or with the group), or while holding the inner future,
+    /// which goes to the others if anyone waits. With nobody left the call
+    /// is cancelled.
+    pub(crate) fn leader_leave(&self, t: Ticket, fut: Option<Boxed<F>>) {
+        match fut {
+            Some(fut) => self.holder_leave(t, fut),
+            None => self.unpolled_leave(t),
+        }
+    }
+
+    fn unpolled_leave(&self, t: Ticket) {
+        let group = {
+            let mut guard = lock(&self.inner);
+            let inner = &mut *guard;
+            let group = match inner.map.find_entry(t.hash, |it| it.id == t.id) {
+                Ok(e) => match &e.get().slot {
+                    Slot::Unpolled(_) => {
+                        let Slot::Unpolled(fut) = e.remove().0.slot else {
+                            unreachable!("matched above")
+                        };
+                        drop(guard);
+                        return self.cancelled(Some(fut));
+                    }
+                    Slot::InFlight(Some(g)) if g.leader_unpolled.load(Ordering::Relaxed) => {
+                        Some(g.clone())
+                    }
+                    _ => None,
+                },
+                Err(_) => None,
+            };
+            let group = group.or_else(|| inner.unpolled_leaders.remove(&t.id));
+            if let Some(g) = &group {
+                g.leader_unpolled.store(false, Ordering::Relaxed);
+            }
+            group
+        };
+        // The leader is one of the group's waiters, so its group is always
+        // found; a drop has nothing else to release.
+        if let Some(g) = group {
+            self.leave(t, &g, None);
+        }
+    }
+
+    fn holder_leave(&self, t: Ticket, fut: Boxed<F>) {
         let cancelled = Some({
             let mut inner = lock(&self.inner);
             let group = match inner.map.find(t.hash, |it| it.id == t.id) {
@@ -542,7 +704,7 @@ where
         let flying = inner
             .map
             .iter()
-            .filter(|it| matches!(it.slot, Slot::InFlight(_)))
+            .filter(|it| !matches!(it.slot, Slot::Cached { .. }))
             .count();
         (flying, inner.map.len() - flying)
     }
@@ -550,7 +712,9 @@ where
     /// Forgets every cached answer.
     pub(crate) fn clear_cache(&self) {
         let mut inner = lock(&self.inner);
-        inner.map.retain(|it| matches!(it.slot, Slot::InFlight(_)));
+        inner
+            .map
+            .retain(|it| !matches!(it.slot, Slot::Cached { .. }));
         inner.expiry = [VecDeque::new(), VecDeque::new()];
     }
 }
@@ -587,6 +751,9 @@ pub(crate) struct Group<F, T> {
     /// Callers that have not yet taken their answer or left. Changed under
     /// the table's lock when joining and leaving.
     waiters: AtomicUsize,
+    /// The leader is one of the waiters but has not been polled, so it does
+    /// not hold the group yet. Read and written under the table's lock.
+    leader_unpolled: AtomicBool,
 }
 
 impl<F, T> Group<F, T> {
@@ -601,6 +768,7 @@ impl<F, T> Group<F, T> {
             woken: AtomicBool::new(!held),
             wakers: Mutex::new(Wakers::default()),
             waiters: AtomicUsize::new(waiters),
+            leader_unpolled: AtomicBool::new(false),
         }
     }
 
@@ -668,9 +836,10 @@ impl<F, T> Group<F, T> {
     }
 }
 
-/// Polls `fut` once with `cx`, turning a panic into an error answer.
+/// Polls `fut` once with `cx`, catching a panic so that the call can be
+/// settled before it is resumed in the poller.
 #[inline]
-pub(crate) fn poll_call<F>(fut: &mut Boxed<F>, cx: &mut Context<'_>) -> Poll<Shared<F::Ok>>
+pub(crate) fn poll_call<F>(fut: &mut Boxed<F>, cx: &mut Context<'_>) -> Poll<Polled<F::Ok>>
 where
     F: Call,
     F::Err: Into<BoxError>,
@@ -681,14 +850,15 @@ where
     }));
     match polled {
         Ok(Poll::Pending) => Poll::Pending,
-        Ok(Poll::Ready(res)) => Poll::Ready(res.map_err(|e| SharedError::new(e.into()))),
-        Err(payload) => Poll::Ready(Err(panicked(payload))),
+        Ok(Poll::Ready(res)) => Poll::Ready(Ok(res.map_err(|e| SharedError::new(e.into())))),
+        Err(payload) => Poll::Ready(Err(payload)),
     }
 }
 
-fn panicked(payload: Box<dyn std::any::Any + Send>) -> SharedError {
-    let panicked = Panicked::from_payload(&*payload);
-    SharedError::new(Box::new(panicked))
+/// The answer of the other waiters of a call that panicked.
+pub(crate) fn panicked<T>(payload: &Payload) -> Shared<T> {
+    let panicked = Panicked::from_payload(&**payload);
+    Err(SharedError::new(Box::new(panicked)))
 }
 
 /// Drops a finished (or panicked) inner future, keeping a panic from its
@@ -707,21 +877,22 @@ where
 {
     /// Polls on behalf of one waiter: reads the answer if there is one,
     /// else drives the inner future if nobody else is and it asked to be
-    /// polled, else waits.
+    /// polled, else waits. `Err` is a panic of the inner future in this
+    /// poll, to be resumed by the waiter once the others have their answer.
     pub(crate) fn poll_waiter<K>(
         self: &Arc<Self>,
         table: &Table<K, F, T>,
         ticket: Ticket,
         slot: &mut Option<usize>,
         cx: &mut Context<'_>,
-    ) -> Poll<Shared<T>>
+    ) -> Poll<Polled<T>>
     where
         K: Hash + Eq,
     {
         loop {
             let mut st = lock(&self.state);
             if st.done.is_some() {
-                return Poll::Ready(self.read(&mut st));
+                return Poll::Ready(Ok(self.read(&mut st)));
             }
             if st.polling || !self.woken.swap(false, Ordering::AcqRel) {
                 self.register(slot, cx.waker());
@@ -740,18 +911,29 @@ where
             drop(st);
 
             let waker = Waker::from(self.clone());
-            let outcome = match poll_call(&mut fut, &mut Context::from_waker(&waker)) {
+            let polled = match poll_call(&mut fut, &mut Context::from_waker(&waker)) {
                 Poll::Pending => {
                     let mut st = lock(&self.state);
                     st.polling = false;
                     st.fut = Some(fut);
                     continue;
                 }
-                Poll::Ready(res) => (res, drop_quietly(fut)),
+                Poll::Ready(polled) => polled,
             };
-            let (outcome, home) = outcome;
-            table.finish(ticket, &outcome, home);
-            return Poll::Ready(self.settle(outcome));
+            let home = drop_quietly(fut);
+            return Poll::Ready(match polled {
+                Ok(outcome) => {
+                    table.finish(ticket, &outcome, false, home);
+                    Ok(self.settle(outcome))
+                }
+                Err(payload) => {
+                    let outcome = panicked(&payload);
+                    table.finish(ticket, &outcome, true, home);
+                    // This waiter's own answer is the panic.
+                    let _ = self.settle(outcome);
+                    Err(payload)
+                }
+            });
         }
     }
 }

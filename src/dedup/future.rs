@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
+use std::panic::resume_unwind;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -10,20 +11,25 @@ use std::task::{ready, Context, Poll};
 use pin_project_lite::pin_project;
 
 use super::flight::{
-    drop_quietly, poll_call, Boxed, Call, Group, Kind as Event, Shared, Table, Ticket,
+    drop_quietly, panicked, poll_call, Boxed, Call, Claim, Group, Kind as Event, Polled, Table,
+    Ticket,
 };
 use crate::error::BoxError;
 
 type Leave<K, F, T> = fn(&Table<K, F, T>, Ticket, &Arc<Group<F, T>>, Option<usize>);
-type LeaderLeave<K, F, T> = fn(&Table<K, F, T>, Ticket, Boxed<F>);
+type LeaderLeave<K, F, T> = fn(&Table<K, F, T>, Ticket, Option<Boxed<F>>);
 
-/// The first caller of a call, holding the inner future while nobody else
-/// needs it. Dropping it before the answer hands the future to the others,
-/// or cancels the call if there are none.
+/// The first caller of a call, until its first poll: the inner future waits
+/// in the table (or with the callers that joined) and the first poll takes
+/// it, to poll it inline while nobody else needs it. Dropping it before the
+/// answer leaves the call to the others, or cancels it if there are none.
 pub(crate) struct Leader<K, F, T> {
     table: Arc<Table<K, F, T>>,
     ticket: Ticket,
+    /// The inner future, during the first poll.
     fut: Option<Boxed<F>>,
+    /// The first poll took the call: the leader has nothing more to leave.
+    claimed: bool,
     leave: LeaderLeave<K, F, T>,
 }
 
@@ -32,11 +38,12 @@ where
     K: Hash + Eq,
     T: Clone,
 {
-    pub(crate) fn new(table: Arc<Table<K, F, T>>, ticket: Ticket, fut: Boxed<F>) -> Self {
+    pub(crate) fn new(table: Arc<Table<K, F, T>>, ticket: Ticket) -> Self {
         Self {
             table,
             ticket,
-            fut: Some(fut),
+            fut: None,
+            claimed: false,
             leave: Table::leader_leave,
         }
     }
@@ -51,9 +58,10 @@ impl<K, F, T> Leader<K, F, T> {
 }
 
 impl<K, F, T> Drop for Leader<K, F, T> {
+    #[inline]
     fn drop(&mut self) {
-        if let Some(fut) = self.fut.take() {
-            (self.leave)(&self.table, self.ticket, fut);
+        if !self.claimed || self.fut.is_some() {
+            (self.leave)(&self.table, self.ticket, self.fut.take());
         }
     }
 }
@@ -164,22 +172,22 @@ where
             let handed = match self.as_mut().project().kind.project() {
                 KindProj::Direct { fut } => return fut.poll(cx).map_err(Into::into),
                 KindProj::Leading { leader } => match poll_leader(leader, cx) {
-                    Ok(res) => return res.map(|r| r.map_err(Into::into)),
+                    Ok(res) => return res.map(answer),
                     Err(waiter) => waiter,
                 },
                 KindProj::Waiting { waiter } => {
                     let w = &mut *waiter;
                     let res = ready!(w.group.poll_waiter(&w.table, w.ticket, &mut w.slot, cx));
                     w.answered = true;
-                    return Poll::Ready(res.map_err(Into::into));
+                    return Poll::Ready(answer(res));
                 }
                 KindProj::Ready { res } => {
                     return Poll::Ready(res.take().expect("dedup future polled after completion"))
                 }
             };
-            // The inner future was pending: from now on this caller is one
-            // of the call's waiters (and polls it again, with the group's
-            // waker, right away).
+            // The inner future was pending, or others joined before the
+            // first poll: from now on this caller is one of the call's
+            // waiters (and polls again, with the group's waker, right away).
             self.as_mut()
                 .project()
                 .kind
@@ -188,30 +196,51 @@ where
     }
 }
 
-/// Polls the leader's own future inline. `Err` is the leader's place in
-/// the group the future was handed to.
+/// This waiter's answer, or the panic of the inner future it polled.
+#[inline]
+fn answer<T>(res: Polled<T>) -> Result<T, BoxError> {
+    match res {
+        Ok(res) => res.map_err(Into::into),
+        Err(payload) => resume_unwind(payload),
+    }
+}
+
+/// The leader's first poll: takes the inner future and polls it inline.
+/// `Err` is the leader's place in the call's group: the group others made
+/// when they joined before this poll, or the one the future was handed to
+/// when it was pending.
 #[inline]
 fn poll_leader<K, F, T>(
     leader: &mut Leader<K, F, T>,
     cx: &mut Context<'_>,
-) -> Result<Poll<Shared<T>>, Waiter<K, F, T>>
+) -> Result<Poll<Polled<T>>, Waiter<K, F, T>>
 where
     F: Call<Ok = T> + Send + 'static,
     F::Err: Into<BoxError>,
     K: Hash + Eq,
     T: Clone + Send + 'static,
 {
-    let Some(fut) = leader.fut.as_mut() else {
-        panic!("dedup future polled after completion");
+    assert!(!leader.claimed, "dedup future polled after completion");
+    let claim = leader.table.claim(leader.ticket);
+    leader.claimed = true;
+    let fut = match claim {
+        Claim::Mine(fut) => leader.fut.insert(fut),
+        Claim::Joined(group) => {
+            return Err(Waiter::new(leader.table.clone(), leader.ticket, group));
+        }
     };
     match poll_call(fut, cx) {
-        Poll::Ready(outcome) => {
+        Poll::Ready(polled) => {
             let home = leader.fut.take().and_then(drop_quietly);
-            Ok(Poll::Ready(leader.table.finish_leader(
-                leader.ticket,
-                outcome,
-                home,
-            )))
+            let t = &leader.table;
+            Ok(Poll::Ready(match polled {
+                Ok(outcome) => Ok(t.finish_leader(leader.ticket, outcome, false, home)),
+                Err(payload) => {
+                    // The leader's own answer is the panic.
+                    let _ = t.finish_leader(leader.ticket, panicked(&payload), true, home);
+                    Err(payload)
+                }
+            }))
         }
         Poll::Pending => {
             let fut = leader.fut.take().expect("held above");

@@ -121,15 +121,8 @@ where
         // panics, the panic reaches this caller and dropping the guard
         // releases the entry (or hands the call to whoever joined it).
         match table.start(key, || inner.call(req)) {
-            Start::Leader(ticket, fut, spare) => {
-                let home = match spare {
-                    Some(mut home) => {
-                        home.set(Some(fut));
-                        home
-                    }
-                    None => Box::pin(Some(fut)),
-                };
-                let leader = Leader::new(table, ticket, home);
+            Start::Leader(ticket) => {
+                let leader = Leader::new(table, ticket);
                 leader.emit(Kind::Leader);
                 ResponseFuture::leading(leader)
             }
