@@ -207,11 +207,31 @@ async fn all_callers_gone_cancels_the_call() {
     }
 }
 
+/// The `Panicked` error inside a dedup error.
+fn panicked(err: &BoxError) -> &Panicked {
+    err.downcast_ref::<SharedError>()
+        .expect("SharedError")
+        .get_ref()
+        .downcast_ref::<Panicked>()
+        .expect("Panicked")
+}
+
+/// The message of a caught panic.
+fn message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(|s| s.as_str()))
+        .unwrap_or_default()
+}
+
 #[tokio::test(start_paused = true)]
-async fn a_panic_answers_every_waiter_with_an_error() {
+async fn a_panic_reaches_the_waiter_that_polled_and_the_others_get_an_error() {
     let calls = counter();
     let c = calls.clone();
-    let svc = by_value().layer(service_fn(move |k: u32| {
+    let layer = by_value();
+    let handle = layer.handle();
+    let svc = layer.layer(service_fn(move |k: u32| {
         let n = c.fetch_add(1, Ordering::SeqCst);
         async move {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -221,17 +241,25 @@ async fn a_panic_answers_every_waiter_with_an_error() {
             Ok::<_, BoxError>(k)
         }
     }));
-    let answers = join_all((0..20).map(|_| svc.clone().oneshot(3))).await;
-    for a in &answers {
-        let err = a.as_ref().unwrap_err();
-        let shared = err.downcast_ref::<SharedError>().expect("SharedError");
-        let p = shared
-            .get_ref()
-            .downcast_ref::<Panicked>()
-            .expect("Panicked");
-        assert_eq!(p.message(), Some("upstream bug"));
+    let tasks: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(svc.clone().oneshot(3)))
+        .collect();
+    let mut panics = 0;
+    for t in join_all(tasks).await {
+        match t {
+            Err(join) => {
+                assert_eq!(message(&*join.into_panic()), "upstream bug");
+                panics += 1;
+            }
+            Ok(a) => {
+                let err = a.unwrap_err();
+                assert_eq!(panicked(&err).message(), Some("upstream bug"));
+            }
+        }
     }
+    assert_eq!(panics, 1, "only the waiter that polled the panic sees it");
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(handle.in_flight(), 0);
     // The table is not wedged.
     assert_eq!(svc.clone().oneshot(3).await.unwrap(), 3);
 }
@@ -381,7 +409,7 @@ fn send_sync() {
 }
 
 /// Callers that join before the leader's first poll are answered by the
-/// leader's inline poll, also when it panics at once.
+/// first poll, also when it panics at once (that poll then panics).
 #[tokio::test(start_paused = true)]
 async fn followers_of_an_immediate_answer_or_panic() {
     let calls = counter();
@@ -400,13 +428,17 @@ async fn followers_of_an_immediate_answer_or_panic() {
         for _ in 0..4 {
             futs.push(tokio_test::task::spawn(called(&svc, k).await));
         }
-        for f in &mut futs {
-            match assert_ready!(f.poll()) {
-                Ok(v) => assert_eq!(v, 5),
-                Err(e) => {
-                    let shared = e.downcast_ref::<SharedError>().unwrap();
-                    assert!(shared.get_ref().is::<Panicked>());
+        for (i, f) in futs.iter_mut().enumerate() {
+            let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.poll()));
+            match polled {
+                Err(panic) => {
+                    assert_eq!((k, i), (0, 0), "only the first poll panics");
+                    assert_eq!(message(&*panic), "at once");
                 }
+                Ok(polled) => match assert_ready!(polled) {
+                    Ok(v) => assert_eq!((k, v), (5, 5)),
+                    Err(e) => assert_eq!(panicked(&e).message(), Some("at once")),
+                },
             }
         }
     }
@@ -850,5 +882,183 @@ async fn poll_to_end<F: std::future::Future>(f: &mut tokio_test::task::Spawn<F>)
             return r;
         }
         tokio::task::yield_now().await;
+    }
+}
+
+/// A leader that is made and kept but never polled does not hold up the
+/// callers that join it: whichever of them is polled drives the call, and
+/// the leader, polled late, gets the same answer (also once the answer is
+/// cached, and also when the call answers at once).
+#[tokio::test(start_paused = true)]
+async fn followers_of_a_leader_never_polled_are_answered() {
+    for cache in [false, true] {
+        let (gated, go) = Gated::new();
+        let mut b = DedupLayer::builder().key(|k: &u32| Some(*k));
+        if cache {
+            b = b.cache_ttl(Duration::from_secs(1));
+        }
+        let layer = b.build().unwrap();
+        let handle = layer.handle();
+        let svc = layer.layer(gated.clone());
+        let leader = called(&svc, 1).await;
+        let mut follower = tokio_test::task::spawn(called(&svc, 1).await);
+        assert_pending!(follower.poll());
+        go.send(true).unwrap();
+        assert_eq!(poll_to_end(&mut follower).await.unwrap(), 2);
+        assert_eq!(handle.in_flight(), 0);
+        let mut leader = tokio_test::task::spawn(leader);
+        assert_eq!(assert_ready!(leader.poll()).unwrap(), 2);
+        assert_eq!(gated.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(gated.cancelled.load(Ordering::SeqCst), 0);
+    }
+
+    // An inner call that answers at once, to a follower's first poll.
+    let calls = counter();
+    let c = calls.clone();
+    let svc = by_value().layer(service_fn(move |k: u32| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async move { Ok::<_, BoxError>(k) }
+    }));
+    let leader = called(&svc, 7).await;
+    let mut follower = tokio_test::task::spawn(called(&svc, 7).await);
+    assert_eq!(assert_ready!(follower.poll()).unwrap(), 7);
+    // A caller after the answer starts a new call, the leader still waits
+    // for its own.
+    assert_eq!(svc.clone().oneshot(7).await.unwrap(), 7);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let mut leader = tokio_test::task::spawn(leader);
+    assert_eq!(assert_ready!(leader.poll()).unwrap(), 7);
+}
+
+/// A leader polled once (its inner call pending) and then never again:
+/// the callers that join it are woken by the inner call and answered.
+#[tokio::test(start_paused = true)]
+async fn followers_of_a_leader_polled_once_then_parked_are_answered() {
+    let (gated, go) = Gated::new();
+    let layer = by_value();
+    let handle = layer.handle();
+    let svc = layer.layer(gated.clone());
+    let mut leader = tokio_test::task::spawn(called(&svc, 1).await);
+    assert_pending!(leader.poll());
+    let mut follower = tokio_test::task::spawn(called(&svc, 1).await);
+    assert_pending!(follower.poll());
+    go.send(true).unwrap();
+    assert_eq!(poll_to_end(&mut follower).await.unwrap(), 2);
+    assert_eq!(handle.in_flight(), 0);
+    assert_eq!(gated.calls.load(Ordering::SeqCst), 1);
+    // The parked leader was woken and has its answer too.
+    assert!(leader.is_woken());
+    assert_eq!(assert_ready!(leader.poll()).unwrap(), 2);
+}
+
+/// Whatever each waiter did before (never polled, polled once or twice),
+/// dropping all of them, in either order, drops the inner future once the
+/// last one is gone, and the key starts a new call afterwards.
+#[tokio::test(start_paused = true)]
+async fn all_waiters_dropped_drop_the_inner_future_and_free_the_key() {
+    for leader_polls in 0..3 {
+        for follower_polls in 0..3 {
+            for leader_first in [true, false] {
+                let case = (leader_polls, follower_polls, leader_first);
+                let (gated, go) = Gated::new();
+                let layer = by_value();
+                let handle = layer.handle();
+                let svc = layer.layer(gated.clone());
+                let mut leader = tokio_test::task::spawn(called(&svc, 1).await);
+                let mut follower = tokio_test::task::spawn(called(&svc, 1).await);
+                for _ in 0..leader_polls {
+                    assert_pending!(leader.poll());
+                }
+                for _ in 0..follower_polls {
+                    assert_pending!(follower.poll());
+                }
+                let (first, last) = if leader_first {
+                    (leader, follower)
+                } else {
+                    (follower, leader)
+                };
+                drop(first);
+                assert_eq!(gated.cancelled.load(Ordering::SeqCst), 0, "{case:?}");
+                assert_eq!(handle.in_flight(), 1, "{case:?}");
+                drop(last);
+                assert_eq!(gated.cancelled.load(Ordering::SeqCst), 1, "{case:?}");
+                assert_eq!(handle.in_flight(), 0, "{case:?}");
+                go.send(true).unwrap();
+                assert_eq!(svc.clone().oneshot(1).await.unwrap(), 2, "{case:?}");
+                assert_eq!(gated.calls.load(Ordering::SeqCst), 2, "{case:?}");
+            }
+        }
+    }
+    // A leader never polled and alone.
+    let (gated, go) = Gated::new();
+    let layer = by_value();
+    let handle = layer.handle();
+    let svc = layer.layer(gated.clone());
+    drop(called(&svc, 1).await);
+    assert_eq!(gated.cancelled.load(Ordering::SeqCst), 1);
+    assert_eq!(handle.in_flight(), 0);
+    go.send(true).unwrap();
+    assert_eq!(svc.clone().oneshot(1).await.unwrap(), 2);
+}
+
+/// An upstream whose future waits for `go` and then panics for key 0.
+fn bomb(
+    go: &watch::Receiver<bool>,
+) -> impl Service<u32, Response = u32, Error = BoxError, Future: Send> + Clone + Send + 'static {
+    let go = go.clone();
+    service_fn(move |k: u32| {
+        let mut go = go.clone();
+        async move {
+            go.wait_for(|v| *v).await.unwrap();
+            assert!(k != 0, "bomb");
+            Ok::<_, BoxError>(k + 1)
+        }
+    })
+}
+
+/// A panic in the inner future with two waiters: the one whose poll ran
+/// into it panics, the other gets a `Panicked` error (also a leader never
+/// polled before), the entry is gone, the panic is not cached, and the key
+/// answers again.
+#[tokio::test(start_paused = true)]
+async fn a_panic_in_the_inner_future_with_two_waiters() {
+    // Polls of the leader before the panic, and whether the leader is the
+    // one that runs into it.
+    for (leader_polls, leader_drives) in [(0, false), (1, false), (1, true), (0, true)] {
+        let case = (leader_polls, leader_drives);
+        let (tx, go) = watch::channel(false);
+        let layer = DedupLayer::builder()
+            .key(|k: &u32| Some(*k))
+            .error_ttl(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let handle = layer.handle();
+        let svc = layer.layer(bomb(&go));
+        let mut leader = tokio_test::task::spawn(called(&svc, 0).await);
+        let mut follower = tokio_test::task::spawn(called(&svc, 0).await);
+        for _ in 0..leader_polls {
+            assert_pending!(leader.poll());
+        }
+        if !leader_drives {
+            assert_pending!(follower.poll());
+        }
+        tx.send(true).unwrap();
+        let (driver, other) = if leader_drives {
+            (&mut leader, &mut follower)
+        } else {
+            (&mut follower, &mut leader)
+        };
+        let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| driver.poll()))
+            .expect_err("the poll that ran into the panic panics");
+        assert_eq!(message(&*panic), "bomb", "{case:?}");
+        assert_eq!(handle.in_flight(), 0, "{case:?}");
+        assert_eq!(handle.cached(), 0, "a panic is not cached: {case:?}");
+        let err = assert_ready!(other.poll()).unwrap_err();
+        assert_eq!(panicked(&err).message(), Some("bomb"), "{case:?}");
+        // The key is not wedged: a new call leads and answers.
+        assert_eq!(svc.clone().oneshot(4).await.unwrap(), 5);
+        let again = tokio::spawn(svc.clone().oneshot(0)).await;
+        assert_eq!(message(&*again.unwrap_err().into_panic()), "bomb");
+        assert_eq!(handle.in_flight(), 0, "{case:?}");
     }
 }

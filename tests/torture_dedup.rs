@@ -1,21 +1,25 @@
 //! Random histories through the dedup layer: shared and distinct keys,
-//! callers dropped at every await point, panics in `poll_ready`, `call`,
-//! the inner future, the key closure and the `on_event` listener, on
-//! tokio's current-thread and multi-thread runtimes, through two services
-//! of one layer. No caller gets the other upstream's answer (unless the
-//! layer shares one table); afterwards no entry is in flight, no inner
-//! future is left alive, and every key answers again.
+//! callers dropped at every await point, callers (leaders among them) that
+//! keep their response future unpolled, or stop polling it, until every
+//! other caller has ended, panics in `poll_ready`, `call`, the inner
+//! future, the key closure and the `on_event` listener, on tokio's
+//! current-thread and multi-thread runtimes, through two services of one
+//! layer. No caller waits on a parked one; no caller gets the other
+//! upstream's answer (unless the layer shares one table); afterwards no
+//! entry is in flight, no inner future is left alive, and every key answers
+//! again.
 #![cfg(feature = "dedup")]
 
 use std::future::{poll_fn, Future};
 use std::panic::AssertUnwindSafe;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::FutureExt;
+use tokio::sync::watch;
 use tower::{BoxError, Layer, Service, ServiceExt};
 use tower_bulwark::dedup::{Dedup, DedupEvent, DedupLayer, KeyFn};
 
@@ -42,6 +46,12 @@ struct Plan {
     fails: bool,
     /// The caller drops its response future after this many polls.
     drop_after: Option<u8>,
+    /// The caller parks its response future after this many polls (0:
+    /// never polled) until every caller that does not park has ended.
+    park_after: Option<u8>,
+    /// A parked caller then drops its future instead of polling it to the
+    /// end.
+    park_then_drop: bool,
 }
 
 impl Plan {
@@ -57,6 +67,8 @@ impl Plan {
             fut_panics_at: one_in(rng, 10).then(|| rng.u8(0..4)),
             fails: one_in(rng, 10),
             drop_after: one_in(rng, 3).then(|| rng.u8(0..6)),
+            park_after: one_in(rng, 5).then(|| rng.u8(0..3)),
+            park_then_drop: rng.bool(),
         }
     }
 
@@ -184,14 +196,39 @@ enum End {
     Panicked(String),
 }
 
-async fn caller(mut svc: Svc, plan: Plan, armed: Arc<AtomicBool>) -> End {
+async fn caller(
+    mut svc: Svc,
+    plan: Plan,
+    armed: Arc<AtomicBool>,
+    mut release: watch::Receiver<bool>,
+) -> End {
     svc.get_mut().ready_panics = plan.ready_panics;
     let run = async move {
         svc.ready().await?;
         if plan.arm_listener {
             armed.store(true, Ordering::SeqCst);
         }
-        let fut = svc.call(plan);
+        let mut fut = svc.call(plan);
+        if let Some(polls) = plan.park_after {
+            let mut n = 0;
+            let polled = poll_fn(|cx| {
+                if n == polls {
+                    return Poll::Ready(None);
+                }
+                n += 1;
+                Pin::new(&mut fut).poll(cx).map(Some)
+            })
+            .await;
+            if let Some(answer) = polled {
+                return answer.map(Some);
+            }
+            // Parked: nobody polls this future until the others ended.
+            release.wait_for(|r| *r).await.expect("released");
+            if plan.park_then_drop {
+                return Ok(None);
+            }
+            return fut.await.map(Some);
+        }
         let Some(limit) = plan.drop_after else {
             return fut.await.map(Some);
         };
@@ -253,15 +290,38 @@ async fn run(seed: u64, histories: usize) {
         let plans: Vec<(Plan, usize)> = (0..callers)
             .map(|_| (Plan::random(&mut rng), rng.usize(0..2)))
             .collect();
-        let tasks: Vec<_> = plans
+        let (release, released) = watch::channel(false);
+        let mut tasks: Vec<_> = plans
             .iter()
-            .map(|&(plan, up)| tokio::spawn(caller(h.svcs[up].clone(), plan, h.armed.clone())))
+            .map(|&(plan, up)| {
+                let c = caller(h.svcs[up].clone(), plan, h.armed.clone(), released.clone());
+                Some(tokio::spawn(c))
+            })
             .collect();
-        let ends = tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(tasks))
+        // Every caller that does not park ends while the parked ones hold
+        // their futures.
+        let mut ends: Vec<Option<End>> = (0..callers).map(|_| None).collect();
+        let running: Vec<usize> = (0..callers)
+            .filter(|&i| plans[i].0.park_after.is_none())
+            .collect();
+        let first = futures::future::join_all(running.iter().map(|&i| tasks[i].take().unwrap()));
+        let first = tokio::time::timeout(Duration::from_secs(60), first)
             .await
             .unwrap_or_else(|_| panic!("history {n} (seed {seed}) wedged: {plans:?}"));
+        for (&i, end) in running.iter().zip(first) {
+            ends[i] = Some(end.expect("a caller's task ended"));
+        }
+        release.send(true).unwrap();
+        for (i, task) in tasks.iter_mut().enumerate() {
+            if let Some(task) = task.take() {
+                let end = tokio::time::timeout(Duration::from_secs(60), task)
+                    .await
+                    .unwrap_or_else(|_| panic!("history {n} (seed {seed}): parked {i} wedged"));
+                ends[i] = Some(end.expect("a caller's task ended"));
+            }
+        }
         for (&(plan, up), end) in plans.iter().zip(ends) {
-            match end.expect("a caller's task ended") {
+            match end.expect("every caller ended") {
                 End::Answered(Ok(v)) => {
                     // Only a layer that shares one table may answer from
                     // the other upstream.

@@ -26,8 +26,8 @@ use crate::error::BoxError;
 /// # }
 /// ```
 ///
-/// A panic in the inner service reaches every waiter as a `SharedError`
-/// around [`Panicked`].
+/// A panic in the inner future reaches the waiter that polled it as a
+/// panic, and every other waiter as a `SharedError` around [`Panicked`].
 #[derive(Clone)]
 pub struct SharedError {
     inner: Arc<dyn Error + Send + Sync>,
@@ -69,8 +69,9 @@ impl Error for SharedError {
     }
 }
 
-/// The inner service panicked while answering a shared call; every waiter
-/// gets this error (inside a [`SharedError`]) instead of a hang.
+/// The inner future of a shared call panicked. The waiter whose poll ran
+/// into the panic panics too; every other waiter gets this error (inside a
+/// [`SharedError`]) instead of a hang.
 #[derive(Debug, Clone)]
 pub struct Panicked {
     message: Option<String>,

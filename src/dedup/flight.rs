@@ -1,17 +1,25 @@
 //! The dedup table and its shared calls.
 //!
-//! A call with a new key is led by its first caller, who holds the boxed
-//! inner future privately and polls it inline, with its own waker and no
-//! lock. Most calls end there: if the inner future answers on its first
-//! poll, the call costs one table lock to start it, one to finish it, and
-//! the box. Shared state (a [`Group`]) is made only when a second caller
-//! joins, or when the inner future is pending on its first poll: then the
-//! leader hands the future to the group, and from there on whichever
-//! waiter is polled drives it (at most one at a time), with a waker that
-//! wakes every waiter, so the call keeps going for as long as anyone waits
-//! and no runtime is needed to spawn it. When the last waiter goes away
-//! before the answer, the inner future is dropped (cancelled). A panic
-//! while polling it becomes every waiter's error.
+//! A call with a new key is led by its first caller. The boxed inner
+//! future waits in the call's table entry until the first of the call's
+//! waiters is polled: usually the leader, which takes it out and polls it
+//! inline, with its own waker and no lock held. Most calls end there: if
+//! the inner future answers on its first poll, the call costs three table
+//! locks (start, take, finish) and a reused box. Shared state (a
+//! [`Flight`]) is made only when a second caller joins, or when the inner
+//! future is pending on its first poll. From there on whichever waiter is
+//! polled drives it (at most one at a time), with a waker that wakes every
+//! waiter, so the call keeps going for as long as anyone waits, whether or
+//! not the leader is ever polled, and no runtime is needed to spawn it.
+//! When the last waiter goes away before the answer, the inner future is
+//! dropped (cancelled). A panic while polling it reaches the waiter that
+//! polled it; every other waiter gets a [`Panicked`] error.
+//!
+//! A leader that has not been polled is one of its flight's waiters but
+//! does not hold the flight: it finds it through the table entry, or, once
+//! the call has left the table, in `TableContents::unpolled_leaders`, where
+//! the call's finisher leaves it. The leader's first poll or its drop takes
+//! it back out, so that map holds only flights whose leaders are alive.
 //!
 //! The table is hashed once per call with a randomly keyed hasher (std's
 //! `RandomState`, so keys chosen by a client cannot degrade it); the hash
@@ -33,11 +41,12 @@
 //! reaches the head; each entry is pushed once and popped or compacted
 //! away once.
 //!
-//! Locks: the table's lock may be held while taking a group's state lock,
-//! never the other way round; a group's waker list is only ever locked
+//! Locks: the table's lock may be held while taking a flight's state lock,
+//! never the other way round; a flight's waker list is only ever locked
 //! last. The inner future is polled and dropped with no lock held.
 
-use std::collections::VecDeque;
+use std::any::Any;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -68,12 +77,21 @@ where
     type Err = E;
 }
 
-pub(crate) type Shared<T> = Result<T, SharedError>;
+/// A call's answer, as each of its waiters gets it.
+pub(crate) type Answer<T> = Result<T, SharedError>;
+
+/// A panic caught while polling an inner future, to be resumed in the
+/// waiter that polled it.
+pub(crate) type PanicPayload = Box<dyn Any + Send>;
+
+/// What one poll gave a waiter: its answer, or the panic of the inner
+/// future it polled.
+pub(crate) type Polled<T> = Result<Answer<T>, PanicPayload>;
 
 /// A pinned, reusable home for an inner future: `None` once it finished.
 /// Leaders reuse the homes of finished calls, so a call that answers at
 /// once allocates nothing in the steady state.
-pub(crate) type Boxed<F> = Pin<Box<Option<F>>>;
+pub(crate) type FutureBox<F> = Pin<Box<Option<F>>>;
 
 /// Spare homes kept per table.
 const SPARES: usize = 16;
@@ -85,7 +103,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Settings of one layer, validated by the builder.
 #[derive(Debug)]
-pub(crate) struct Config {
+pub(crate) struct DedupConfig {
     pub(crate) name: Arc<str>,
     pub(crate) cache_ttl: Option<Duration>,
     pub(crate) error_ttl: Option<Duration>,
@@ -93,11 +111,11 @@ pub(crate) struct Config {
     pub(crate) listeners: Listeners<DedupEvent>,
 }
 
-impl Config {
+impl DedupConfig {
     /// Sends the event of `kind`. A panicking listener propagates to the
     /// caller.
     #[inline]
-    pub(crate) fn emit(&self, kind: Kind) {
+    pub(crate) fn emit(&self, kind: EventKind) {
         if self.listeners.active() {
             self.send(kind);
         }
@@ -105,14 +123,14 @@ impl Config {
 
     #[cold]
     #[inline(never)]
-    fn send(&self, kind: Kind) {
+    fn send(&self, kind: EventKind) {
         let name = self.name.clone();
         self.listeners.emit(&match kind {
-            Kind::Leader => DedupEvent::Leader { name },
-            Kind::Joined => DedupEvent::Joined { name },
-            Kind::CacheHit => DedupEvent::CacheHit { name },
-            Kind::Full => DedupEvent::Full { name },
-            Kind::Cancelled => DedupEvent::Cancelled { name },
+            EventKind::Leader => DedupEvent::Leader { name },
+            EventKind::Joined => DedupEvent::Joined { name },
+            EventKind::CacheHit => DedupEvent::CacheHit { name },
+            EventKind::Full => DedupEvent::Full { name },
+            EventKind::Cancelled => DedupEvent::Cancelled { name },
         });
     }
 }
@@ -120,7 +138,7 @@ impl Config {
 /// Which event a call raised; sent by the service once the call's guard
 /// exists, so a panicking listener cannot strand an entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Kind {
+pub(crate) enum EventKind {
     Leader,
     Joined,
     CacheHit,
@@ -130,39 +148,52 @@ pub(crate) enum Kind {
 
 /// Where a call is in the table: its hash and its id.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Ticket {
+pub(crate) struct CallRef {
     hash: u64,
     id: u64,
 }
 
-struct Item<K, F, T> {
+/// One key's entry in the table: its call in flight, or its cached answer.
+struct DedupEntry<K, F, T> {
     hash: u64,
     id: u64,
     key: K,
-    slot: Slot<F, T>,
+    state: EntryState<F, T>,
 }
 
-enum Slot<F, T> {
-    /// In flight; the group exists once a second caller joined or the
-    /// inner future was pending.
-    InFlight(Option<Arc<Group<F, T>>>),
+/// Where a key's call is.
+enum EntryState<F, T> {
+    /// Started and not polled yet: the inner future waits here for the
+    /// first of its waiters to be polled.
+    Unpolled(FutureBox<F>),
+    /// In flight. Its [`Flight`] exists once a second caller joined or
+    /// the inner future was pending; without one, the leader is polling
+    /// the inner future inline.
+    InFlight(Option<Arc<Flight<F, T>>>),
     Cached {
-        result: Shared<T>,
+        result: Answer<T>,
         until: Nanos,
     },
 }
 
-/// What `Table::start` decided for one call.
+/// What `FlightTable::start` decided for one call.
 pub(crate) enum Start<F, T> {
-    /// This call leads a new call: it holds the inner future (and a spare
-    /// home for it, if there was one).
-    Leader(Ticket, F, Option<Boxed<F>>),
+    /// This call leads a new call, whose inner future waits in the table.
+    Leader(CallRef),
     /// This call waits on a call already running.
-    Joined(Ticket, Arc<Group<F, T>>),
+    Joined(CallRef, Arc<Flight<F, T>>),
     /// A cached answer.
-    Hit(Shared<T>),
+    Hit(Answer<T>),
     /// The table is full of calls in flight: this call goes straight through.
     Bypass(F),
+}
+
+/// How a leader's first poll finds its call.
+pub(crate) enum Claim<F, T> {
+    /// Nobody else polled it yet: the leader polls the inner future inline.
+    Mine(FutureBox<F>),
+    /// Others joined first: the leader is one of the flight's waiters.
+    Joined(Arc<Flight<F, T>>),
 }
 
 /// A cached answer's place in its expiry queue.
@@ -173,19 +204,57 @@ struct Expiry {
     until: Nanos,
 }
 
-struct Inner<K, F, T> {
-    map: HashTable<Item<K, F, T>>,
+/// What the table's lock guards.
+struct TableContents<K, F, T> {
+    map: HashTable<DedupEntry<K, F, T>>,
     next_id: u64,
-    spares: Vec<Boxed<F>>,
+    spares: Vec<FutureBox<F>>,
     /// Cached answers in the order they were cached: successes, errors.
     expiry: [VecDeque<Expiry>; 2],
+    /// Flights of finished calls whose leaders were not polled yet, by call
+    /// id (see the module docs).
+    unpolled_leaders: HashMap<u64, Arc<Flight<F, T>>>,
 }
 
-impl<K, F, T> Inner<K, F, T> {
+/// A new call's entry, with the inner future in a spare home if there is
+/// one.
+fn unpolled<F, T>(spares: &mut Vec<FutureBox<F>>, fut: F) -> EntryState<F, T> {
+    let home = match spares.pop() {
+        Some(mut home) => {
+            home.set(Some(fut));
+            home
+        }
+        None => Box::pin(Some(fut)),
+    };
+    EntryState::Unpolled(home)
+}
+
+impl<K, F, T> TableContents<K, F, T> {
+    /// What a call that left the table leaves to its waiters: its flight,
+    /// which an unpolled leader must still be able to find.
+    #[inline(always)]
+    fn retire(&mut self, id: u64, state: EntryState<F, T>) -> Option<Arc<Flight<F, T>>> {
+        match state {
+            EntryState::InFlight(Some(g)) => {
+                if g.leader_unpolled.load(Ordering::Relaxed) {
+                    self.keep_for_leader(id, &g);
+                }
+                Some(g)
+            }
+            _ => None,
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn keep_for_leader(&mut self, id: u64, g: &Arc<Flight<F, T>>) {
+        self.unpolled_leaders.insert(id, g.clone());
+    }
+
     fn is_live(&self, e: &Expiry) -> bool {
         matches!(
             self.map.find(e.hash, |it| it.id == e.id),
-            Some(Item { slot: Slot::Cached { until, .. }, .. }) if *until == e.until
+            Some(DedupEntry { state: EntryState::Cached { until, .. }, .. }) if *until == e.until
         )
     }
 
@@ -249,28 +318,29 @@ impl<K, F, T> Inner<K, F, T> {
 
 /// In-flight calls and cached answers by key, shared by the clones of one
 /// service (or by every service of a layer that shares one table).
-pub(crate) struct Table<K, F, T> {
-    pub(crate) cfg: Arc<Config>,
+pub(crate) struct FlightTable<K, F, T> {
+    pub(crate) cfg: Arc<DedupConfig>,
     clock: Clock,
     hasher: RandomState,
-    inner: Mutex<Inner<K, F, T>>,
+    inner: Mutex<TableContents<K, F, T>>,
 }
 
-impl<K, F, T> Table<K, F, T>
+impl<K, F, T> FlightTable<K, F, T>
 where
     K: Hash + Eq,
     T: Clone,
 {
-    pub(crate) fn new(cfg: Arc<Config>) -> Self {
+    pub(crate) fn new(cfg: Arc<DedupConfig>) -> Self {
         Self {
             cfg,
             clock: Clock::new(),
             hasher: RandomState::new(),
-            inner: Mutex::new(Inner {
+            inner: Mutex::new(TableContents {
                 map: HashTable::new(),
                 next_id: 0,
                 spares: Vec::new(),
                 expiry: [VecDeque::new(), VecDeque::new()],
+                unpolled_leaders: HashMap::new(),
             }),
         }
     }
@@ -284,7 +354,7 @@ where
     /// caller with the same key cannot miss the call it starts, and before
     /// the call's entry goes in, so a panic in it leaves no entry. The
     /// event is the caller's to send, once it holds its guard (see
-    /// [`Kind`]).
+    /// [`EventKind`]).
     pub(crate) fn start(&self, key: K, call: impl FnOnce() -> F) -> Start<F, T> {
         let hash = self.hasher.hash_one(&key);
         let now = if self.caches() { self.clock.now() } else { 0 };
@@ -294,31 +364,45 @@ where
         match inner.map.entry(hash, |it| it.key == key, |it| it.hash) {
             Entry::Occupied(e) => {
                 let item = e.into_mut();
-                let ticket = Ticket { hash, id: item.id };
-                return match &mut item.slot {
-                    Slot::InFlight(Some(g)) => {
+                let call_ref = CallRef { hash, id: item.id };
+                return match &mut item.state {
+                    EntryState::InFlight(Some(g)) => {
                         g.waiters.fetch_add(1, Ordering::Relaxed);
-                        Start::Joined(ticket, g.clone())
+                        Start::Joined(call_ref, g.clone())
                     }
-                    Slot::InFlight(group) => {
-                        // The leader holds the future: it hands it over at
-                        // its next poll or when dropped, or finishes and
-                        // answers us.
-                        let g = Arc::new(Group::new(None, 2));
-                        *group = Some(g.clone());
-                        Start::Joined(ticket, g)
+                    EntryState::InFlight(flight) => {
+                        // The leader is polling the future inline: it hands
+                        // it over if it is pending, or answers us.
+                        let g = Arc::new(Flight::new(None, 2));
+                        *flight = Some(g.clone());
+                        Start::Joined(call_ref, g)
                     }
-                    Slot::Cached { result, until } if now < *until => Start::Hit(result.clone()),
-                    Slot::Cached { .. } => {
+                    state @ EntryState::Unpolled(_) => {
+                        // The future goes to a flight that this call and
+                        // the leader wait on, so that whichever is polled
+                        // first drives it.
+                        let EntryState::Unpolled(fut) =
+                            std::mem::replace(state, EntryState::InFlight(None))
+                        else {
+                            unreachable!("matched above")
+                        };
+                        let g = Arc::new(Flight::new(Some(fut), 2));
+                        g.leader_unpolled.store(true, Ordering::Relaxed);
+                        *state = EntryState::InFlight(Some(g.clone()));
+                        Start::Joined(call_ref, g)
+                    }
+                    EntryState::Cached { result, until } if now < *until => {
+                        Start::Hit(result.clone())
+                    }
+                    EntryState::Cached { .. } => {
                         // Expired: this call replaces the answer. Its queue
                         // entry goes stale with the old id.
                         let fut = call();
                         let id = inner.next_id;
                         inner.next_id += 1;
                         item.id = id;
-                        item.slot = Slot::InFlight(None);
-                        let spare = inner.spares.pop();
-                        Start::Leader(Ticket { hash, id }, fut, spare)
+                        item.state = unpolled(&mut inner.spares, fut);
+                        Start::Leader(CallRef { hash, id })
                     }
                 };
             }
@@ -326,14 +410,13 @@ where
                 let fut = call();
                 let id = inner.next_id;
                 inner.next_id += 1;
-                v.insert(Item {
+                v.insert(DedupEntry {
                     hash,
                     id,
                     key,
-                    slot: Slot::InFlight(None),
+                    state: unpolled(&mut inner.spares, fut),
                 });
-                let spare = inner.spares.pop();
-                return Start::Leader(Ticket { hash, id }, fut, spare);
+                return Start::Leader(CallRef { hash, id });
             }
             Entry::Vacant(_) => {}
         }
@@ -345,34 +428,37 @@ where
         let fut = call();
         let id = inner.next_id;
         inner.next_id += 1;
+        let state = unpolled(&mut inner.spares, fut);
         inner.map.insert_unique(
             hash,
-            Item {
+            DedupEntry {
                 hash,
                 id,
                 key,
-                slot: Slot::InFlight(None),
+                state,
             },
             |it| it.hash,
         );
-        let spare = inner.spares.pop();
-        Start::Leader(Ticket { hash, id }, fut, spare)
+        Start::Leader(CallRef { hash, id })
     }
 
     #[inline]
-    fn emit(&self, kind: Kind) {
+    fn emit(&self, kind: EventKind) {
         self.cfg.emit(kind);
     }
 
     /// Takes a finished call out of the table, leaving its answer cached
-    /// when the layer caches answers of that kind. Returns its group.
+    /// when the layer caches answers of that kind (never a panic). Returns
+    /// its flight.
     fn finish(
         &self,
-        t: Ticket,
-        outcome: &Shared<T>,
-        spare: Option<Boxed<F>>,
-    ) -> Option<Arc<Group<F, T>>> {
+        t: CallRef,
+        outcome: &Answer<T>,
+        panicked: bool,
+        spare: Option<FutureBox<F>>,
+    ) -> Option<Arc<Flight<F, T>>> {
         let ttl = match outcome {
+            _ if panicked => None,
             Ok(_) => self.cfg.cache_ttl,
             Err(_) => self.cfg.error_ttl,
         };
@@ -385,10 +471,10 @@ where
         }
         match ttl {
             None => match inner.map.find_entry(t.hash, |it| it.id == t.id) {
-                Ok(e) => match e.remove().0.slot {
-                    Slot::InFlight(g) => g,
-                    Slot::Cached { .. } => None,
-                },
+                Ok(e) => {
+                    let state = e.remove().0.state;
+                    inner.retire(t.id, state)
+                }
                 Err(_) => None,
             },
             Some(ttl) => self.cache(inner, t, outcome, ttl),
@@ -400,16 +486,16 @@ where
     #[inline(never)]
     fn cache(
         &self,
-        inner: &mut Inner<K, F, T>,
-        t: Ticket,
-        outcome: &Shared<T>,
+        inner: &mut TableContents<K, F, T>,
+        t: CallRef,
+        outcome: &Answer<T>,
         ttl: Duration,
-    ) -> Option<Arc<Group<F, T>>> {
+    ) -> Option<Arc<Flight<F, T>>> {
         let item = inner.map.find_mut(t.hash, |it| it.id == t.id)?;
         let now = self.clock.now();
         let until = now.saturating_add(nanos(ttl));
         let result = outcome.clone();
-        let old = std::mem::replace(&mut item.slot, Slot::Cached { result, until });
+        let old = std::mem::replace(&mut item.state, EntryState::Cached { result, until });
         let queue = usize::from(outcome.is_err());
         let e = Expiry {
             hash: t.hash,
@@ -417,41 +503,83 @@ where
             until,
         };
         inner.queue(queue, e, now);
-        match old {
-            Slot::InFlight(g) => g,
-            Slot::Cached { .. } => None,
-        }
+        inner.retire(t.id, old)
     }
 
     /// Removes a call that every waiter left.
-    fn cancel(inner: &mut Inner<K, F, T>, t: Ticket) {
+    fn cancel(inner: &mut TableContents<K, F, T>, t: CallRef) {
         if let Ok(e) = inner.map.find_entry(t.hash, |it| it.id == t.id) {
             e.remove();
         }
     }
 
+    /// The leader's first poll: takes the inner future to poll it inline,
+    /// or finds the flight of the callers that joined before.
+    #[inline]
+    pub(crate) fn claim(&self, t: CallRef) -> Claim<F, T> {
+        let mut inner = lock(&self.inner);
+        if let Some(item) = inner.map.find_mut(t.hash, |it| it.id == t.id) {
+            if let EntryState::Unpolled(_) = item.state {
+                let EntryState::Unpolled(fut) =
+                    std::mem::replace(&mut item.state, EntryState::InFlight(None))
+                else {
+                    unreachable!("matched above")
+                };
+                return Claim::Mine(fut);
+            }
+        }
+        Self::claim_joined(&mut inner, t)
+    }
+
+    /// Others joined before the leader's first poll.
+    #[cold]
+    #[inline(never)]
+    fn claim_joined(inner: &mut TableContents<K, F, T>, t: CallRef) -> Claim<F, T> {
+        if let Some(DedupEntry {
+            state: EntryState::InFlight(Some(g)),
+            ..
+        }) = inner.map.find(t.hash, |it| it.id == t.id)
+        {
+            if g.leader_unpolled.load(Ordering::Relaxed) {
+                g.leader_unpolled.store(false, Ordering::Relaxed);
+                return Claim::Joined(g.clone());
+            }
+        }
+        // The call left the table (answered by a caller that joined it):
+        // its finisher left the flight here. The leader is counted among
+        // its waiters, so the call cannot have been cancelled.
+        let g = inner
+            .unpolled_leaders
+            .remove(&t.id)
+            .expect("an unpolled leader's call is in the table or among unpolled_leaders");
+        g.leader_unpolled.store(false, Ordering::Relaxed);
+        Claim::Joined(g)
+    }
+
     /// The leader's inner future answered (or panicked) on the leader's own
     /// poll. Returns the leader's answer and hands the others theirs.
+    #[inline]
     pub(crate) fn finish_leader(
         &self,
-        t: Ticket,
-        outcome: Shared<T>,
-        spare: Option<Boxed<F>>,
-    ) -> Shared<T> {
-        match self.finish(t, &outcome, spare) {
+        t: CallRef,
+        outcome: Answer<T>,
+        panicked: bool,
+        spare: Option<FutureBox<F>>,
+    ) -> Answer<T> {
+        match self.finish(t, &outcome, panicked, spare) {
             None => outcome,
             Some(g) => g.settle(outcome),
         }
     }
 
-    /// The leader's inner future is pending: it goes to the call's group
+    /// The leader's inner future is pending: it goes to the call's flight
     /// (made now if nobody joined yet), to be driven by whichever waiter is
     /// polled.
-    pub(crate) fn hand_over(&self, t: Ticket, fut: Boxed<F>) -> Arc<Group<F, T>> {
+    pub(crate) fn hand_over(&self, t: CallRef, fut: FutureBox<F>) -> Arc<Flight<F, T>> {
         let mut inner = lock(&self.inner);
         let item = inner.map.find_mut(t.hash, |it| it.id == t.id);
-        match item.map(|it| &mut it.slot) {
-            Some(Slot::InFlight(Some(g))) => {
+        match item.map(|it| &mut it.state) {
+            Some(EntryState::InFlight(Some(g))) => {
                 let g = g.clone();
                 let mut st = lock(&g.state);
                 st.fut = Some(fut);
@@ -460,30 +588,72 @@ where
                 drop(st);
                 g
             }
-            Some(Slot::InFlight(slot)) => {
-                let g = Arc::new(Group::new(Some(fut), 1));
-                *slot = Some(g.clone());
+            Some(EntryState::InFlight(state)) => {
+                let g = Arc::new(Flight::new(Some(fut), 1));
+                *state = Some(g.clone());
                 g
             }
             // Not reachable: only a waiter finishes or cancels a call, and
-            // the leader is one. Keep going on a private group regardless.
-            _ => Arc::new(Group::new(Some(fut), 1)),
+            // the leader is one. Keep going on a private flight regardless.
+            _ => Arc::new(Flight::new(Some(fut), 1)),
         }
     }
 
-    /// The leader went away while holding the inner future: it goes to the
-    /// others if anyone waits, else the call is cancelled.
-    pub(crate) fn leader_leave(&self, t: Ticket, fut: Boxed<F>) {
+    /// The leader went away: before its first poll (`None`: the future is
+    /// in the table or with the flight), or while holding the inner future,
+    /// which goes to the others if anyone waits. With nobody left the call
+    /// is cancelled.
+    pub(crate) fn leader_leave(&self, t: CallRef, fut: Option<FutureBox<F>>) {
+        match fut {
+            Some(fut) => self.holder_leave(t, fut),
+            None => self.unpolled_leave(t),
+        }
+    }
+
+    fn unpolled_leave(&self, t: CallRef) {
+        let flight = {
+            let mut guard = lock(&self.inner);
+            let inner = &mut *guard;
+            let flight = match inner.map.find_entry(t.hash, |it| it.id == t.id) {
+                Ok(e) => match &e.get().state {
+                    EntryState::Unpolled(_) => {
+                        let EntryState::Unpolled(fut) = e.remove().0.state else {
+                            unreachable!("matched above")
+                        };
+                        drop(guard);
+                        return self.cancelled(Some(fut));
+                    }
+                    EntryState::InFlight(Some(g)) if g.leader_unpolled.load(Ordering::Relaxed) => {
+                        Some(g.clone())
+                    }
+                    _ => None,
+                },
+                Err(_) => None,
+            };
+            let flight = flight.or_else(|| inner.unpolled_leaders.remove(&t.id));
+            if let Some(g) = &flight {
+                g.leader_unpolled.store(false, Ordering::Relaxed);
+            }
+            flight
+        };
+        // The leader is one of the flight's waiters, so its flight is always
+        // found; a drop has nothing else to release.
+        if let Some(g) = flight {
+            self.leave(t, &g, None);
+        }
+    }
+
+    fn holder_leave(&self, t: CallRef, fut: FutureBox<F>) {
         let cancelled = Some({
             let mut inner = lock(&self.inner);
-            let group = match inner.map.find(t.hash, |it| it.id == t.id) {
-                Some(Item {
-                    slot: Slot::InFlight(Some(g)),
+            let flight = match inner.map.find(t.hash, |it| it.id == t.id) {
+                Some(DedupEntry {
+                    state: EntryState::InFlight(Some(g)),
                     ..
                 }) => Some(g.clone()),
                 _ => None,
             };
-            if let Some(g) = group {
+            if let Some(g) = flight {
                 if g.waiters.fetch_sub(1, Ordering::AcqRel) != 1 {
                     let mut st = lock(&g.state);
                     st.fut = Some(fut);
@@ -505,26 +675,26 @@ where
     /// This runs in a waiter's `Drop`, perhaps while a panic unwinds, so a
     /// panic in the future's destructor or in a listener stays in here: a
     /// second panic would abort the process.
-    fn cancelled(&self, fut: Option<Boxed<F>>) {
+    fn cancelled(&self, fut: Option<FutureBox<F>>) {
         if let Some(fut) = fut {
             let _ = catch_unwind(AssertUnwindSafe(move || drop(fut)));
         }
-        let _ = catch_unwind(AssertUnwindSafe(|| self.emit(Kind::Cancelled)));
+        let _ = catch_unwind(AssertUnwindSafe(|| self.emit(EventKind::Cancelled)));
     }
 
-    /// A waiter of a group went away before its answer. The last one
+    /// A waiter of a flight went away before its answer. The last one
     /// cancels the call.
-    pub(crate) fn leave(&self, t: Ticket, group: &Arc<Group<F, T>>, slot: Option<usize>) {
-        if let Some(i) = slot {
-            lock(&group.wakers).remove(i);
+    pub(crate) fn leave(&self, t: CallRef, flight: &Arc<Flight<F, T>>, waker_slot: Option<usize>) {
+        if let Some(i) = waker_slot {
+            lock(&flight.wakers).remove(i);
         }
         let cancelled = {
             let mut inner = lock(&self.inner);
-            if group.waiters.fetch_sub(1, Ordering::AcqRel) != 1 {
+            if flight.waiters.fetch_sub(1, Ordering::AcqRel) != 1 {
                 return;
             }
             let fut = {
-                let mut st = lock(&group.state);
+                let mut st = lock(&flight.state);
                 if st.done.is_some() {
                     return;
                 }
@@ -542,7 +712,7 @@ where
         let flying = inner
             .map
             .iter()
-            .filter(|it| matches!(it.slot, Slot::InFlight(_)))
+            .filter(|it| !matches!(it.state, EntryState::Cached { .. }))
             .count();
         (flying, inner.map.len() - flying)
     }
@@ -550,15 +720,19 @@ where
     /// Forgets every cached answer.
     pub(crate) fn clear_cache(&self) {
         let mut inner = lock(&self.inner);
-        inner.map.retain(|it| matches!(it.slot, Slot::InFlight(_)));
+        inner
+            .map
+            .retain(|it| !matches!(it.state, EntryState::Cached { .. }));
         inner.expiry = [VecDeque::new(), VecDeque::new()];
     }
 }
 
-struct State<F, T> {
-    fut: Option<Boxed<F>>,
-    done: Option<Shared<T>>,
-    /// Someone has the future out to poll it (a waiter of the group, or the
+/// What a flight's lock guards: the inner future between polls, and the
+/// answer until every waiter took it.
+struct FlightState<F, T> {
+    fut: Option<FutureBox<F>>,
+    done: Option<Answer<T>>,
+    /// Someone has the future out to poll it (a waiter of the flight, or the
     /// leader before it handed the future over).
     polling: bool,
 }
@@ -579,21 +753,24 @@ impl Wakers {
 
 /// The shared state of a call that more than one caller waits on, or that
 /// did not answer at once.
-pub(crate) struct Group<F, T> {
-    state: Mutex<State<F, T>>,
+pub(crate) struct Flight<F, T> {
+    state: Mutex<FlightState<F, T>>,
     /// The inner future asked to be polled again.
     woken: AtomicBool,
     wakers: Mutex<Wakers>,
     /// Callers that have not yet taken their answer or left. Changed under
     /// the table's lock when joining and leaving.
     waiters: AtomicUsize,
+    /// The leader is one of the waiters but has not been polled, so it does
+    /// not hold the flight yet. Read and written under the table's lock.
+    leader_unpolled: AtomicBool,
 }
 
-impl<F, T> Group<F, T> {
-    fn new(fut: Option<Boxed<F>>, waiters: usize) -> Self {
+impl<F, T> Flight<F, T> {
+    fn new(fut: Option<FutureBox<F>>, waiters: usize) -> Self {
         let held = fut.is_none();
         Self {
-            state: Mutex::new(State {
+            state: Mutex::new(FlightState {
                 fut,
                 done: None,
                 polling: held,
@@ -601,12 +778,13 @@ impl<F, T> Group<F, T> {
             woken: AtomicBool::new(!held),
             wakers: Mutex::new(Wakers::default()),
             waiters: AtomicUsize::new(waiters),
+            leader_unpolled: AtomicBool::new(false),
         }
     }
 
-    fn register(&self, slot: &mut Option<usize>, waker: &Waker) {
+    fn register(&self, waker_slot: &mut Option<usize>, waker: &Waker) {
         let mut ws = lock(&self.wakers);
-        match *slot {
+        match *waker_slot {
             Some(i) => match &mut ws.slots[i] {
                 Some(w) if w.will_wake(waker) => {}
                 w => *w = Some(waker.clone()),
@@ -622,7 +800,7 @@ impl<F, T> Group<F, T> {
                         ws.slots.len() - 1
                     }
                 };
-                *slot = Some(i);
+                *waker_slot = Some(i);
             }
         }
     }
@@ -635,7 +813,7 @@ impl<F, T> Group<F, T> {
     }
 
     /// This waiter's answer: the last reader takes it, the others clone.
-    fn read(&self, st: &mut State<F, T>) -> Shared<T>
+    fn read(&self, st: &mut FlightState<F, T>) -> Answer<T>
     where
         T: Clone,
     {
@@ -650,7 +828,7 @@ impl<F, T> Group<F, T> {
     /// produced it takes its own, and the others are woken to theirs. No
     /// one can join once the call is out of the table, so the waiter count
     /// only goes down from here.
-    fn settle(&self, outcome: Shared<T>) -> Shared<T>
+    fn settle(&self, outcome: Answer<T>) -> Answer<T>
     where
         T: Clone,
     {
@@ -668,9 +846,10 @@ impl<F, T> Group<F, T> {
     }
 }
 
-/// Polls `fut` once with `cx`, turning a panic into an error answer.
+/// Polls `fut` once with `cx`, catching a panic so that the call can be
+/// settled before it is resumed in the poller.
 #[inline]
-pub(crate) fn poll_call<F>(fut: &mut Boxed<F>, cx: &mut Context<'_>) -> Poll<Shared<F::Ok>>
+pub(crate) fn poll_call<F>(fut: &mut FutureBox<F>, cx: &mut Context<'_>) -> Poll<Polled<F::Ok>>
 where
     F: Call,
     F::Err: Into<BoxError>,
@@ -681,25 +860,26 @@ where
     }));
     match polled {
         Ok(Poll::Pending) => Poll::Pending,
-        Ok(Poll::Ready(res)) => Poll::Ready(res.map_err(|e| SharedError::new(e.into()))),
-        Err(payload) => Poll::Ready(Err(panicked(payload))),
+        Ok(Poll::Ready(res)) => Poll::Ready(Ok(res.map_err(|e| SharedError::new(e.into())))),
+        Err(payload) => Poll::Ready(Err(payload)),
     }
 }
 
-fn panicked(payload: Box<dyn std::any::Any + Send>) -> SharedError {
-    let panicked = Panicked::from_payload(&*payload);
-    SharedError::new(Box::new(panicked))
+/// The answer of the other waiters of a call that panicked.
+pub(crate) fn panicked<T>(payload: &PanicPayload) -> Answer<T> {
+    let panicked = Panicked::from_payload(&**payload);
+    Err(SharedError::new(Box::new(panicked)))
 }
 
 /// Drops a finished (or panicked) inner future, keeping a panic from its
 /// destructor in here too. Returns its home for reuse, unless dropping it
 /// panicked.
-pub(crate) fn drop_quietly<F>(mut fut: Boxed<F>) -> Option<Boxed<F>> {
+pub(crate) fn drop_quietly<F>(mut fut: FutureBox<F>) -> Option<FutureBox<F>> {
     catch_unwind(AssertUnwindSafe(|| fut.as_mut().set(None))).ok()?;
     Some(fut)
 }
 
-impl<F, T> Group<F, T>
+impl<F, T> Flight<F, T>
 where
     F: Call<Ok = T> + Send + 'static,
     T: Clone + Send + 'static,
@@ -707,24 +887,25 @@ where
 {
     /// Polls on behalf of one waiter: reads the answer if there is one,
     /// else drives the inner future if nobody else is and it asked to be
-    /// polled, else waits.
+    /// polled, else waits. `Err` is a panic of the inner future in this
+    /// poll, to be resumed by the waiter once the others have their answer.
     pub(crate) fn poll_waiter<K>(
         self: &Arc<Self>,
-        table: &Table<K, F, T>,
-        ticket: Ticket,
-        slot: &mut Option<usize>,
+        table: &FlightTable<K, F, T>,
+        call_ref: CallRef,
+        waker_slot: &mut Option<usize>,
         cx: &mut Context<'_>,
-    ) -> Poll<Shared<T>>
+    ) -> Poll<Polled<T>>
     where
         K: Hash + Eq,
     {
         loop {
             let mut st = lock(&self.state);
             if st.done.is_some() {
-                return Poll::Ready(self.read(&mut st));
+                return Poll::Ready(Ok(self.read(&mut st)));
             }
             if st.polling || !self.woken.swap(false, Ordering::AcqRel) {
-                self.register(slot, cx.waker());
+                self.register(waker_slot, cx.waker());
                 // A wake-up that came before we registered is not lost.
                 if !st.polling && self.woken.load(Ordering::Acquire) {
                     continue;
@@ -733,30 +914,41 @@ where
             }
             let Some(mut fut) = st.fut.take() else {
                 // Cancelled under us: cannot happen while we wait.
-                self.register(slot, cx.waker());
+                self.register(waker_slot, cx.waker());
                 return Poll::Pending;
             };
             st.polling = true;
             drop(st);
 
             let waker = Waker::from(self.clone());
-            let outcome = match poll_call(&mut fut, &mut Context::from_waker(&waker)) {
+            let polled = match poll_call(&mut fut, &mut Context::from_waker(&waker)) {
                 Poll::Pending => {
                     let mut st = lock(&self.state);
                     st.polling = false;
                     st.fut = Some(fut);
                     continue;
                 }
-                Poll::Ready(res) => (res, drop_quietly(fut)),
+                Poll::Ready(polled) => polled,
             };
-            let (outcome, home) = outcome;
-            table.finish(ticket, &outcome, home);
-            return Poll::Ready(self.settle(outcome));
+            let home = drop_quietly(fut);
+            return Poll::Ready(match polled {
+                Ok(outcome) => {
+                    table.finish(call_ref, &outcome, false, home);
+                    Ok(self.settle(outcome))
+                }
+                Err(payload) => {
+                    let outcome = panicked(&payload);
+                    table.finish(call_ref, &outcome, true, home);
+                    // This waiter's own answer is the panic.
+                    let _ = self.settle(outcome);
+                    Err(payload)
+                }
+            });
         }
     }
 }
 
-impl<F, T> Wake for Group<F, T>
+impl<F, T> Wake for Flight<F, T>
 where
     F: Send + 'static,
     T: Send + 'static,

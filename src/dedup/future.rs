@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::hash::Hash;
+use std::panic::resume_unwind;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -10,20 +11,25 @@ use std::task::{ready, Context, Poll};
 use pin_project_lite::pin_project;
 
 use super::flight::{
-    drop_quietly, poll_call, Boxed, Call, Group, Kind as Event, Shared, Table, Ticket,
+    drop_quietly, panicked, poll_call, Call, CallRef, Claim, EventKind, Flight, FlightTable,
+    FutureBox, Polled,
 };
 use crate::error::BoxError;
 
-type Leave<K, F, T> = fn(&Table<K, F, T>, Ticket, &Arc<Group<F, T>>, Option<usize>);
-type LeaderLeave<K, F, T> = fn(&Table<K, F, T>, Ticket, Boxed<F>);
+type Leave<K, F, T> = fn(&FlightTable<K, F, T>, CallRef, &Arc<Flight<F, T>>, Option<usize>);
+type LeaderLeave<K, F, T> = fn(&FlightTable<K, F, T>, CallRef, Option<FutureBox<F>>);
 
-/// The first caller of a call, holding the inner future while nobody else
-/// needs it. Dropping it before the answer hands the future to the others,
-/// or cancels the call if there are none.
+/// The first caller of a call, until its first poll: the inner future waits
+/// in the table (or with the callers that joined) and the first poll takes
+/// it, to poll it inline while nobody else needs it. Dropping it before the
+/// answer leaves the call to the others, or cancels it if there are none.
 pub(crate) struct Leader<K, F, T> {
-    table: Arc<Table<K, F, T>>,
-    ticket: Ticket,
-    fut: Option<Boxed<F>>,
+    table: Arc<FlightTable<K, F, T>>,
+    call_ref: CallRef,
+    /// The inner future, during the first poll.
+    fut: Option<FutureBox<F>>,
+    /// The first poll took the call: the leader has nothing more to leave.
+    claimed: bool,
     leave: LeaderLeave<K, F, T>,
 }
 
@@ -32,12 +38,13 @@ where
     K: Hash + Eq,
     T: Clone,
 {
-    pub(crate) fn new(table: Arc<Table<K, F, T>>, ticket: Ticket, fut: Boxed<F>) -> Self {
+    pub(crate) fn new(table: Arc<FlightTable<K, F, T>>, call_ref: CallRef) -> Self {
         Self {
             table,
-            ticket,
-            fut: Some(fut),
-            leave: Table::leader_leave,
+            call_ref,
+            fut: None,
+            claimed: false,
+            leave: FlightTable::leader_leave,
         }
     }
 }
@@ -45,26 +52,27 @@ where
 impl<K, F, T> Leader<K, F, T> {
     /// Sends an event, through the table the leader already points at.
     #[inline]
-    pub(crate) fn emit(&self, kind: Event) {
+    pub(crate) fn emit(&self, kind: EventKind) {
         self.table.cfg.emit(kind);
     }
 }
 
 impl<K, F, T> Drop for Leader<K, F, T> {
+    #[inline]
     fn drop(&mut self) {
-        if let Some(fut) = self.fut.take() {
-            (self.leave)(&self.table, self.ticket, fut);
+        if !self.claimed || self.fut.is_some() {
+            (self.leave)(&self.table, self.call_ref, self.fut.take());
         }
     }
 }
 
-/// One caller's place in a call's group. Dropping it before the answer
+/// One caller's place in a call's flight. Dropping it before the answer
 /// arrived leaves the call; the last to leave cancels it.
 pub(crate) struct Waiter<K, F, T> {
-    table: Arc<Table<K, F, T>>,
-    group: Arc<Group<F, T>>,
-    ticket: Ticket,
-    slot: Option<usize>,
+    table: Arc<FlightTable<K, F, T>>,
+    flight: Arc<Flight<F, T>>,
+    call_ref: CallRef,
+    waker_slot: Option<usize>,
     answered: bool,
     leave: Leave<K, F, T>,
 }
@@ -74,14 +82,18 @@ where
     K: Hash + Eq,
     T: Clone,
 {
-    pub(crate) fn new(table: Arc<Table<K, F, T>>, ticket: Ticket, group: Arc<Group<F, T>>) -> Self {
+    pub(crate) fn new(
+        table: Arc<FlightTable<K, F, T>>,
+        call_ref: CallRef,
+        flight: Arc<Flight<F, T>>,
+    ) -> Self {
         Self {
             table,
-            group,
-            ticket,
-            slot: None,
+            flight,
+            call_ref,
+            waker_slot: None,
             answered: false,
-            leave: Table::leave,
+            leave: FlightTable::leave,
         }
     }
 }
@@ -89,7 +101,7 @@ where
 impl<K, F, T> Waiter<K, F, T> {
     /// Sends an event, through the table the waiter already points at.
     #[inline]
-    pub(crate) fn emit(&self, kind: Event) {
+    pub(crate) fn emit(&self, kind: EventKind) {
         self.table.cfg.emit(kind);
     }
 }
@@ -97,7 +109,7 @@ impl<K, F, T> Waiter<K, F, T> {
 impl<K, F, T> Drop for Waiter<K, F, T> {
     fn drop(&mut self) {
         if !self.answered {
-            (self.leave)(&self.table, self.ticket, &self.group, self.slot);
+            (self.leave)(&self.table, self.call_ref, &self.flight, self.waker_slot);
         }
     }
 }
@@ -106,18 +118,18 @@ pin_project! {
     /// The response future of [`Dedup`](super::Dedup).
     pub struct ResponseFuture<F, K, T> {
         #[pin]
-        kind: Kind<F, K, T>,
+        state: ResponseState<F, K, T>,
     }
 }
 
 pin_project! {
-    #[project = KindProj]
-    enum Kind<F, K, T> {
+    #[project = ResponseStateProj]
+    enum ResponseState<F, K, T> {
         // Not deduplicated: the inner call itself.
         Direct { #[pin] fut: F },
         // The first caller of a call, holding its future.
         Leading { leader: Leader<K, F, T> },
-        // A place in a call's group.
+        // A place in a call's flight.
         Waiting { waiter: Waiter<K, F, T> },
         // A cached answer.
         Ready { res: Option<Result<T, BoxError>> },
@@ -127,25 +139,25 @@ pin_project! {
 impl<F, K, T> ResponseFuture<F, K, T> {
     pub(crate) fn direct(fut: F) -> Self {
         Self {
-            kind: Kind::Direct { fut },
+            state: ResponseState::Direct { fut },
         }
     }
 
     pub(crate) fn leading(leader: Leader<K, F, T>) -> Self {
         Self {
-            kind: Kind::Leading { leader },
+            state: ResponseState::Leading { leader },
         }
     }
 
     pub(crate) fn waiting(waiter: Waiter<K, F, T>) -> Self {
         Self {
-            kind: Kind::Waiting { waiter },
+            state: ResponseState::Waiting { waiter },
         }
     }
 
     pub(crate) fn ready(res: Result<T, BoxError>) -> Self {
         Self {
-            kind: Kind::Ready { res: Some(res) },
+            state: ResponseState::Ready { res: Some(res) },
         }
     }
 }
@@ -161,76 +173,100 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
-            let handed = match self.as_mut().project().kind.project() {
-                KindProj::Direct { fut } => return fut.poll(cx).map_err(Into::into),
-                KindProj::Leading { leader } => match poll_leader(leader, cx) {
-                    Ok(res) => return res.map(|r| r.map_err(Into::into)),
+            let handed = match self.as_mut().project().state.project() {
+                ResponseStateProj::Direct { fut } => return fut.poll(cx).map_err(Into::into),
+                ResponseStateProj::Leading { leader } => match poll_leader(leader, cx) {
+                    Ok(res) => return res.map(answer),
                     Err(waiter) => waiter,
                 },
-                KindProj::Waiting { waiter } => {
+                ResponseStateProj::Waiting { waiter } => {
                     let w = &mut *waiter;
-                    let res = ready!(w.group.poll_waiter(&w.table, w.ticket, &mut w.slot, cx));
+                    let res =
+                        ready!(w
+                            .flight
+                            .poll_waiter(&w.table, w.call_ref, &mut w.waker_slot, cx));
                     w.answered = true;
-                    return Poll::Ready(res.map_err(Into::into));
+                    return Poll::Ready(answer(res));
                 }
-                KindProj::Ready { res } => {
+                ResponseStateProj::Ready { res } => {
                     return Poll::Ready(res.take().expect("dedup future polled after completion"))
                 }
             };
-            // The inner future was pending: from now on this caller is one
-            // of the call's waiters (and polls it again, with the group's
-            // waker, right away).
+            // The inner future was pending, or others joined before the
+            // first poll: from now on this caller is one of the call's
+            // waiters (and polls again, with the flight's waker, right away).
             self.as_mut()
                 .project()
-                .kind
-                .set(Kind::Waiting { waiter: handed });
+                .state
+                .set(ResponseState::Waiting { waiter: handed });
         }
     }
 }
 
-/// Polls the leader's own future inline. `Err` is the leader's place in
-/// the group the future was handed to.
+/// This waiter's answer, or the panic of the inner future it polled.
+#[inline]
+fn answer<T>(res: Polled<T>) -> Result<T, BoxError> {
+    match res {
+        Ok(res) => res.map_err(Into::into),
+        Err(payload) => resume_unwind(payload),
+    }
+}
+
+/// The leader's first poll: takes the inner future and polls it inline.
+/// `Err` is the leader's place in the call's flight: the flight others made
+/// when they joined before this poll, or the one the future was handed to
+/// when it was pending.
 #[inline]
 fn poll_leader<K, F, T>(
     leader: &mut Leader<K, F, T>,
     cx: &mut Context<'_>,
-) -> Result<Poll<Shared<T>>, Waiter<K, F, T>>
+) -> Result<Poll<Polled<T>>, Waiter<K, F, T>>
 where
     F: Call<Ok = T> + Send + 'static,
     F::Err: Into<BoxError>,
     K: Hash + Eq,
     T: Clone + Send + 'static,
 {
-    let Some(fut) = leader.fut.as_mut() else {
-        panic!("dedup future polled after completion");
+    assert!(!leader.claimed, "dedup future polled after completion");
+    let claim = leader.table.claim(leader.call_ref);
+    leader.claimed = true;
+    let fut = match claim {
+        Claim::Mine(fut) => leader.fut.insert(fut),
+        Claim::Joined(flight) => {
+            return Err(Waiter::new(leader.table.clone(), leader.call_ref, flight));
+        }
     };
     match poll_call(fut, cx) {
-        Poll::Ready(outcome) => {
+        Poll::Ready(polled) => {
             let home = leader.fut.take().and_then(drop_quietly);
-            Ok(Poll::Ready(leader.table.finish_leader(
-                leader.ticket,
-                outcome,
-                home,
-            )))
+            let t = &leader.table;
+            Ok(Poll::Ready(match polled {
+                Ok(outcome) => Ok(t.finish_leader(leader.call_ref, outcome, false, home)),
+                Err(payload) => {
+                    // The leader's own answer is the panic.
+                    let _ = t.finish_leader(leader.call_ref, panicked(&payload), true, home);
+                    Err(payload)
+                }
+            }))
         }
         Poll::Pending => {
             let fut = leader.fut.take().expect("held above");
-            let group = leader.table.hand_over(leader.ticket, fut);
-            Err(Waiter::new(leader.table.clone(), leader.ticket, group))
+            let flight = leader.table.hand_over(leader.call_ref, fut);
+            Err(Waiter::new(leader.table.clone(), leader.call_ref, flight))
         }
     }
 }
 
 impl<F, K, T> fmt::Debug for ResponseFuture<F, K, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match &self.kind {
-            Kind::Direct { .. } => "direct",
-            Kind::Leading { .. } => "leading",
-            Kind::Waiting { .. } => "waiting",
-            Kind::Ready { .. } => "ready",
+        let state = match &self.state {
+            ResponseState::Direct { .. } => "direct",
+            ResponseState::Leading { .. } => "leading",
+            ResponseState::Waiting { .. } => "waiting",
+            ResponseState::Ready { .. } => "ready",
         };
         f.debug_struct("ResponseFuture")
-            .field("kind", &kind)
+            .field("state", &state)
             .finish()
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::flight::{Config, Table};
+use super::flight::{DedupConfig, FlightTable};
 use super::{Dedup, DedupEvent, DefaultKey, KeyFn};
 use crate::error::{Check, ConfigError};
 use crate::observe::Listeners;
@@ -24,7 +24,7 @@ const LAYER: &str = "dedup";
 /// [`share_between_services`](DedupBuilder::share_between_services).
 pub struct DedupLayer<K = DefaultKey> {
     pub(crate) key: Arc<K>,
-    pub(crate) shared: Arc<LayerShared>,
+    pub(crate) registry: Arc<LayerRegistry>,
 }
 
 impl DedupLayer {
@@ -49,7 +49,7 @@ impl<K> DedupLayer<K> {
     /// all.
     pub fn handle(&self) -> DedupHandle {
         DedupHandle {
-            scope: Scope::Layer(self.shared.clone()),
+            scope: Scope::Layer(self.registry.clone()),
         }
     }
 }
@@ -58,7 +58,7 @@ impl<K> Clone for DedupLayer<K> {
     fn clone(&self) -> Self {
         Self {
             key: self.key.clone(),
-            shared: self.shared.clone(),
+            registry: self.registry.clone(),
         }
     }
 }
@@ -67,7 +67,7 @@ impl<K: fmt::Debug> fmt::Debug for DedupLayer<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DedupLayer")
             .field("key", &self.key)
-            .field("config", &self.shared.cfg)
+            .field("config", &self.registry.cfg)
             .finish()
     }
 }
@@ -92,31 +92,31 @@ pub(crate) trait TableOps: Send + Sync {
     fn clear_cache(&self);
 }
 
-impl<K, F, T> TableOps for Table<K, F, T>
+impl<K, F, T> TableOps for FlightTable<K, F, T>
 where
     K: std::hash::Hash + Eq + Clone + Send + Sync,
     F: Send,
     T: Clone + Send,
 {
     fn counts(&self) -> (usize, usize) {
-        Table::counts(self)
+        FlightTable::counts(self)
     }
 
     fn clear_cache(&self) {
-        Table::clear_cache(self)
+        FlightTable::clear_cache(self)
     }
 }
 
 /// What every service of one layer shares: the configuration, and where
 /// to find each service's tables for the layer's handle.
-pub(crate) struct LayerShared {
-    pub(crate) cfg: Arc<Config>,
+pub(crate) struct LayerRegistry {
+    pub(crate) cfg: Arc<DedupConfig>,
     services: Mutex<Vec<Weak<ServiceTables>>>,
     /// The one table set of a layer built with `share_between_services`.
     all: Option<Arc<ServiceTables>>,
 }
 
-impl LayerShared {
+impl LayerRegistry {
     /// The tables of a new service, known to the layer's handle for as long
     /// as the service (or a clone of it) lives.
     pub(crate) fn service(&self) -> Arc<ServiceTables> {
@@ -153,7 +153,7 @@ impl LayerShared {
 /// The tables of one service made by [`Layer::layer`] (and its clones):
 /// one per kind of request it was called with (normally one).
 pub(crate) struct ServiceTables {
-    pub(crate) cfg: Arc<Config>,
+    pub(crate) cfg: Arc<DedupConfig>,
     /// The first kind's table, found without a lock: stacks that clone the
     /// service for every request (axum's routes) look it up every call.
     first: OnceLock<TableEntry>,
@@ -162,7 +162,7 @@ pub(crate) struct ServiceTables {
 }
 
 impl ServiceTables {
-    pub(crate) fn new(cfg: Arc<Config>) -> Self {
+    pub(crate) fn new(cfg: Arc<DedupConfig>) -> Self {
         Self {
             cfg,
             first: OnceLock::new(),
@@ -172,31 +172,31 @@ impl ServiceTables {
 
     /// The table for keys `K`, inner futures `F` and answers `T`, made on
     /// first use.
-    pub(crate) fn table<K, F, T>(&self) -> Arc<Table<K, F, T>>
+    pub(crate) fn table<K, F, T>(&self) -> Arc<FlightTable<K, F, T>>
     where
         K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
         F: Send + 'static,
         T: Clone + Send + 'static,
     {
         let entry = || {
-            let table = Arc::new(Table::<K, F, T>::new(self.cfg.clone()));
+            let table = Arc::new(FlightTable::<K, F, T>::new(self.cfg.clone()));
             TableEntry {
                 any: table.clone(),
                 ops: table,
             }
         };
         let first = self.first.get_or_init(entry);
-        if let Ok(table) = Arc::downcast::<Table<K, F, T>>(first.any.clone()) {
+        if let Ok(table) = Arc::downcast::<FlightTable<K, F, T>>(first.any.clone()) {
             return table;
         }
         let mut others = lock(&self.others);
         for t in others.iter() {
-            if let Ok(table) = Arc::downcast::<Table<K, F, T>>(t.any.clone()) {
+            if let Ok(table) = Arc::downcast::<FlightTable<K, F, T>>(t.any.clone()) {
                 return table;
             }
         }
         let e = entry();
-        let table = Arc::downcast::<Table<K, F, T>>(e.any.clone()).expect("made above");
+        let table = Arc::downcast::<FlightTable<K, F, T>>(e.any.clone()).expect("made above");
         others.push(e);
         table
     }
@@ -340,7 +340,7 @@ impl<K> DedupBuilder<K> {
         if let Some(d) = self.error_ttl {
             check.non_zero_duration("error_ttl", d)?;
         }
-        let cfg = Config {
+        let cfg = DedupConfig {
             name: Arc::from(self.name.unwrap_or_default()),
             cache_ttl: self.cache_ttl,
             error_ttl: self.error_ttl,
@@ -353,7 +353,7 @@ impl<K> DedupBuilder<K> {
             .then(|| Arc::new(ServiceTables::new(cfg.clone())));
         Ok(DedupLayer {
             key: Arc::new(self.key),
-            shared: Arc::new(LayerShared {
+            registry: Arc::new(LayerRegistry {
                 cfg,
                 services: Mutex::new(Vec::new()),
                 all,
@@ -385,7 +385,7 @@ pub struct DedupHandle {
 
 #[derive(Clone)]
 enum Scope {
-    Layer(Arc<LayerShared>),
+    Layer(Arc<LayerRegistry>),
     Service(Arc<ServiceTables>),
 }
 
@@ -398,7 +398,7 @@ impl DedupHandle {
 
     fn services(&self) -> Vec<Arc<ServiceTables>> {
         match &self.scope {
-            Scope::Layer(shared) => shared.live(),
+            Scope::Layer(registry) => registry.live(),
             Scope::Service(tables) => vec![tables.clone()],
         }
     }
@@ -441,9 +441,9 @@ impl DedupHandle {
         }
     }
 
-    fn cfg(&self) -> &Config {
+    fn cfg(&self) -> &DedupConfig {
         match &self.scope {
-            Scope::Layer(shared) => &shared.cfg,
+            Scope::Layer(registry) => &registry.cfg,
             Scope::Service(tables) => &tables.cfg,
         }
     }

@@ -47,17 +47,17 @@
 //!
 //! - whichever waiter is polled drives the inner future, so it keeps going
 //!   while anyone waits, with no task spawned and no runtime needed;
+//! - no waiter holds up another: the first caller's response future may be
+//!   kept and never polled, or polled once and then left alone, and the
+//!   callers that joined it are still driven to their answer (it gets the
+//!   same answer whenever it is polled);
 //! - any waiter may go away (dropped, or its own timeout fired) without
 //!   failing or restarting the call for the others;
 //! - when the last waiter goes away the inner future is dropped: the call
 //!   is cancelled;
-//! - a panic in the inner future reaches every waiter as an error
-//!   ([`Panicked`] inside a [`SharedError`]), not as a hang or a crash;
-//! - the first caller's future holds the call until its first poll: a
-//!   caller that joins before then waits for that poll, or for that future
-//!   to be dropped (which hands the call over). So poll a response future
-//!   you keep: one kept but never polled holds up the callers that joined
-//!   it, as it holds up its own.
+//! - a panic in the inner future reaches the waiter whose poll ran into it,
+//!   as a panic; every other waiter gets an error ([`Panicked`] inside a
+//!   [`SharedError`]), not a hang.
 //!
 //! The inner service's `call` runs under the table's lock, so that a second
 //! caller cannot miss the call the first one starts; like any tower
@@ -79,8 +79,13 @@
 //!   hands the call to whoever joined; a listener that panics on
 //!   `cancelled`, which is raised while a future is dropped, is ignored
 //!   (a second panic while unwinding would abort the process);
-//! - a panic in the inner future, or in its destructor, is caught and
-//!   becomes every waiter's error, as above.
+//! - a panic in the inner future reaches the waiter that polled it, and
+//!   every other waiter gets a [`Panicked`] error, as above; the key is
+//!   free again at once (a panic is never cached, even with
+//!   [`error_ttl`](DedupBuilder::error_ttl));
+//! - a panic in the inner future's destructor is caught and ignored (it
+//!   may run while a waiter is dropped during a panic, where a second
+//!   panic would abort the process).
 //!
 //! # Caching
 //!
@@ -159,17 +164,16 @@
 //!
 //! # Cost
 //!
-//! The first caller of a key (the leader) keeps the inner future to itself
-//! and polls it inline, with its own waker. A call that answers on its
-//! first poll hashes its key once (with std's randomly keyed `RandomState`),
-//! takes the table's lock twice (start and finish), and reuses the pinned
-//! box of an earlier call, so in the steady state it allocates nothing.
-//! Shared state (the waker list, the answer for the others, the future) is
-//! made only when a second caller joins, or when the inner future is
-//! pending on its first poll: the leader then hands the future over, and
-//! from there on whichever waiter is polled drives it. A caller that joins
-//! before the leader's first poll waits for that poll (or for the leader to
-//! go away, which hands the future over).
+//! The inner future waits in the table until the first of its callers is
+//! polled. Usually that is the first caller of the key (the leader), which
+//! takes it and polls it inline, with its own waker. A call that answers on
+//! its first poll hashes its key once (with std's randomly keyed
+//! `RandomState`), takes the table's lock three times (start, first poll,
+//! finish), and reuses the pinned box of an earlier call, so in the steady
+//! state it allocates nothing. Shared state (the waker list, the answer for
+//! the others, the future) is made only when a second caller joins, or
+//! when the inner future is pending on its first poll; from there on
+//! whichever waiter is polled drives it.
 
 mod error;
 mod flight;

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use tower_service::Service;
 
-use super::flight::{Kind, Start, Table};
+use super::flight::{EventKind, FlightTable, Start};
 use super::future::{Leader, ResponseFuture, Waiter};
 use super::layer::ServiceTables;
 use super::{DedupHandle, DedupKey, DedupLayer};
@@ -33,7 +33,7 @@ impl<S, K> Dedup<S, K> {
         Self {
             inner,
             key: layer.key.clone(),
-            tables: layer.shared.service(),
+            tables: layer.registry.service(),
             table: None,
         }
     }
@@ -58,14 +58,14 @@ impl<S, K> Dedup<S, K> {
         self.inner
     }
 
-    fn table<Key, F, T>(&mut self) -> Arc<Table<Key, F, T>>
+    fn table<Key, F, T>(&mut self) -> Arc<FlightTable<Key, F, T>>
     where
         Key: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
         F: Send + 'static,
         T: Clone + Send + 'static,
     {
         if let Some(t) = &self.table {
-            if let Ok(t) = Arc::downcast::<Table<Key, F, T>>(t.clone()) {
+            if let Ok(t) = Arc::downcast::<FlightTable<Key, F, T>>(t.clone()) {
                 return t;
             }
         }
@@ -121,29 +121,22 @@ where
         // panics, the panic reaches this caller and dropping the guard
         // releases the entry (or hands the call to whoever joined it).
         match table.start(key, || inner.call(req)) {
-            Start::Leader(ticket, fut, spare) => {
-                let home = match spare {
-                    Some(mut home) => {
-                        home.set(Some(fut));
-                        home
-                    }
-                    None => Box::pin(Some(fut)),
-                };
-                let leader = Leader::new(table, ticket, home);
-                leader.emit(Kind::Leader);
+            Start::Leader(call_ref) => {
+                let leader = Leader::new(table, call_ref);
+                leader.emit(EventKind::Leader);
                 ResponseFuture::leading(leader)
             }
-            Start::Joined(ticket, group) => {
-                let waiter = Waiter::new(table, ticket, group);
-                waiter.emit(Kind::Joined);
+            Start::Joined(call_ref, flight) => {
+                let waiter = Waiter::new(table, call_ref, flight);
+                waiter.emit(EventKind::Joined);
                 ResponseFuture::waiting(waiter)
             }
             Start::Hit(res) => {
-                table.cfg.emit(Kind::CacheHit);
+                table.cfg.emit(EventKind::CacheHit);
                 ResponseFuture::ready(res.map_err(Into::into))
             }
             Start::Bypass(fut) => {
-                table.cfg.emit(Kind::Full);
+                table.cfg.emit(EventKind::Full);
                 ResponseFuture::direct(fut)
             }
         }
