@@ -353,13 +353,20 @@ struct BreakerDraw {
     timed: bool,
 }
 
-fn draw_breaker(rng: &mut fastrand::Rng, world: &Arc<World>) -> BreakerDraw {
+fn draw_breaker(rng: &mut fastrand::Rng, world: &Arc<World>, multi_thread: bool) -> BreakerDraw {
+    // On the multi-thread runtime the clock is not paused: breakers there
+    // half-open as soon as a millisecond has passed, so probes happen.
+    let open_timeout = if multi_thread {
+        MS
+    } else {
+        MS * rng.u32(100..1500)
+    };
     let mut builder = CircuitBreakerLayer::builder()
         .name("torture")
         .failure_threshold(rng.u32(1..4))
         .success_threshold(rng.u32(1..3))
         .half_open_max_calls(rng.u32(1..3))
-        .open_timeout(Duration::from_secs(rng.u64(1..5)))
+        .open_timeout(open_timeout)
         .honor_retry_after(rng.bool())
         .max_retry_after(Duration::from_secs(10))
         .on_event(world.listener::<CircuitEvent>());
@@ -388,7 +395,7 @@ fn build(kind: Kind, seed: u64, multi_thread: bool) -> Built {
     };
     let (svc, under) = match kind {
         Kind::Breaker => {
-            let d = draw_breaker(&mut rng, &world);
+            let d = draw_breaker(&mut rng, &world, multi_thread);
             let layer = d
                 .builder
                 .classify(Judge { timed: d.timed })
@@ -398,7 +405,7 @@ fn build(kind: Kind, seed: u64, multi_thread: bool) -> Built {
             (Stack::new(layer.layer(chaos)), Under::Breaker { handle })
         }
         Kind::Keyed => {
-            let d = draw_breaker(&mut rng, &world);
+            let d = draw_breaker(&mut rng, &world, multi_thread);
             let layer = d
                 .builder
                 .classify(Judge { timed: d.timed })
@@ -415,7 +422,7 @@ fn build(kind: Kind, seed: u64, multi_thread: bool) -> Built {
             (Stack::new(layer.layer(chaos)), Under::Keyed { handle })
         }
         Kind::Fallback => {
-            let d = draw_breaker(&mut rng, &world);
+            let d = draw_breaker(&mut rng, &world, multi_thread);
             let entry = |n: u8| Chaos {
                 entry: n,
                 world: world.clone(),
@@ -577,7 +584,7 @@ fn act() -> impl Strategy<Value = Act> {
 }
 
 fn request() -> impl Strategy<Value = Req> {
-    let rarely = || proptest::bool::weighted(0.04);
+    let rarely = || proptest::bool::weighted(0.06);
     (
         0u8..3,
         proptest::array::uniform3(act()),
@@ -1086,3 +1093,115 @@ fn adaptive_multi_thread() {
     multi_thread_rounds(Kind::Adaptive, 24);
 }
 
+/// Opens `handle`'s breaker with one failure through `svc`, then lets its
+/// open period pass.
+async fn open_then_wait(svc: &mut Stack, handle: &CircuitHandle) {
+    let failing = Req::new(0, [Act::Fail; 3]);
+    assert!(svc.ready().await.unwrap().call(failing).await.is_err());
+    assert_eq!(handle.state(), CircuitState::Open);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(handle.state(), CircuitState::HalfOpen);
+}
+
+/// A probe whose classifier panics (in `classify`, or in `retry_after`
+/// with back-off hints honoured): its caller sees the panic, and the probe
+/// slot comes back, so the next call probes and closes the breaker. The
+/// slot used to stay taken, refusing every later call.
+async fn probe_classifier_panics(
+    mut svc: Stack,
+    handle: CircuitHandle,
+    panics: u8,
+) -> Result<(), String> {
+    open_then_wait(&mut svc, &handle).await;
+    let probe = Req {
+        panics,
+        ..Req::ok(0)
+    };
+    let fut = svc.ready().await.unwrap().call(probe);
+    let caught = futures::FutureExt::catch_unwind(AssertUnwindSafe(fut)).await;
+    if caught.is_ok() {
+        return Err("the caller did not see the classifier's panic".into());
+    }
+    let m = handle.metrics();
+    if m.half_open_in_flight != 0 || m.state != CircuitState::HalfOpen {
+        return Err(format!("after the panic: {m:?}"));
+    }
+    let answer = svc.ready().await.unwrap().call(Req::ok(0)).await;
+    answer.map_err(|e| format!("the next probe: {e}"))?;
+    match handle.state() {
+        CircuitState::Closed => Ok(()),
+        s => Err(format!("not closed after a successful probe: {s}")),
+    }
+}
+
+fn one_strike() -> CircuitBreakerBuilder {
+    CircuitBreakerLayer::builder()
+        .name("one-strike")
+        .failure_threshold(1)
+        .success_threshold(1)
+        .honor_retry_after(true)
+        .open_timeout(Duration::from_secs(1))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_breaker_classifier_that_panics_on_a_probe_gives_the_slot_back() {
+    quiet_panics();
+    for panics in [CLASSIFY, RETRY_AFTER] {
+        let layer = one_strike()
+            .classify(Judge { timed: false })
+            .build()
+            .unwrap();
+        let handle = layer.handle();
+        let chaos = Chaos {
+            entry: 0,
+            world: World::new(),
+        };
+        let svc = Stack::new(layer.layer(chaos));
+        probe_classifier_panics(svc, handle, panics).await.unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_keyed_breaker_classifier_that_panics_on_a_probe_gives_the_slot_back() {
+    quiet_panics();
+    for panics in [CLASSIFY, RETRY_AFTER] {
+        let layer = one_strike()
+            .classify(Judge { timed: false })
+            .key(|req: &Req| req.key)
+            .build()
+            .unwrap();
+        let keyed = layer.handle();
+        let chaos = Chaos {
+            entry: 0,
+            world: World::new(),
+        };
+        let mut svc = Stack::new(layer.layer(chaos));
+        // The key's breaker exists once it has seen a call.
+        svc.ready().await.unwrap().call(Req::ok(0)).await.unwrap();
+        let handle = keyed.breaker(&0).unwrap();
+        probe_classifier_panics(svc, handle, panics).await.unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fallback_classifier_that_panics_on_a_probe_gives_the_slot_back() {
+    quiet_panics();
+    for panics in [CLASSIFY, RETRY_AFTER] {
+        let world = World::new();
+        let layer = FallbackLayer::builder()
+            .fallback(
+                "spare",
+                Chaos {
+                    entry: 1,
+                    world: world.clone(),
+                },
+            )
+            .breaker(one_strike())
+            .classify(Judge { timed: false })
+            .build()
+            .unwrap();
+        let handle = layer.handle().breaker("primary").unwrap().clone();
+        let svc = Stack::new(layer.layer(Chaos { entry: 0, world }));
+        probe_classifier_panics(svc, handle, panics).await.unwrap();
+    }
+}
