@@ -3,18 +3,18 @@
 //! polls, drops of the response futures at every await point, time
 //! passing, and panics in the inner service's `poll_ready`, `call` and
 //! response future and in every user closure the layer takes (classifier
-//! and its `retry_after`, key, `fail_over_if`, `hedge_if`, the per-request
-//! timeout, every `on_event` listener).
+//! and its `retry_after`, key, `fail_over_if`, `or_else`, `hedge_if`, the
+//! per-request timeout, every `on_event` listener).
 //!
 //! Afterwards, read through the layers' handles, every half-open probe
 //! slot and every adaptive slot is back, no inner future is left alive,
-//! the counts the handles report match what the callers saw, and the
-//! layers work again: an open breaker half-opens after its open period and
-//! closes after successes, each fallback entry's breaker too, a hedge is
-//! still sent, and exactly `limit` calls are admitted at once. Histories
-//! run on tokio's current-thread runtime on the paused clock, and on the
-//! multi-thread runtime (whose survivors are then checked on a paused
-//! clock, so no test waits on the wall clock).
+//! the counts the handles report match what the callers and the upstream
+//! saw, and the layers work again: an open breaker half-opens after its
+//! open period and closes after successes, each fallback entry's breaker
+//! too, a hedge is still sent, and exactly `limit` calls are admitted at
+//! once. Histories run on tokio's current-thread runtime on the paused
+//! clock, and on the multi-thread runtime (whose survivors are then
+//! checked on a paused clock, so no test waits on the wall clock).
 #![cfg(all(
     feature = "circuit-breaker",
     feature = "fallback",
@@ -111,6 +111,9 @@ impl Req {
         Self::new(key, [Act::Ok; 3])
     }
 }
+
+/// The entry a fallback's `or_else` answers as.
+const OR_ELSE: u8 = 9;
 
 /// An upstream's answer: which attempt and entry answered, and what the
 /// classifier must know about the request.
@@ -440,9 +443,27 @@ fn build(kind: Kind, seed: u64, multi_thread: bool) -> Built {
                     }
                     true
                 })
-                .on_event(world.listener::<FallbackEvent>())
-                .build()
-                .unwrap();
+                .on_event(world.listener::<FallbackEvent>());
+            let layer = if rng.bool() {
+                // The last resort is user code too: it panics while the
+                // listeners do.
+                let w = world.clone();
+                layer.or_else(move |_| {
+                    if w.listeners_panic.load(SeqCst) {
+                        panic!("torture: or_else");
+                    }
+                    Ok(Answer {
+                        attempt: 0,
+                        entry: OR_ELSE,
+                        panics: 0,
+                        hint: None,
+                        ignore: false,
+                    })
+                })
+            } else {
+                layer
+            };
+            let layer = layer.build().unwrap();
             let handle = layer.handle();
             (Stack::new(layer.layer(chaos)), Under::Fallback { handle })
         }
@@ -469,15 +490,17 @@ fn build(kind: Kind, seed: u64, multi_thread: bool) -> Built {
         }
         Kind::Hedge => {
             let max_hedges = rng.u32(1..3);
-            let share = [0.1, 0.5, 1.0][rng.usize(0..3)];
+            // Mostly budgets that let many calls be hedged, so hedges are
+            // sent, raced and dropped often.
+            let share = [0.2, 1.0, f64::from(max_hedges)][rng.usize(0..3)];
             let mut b = HedgeLayer::builder()
                 .name("torture")
                 .max_hedges(max_hedges)
                 .max_extra_load(share);
             b = if multi_thread {
                 b.delay(Duration::ZERO)
-            } else if rng.bool() {
-                b.delay(MS * rng.u32(1..60))
+            } else if rng.u8(0..4) > 0 {
+                b.delay(MS * rng.u32(1..20))
             } else {
                 b.min_data_points(2).window(8).min_delay(MS)
             };
@@ -561,6 +584,8 @@ fn poll_caught(world: &World, f: &mut Pending) -> Option<Poll<Result<Answer, Box
 enum Op {
     Call(Req),
     Poll(usize),
+    /// Polls every future once, as a runtime does when time has passed.
+    PollAll,
     /// Polls a future this many times, then drops it wherever it is.
     PollThenDrop(usize, u8),
     Drop(usize),
@@ -573,10 +598,10 @@ enum Op {
 
 fn act() -> impl Strategy<Value = Act> {
     prop_oneof![
-        4 => Just(Act::Ok),
+        3 => Just(Act::Ok),
         3 => Just(Act::Fail),
         3 => Just(Act::Hold),
-        2 => (1u16..300).prop_map(Act::Sleep),
+        3 => (1u16..100).prop_map(Act::Sleep),
         1 => Just(Act::Shrug),
         1 => Just(Act::PanicInCall),
         1 => (0u8..3).prop_map(Act::PanicInFuture),
@@ -607,13 +632,15 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         5 => request().prop_map(Op::Call),
         6 => any::<usize>().prop_map(Op::Poll),
+        2 => Just(Op::PollAll),
         2 => (any::<usize>(), 0u8..4).prop_map(|(i, n)| Op::PollThenDrop(i, n)),
         1 => any::<usize>().prop_map(Op::Drop),
         3 => prop_oneof![0u64..50, 0u64..5_000].prop_map(Op::Advance),
         2 => (1usize..4).prop_map(Op::Release),
         1 => any::<bool>().prop_map(Op::ListenersPanic),
-        1 => proptest::bool::weighted(0.3).prop_map(Op::ReadyPanics),
-        1 => proptest::bool::weighted(0.3).prop_map(Op::ReadyPending),
+        // On a fifth of the time: a switch left on stops every call.
+        2 => proptest::bool::weighted(0.2).prop_map(Op::ReadyPanics),
+        2 => proptest::bool::weighted(0.2).prop_map(Op::ReadyPending),
     ]
 }
 
@@ -625,7 +652,12 @@ async fn play(b: &mut Built, ops: &[Op]) {
         match op {
             Op::Call(req) => {
                 if live.len() < 12 {
-                    live.extend(start(b, req.clone()));
+                    // Attempts are counted per call.
+                    let req = Req {
+                        tries: Arc::default(),
+                        ..req.clone()
+                    };
+                    live.extend(start(b, req));
                 }
             }
             Op::Poll(i) if !live.is_empty() => {
@@ -633,6 +665,9 @@ async fn play(b: &mut Built, ops: &[Op]) {
                 if !matches!(poll_caught(&b.world, &mut live[i]), Some(Poll::Pending)) {
                     drop(live.swap_remove(i));
                 }
+            }
+            Op::PollAll => {
+                live.retain_mut(|f| matches!(poll_caught(&b.world, f), Some(Poll::Pending)))
             }
             Op::PollThenDrop(i, n) if !live.is_empty() => {
                 let mut f = live.swap_remove(i % live.len());
@@ -946,7 +981,7 @@ macro_rules! current_thread_histories {
             #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
             $(
                 #[test]
-                fn $name(seed in any::<u64>(), ops in proptest::collection::vec(op(), 1..80)) {
+                fn $name(seed in any::<u64>(), ops in proptest::collection::vec(op(), 1..120)) {
                     current_thread_history($kind, seed, &ops)?;
                 }
             )*
