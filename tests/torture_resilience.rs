@@ -80,6 +80,10 @@ const RETRY_AFTER: u8 = 4;
 /// timeout.
 const PREDICATE: u8 = 8;
 
+/// Keys of the keyed breaker's requests: few, so each key's breaker
+/// opens and half-opens often, and more than the smallest table holds.
+const KEYS: u8 = 2;
+
 /// A request: what each attempt at it does (the first, the second, and
 /// every later one), and which user closures panic on it.
 #[derive(Clone, Debug)]
@@ -418,7 +422,7 @@ fn build(kind: Kind, seed: u64, multi_thread: bool) -> Built {
                     }
                     req.key
                 })
-                .max_keys(rng.usize(1..4))
+                .max_keys(rng.usize(1..3))
                 .build()
                 .unwrap();
             let handle = layer.handle();
@@ -611,7 +615,7 @@ fn act() -> impl Strategy<Value = Act> {
 fn request() -> impl Strategy<Value = Req> {
     let rarely = || proptest::bool::weighted(0.06);
     (
-        0u8..3,
+        0u8..KEYS,
         proptest::array::uniform3(act()),
         (rarely(), rarely(), rarely(), rarely()),
         proptest::option::weighted(0.3, 1u16..300),
@@ -843,7 +847,7 @@ impl Built {
             }
             Under::Keyed { handle } => {
                 let handle = handle.clone();
-                for key in 0..3 {
+                for key in 0..KEYS {
                     let breaker = || handle.breaker(&key).unwrap_or_else(|| handle.overflow());
                     self.close(key, 0, breaker).await?;
                 }
@@ -976,26 +980,28 @@ fn current_thread_history(kind: Kind, seed: u64, ops: &[Op]) -> Result<(), TestC
 }
 
 macro_rules! current_thread_histories {
-    ($($name:ident: $kind:expr;)*) => {
-        proptest! {
-            #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
-            $(
+    ($($name:ident: $kind:expr, $cases:expr;)*) => {
+        $(
+            proptest! {
+                #![proptest_config(ProptestConfig { cases: $cases, ..ProptestConfig::default() })]
                 #[test]
                 fn $name(seed in any::<u64>(), ops in proptest::collection::vec(op(), 1..120)) {
                     current_thread_history($kind, seed, &ops)?;
                 }
-            )*
-        }
+            }
+        )*
     };
 }
 
+// The breakers get more histories: a probe needs a history to open a
+// breaker, let its open period pass and call again.
 current_thread_histories! {
-    breaker_histories_give_everything_back: Kind::Breaker;
-    keyed_breaker_histories_give_everything_back: Kind::Keyed;
-    fallback_histories_give_everything_back: Kind::Fallback;
-    timeout_histories_give_everything_back: Kind::Timeout;
-    hedge_histories_give_everything_back: Kind::Hedge;
-    adaptive_histories_give_everything_back: Kind::Adaptive;
+    breaker_histories_give_everything_back: Kind::Breaker, 128;
+    keyed_breaker_histories_give_everything_back: Kind::Keyed, 128;
+    fallback_histories_give_everything_back: Kind::Fallback, 128;
+    timeout_histories_give_everything_back: Kind::Timeout, 64;
+    hedge_histories_give_everything_back: Kind::Hedge, 96;
+    adaptive_histories_give_everything_back: Kind::Adaptive, 64;
 }
 
 /// A random request for the multi-thread rounds: no upstream sleeps (they
@@ -1015,7 +1021,7 @@ fn random_request(rng: &mut fastrand::Rng) -> Req {
         ][rng.usize(0..9)]
     };
     let acts = [act(), act(), act()];
-    let mut req = Req::new(rng.u8(0..3), acts);
+    let mut req = Req::new(rng.u8(0..KEYS), acts);
     if rng.u8(0..10) == 0 {
         req.panics = [KEY, CLASSIFY, RETRY_AFTER, PREDICATE][rng.usize(0..4)];
     }
