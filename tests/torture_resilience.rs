@@ -27,7 +27,7 @@ use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::SeqCst};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -43,7 +43,7 @@ use tower_bulwark::circuit_breaker::{
     CircuitBreakerBuilder, CircuitBreakerLayer, CircuitEvent, CircuitHandle, CircuitOpen,
     CircuitState, KeyedCircuitHandle, Window,
 };
-use tower_bulwark::classify::{Classify, Outcome};
+use tower_bulwark::classify::{Classify, Outcome, Verdict};
 use tower_bulwark::fallback::{AllFailed, FallbackEvent, FallbackHandle, FallbackLayer};
 use tower_bulwark::hedge::{HedgeEvent, HedgeHandle, HedgeLayer};
 use tower_bulwark::timeout::{TimedOut, TimeoutEvent, TimeoutHandle, TimeoutLayer};
@@ -95,6 +95,8 @@ struct Req {
     timeout: Option<u16>,
     /// A back-off hint its answers carry (`Retry-After`).
     hint: Option<u16>,
+    /// A breaker's classifier judges its answers later.
+    defer: bool,
     /// Attempts made so far, shared by the request's clones.
     tries: Arc<AtomicU8>,
 }
@@ -107,6 +109,7 @@ impl Req {
             panics: 0,
             timeout: None,
             hint: None,
+            defer: false,
             tries: Arc::default(),
         }
     }
@@ -128,6 +131,8 @@ struct Answer {
     panics: u8,
     hint: Option<u16>,
     ignore: bool,
+    /// The classifier judges it later.
+    defer: bool,
 }
 
 /// An upstream's failure, with what the classifier must know.
@@ -161,6 +166,8 @@ struct World {
     copies: AtomicU64,
     /// `TimedOut` errors the callers got.
     timed_out: AtomicU64,
+    /// Deferred verdicts not reported yet.
+    verdicts: Arc<Verdicts>,
 }
 
 impl World {
@@ -174,6 +181,7 @@ impl World {
             calls: AtomicU64::new(0),
             copies: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
+            verdicts: Arc::default(),
         })
     }
 
@@ -185,6 +193,18 @@ impl World {
             if world.listeners_panic.load(SeqCst) {
                 panic!("torture: listener");
             }
+        }
+    }
+
+    /// Reports or drops every verdict still waiting, as the callers that
+    /// read the answers finish or go away.
+    fn settle_verdicts(&self) {
+        let mut i = 0;
+        while let Some((verdict, outcome)) = self.verdicts.take(0) {
+            if i % 2 == 0 {
+                verdict.report(outcome);
+            }
+            i += 1;
         }
     }
 
@@ -252,6 +272,7 @@ impl Service<Req> for Chaos {
             panics: req.panics,
             hint: req.hint,
             ignore: act == Act::Shrug,
+            defer: req.defer,
         };
         Box::pin(async move {
             match act {
@@ -279,10 +300,29 @@ impl Service<Req> for Chaos {
 }
 
 /// The classifier every layer gets: `Err` fails, a shrug is ignored, and
-/// it panics when the request says so.
-#[derive(Clone, Copy, Debug)]
+/// it panics when the request says so. With `verdicts`, it judges the
+/// answers of requests that ask for it only later, as a gRPC classifier
+/// does at the end of a body: their verdicts wait there, and the history
+/// reports or drops them.
+#[derive(Clone, Debug, Default)]
 struct Judge {
     timed: bool,
+    verdicts: Option<Arc<Verdicts>>,
+}
+
+/// Verdicts of deferred answers, with the outcome each will report.
+#[derive(Debug, Default)]
+struct Verdicts(Mutex<Vec<(Verdict, Outcome)>>);
+
+impl Verdicts {
+    /// Takes the `i`th waiting verdict, if any.
+    fn take(&self, i: usize) -> Option<(Verdict, Outcome)> {
+        let mut v = self.0.lock().unwrap();
+        (!v.is_empty()).then(|| {
+            let n = v.len();
+            v.swap_remove(i % n)
+        })
+    }
 }
 
 fn marks(res: &Result<Answer, BoxError>) -> (u8, Option<u16>) {
@@ -291,6 +331,15 @@ fn marks(res: &Result<Answer, BoxError>) -> (u8, Option<u16>) {
         Err(e) => e
             .downcast_ref::<Failed>()
             .map_or((0, None), |f| (f.panics, f.hint)),
+    }
+}
+
+impl Judge {
+    fn timed(timed: bool) -> Self {
+        Self {
+            timed,
+            verdicts: None,
+        }
     }
 }
 
@@ -316,6 +365,22 @@ impl Classify<Answer, BoxError> for Judge {
             panic!("torture: retry_after");
         }
         hint.map(|ms| MS * u32::from(ms))
+    }
+
+    fn defers(&self) -> bool {
+        self.verdicts.is_some()
+    }
+
+    fn defer(&self, res: &mut Result<Answer, BoxError>, verdict: Verdict) -> Option<Verdict> {
+        let (Some(verdicts), Ok(a)) = (&self.verdicts, &*res) else {
+            return Some(verdict);
+        };
+        if !a.defer {
+            return Some(verdict);
+        }
+        let outcome = self.classify(res, Duration::ZERO);
+        verdicts.0.lock().unwrap().push((verdict, outcome));
+        None
     }
 }
 
@@ -356,8 +421,9 @@ const LONGEST_OPEN: Duration = Duration::from_secs(60);
 /// slow calls, back-off hints honoured or not.
 struct BreakerDraw {
     builder: CircuitBreakerBuilder,
-    /// The classifier reads call durations (slow calls count).
-    timed: bool,
+    /// Its classifier: timed when slow calls count, and deferring some
+    /// verdicts half the time.
+    judge: Judge,
 }
 
 fn draw_breaker(rng: &mut fastrand::Rng, world: &Arc<World>, multi_thread: bool) -> BreakerDraw {
@@ -387,7 +453,11 @@ fn draw_breaker(rng: &mut fastrand::Rng, world: &Arc<World>, multi_thread: bool)
     if timed {
         builder = builder.slow_call_duration(MS * 150);
     }
-    BreakerDraw { builder, timed }
+    let judge = Judge {
+        timed,
+        verdicts: rng.bool().then(|| world.verdicts.clone()),
+    };
+    BreakerDraw { builder, judge }
 }
 
 /// Builds a stack of `kind` over the chaos upstream, with settings drawn
@@ -403,11 +473,7 @@ fn build(kind: Kind, seed: u64, multi_thread: bool) -> Built {
     let (svc, under) = match kind {
         Kind::Breaker => {
             let d = draw_breaker(&mut rng, &world, multi_thread);
-            let layer = d
-                .builder
-                .classify(Judge { timed: d.timed })
-                .build()
-                .unwrap();
+            let layer = d.builder.classify(d.judge).build().unwrap();
             let handle = layer.handle();
             (Stack::new(layer.layer(chaos)), Under::Breaker { handle })
         }
@@ -415,7 +481,7 @@ fn build(kind: Kind, seed: u64, multi_thread: bool) -> Built {
             let d = draw_breaker(&mut rng, &world, multi_thread);
             let layer = d
                 .builder
-                .classify(Judge { timed: d.timed })
+                .classify(d.judge)
                 .key(|req: &Req| {
                     if req.panics & KEY != 0 {
                         panic!("torture: key");
@@ -439,7 +505,7 @@ fn build(kind: Kind, seed: u64, multi_thread: bool) -> Built {
                 .fallback("b", entry(1))
                 .fallback("c", entry(2))
                 .breaker(d.builder)
-                .classify(Judge { timed: d.timed })
+                .classify(d.judge)
                 .skip_not_ready(rng.bool())
                 .fail_over_if(|req: &Req| {
                     if req.panics & PREDICATE != 0 {
@@ -462,6 +528,7 @@ fn build(kind: Kind, seed: u64, multi_thread: bool) -> Built {
                         panics: 0,
                         hint: None,
                         ignore: false,
+                        defer: false,
                     })
                 })
             } else {
@@ -515,7 +582,7 @@ fn build(kind: Kind, seed: u64, multi_thread: bool) -> Built {
                     }
                     true
                 })
-                .classify(Judge { timed: false })
+                .classify(Judge::timed(false))
                 .on_event(world.listener::<HedgeEvent>())
                 .build()
                 .unwrap();
@@ -543,7 +610,7 @@ fn build(kind: Kind, seed: u64, multi_thread: bool) -> Built {
                 .initial_limit(rng.usize(1..5))
                 .max_limit(8)
                 .max_wait(max_wait)
-                .classify(Judge { timed: rng.bool() })
+                .classify(Judge::timed(rng.bool()))
                 .on_event(world.listener::<AdaptiveEvent>())
                 .build()
                 .unwrap();
@@ -598,6 +665,8 @@ enum Op {
     ListenersPanic(bool),
     ReadyPanics(bool),
     ReadyPending(bool),
+    /// Reports (or drops, if `false`) a waiting verdict.
+    Verdict(usize, bool),
 }
 
 fn act() -> impl Strategy<Value = Act> {
@@ -620,13 +689,15 @@ fn request() -> impl Strategy<Value = Req> {
         (rarely(), rarely(), rarely(), rarely()),
         proptest::option::weighted(0.3, 1u16..300),
         proptest::option::weighted(0.1, 1u16..60_000),
+        proptest::bool::weighted(0.3),
     )
-        .prop_map(|(key, acts, (k, c, r, p), timeout, hint)| {
+        .prop_map(|(key, acts, (k, c, r, p), timeout, hint, defer)| {
             let bit = |on: bool, b: u8| if on { b } else { 0 };
             Req {
                 panics: bit(k, KEY) | bit(c, CLASSIFY) | bit(r, RETRY_AFTER) | bit(p, PREDICATE),
                 timeout,
                 hint,
+                defer,
                 ..Req::new(key, acts)
             }
         })
@@ -645,6 +716,7 @@ fn op() -> impl Strategy<Value = Op> {
         // On a fifth of the time: a switch left on stops every call.
         2 => proptest::bool::weighted(0.2).prop_map(Op::ReadyPanics),
         2 => proptest::bool::weighted(0.2).prop_map(Op::ReadyPending),
+        2 => (any::<usize>(), proptest::bool::weighted(0.7)).prop_map(|(i, r)| Op::Verdict(i, r)),
     ]
 }
 
@@ -688,11 +760,19 @@ async fn play(b: &mut Built, ops: &[Op]) {
             Op::ListenersPanic(on) => b.world.listeners_panic.store(*on, SeqCst),
             Op::ReadyPanics(on) => b.world.ready_panics.store(*on, SeqCst),
             Op::ReadyPending(on) => b.world.ready_pending.store(*on, SeqCst),
+            Op::Verdict(i, report) => {
+                if let Some((verdict, outcome)) = b.world.verdicts.take(*i) {
+                    if *report {
+                        verdict.report(outcome);
+                    }
+                }
+            }
             _ => {}
         }
     }
     // The callers go away; whatever was mid-flight is dropped where it is.
     drop(live);
+    b.world.settle_verdicts();
 }
 
 /// No probe slot of `h` is held: no call is in flight any more.
@@ -1033,6 +1113,7 @@ fn random_request(rng: &mut fastrand::Rng) -> Req {
     if rng.u8(0..10) == 0 {
         req.hint = Some(rng.u16(1..60_000));
     }
+    req.defer = rng.u8(0..10) < 3;
     req
 }
 
@@ -1097,6 +1178,7 @@ fn multi_thread_rounds(kind: Kind, rounds: u64) {
             for t in tasks {
                 let _ = t.await;
             }
+            b.world.settle_verdicts();
             b
         });
         let checked = paused(async {
@@ -1193,10 +1275,7 @@ fn one_strike() -> CircuitBreakerBuilder {
 async fn a_breaker_classifier_that_panics_on_a_probe_gives_the_slot_back() {
     quiet_panics();
     for panics in [CLASSIFY, RETRY_AFTER] {
-        let layer = one_strike()
-            .classify(Judge { timed: false })
-            .build()
-            .unwrap();
+        let layer = one_strike().classify(Judge::timed(false)).build().unwrap();
         let handle = layer.handle();
         let chaos = Chaos {
             entry: 0,
@@ -1212,7 +1291,7 @@ async fn a_keyed_breaker_classifier_that_panics_on_a_probe_gives_the_slot_back()
     quiet_panics();
     for panics in [CLASSIFY, RETRY_AFTER] {
         let layer = one_strike()
-            .classify(Judge { timed: false })
+            .classify(Judge::timed(false))
             .key(|req: &Req| req.key)
             .build()
             .unwrap();
@@ -1243,7 +1322,7 @@ async fn a_fallback_classifier_that_panics_on_a_probe_gives_the_slot_back() {
                 },
             )
             .breaker(one_strike())
-            .classify(Judge { timed: false })
+            .classify(Judge::timed(false))
             .build()
             .unwrap();
         let handle = layer.handle().breaker("primary").unwrap().clone();
