@@ -1,10 +1,11 @@
 //! Random histories through the circuit breaker (plain and keyed), the
-//! fallback group, the timeout, the hedge and the adaptive limit: calls,
-//! polls, drops of the response futures at every await point, time
-//! passing, and panics in the inner service's `poll_ready`, `call` and
-//! response future and in every user closure the layer takes (classifier
-//! and its `retry_after`, key, `fail_over_if`, `or_else`, `hedge_if`, the
-//! per-request timeout, every `on_event` listener).
+//! fallback group, the timeout, the hedge and the adaptive limit, each
+//! alone and the last four in one stack: calls, polls, drops of the
+//! response futures at every await point, time passing, verdicts a
+//! classifier defers, and panics in the inner service's `poll_ready`,
+//! `call` and response future and in every user closure the layer takes
+//! (classifier and its `retry_after`, key, `fail_over_if`, `or_else`,
+//! `hedge_if`, the per-request timeout, every `on_event` listener).
 //!
 //! Afterwards, read through the layers' handles, every half-open probe
 //! slot and every adaptive slot is back, no inner future is left alive,
@@ -34,7 +35,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use tokio::sync::Semaphore;
 use tower::util::BoxCloneSyncService;
-use tower::{BoxError, Layer, Service, ServiceExt};
+use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_bulwark::adaptive::{
     AdaptiveEvent, AdaptiveHandle, AdaptiveLimitLayer, Aimd, Algorithm, Gradient, LimitReached,
     Vegas,
@@ -395,16 +396,38 @@ enum Kind {
     Timeout,
     Hedge,
     Adaptive,
+    /// Timeout over hedge over breaker over adaptive limit: each layer's
+    /// drops and panics reach the ones around it.
+    Stacked,
 }
 
 /// Its handle, and the settings the checks need.
 enum Under {
-    Breaker { handle: CircuitHandle },
-    Keyed { handle: KeyedCircuitHandle<u8> },
-    Fallback { handle: FallbackHandle },
-    Timeout { handle: TimeoutHandle },
-    Hedge { handle: HedgeHandle, share: f64 },
-    Adaptive { handle: AdaptiveHandle },
+    Breaker {
+        handle: CircuitHandle,
+    },
+    Keyed {
+        handle: KeyedCircuitHandle<u8>,
+    },
+    Fallback {
+        handle: FallbackHandle,
+    },
+    Timeout {
+        handle: TimeoutHandle,
+    },
+    Hedge {
+        handle: HedgeHandle,
+        share: f64,
+    },
+    Adaptive {
+        handle: AdaptiveHandle,
+    },
+    Stacked {
+        breaker: CircuitHandle,
+        adaptive: AdaptiveHandle,
+        hedge: HedgeHandle,
+        timeout: TimeoutHandle,
+    },
 }
 
 struct Built {
@@ -591,6 +614,62 @@ fn build(kind: Kind, seed: u64, multi_thread: bool) -> Built {
                 Stack::new(layer.layer(chaos)),
                 Under::Hedge { handle, share },
             )
+        }
+        Kind::Stacked => {
+            let d = draw_breaker(&mut rng, &world, multi_thread);
+            let breaker = d.builder.classify(d.judge).build().unwrap();
+            let max_wait = match (multi_thread, rng.bool()) {
+                (_, false) => Duration::ZERO,
+                (true, true) => MS,
+                (false, true) => MS * rng.u32(1..100),
+            };
+            let adaptive = AdaptiveLimitLayer::builder()
+                .name("torture")
+                .min_limit(1)
+                .initial_limit(rng.usize(1..5))
+                .max_limit(8)
+                .max_wait(max_wait)
+                .classify(Judge::timed(false))
+                .on_event(world.listener::<AdaptiveEvent>())
+                .build()
+                .unwrap();
+            let delay = if multi_thread {
+                Duration::ZERO
+            } else {
+                MS * rng.u32(1..20)
+            };
+            let hedge = HedgeLayer::builder()
+                .name("torture")
+                .delay(delay)
+                .max_extra_load(1.0)
+                .classify(Judge::timed(false))
+                .on_event(world.listener::<HedgeEvent>())
+                .build()
+                .unwrap();
+            let timeout = if multi_thread {
+                MS
+            } else {
+                MS * rng.u32(20..200)
+            };
+            let timeout = TimeoutLayer::builder()
+                .name("torture")
+                .timeout(timeout)
+                .on_event(world.listener::<TimeoutEvent>())
+                .build()
+                .unwrap();
+            let under = Under::Stacked {
+                breaker: breaker.handle(),
+                adaptive: adaptive.handle(),
+                hedge: hedge.handle(),
+                timeout: timeout.handle(),
+            };
+            let svc = ServiceBuilder::new()
+                .layer(timeout)
+                .layer(hedge)
+                .layer(breaker)
+                .layer(adaptive)
+                .service(chaos);
+            (Stack::new(svc), under)
         }
         Kind::Adaptive => {
             let algorithm: Algorithm = match rng.u8(0..3) {
@@ -841,6 +920,18 @@ impl Built {
                 prop_assert_eq!(handle.in_flight(), 0, "adaptive slots held");
                 prop_assert!((1..=8).contains(&handle.limit()));
             }
+            Under::Stacked {
+                breaker,
+                adaptive,
+                hedge,
+                timeout,
+            } => {
+                probes(breaker)?;
+                prop_assert_eq!(adaptive.in_flight(), 0, "adaptive slots held");
+                prop_assert_eq!(timeout.timed_out(), w.timed_out.load(SeqCst));
+                let (hedges, calls) = (hedge.hedges(), w.calls.load(SeqCst));
+                prop_assert!(hedges <= calls, "{} hedges for {} calls", hedges, calls);
+            }
         }
         Ok(())
     }
@@ -998,6 +1089,14 @@ impl Built {
                 prop_assert_eq!(a.attempt, 1, "the hedge answers a held call");
                 prop_assert_eq!(handle.hedges(), before + 1);
             }
+            Under::Stacked {
+                breaker, adaptive, ..
+            } => {
+                let (breaker, adaptive) = (breaker.clone(), adaptive.clone());
+                self.close(0, 0, || breaker.clone()).await?;
+                probes(&breaker)?;
+                prop_assert_eq!(adaptive.in_flight(), 0);
+            }
             Under::Adaptive { handle } => {
                 let handle = handle.clone();
                 // Exactly `limit` calls are admitted at once: every slot
@@ -1087,6 +1186,7 @@ current_thread_histories! {
     timeout_histories_give_everything_back: Kind::Timeout, 64;
     hedge_histories_give_everything_back: Kind::Hedge, 96;
     adaptive_histories_give_everything_back: Kind::Adaptive, 64;
+    stacked_histories_give_everything_back: Kind::Stacked, 64;
 }
 
 /// A random request for the multi-thread rounds: no upstream sleeps (they
@@ -1219,6 +1319,11 @@ fn hedge_multi_thread() {
 #[test]
 fn adaptive_multi_thread() {
     multi_thread_rounds(Kind::Adaptive, 24);
+}
+
+#[test]
+fn stacked_multi_thread() {
+    multi_thread_rounds(Kind::Stacked, 24);
 }
 
 /// Opens `handle`'s breaker with one failure through `svc`, then lets its
