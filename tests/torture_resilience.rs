@@ -451,9 +451,10 @@ struct BreakerDraw {
 
 fn draw_breaker(rng: &mut fastrand::Rng, world: &Arc<World>, multi_thread: bool) -> BreakerDraw {
     // On the multi-thread runtime the clock is not paused: breakers there
-    // half-open once a millisecond has passed, so a round may probe.
+    // half-open after a microsecond, so the threads race for probe slots
+    // within a round.
     let open_timeout = if multi_thread {
-        MS
+        Duration::from_micros(1)
     } else {
         MS * rng.u32(100..1500)
     };
@@ -1293,37 +1294,37 @@ fn multi_thread_rounds(kind: Kind, rounds: u64) {
 
 #[test]
 fn breaker_multi_thread() {
-    multi_thread_rounds(Kind::Breaker, 24);
+    multi_thread_rounds(Kind::Breaker, 100);
 }
 
 #[test]
 fn keyed_breaker_multi_thread() {
-    multi_thread_rounds(Kind::Keyed, 24);
+    multi_thread_rounds(Kind::Keyed, 100);
 }
 
 #[test]
 fn fallback_multi_thread() {
-    multi_thread_rounds(Kind::Fallback, 24);
+    multi_thread_rounds(Kind::Fallback, 100);
 }
 
 #[test]
 fn timeout_multi_thread() {
-    multi_thread_rounds(Kind::Timeout, 24);
+    multi_thread_rounds(Kind::Timeout, 100);
 }
 
 #[test]
 fn hedge_multi_thread() {
-    multi_thread_rounds(Kind::Hedge, 24);
+    multi_thread_rounds(Kind::Hedge, 100);
 }
 
 #[test]
 fn adaptive_multi_thread() {
-    multi_thread_rounds(Kind::Adaptive, 24);
+    multi_thread_rounds(Kind::Adaptive, 100);
 }
 
 #[test]
 fn stacked_multi_thread() {
-    multi_thread_rounds(Kind::Stacked, 24);
+    multi_thread_rounds(Kind::Stacked, 100);
 }
 
 /// Opens `handle`'s breaker with one failure through `svc`, then lets its
