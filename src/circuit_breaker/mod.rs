@@ -73,8 +73,9 @@
 //! # Cancellation
 //!
 //! A half-open probe slot belongs to the call's response future. If the
-//! future is dropped before it finishes, or the inner service panics, the
-//! slot is given back and the call counts as neither success nor failure.
+//! future is dropped before it finishes, or the inner service or the
+//! classifier panics, the slot is given back and the call counts as
+//! neither success nor failure.
 //!
 //! # Clone
 //!

@@ -469,9 +469,9 @@ fn announce(name: &Arc<str>, listeners: &Listeners<CircuitEvent>, t: Transition)
 /// shared state with the entry's index), so a call can always book its
 /// result, whatever became of the layer and services that made it.
 ///
-/// Dropped before `finish` (the caller went away, the inner service
-/// panicked), it gives a half-open probe slot back and counts as neither
-/// success nor failure.
+/// Dropped before its result is booked (the caller went away, the inner
+/// service or the classifier panicked), it gives a half-open probe slot
+/// back and counts as neither success nor failure.
 ///
 /// Every field is a whole word. The response future that holds an
 /// admission is built in `call` and moved into place by the caller; with
@@ -607,15 +607,19 @@ impl<R: AsRef<Core>> Admission<R> {
     }
 
     /// Books `res` and says how it was classified.
+    ///
+    /// The classifier is the user's code and may panic: it runs while the
+    /// admission is still open, so a panic leaves the result unbooked and
+    /// the admission's drop gives a probe slot back.
     #[inline]
     pub(crate) fn finish<C, T, E>(&mut self, classifier: &C, res: &Result<T, E>) -> Outcome
     where
         C: Classify<T, E>,
     {
-        self.flags &= !OPEN;
         let core = self.owner.as_ref();
         if self.flags & TIMED == 0 && !core.cfg.honor_retry_after {
             let outcome = classifier.classify(res, Duration::ZERO);
+            self.flags &= !OPEN;
             core.book(self.pass(), outcome, false);
             return outcome;
         }
@@ -637,6 +641,7 @@ impl<R: AsRef<Core>> Admission<R> {
         }
         let slow = core.cfg.slow_call_duration.is_some_and(|t| elapsed >= t);
         let outcome = classifier.classify(res, elapsed);
+        self.flags &= !OPEN;
         core.book(self.pass(), outcome, slow);
         outcome
     }

@@ -109,7 +109,8 @@
 //!
 //! Dropping the response future drops the attempt in progress. A half-open
 //! probe slot it held is given back, and the attempt counts as neither
-//! success nor failure; so does an attempt whose service panicked.
+//! success nor failure; so does an attempt whose service or classifier
+//! panicked.
 //!
 //! # Clone
 //!
