@@ -83,6 +83,14 @@
 //! reaches the caller: the layer has already handed the stream out and
 //! cannot replay it from another entry. See `examples/llm_failover.rs`.
 //!
+//! A classifier that judges an answer only when its body ends (with the
+//! `grpc` feature, `grpc::GrpcClassifier` reading a status from the
+//! trailers) is asked as the breaker asks it: the entry's breaker books
+//! that late verdict, in the generation the call was admitted in and
+//! holding its half-open probe slot until then, so a primary whose
+//! streams keep failing half-way opens and is skipped. The answer itself
+//! is the caller's.
+//!
 //! # Requests
 //!
 //! Each attempt gets a clone of the request. An `http::Request` with a
