@@ -8,6 +8,13 @@
 //! every entry's error, unless an [`or_else`](FallbackBuilder::or_else)
 //! answers instead.
 //!
+//! **HTTP clients**: build with `FallbackLayer::http_builder()` (feature
+//! `http`), not [`FallbackLayer::builder`]. It fails over on 5xx answers
+//! as well as errors, and only requests that may be sent twice: an
+//! idempotent method (or an idempotency key) and a body that can still be
+//! replayed. The plain builder is generic over the request and fails
+//! every request over, a `POST` included. See [# Requests](#requests).
+//!
 //! ```
 //! use std::time::Duration;
 //! use tower::{service_fn, Layer, Service, ServiceExt};
