@@ -526,7 +526,10 @@ async fn a_fallback_entry_breaker_counts_streams_failing_in_their_trailers() {
     assert_eq!(breaker.state(), CircuitState::Open);
 
     let (got, end) = count(&mut client, "three").await;
-    assert_eq!((got, end.map_err(|s| s.code())), (vec!["1".into(), "2".into()], Ok(())));
+    assert_eq!(
+        (got, end.map_err(|s| s.code())),
+        (vec!["1".into(), "2".into()], Ok(()))
+    );
     assert_eq!(primary_script.lock().unwrap().seen, ["one", "two"]);
     assert_eq!(secondary_script.lock().unwrap().seen, ["three"]);
     // A stream that ends well counts as the secondary's success.

@@ -273,10 +273,7 @@ async fn load_shedding_is_503_while_a_call_holds_the_only_slot() {
     entered_rx.await.unwrap();
     assert_eq!(
         fetch(addr, "/work").await,
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "service overloaded".into()
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, "service overloaded".into())
     );
 
     // `notify_one` keeps the permit if the handler is not waiting yet.
