@@ -169,6 +169,7 @@ async fn a_fallback_entry_breaker_books_late_verdicts() {
 /// when the history says so, and one whose calls answer at once and whose
 /// verdicts are reported at that same point, agree after every step of
 /// any history (starts, finishes with each outcome, drops, time passing).
+/// So does a fallback's entry breaker, which books through the same path.
 mod same_as_finishing_late {
     use std::future::Future;
     use std::pin::Pin;
@@ -212,6 +213,19 @@ mod same_as_finishing_late {
             let b = builder().classify(later.clone()).build().unwrap();
             let hb = b.handle();
             let mut sb = b.layer(service_fn(|n: u32| async move { Ok::<_, BoxError>(n) }));
+            // C: as B, through a fallback's primary entry.
+            #[cfg(feature = "fallback")]
+            let (mut sc, hc, later_c) = {
+                let later_c = Later::default();
+                let c = tower_bulwark::FallbackLayer::builder()
+                    .breaker(builder())
+                    .classify(later_c.clone())
+                    .build()
+                    .unwrap();
+                let hc = c.handle().breaker("primary").unwrap().clone();
+                let sc = c.layer(service_fn(|n: u32| async move { Ok::<_, BoxError>(n) }));
+                (sc, hc, later_c)
+            };
 
             let mut running = Vec::new();
             for op in ops {
@@ -222,21 +236,34 @@ mod same_as_finishing_late {
                         let admitted = fa.poll().is_pending();
                         let fb = sb.ready().await.unwrap().call(1).await;
                         prop_assert_eq!(admitted, fb.is_ok(), "admission differs");
+                        #[cfg(feature = "fallback")]
+                        {
+                            let fc = sc.ready().await.unwrap().call(1).await;
+                            prop_assert_eq!(admitted, fc.is_ok(), "fallback admission differs");
+                        }
                         if admitted {
-                            running.push((tx, fa, take(&later)));
+                            #[cfg(feature = "fallback")]
+                            let vc = Some(take(&later_c));
+                            #[cfg(not(feature = "fallback"))]
+                            let vc: Option<Verdict> = None;
+                            running.push((tx, fa, take(&later), vc));
                         }
                     }
                     Op::Finish(i, outcome) if !running.is_empty() => {
-                        let (tx, mut fa, verdict) = running.remove(i % running.len());
+                        let (tx, mut fa, verdict, vc) = running.remove(i % running.len());
                         match outcome {
                             Some(o) => {
                                 tx.send(o).unwrap();
                                 prop_assert!(matches!(fa.poll(), Poll::Ready(_)));
                                 verdict.report(o);
+                                if let Some(vc) = vc {
+                                    vc.report(o);
+                                }
                             }
                             None => {
                                 drop(fa);
                                 drop(verdict);
+                                drop(vc);
                             }
                         }
                     }
@@ -244,11 +271,15 @@ mod same_as_finishing_late {
                     Op::Advance(ms) => tokio::time::advance(Duration::from_millis(ms)).await,
                 }
                 prop_assert_eq!(ha.metrics(), hb.metrics());
+                #[cfg(feature = "fallback")]
+                prop_assert_eq!(ha.metrics(), hc.metrics());
             }
             // Whatever is still running ends unjudged: no probe slot leaks.
             running.clear();
             prop_assert_eq!(hb.metrics().half_open_in_flight, 0);
             prop_assert_eq!(ha.metrics(), hb.metrics());
+            #[cfg(feature = "fallback")]
+            prop_assert_eq!(ha.metrics(), hc.metrics());
             Ok(())
         })
     }
