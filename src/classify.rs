@@ -115,7 +115,10 @@ pub trait Classify<Res, E> {
     /// default.
     ///
     /// Only asked when [`defers`](Classify::defers) is `true`, by the
-    /// circuit breaker. A verdict dropped without a report (the caller
+    /// circuit breaker and by each fallback entry's breaker (which fails
+    /// over only on an outcome known at once: a deferred one is booked,
+    /// and the answer stays the caller's). Retry never defers: a late
+    /// failure cannot bring the response back to retry it. A verdict dropped without a report (the caller
     /// stopped reading) counts as [`Outcome::Ignore`].
     fn defer(&self, result: &mut Result<Res, E>, verdict: Verdict) -> Option<Verdict> {
         let _ = result;

@@ -166,3 +166,21 @@ pub use rate_limit::RateLimitLayer;
 pub use retry::RetryLayer;
 #[cfg(feature = "timeout")]
 pub use timeout::TimeoutLayer;
+
+// The README's examples are compiled (and the ones that need no outside
+// server run) with the doc tests, so they stay true as the API moves.
+#[cfg(all(
+    doctest,
+    feature = "circuit-breaker",
+    feature = "fallback",
+    feature = "dedup",
+    feature = "bulkhead",
+    feature = "rate-limit",
+    feature = "retry",
+    feature = "axum",
+    feature = "grpc",
+    feature = "file-store",
+    feature = "redis"
+))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -106,10 +106,70 @@ async fn a_late_verdict_from_an_older_generation_is_not_counted() {
     assert_eq!(handle.state(), CircuitState::Closed);
 }
 
+/// A fallback entry's breaker books late verdicts as the plain breaker
+/// does; a deferred answer is the caller's and is never failed over, an
+/// error (known at once) is.
+#[cfg(feature = "fallback")]
+#[tokio::test(start_paused = true)]
+async fn a_fallback_entry_breaker_books_late_verdicts() {
+    use tower_bulwark::FallbackLayer;
+
+    let later = Later::default();
+    let secondary = service_fn(|n: u32| async move { Ok::<_, BoxError>(n + 100) });
+    let layer = FallbackLayer::builder()
+        .primary_name("primary")
+        .fallback("secondary", secondary)
+        .breaker(
+            CircuitBreakerLayer::builder()
+                .failure_threshold(2)
+                .success_threshold(1)
+                .open_timeout(Duration::from_secs(10)),
+        )
+        .classify(later.clone())
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let primary_breaker = handle.breaker("primary").unwrap().clone();
+    let mut svc = layer.layer(service_fn(|n: u32| async move {
+        if n == 0 {
+            Err::<u32, BoxError>("down".into())
+        } else {
+            Ok(n)
+        }
+    }));
+
+    // An error is known at once: failed over, booked now.
+    assert_eq!(svc.ready().await.unwrap().call(0).await.unwrap(), 100);
+    assert_eq!(primary_breaker.metrics().consecutive_failures, 1);
+    // The secondary's answer is deferred too; it is its own breaker's.
+    take(&later).report(Outcome::Success);
+
+    // Answers judged later are the caller's, whatever the verdict.
+    assert_eq!(svc.ready().await.unwrap().call(1).await.unwrap(), 1);
+    assert_eq!(primary_breaker.state(), CircuitState::Closed);
+    take(&later).report(Outcome::Failure);
+    assert_eq!(primary_breaker.state(), CircuitState::Open);
+    assert_eq!(svc.ready().await.unwrap().call(2).await.unwrap(), 102);
+    drop(take(&later));
+
+    // Half-open: the probe's slot is held until its verdict, even with the
+    // fallback's services gone.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(svc.ready().await.unwrap().call(3).await.unwrap(), 3);
+    assert_eq!(svc.ready().await.unwrap().call(4).await.unwrap(), 104);
+    drop(take(&later)); // the secondary's
+    drop(svc);
+    drop(handle);
+    take(&later).report(Outcome::Success);
+    assert_eq!(primary_breaker.state(), CircuitState::Closed);
+    assert!(later.held.lock().unwrap().is_empty());
+}
+
 /// Deferring is the same as booking late: one breaker whose calls finish
 /// when the history says so, and one whose calls answer at once and whose
 /// verdicts are reported at that same point, agree after every step of
 /// any history (starts, finishes with each outcome, drops, time passing).
+/// So does a fallback's entry breaker, which books through the same path.
 mod same_as_finishing_late {
     use std::future::Future;
     use std::pin::Pin;
@@ -153,6 +213,19 @@ mod same_as_finishing_late {
             let b = builder().classify(later.clone()).build().unwrap();
             let hb = b.handle();
             let mut sb = b.layer(service_fn(|n: u32| async move { Ok::<_, BoxError>(n) }));
+            // C: as B, through a fallback's primary entry.
+            #[cfg(feature = "fallback")]
+            let (mut sc, hc, later_c) = {
+                let later_c = Later::default();
+                let c = tower_bulwark::FallbackLayer::builder()
+                    .breaker(builder())
+                    .classify(later_c.clone())
+                    .build()
+                    .unwrap();
+                let hc = c.handle().breaker("primary").unwrap().clone();
+                let sc = c.layer(service_fn(|n: u32| async move { Ok::<_, BoxError>(n) }));
+                (sc, hc, later_c)
+            };
 
             let mut running = Vec::new();
             for op in ops {
@@ -163,21 +236,34 @@ mod same_as_finishing_late {
                         let admitted = fa.poll().is_pending();
                         let fb = sb.ready().await.unwrap().call(1).await;
                         prop_assert_eq!(admitted, fb.is_ok(), "admission differs");
+                        #[cfg(feature = "fallback")]
+                        {
+                            let fc = sc.ready().await.unwrap().call(1).await;
+                            prop_assert_eq!(admitted, fc.is_ok(), "fallback admission differs");
+                        }
                         if admitted {
-                            running.push((tx, fa, take(&later)));
+                            #[cfg(feature = "fallback")]
+                            let vc = Some(take(&later_c));
+                            #[cfg(not(feature = "fallback"))]
+                            let vc: Option<Verdict> = None;
+                            running.push((tx, fa, take(&later), vc));
                         }
                     }
                     Op::Finish(i, outcome) if !running.is_empty() => {
-                        let (tx, mut fa, verdict) = running.remove(i % running.len());
+                        let (tx, mut fa, verdict, vc) = running.remove(i % running.len());
                         match outcome {
                             Some(o) => {
                                 tx.send(o).unwrap();
                                 prop_assert!(matches!(fa.poll(), Poll::Ready(_)));
                                 verdict.report(o);
+                                if let Some(vc) = vc {
+                                    vc.report(o);
+                                }
                             }
                             None => {
                                 drop(fa);
                                 drop(verdict);
+                                drop(vc);
                             }
                         }
                     }
@@ -185,11 +271,15 @@ mod same_as_finishing_late {
                     Op::Advance(ms) => tokio::time::advance(Duration::from_millis(ms)).await,
                 }
                 prop_assert_eq!(ha.metrics(), hb.metrics());
+                #[cfg(feature = "fallback")]
+                prop_assert_eq!(ha.metrics(), hc.metrics());
             }
             // Whatever is still running ends unjudged: no probe slot leaks.
             running.clear();
             prop_assert_eq!(hb.metrics().half_open_in_flight, 0);
             prop_assert_eq!(ha.metrics(), hb.metrics());
+            #[cfg(feature = "fallback")]
+            prop_assert_eq!(ha.metrics(), hc.metrics());
             Ok(())
         })
     }

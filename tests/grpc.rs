@@ -485,6 +485,59 @@ async fn a_breaker_sees_a_stream_fail_in_its_trailers() {
     );
 }
 
+/// The fallback's per-entry breakers judge a stream by its trailers too:
+/// a stream that fails half-way is the caller's (its messages were
+/// already read), but the primary's breaker counts it, and once open the
+/// next call goes straight to the secondary.
+#[tokio::test(start_paused = true)]
+async fn a_fallback_entry_breaker_counts_streams_failing_in_their_trailers() {
+    let (primary, primary_script) = start_server("primary", 100, 8);
+    let (secondary, secondary_script) = start_server("secondary", 100, 8);
+    primary_script.lock().unwrap().answers = [Code::Unavailable, Code::Unavailable].into();
+    let fallback = FallbackLayer::builder()
+        .primary_name("primary")
+        .fallback(
+            "secondary",
+            ServiceBuilder::new()
+                .layer(TonicBodyLayer::new())
+                .service(channel(secondary)),
+        )
+        .breaker(CircuitBreakerLayer::builder().failure_threshold(2))
+        .classify(GrpcClassifier::new())
+        .build()
+        .unwrap();
+    let handle = fallback.handle();
+    let breaker = handle.breaker("primary").unwrap().clone();
+    let svc = ServiceBuilder::new()
+        .map_err(grpc::into_status)
+        .layer(ReplayBodyLayer::new(64 * 1024))
+        .layer(fallback)
+        .layer(TonicBodyLayer::new())
+        .service(channel(primary));
+    let mut client = tonic::client::Grpc::new(svc);
+
+    let (got, end) = count(&mut client, "one").await;
+    assert_eq!(got, ["1", "2"]);
+    assert_eq!(end.unwrap_err().code(), Code::Unavailable);
+    assert_eq!(breaker.metrics().consecutive_failures, 1);
+    let (got, end) = count(&mut client, "two").await;
+    assert_eq!(got, ["1", "2"]);
+    assert_eq!(end.unwrap_err().code(), Code::Unavailable);
+    assert_eq!(breaker.state(), CircuitState::Open);
+
+    let (got, end) = count(&mut client, "three").await;
+    assert_eq!(
+        (got, end.map_err(|s| s.code())),
+        (vec!["1".into(), "2".into()], Ok(()))
+    );
+    assert_eq!(primary_script.lock().unwrap().seen, ["one", "two"]);
+    assert_eq!(secondary_script.lock().unwrap().seen, ["three"]);
+    // A stream that ends well counts as the secondary's success.
+    let secondary_breaker = handle.breaker("secondary").unwrap();
+    assert_eq!(secondary_breaker.metrics().consecutive_failures, 0);
+    assert_eq!(secondary_breaker.state(), CircuitState::Closed);
+}
+
 #[test]
 fn public_types_are_send_and_sync() {
     fn both<T: Send + Sync>() {}

@@ -227,3 +227,58 @@ async fn a_breaker_on_a_router_counts_5xx_with_status_classifier() {
     // The breaker is on its route only.
     assert_eq!(fetch(addr, "/other").await, (StatusCode::OK, "fine".into()));
 }
+
+/// tower's load shedding over a concurrency limit of one, on a real
+/// server: while one call is held inside its handler, a second is shed
+/// and `handle_error` answers it 503.
+///
+/// The held call is released by the test, not by a timer, once the
+/// second call has its answer; only the first call waits.
+#[tokio::test(start_paused = true)]
+async fn load_shedding_is_503_while_a_call_holds_the_only_slot() {
+    use tokio::sync::{oneshot, Notify};
+
+    let (entered_tx, entered_rx) = oneshot::channel::<()>();
+    let entered = Arc::new(Mutex::new(Some(entered_tx)));
+    let release = Arc::new(Notify::new());
+    let held = {
+        let release = release.clone();
+        move || {
+            let entered = entered.lock().unwrap().take();
+            let release = release.clone();
+            async move {
+                if let Some(tx) = entered {
+                    tx.send(()).unwrap();
+                    // Only the first call waits for the test.
+                    release.notified().await;
+                }
+                "done"
+            }
+        }
+    };
+    // axum applies a Router's layers once per connection, and tower's
+    // `ConcurrencyLimitLayer` makes a new semaphore each time it is
+    // applied: each connection would get a slot of its own, the second
+    // call would be let in and wait for the release too. The global limit
+    // shares one semaphore.
+    let app = Router::new().route("/work", get(held)).layer(
+        ServiceBuilder::new()
+            .layer(HandleErrorLayer::new(handle_error))
+            .load_shed()
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(1)),
+    );
+    let addr = listen(app).await;
+
+    let first = tokio::spawn(fetch(addr, "/work"));
+    entered_rx.await.unwrap();
+    assert_eq!(
+        fetch(addr, "/work").await,
+        (StatusCode::SERVICE_UNAVAILABLE, "service overloaded".into())
+    );
+
+    // `notify_one` keeps the permit if the handler is not waiting yet.
+    release.notify_one();
+    assert_eq!(first.await.unwrap(), (StatusCode::OK, "done".into()));
+    // The slot is free again.
+    assert_eq!(fetch(addr, "/work").await, (StatusCode::OK, "done".into()));
+}

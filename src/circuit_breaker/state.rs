@@ -649,7 +649,28 @@ impl<R: AsRef<Core>> Admission<R> {
 
 impl<R: AsRef<Core> + Clone + Send + 'static> Admission<R> {
     /// [`finish`](Self::finish) for a classifier that judges some answers
-    /// when they end ([`Classify::defer`]).
+    /// when they end ([`Classify::defer`]); the late verdict keeps the
+    /// breaker alive through this admission's owner.
+    #[inline]
+    pub(crate) fn finish_deferred<C, T, E>(
+        &mut self,
+        classifier: &C,
+        res: &mut Result<T, E>,
+    ) -> Option<Outcome>
+    where
+        C: Classify<T, E>,
+    {
+        let keep = self.owner.clone();
+        self.finish_deferred_in(keep, classifier, res)
+    }
+}
+
+impl<R: AsRef<Core>> Admission<R> {
+    /// [`finish_deferred`](Self::finish_deferred), with the late verdict
+    /// keeping the breaker alive through `keep` (the breaker's own state
+    /// when the owner cannot travel with the response, as a fallback
+    /// group's entry cannot). Returns the outcome booked now, or `None`
+    /// when the classifier took the verdict to report later.
     ///
     /// Invariant: an admitted call is booked at most once, in the
     /// generation it was admitted in, and its probe slot is given back
@@ -659,28 +680,38 @@ impl<R: AsRef<Core> + Clone + Send + 'static> Admission<R> {
     /// checks it over histories).
     #[cold]
     #[inline(never)]
-    pub(crate) fn finish_deferred<C, T, E>(&mut self, classifier: &C, res: &mut Result<T, E>)
+    pub(crate) fn finish_deferred_in<K, C, T, E>(
+        &mut self,
+        keep: K,
+        classifier: &C,
+        res: &mut Result<T, E>,
+    ) -> Option<Outcome>
     where
+        K: AsRef<Core> + Send + 'static,
         C: Classify<T, E>,
     {
         let elapsed = self.elapsed();
+        debug_assert!(std::ptr::eq(keep.as_ref(), self.core()));
         let core = self.core();
         if core.cfg.honor_retry_after {
             core.honor_hint(classifier.retry_after(res));
         }
         let slow = core.cfg.slow_call_duration.is_some_and(|t| elapsed >= t);
         let mut late = Admission {
-            owner: self.owner.clone(),
-            ..*self
+            owner: keep,
+            generation: self.generation,
+            start: self.start,
+            flags: self.flags,
         };
         self.flags &= !OPEN;
         let verdict = Verdict::new(move |outcome| {
             late.flags &= !OPEN;
             late.core().book(late.pass(), outcome, slow);
         });
-        if let Some(now) = classifier.defer(res, verdict) {
-            now.report(classifier.classify(res, elapsed));
-        }
+        let now = classifier.defer(res, verdict)?;
+        let outcome = classifier.classify(res, elapsed);
+        now.report(outcome);
+        Some(outcome)
     }
 }
 

@@ -135,9 +135,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         if let StageProj::Primary { fut } = this.state.as_mut().project() {
-            let res = ready!(fut.poll(cx)).map_err(Into::into);
+            let mut res = ready!(fut.poll(cx)).map_err(Into::into);
             if let Cursor::Attempt(a) = this.cursor {
-                if a.finish(this.classifier, &res) != Outcome::Failure
+                if !book(a, this.classifier, &mut res)
                     || !a.owner().group.may_resend(this.req.as_ref())
                 {
                     // The healthy path: the primary answered. Everything
@@ -191,6 +191,30 @@ impl Errors {
     }
 }
 
+/// Books an attempt's result in its entry's breaker and says whether it
+/// failed. An outcome the classifier can only tell at the end of the body
+/// (a gRPC status in the trailers, [`Classify::defer`]) is booked then:
+/// the entry's breaker counts it, but the answer is the caller's by that
+/// time, so it is not failed over.
+#[inline]
+fn book<Req, Res, C>(
+    a: &mut Admission<EntryRef<Req, Res, C>>,
+    classifier: &C,
+    res: &mut Result<Res, BoxError>,
+) -> bool
+where
+    C: Classify<Res, BoxError>,
+{
+    if classifier.defers() {
+        // The verdict travels with the response body, which must not keep
+        // the whole group (its services, the request type) alive.
+        let keep = a.owner().entry().breaker.core.clone();
+        a.finish_deferred_in(keep, classifier, res) == Some(Outcome::Failure)
+    } else {
+        a.finish(classifier, res) == Outcome::Failure
+    }
+}
+
 /// The failed attempt's error (a failed `Ok` answer becomes
 /// [`FailedResponse`]), after telling the listeners.
 fn failed<Req, Res, C>(
@@ -219,7 +243,7 @@ where
     C: Classify<Res, BoxError>,
 {
     loop {
-        let res: Result<Res, BoxError> = match this.state.as_mut().project() {
+        let mut res: Result<Res, BoxError> = match this.state.as_mut().project() {
             StageProj::Primary { .. } => unreachable!("the primary is polled inline"),
             StageProj::Done => panic!("fallback future polled after completion"),
             StageProj::Calling { fut } => ready!(fut.as_mut().poll(cx)),
@@ -306,7 +330,7 @@ where
         let Cursor::Attempt(a) = this.cursor else {
             unreachable!("an attempt holds an admission")
         };
-        let failure = a.finish(this.classifier, &res) == Outcome::Failure;
+        let failure = book(a, this.classifier, &mut res);
         if !failure || !a.owner().group.may_resend(this.req.as_ref()) {
             let at = a.owner();
             if !failure {

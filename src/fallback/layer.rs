@@ -29,6 +29,14 @@ pub struct FallbackLayer<Req, Res, C = DefaultClassifier> {
 impl<Req, Res> FallbackLayer<Req, Res> {
     /// A builder: no fallbacks yet, a primary called `"primary"`, breakers
     /// with the circuit breaker's defaults, and every `Err` failing over.
+    ///
+    /// **For HTTP requests, use `FallbackLayer::http_builder()`** (feature
+    /// `http`) instead. This builder works for any request type and so
+    /// knows nothing of methods or bodies: it sends every failed request on
+    /// to the next entry, a `POST` that may already have taken effect
+    /// included, and it fails over on errors only, not on 5xx answers.
+    /// `http_builder()` fails over on 5xx too, and only requests that may
+    /// be sent again (idempotent, body still replayable).
     pub fn builder() -> FallbackBuilder<Req, Res> {
         FallbackBuilder {
             primary_name: None,

@@ -8,6 +8,13 @@
 //! every entry's error, unless an [`or_else`](FallbackBuilder::or_else)
 //! answers instead.
 //!
+//! **HTTP clients**: build with `FallbackLayer::http_builder()` (feature
+//! `http`), not [`FallbackLayer::builder`]. It fails over on 5xx answers
+//! as well as errors, and only requests that may be sent twice: an
+//! idempotent method (or an idempotency key) and a body that can still be
+//! replayed. The plain builder is generic over the request and fails
+//! every request over, a `POST` included. See [# Requests](#requests).
+//!
 //! ```
 //! use std::time::Duration;
 //! use tower::{service_fn, Layer, Service, ServiceExt};
@@ -82,6 +89,14 @@
 //! (chunks from an LLM, an HTTP body), an error in the middle of the stream
 //! reaches the caller: the layer has already handed the stream out and
 //! cannot replay it from another entry. See `examples/llm_failover.rs`.
+//!
+//! A classifier that judges an answer only when its body ends (with the
+//! `grpc` feature, `grpc::GrpcClassifier` reading a status from the
+//! trailers) is asked as the breaker asks it: the entry's breaker books
+//! that late verdict, in the generation the call was admitted in and
+//! holding its half-open probe slot until then, so a primary whose
+//! streams keep failing half-way opens and is skipped. The answer itself
+//! is the caller's.
 //!
 //! # Requests
 //!

@@ -47,9 +47,12 @@ use crate::error::BoxError;
 /// slot) until then: the response body of a tonic `Channel`
 /// (`tonic::body::Body`) is wrapped so that its trailers, or its end
 /// without them, report the outcome ([`Classify::defer`]). A body dropped
-/// before its end counts as neither success nor failure. Other body
-/// types, the retry layer and the fallback layer judge such an answer at
-/// its headers: a success, for the upstream answered.
+/// before its end counts as neither success nor failure. The breakers of
+/// a [`FallbackLayer`](crate::fallback::FallbackLayer)'s entries book it
+/// the same way; the fallback itself decides at the headers whether to
+/// fail over (a late failure is the caller's, and counted by the entry's
+/// breaker). Other body types, and the retry layer, judge such an answer
+/// at its headers: a success, for the upstream answered.
 /// [`classify_trailers`](Self::classify_trailers) reads trailers you hold
 /// yourself.
 ///

@@ -28,6 +28,11 @@ use crate::retry::RetryPolicy;
 ///   crate's own rejections (an open circuit) are not retried.
 /// - An attempt cut off by the retry layer's per-attempt timeout is
 ///   retried only when `DEADLINE_EXCEEDED` is retryable.
+/// - Only a status the answer carries at its headers (a trailers-only
+///   response, or an error) can cause a retry. A status in the trailers
+///   at the end of the body comes after the response was handed to the
+///   caller; a breaker with [`GrpcClassifier`](super::GrpcClassifier)
+///   counts it, the retry layer cannot act on it.
 ///
 /// Unlike [`HttpRetryPolicy`](crate::http::HttpRetryPolicy), it does not
 /// look at the method: every gRPC call is a `POST`, and whether it may be

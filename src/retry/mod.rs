@@ -42,6 +42,16 @@
 //! `http::HttpRetryPolicy` retries idempotent requests on 5xx, 429 and
 //! connection errors and waits out `Retry-After`.
 //!
+//! An answer is judged when it arrives, at its headers. An outcome that
+//! is only known at the end of the body, such as a gRPC status in the
+//! trailers of a unary success or a stream that fails half-way, cannot
+//! cause a retry: the response is already the caller's. A
+//! [`CircuitBreakerLayer`](crate::circuit_breaker::CircuitBreakerLayer)
+//! (or a fallback entry's breaker) with `grpc::GrpcClassifier` below the
+//! retry layer still counts it when the body ends. The retry budget is
+//! earned per call and spent per retry, so such late failures change
+//! neither it nor the retry events.
+//!
 //! # Delays
 //!
 //! The `n`th retry waits [`Backoff::delay`]`(n)` with its [`Jitter`]
