@@ -70,6 +70,16 @@ pub fn paused<F: Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
+/// [`paused`], with tokio's IO driver too (for clients that connect).
+pub fn paused_io<F: Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
 /// The error names one of `fields` and gives a reason.
 pub fn named(e: &ConfigError, fields: &[&str]) -> Result<(), TestCaseError> {
     prop_assert!(fields.contains(&e.field()), "unexpected field in {e}");
