@@ -971,8 +971,22 @@ proptest! {
             }
             let mut c = c;
             c.window = None;
-            if let Err(e) = c.builder().backend(store.clone()).build() {
-                named(&e, BREAKER_FIELDS)?;
+            match c.builder().classify(Hinted(c.hint)).backend(store.clone()).build() {
+                Err(e) => named(&e, BREAKER_FIELDS)?,
+                Ok(layer) => {
+                    // The fleet cannot be reached: the breaker goes on
+                    // locally, whatever its timings, and still opens.
+                    let handle = layer.handle();
+                    let mut svc = layer.layer(upstream(Arc::new(Semaphore::new(0))));
+                    prop_assert!(send(&mut svc, Act::Answer).await.is_ok());
+                    for _ in 0..c.failure_threshold.min(12) {
+                        sleep(Duration::from_millis(100)).await;
+                        let _ = send(&mut svc, Act::Fail).await;
+                    }
+                    if c.failure_threshold <= 12 {
+                        prop_assert_ne!(handle.state(), CircuitState::Closed);
+                    }
+                }
             }
             // Nothing listens there: the store degrades, for
             // retry_interval, however long, and answers from its policy.
