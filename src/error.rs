@@ -149,7 +149,8 @@ impl Check {
     pub(crate) fn refill_time(&self, max_tokens: f64, refill_rate: f64) -> Result<(), ConfigError> {
         const MAX_REFILL_NANOS: f64 = (1u64 << 61) as f64;
         let nanos = max_tokens / refill_rate * 1e9;
-        if !(nanos <= MAX_REFILL_NANOS) {
+        // A NaN is refused too.
+        if nanos.is_nan() || nanos > MAX_REFILL_NANOS {
             return Err(ConfigError::new(
                 self.layer,
                 "refill_rate",

@@ -107,10 +107,7 @@ fn breaker_case() -> impl Strategy<Value = BreakerCase> {
             usual_u32(1, 6),
         ),
         (
-            proptest::option::weighted(
-                0.4,
-                (any::<bool>(), usual_u32(1, 20), usual_ms(1, 60_000)),
-            ),
+            proptest::option::weighted(0.4, (any::<bool>(), usual_u32(1, 20), usual_ms(1, 60_000))),
             ratio(),
             proptest::option::weighted(0.5, usual_u32(1, 20)),
             proptest::option::weighted(0.3, duration()),
@@ -126,8 +123,20 @@ fn breaker_case() -> impl Strategy<Value = BreakerCase> {
     )
         .prop_map(
             |(
-                (failure_threshold, open_timeout, open_backoff, half_open_max_calls, success_threshold),
-                (window, failure_rate_threshold, minimum_calls, slow_call_duration, slow_call_rate_threshold),
+                (
+                    failure_threshold,
+                    open_timeout,
+                    open_backoff,
+                    half_open_max_calls,
+                    success_threshold,
+                ),
+                (
+                    window,
+                    failure_rate_threshold,
+                    minimum_calls,
+                    slow_call_duration,
+                    slow_call_rate_threshold,
+                ),
                 (max_retry_after, hint, stale_attempt_timeout, sync_interval, max_keys),
             )| BreakerCase {
                 failure_threshold,
@@ -157,14 +166,24 @@ impl BreakerCase {
                 1 => Backoff::linear(base),
                 _ => Backoff::exponential(base),
             };
-            let kinds = [Jitter::None, Jitter::Full, Jitter::Equal, Jitter::Decorrelated];
+            let kinds = [
+                Jitter::None,
+                Jitter::Full,
+                Jitter::Equal,
+                Jitter::Decorrelated,
+            ];
             b.max_delay(max).jitter(kinds[jitter as usize % 4])
         })
     }
 
     fn window(&self) -> Option<Window> {
-        self.window
-            .map(|(count, n, d)| if count { Window::count(n) } else { Window::time(d) })
+        self.window.map(|(count, n, d)| {
+            if count {
+                Window::count(n)
+            } else {
+                Window::time(d)
+            }
+        })
     }
 
     fn builder(&self) -> CircuitBreakerBuilder {
@@ -341,7 +360,10 @@ where
             prop_assert!(after <= hi, "retry in {after:?}, open for at most {hi:?}");
         }
     } else {
-        prop_assert!(matches!(state(), CircuitState::Open | CircuitState::HalfOpen));
+        prop_assert!(matches!(
+            state(),
+            CircuitState::Open | CircuitState::HalfOpen
+        ));
     }
     // Still open just before the shortest opening ends.
     if let Some(lo) = lo.filter(|lo| *lo > Duration::from_millis(1) && waitable(*lo)) {
@@ -729,7 +751,12 @@ proptest! {
 fn algorithm() -> impl Strategy<Value = Algorithm> {
     prop_oneof![
         (usual_f64(0.5, 1.0), usual_f64(0.1, 5.0), usual_ms(1, 500)).prop_map(|(r, i, t)| {
-            Algorithm::from(Aimd::default().backoff_ratio(r).increase(i).latency_threshold(t))
+            Algorithm::from(
+                Aimd::default()
+                    .backoff_ratio(r)
+                    .increase(i)
+                    .latency_threshold(t),
+            )
         }),
         (
             usual_f64(1.0, 3.0),
