@@ -1136,3 +1136,28 @@ fn a_bucket_faster_than_a_token_a_nanosecond_reports_at_most_its_size() {
     let bucket = store.rate_limiter(1.0, 1e300).unwrap();
     assert!(bucket.tokens() <= 1.0);
 }
+
+#[cfg(feature = "redis")]
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_ttl_too_long_for_redis_still_takes_a_fleet_lease() {
+    use tower_bulwark::store::redis::RedisStore;
+    let Some(server) = redis_server::RedisServer::start("a_lease_ttl_too_long_for_redis") else {
+        return;
+    };
+    // The lease script set an expiry Redis refused, so every lease was a
+    // local one and the store reported itself degraded.
+    let store = RedisStore::builder(server.url())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let bulkhead = store.bulkhead("db", 1).unwrap().lease_ttl(Duration::MAX);
+    let lease = bulkhead.try_acquire().await.unwrap();
+    assert!(lease.is_fleet_wide());
+    assert!(!store.is_degraded());
+    assert_eq!(bulkhead.in_use().await, Some(1));
+    assert!(bulkhead.try_acquire().await.is_none());
+}
