@@ -1161,3 +1161,44 @@ async fn a_lease_ttl_too_long_for_redis_still_takes_a_fleet_lease() {
     assert_eq!(bulkhead.in_use().await, Some(1));
     assert!(bulkhead.try_acquire().await.is_none());
 }
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_breaker_open_for_longer_than_redis_can_expire_still_syncs() {
+    use tower_bulwark::store::redis::RedisStore;
+    let Some(server) = redis_server::RedisServer::start("a_fleet_breaker_open_for_longer") else {
+        return;
+    };
+    // The sync script was handed an expiry Redis refused: every round
+    // failed, and the opening never reached the fleet.
+    let store = || {
+        RedisStore::builder(server.url())
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap()
+    };
+    let breaker = |store: RedisStore| {
+        CircuitBreakerLayer::builder()
+            .name("pay")
+            .failure_threshold(1)
+            .open_timeout(Duration::MAX)
+            .backend(store)
+            .sync_interval(Duration::from_millis(20))
+            .build()
+            .unwrap()
+    };
+    let (sa, sb) = (store(), store());
+    let (a, b) = (breaker(sa.clone()), breaker(sb.clone()));
+    let gate = Arc::new(Semaphore::new(0));
+    let mut svc_b = b.layer(upstream(gate.clone()));
+    assert!(send(&mut svc_b, Act::Answer).await.is_ok());
+    let mut svc_a = a.layer(upstream(gate));
+    assert!(!is_open(&send(&mut svc_a, Act::Fail).await));
+    assert_eq!(a.handle().state(), CircuitState::Open);
+    redis_server::eventually("the fleet to see the opening", async || {
+        b.handle().state() == CircuitState::Open
+    })
+    .await;
+    assert!(!sa.is_degraded() && !sb.is_degraded());
+    assert!(is_open(&send(&mut svc_b, Act::Answer).await));
+}
