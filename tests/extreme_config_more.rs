@@ -1202,3 +1202,150 @@ async fn a_fleet_breaker_open_for_longer_than_redis_can_expire_still_syncs() {
     assert!(!sa.is_degraded() && !sb.is_degraded());
     assert!(is_open(&send(&mut svc_b, Act::Answer).await));
 }
+
+#[derive(Debug, Clone)]
+struct RedisCase {
+    timeout: Duration,
+    retry_interval: Duration,
+    max_tokens: f64,
+    refill_rate: f64,
+    max_concurrent: u32,
+    lease_ttl: Duration,
+    breaker: BreakerCase,
+}
+
+/// The Redis store's settings at their edges against a real server: a
+/// limiter never admits more than its bucket and refill allow, a bulkhead
+/// never holds more leases than it has, and a fleet breaker opens.
+#[cfg(all(feature = "redis", feature = "rate-limit"))]
+#[test]
+fn redis_backends_refused_or_sound() {
+    use proptest::test_runner::{Config, TestRunner};
+    use tower_bulwark::store::redis::RedisStore;
+    let Some(server) = redis_server::RedisServer::start("redis_backends_refused_or_sound") else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let case = (
+        (usual_ms(20, 2_000), usual_ms(1, 5_000)),
+        (
+            usual_f64(1.0, 20.0),
+            usual_f64(0.001, 10.0),
+            usual_u32(1, 6),
+        ),
+        duration(),
+        breaker_case(),
+    )
+        .prop_map(
+            |(
+                (timeout, retry_interval),
+                (max_tokens, refill_rate, max_concurrent),
+                lease_ttl,
+                breaker,
+            )| {
+                RedisCase {
+                    timeout,
+                    retry_interval,
+                    max_tokens,
+                    refill_rate,
+                    max_concurrent,
+                    lease_ttl,
+                    breaker,
+                }
+            },
+        );
+    let seq = AtomicUsize::new(0);
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let result = runner.run(&case, |c| {
+        rt.block_on(async {
+            let prefix = format!("x{}", seq.fetch_add(1, SeqCst));
+            let store = RedisStore::builder(server.url())
+                .prefix(prefix)
+                .timeout(c.timeout)
+                .retry_interval(c.retry_interval)
+                .build();
+            let store = match store {
+                Err(e) => return named(&e, &["timeout", "retry_interval"]),
+                Ok(store) => store,
+            };
+            // A timeout too short for a round trip degrades the store; then
+            // the policy answers, which bounds nothing fleet-wide.
+            let reachable = c.timeout >= Duration::from_millis(20);
+            match store.rate_limiter("r", c.max_tokens, c.refill_rate) {
+                Err(e) => named(&e, &["max_tokens", "refill_rate"])?,
+                Ok(limiter) => {
+                    prop_assert!(bucket_ok(c.max_tokens, c.refill_rate));
+                    let limiter = limiter.local_cache(false);
+                    let start = std::time::Instant::now();
+                    let mut taken = 0u32;
+                    for _ in 0..30 {
+                        if limiter.try_acquire("k", 1).await.is_ok() {
+                            taken += 1;
+                        }
+                    }
+                    let secs = start.elapsed().as_secs_f64() + 0.01;
+                    let bound = c.max_tokens + c.refill_rate * secs;
+                    if reachable && !store.is_degraded() {
+                        prop_assert!(
+                            f64::from(taken) <= bound + 1e-9,
+                            "{taken} taken, bound {bound}"
+                        );
+                    }
+                }
+            }
+            match store.bulkhead("b", c.max_concurrent) {
+                Err(e) => named(&e, &["max_concurrent"])?,
+                Ok(bulkhead) => {
+                    let bulkhead = bulkhead.lease_ttl(c.lease_ttl);
+                    let mut held = Vec::new();
+                    for _ in 0..c.max_concurrent.min(5) + 1 {
+                        if let Some(lease) = bulkhead.try_acquire().await {
+                            held.push(lease);
+                        }
+                    }
+                    if reachable && !store.is_degraded() {
+                        prop_assert!(held.iter().all(|l| l.is_fleet_wide()));
+                        prop_assert_eq!(held.len() as u32, c.max_concurrent.min(5 + 1));
+                        prop_assert_eq!(bulkhead.in_use().await, Some(held.len() as u32));
+                    }
+                }
+            }
+            let mut b = c.breaker.clone();
+            b.window = None;
+            let layer = match b
+                .builder()
+                .classify(Hinted(b.hint))
+                .backend(store.clone())
+                .build()
+            {
+                Err(e) => return named(&e, BREAKER_FIELDS),
+                Ok(layer) => layer,
+            };
+            let handle = layer.handle();
+            let mut svc = layer.layer(upstream(Arc::new(Semaphore::new(0))));
+            prop_assert!(send(&mut svc, Act::Answer).await.is_ok());
+            for _ in 0..b.opens_after().min(12) {
+                let _ = send(&mut svc, Act::Fail).await;
+            }
+            if b.opens_after() <= 12 && b.open_for().0.is_some_and(|d| d >= Duration::from_secs(60))
+            {
+                prop_assert_eq!(handle.state(), CircuitState::Open);
+            }
+            if reachable {
+                prop_assert!(!store.is_degraded());
+            }
+            Ok(())
+        })
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
