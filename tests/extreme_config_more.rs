@@ -94,7 +94,9 @@ struct BreakerCase {
     max_keys: usize,
 }
 
-fn breaker_case() -> impl Strategy<Value = BreakerCase> {
+// Boxed: the value trees of so many settings, nested, overflow a test
+// thread's stack in a debug build.
+fn breaker_case() -> BoxedStrategy<BreakerCase> {
     (
         (
             usual_u32(1, 12),
@@ -156,6 +158,7 @@ fn breaker_case() -> impl Strategy<Value = BreakerCase> {
                 max_keys,
             },
         )
+        .boxed()
 }
 
 impl BreakerCase {
@@ -1238,15 +1241,16 @@ fn redis_backends_refused_or_sound() {
             usual_u32(1, 6),
         ),
         duration(),
-        breaker_case(),
+        (breaker_case(), proptest::option::of(usual_ms(1, 1_000))),
     )
         .prop_map(
             |(
                 (timeout, retry_interval),
                 (max_tokens, refill_rate, max_concurrent),
                 lease_ttl,
-                breaker,
+                (mut breaker, sync_interval),
             )| {
+                breaker.sync_interval = sync_interval;
                 RedisCase {
                     timeout,
                     retry_interval,
@@ -1257,7 +1261,8 @@ fn redis_backends_refused_or_sound() {
                     breaker,
                 }
             },
-        );
+        )
+        .boxed();
     let seq = AtomicUsize::new(0);
     let mut runner = TestRunner::new(Config {
         cases: 48,
