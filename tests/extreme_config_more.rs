@@ -1,8 +1,11 @@
 //! Every setting of the breaker (plain, keyed, on each backend), fallback,
 //! dedup, timeout, hedge and adaptive-limit builders, and of the file and
 //! Redis store builders, at its extremes: `build()` either refuses it with
-//! a `ConfigError` naming a field, or the layer then serves calls on
-//! tokio's paused clock without a panic and keeps its bounds.
+//! a `ConfigError` naming a field, or the layer then serves calls without
+//! a panic and keeps its bounds. The layers run on tokio's paused clock;
+//! the file store keeps wall-clock time in a temporary directory, and the
+//! Redis store meets a real `redis-server` on a free port (or an unused
+//! one, where it must degrade).
 #![cfg(all(
     feature = "circuit-breaker",
     feature = "fallback",
@@ -877,6 +880,7 @@ proptest! {
 
 /// A bucket the limiters can keep exactly: both settings finite and above
 /// zero, refilling from empty within 2^61 ns (about 73 years).
+#[cfg(all(any(feature = "file-store", feature = "redis"), feature = "rate-limit"))]
 fn bucket_ok(max_tokens: f64, refill_rate: f64) -> bool {
     let positive = |v: f64| v.is_finite() && v > 0.0;
     positive(max_tokens)
@@ -1206,6 +1210,9 @@ async fn a_fleet_breaker_open_for_longer_than_redis_can_expire_still_syncs() {
     assert!(is_open(&send(&mut svc_b, Act::Answer).await));
 }
 
+// --- The Redis store against a real server -------------------------------
+
+#[cfg(all(feature = "redis", feature = "rate-limit"))]
 #[derive(Debug, Clone)]
 struct RedisCase {
     timeout: Duration,
