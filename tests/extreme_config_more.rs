@@ -1361,3 +1361,122 @@ fn redis_backends_refused_or_sound() {
         panic!("{e}");
     }
 }
+
+// --- Layers on the file store ------------------------------------------------
+
+/// The rate limiter and bulkhead layers on a file store, over edge
+/// settings: refused with the field named, or they never let more through
+/// than the bucket (plus its refill, on the wall clock) or the slots allow.
+/// A call still waiting after its first poll is dropped, so no case waits.
+#[cfg(all(feature = "file-store", feature = "rate-limit", feature = "bulkhead"))]
+mod file_layers {
+    use super::*;
+    use tower_bulwark::bulkhead::{BulkheadFull, BulkheadLayer};
+    use tower_bulwark::rate_limit::RateLimited;
+    use tower_bulwark::store::file::FileStore;
+    use tower_bulwark::RateLimitLayer;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn file_layers_refused_or_sound(
+            (max_tokens, refill_rate, tokens_per_request) in (
+                usual_f64(1.0, 20.0),
+                usual_f64(0.001, 10.0),
+                prop_oneof![3 => 0.01f64..=1.0, 1 => float()],
+            ),
+            limit_wait in prop_oneof![3 => Just(Duration::ZERO), 1 => duration()],
+            max_concurrent in usual_usize(1, 6),
+            bulkhead_wait in duration(),
+            slot_timeout in prop_oneof![Just(Duration::from_secs(600)), usual_ms(1, 60_000)],
+            calls in 1usize..30,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let store = FileStore::builder()
+                    .dir(dir.path())
+                    .slot_timeout(slot_timeout)
+                    .build();
+                let store = match store {
+                    Err(e) => return named(&e, &["slot_timeout"]),
+                    Ok(store) => store,
+                };
+                let limiter = RateLimitLayer::builder()
+                    .name("api")
+                    .max_tokens(max_tokens)
+                    .refill_rate(refill_rate)
+                    .tokens_per_request(tokens_per_request)
+                    .max_wait(limit_wait)
+                    .backend(store.clone())
+                    .build();
+                match limiter {
+                    Err(e) => named(&e, &["max_tokens", "refill_rate", "tokens_per_request", "max_wait"])?,
+                    Ok(layer) => {
+                        prop_assert!(bucket_ok(max_tokens, refill_rate));
+                        let mut svc = layer.layer(service_fn(|n: u32| async move { Ok::<u32, BoxError>(n) }));
+                        let start = std::time::Instant::now();
+                        let mut taken = 0u32;
+                        for n in 0..calls as u32 {
+                            let mut f = Box::pin(svc.ready().await.unwrap().call(n));
+                            match poll_once(&mut f) {
+                                Poll::Ready(Ok(_)) => taken += 1,
+                                Poll::Ready(Err(e)) => prop_assert!(e.is::<RateLimited>(), "{e}"),
+                                Poll::Pending => {}
+                            }
+                        }
+                        let secs = start.elapsed().as_secs_f64() + 1e-3;
+                        let bound = max_tokens + refill_rate * secs;
+                        let spent = f64::from(taken) * tokens_per_request;
+                        prop_assert!(spent <= bound * (1.0 + 1e-9), "{spent} tokens spent, bound {bound}");
+                    }
+                }
+                let bulkhead = BulkheadLayer::builder()
+                    .name("db")
+                    .max_concurrent(max_concurrent)
+                    .max_wait(bulkhead_wait)
+                    .backend(store)
+                    .build();
+                match bulkhead {
+                    Err(e) => named(&e, &["max_concurrent", "max_wait"])?,
+                    Ok(layer) => {
+                        let gate = Arc::new(Semaphore::new(0));
+                        let entered = Arc::new(AtomicUsize::new(0));
+                        let (g, inside) = (gate.clone(), entered.clone());
+                        let mut svc = layer.layer(service_fn(move |n: u32| {
+                            let g = g.clone();
+                            inside.fetch_add(1, SeqCst);
+                            async move {
+                                g.acquire().await.unwrap().forget();
+                                Ok::<u32, BoxError>(n)
+                            }
+                        }));
+                        let mut held = Vec::new();
+                        for n in 0..calls as u32 {
+                            let mut f = Box::pin(svc.ready().await.unwrap().call(n));
+                            match poll_once(&mut f) {
+                                Poll::Pending => held.push(f),
+                                Poll::Ready(r) => {
+                                    let e = r.unwrap_err();
+                                    prop_assert!(e.is::<BulkheadFull>(), "{e}");
+                                }
+                            }
+                        }
+                        // Slots held past slot_timeout may be reclaimed.
+                        if slot_timeout >= Duration::from_secs(60) {
+                            prop_assert!(entered.load(SeqCst) <= max_concurrent);
+                        }
+                        gate.add_permits(calls);
+                        drop(held);
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+}
