@@ -1330,6 +1330,35 @@ fn redis_backends_refused_or_sound() {
                     }
                 }
             }
+            // The rate limit layer on the same store: never past its bucket.
+            let limiter = tower_bulwark::RateLimitLayer::builder()
+                .name("api")
+                .max_tokens(c.max_tokens)
+                .refill_rate(c.refill_rate)
+                .backend(store.clone())
+                .build();
+            match limiter {
+                Err(e) => named(&e, &["max_tokens", "refill_rate", "tokens_per_request"])?,
+                Ok(layer) => {
+                    let mut svc =
+                        layer.layer(service_fn(|n: u32| async move { Ok::<u32, BoxError>(n) }));
+                    let start = std::time::Instant::now();
+                    let mut taken = 0u32;
+                    for n in 0..20 {
+                        if svc.ready().await.unwrap().call(n).await.is_ok() {
+                            taken += 1;
+                        }
+                    }
+                    let secs = start.elapsed().as_secs_f64() + 0.01;
+                    let bound = c.max_tokens + c.refill_rate * secs;
+                    if reachable && !store.is_degraded() {
+                        prop_assert!(
+                            f64::from(taken) <= bound + 1e-9,
+                            "{taken} taken, bound {bound}"
+                        );
+                    }
+                }
+            }
             let mut b = c.breaker.clone();
             b.window = None;
             let layer = match b
