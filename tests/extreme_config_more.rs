@@ -473,6 +473,58 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// Calls that answer, but slowly: slow by `slow_call_duration`, they
+    /// open the breaker as failures would (consecutive mode) or by their
+    /// rate (window mode); never slow, they never open it.
+    #[test]
+    fn breaker_slow_calls_refused_or_sound(
+        c in breaker_case(),
+        slow in prop_oneof![3 => usual_ms(1, 100).prop_map(Some), 1 => Just(None)],
+        latency in 0u64..120,
+    ) {
+        paused(async {
+            let mut c = c;
+            c.hint = None;
+            c.slow_call_duration = slow;
+            let layer = match c.builder().build() {
+                Err(e) => return named(&e, BREAKER_FIELDS),
+                Ok(layer) => layer,
+            };
+            let handle = layer.handle();
+            let mut svc = layer.layer(service_fn(move |n: u32| async move {
+                sleep(Duration::from_millis(latency)).await;
+                Ok::<u32, BoxError>(n)
+            }));
+            let is_slow = slow.is_some_and(|t| t <= Duration::from_millis(latency));
+            let k = c.opens_after();
+            let mut rejected = false;
+            for n in 0..k.min(40) {
+                prop_assert_eq!(handle.state(), CircuitState::Closed);
+                match svc.ready().await.unwrap().call(n).await {
+                    Ok(v) => prop_assert_eq!(v, n),
+                    Err(e) => {
+                        prop_assert!(e.is::<CircuitOpen>(), "{e}");
+                        rejected = true;
+                    }
+                }
+            }
+            prop_assert!(!rejected, "rejected while closed");
+            // An opening shorter than the last call's latency may already
+            // have passed.
+            let opened = !matches!(handle.state(), CircuitState::Closed);
+            if is_slow && k <= 40 {
+                prop_assert!(opened, "{k} slow calls did not open it");
+            } else if !is_slow {
+                prop_assert!(!opened, "opened by calls that were not slow");
+            }
+            Ok(())
+        })?;
+    }
+}
+
 // --- Fallback --------------------------------------------------------------
 
 proptest! {
