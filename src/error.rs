@@ -141,6 +141,27 @@ impl Check {
         Ok(())
     }
 
+    /// A bucket that refills from empty within about 73 years (2^61 ns,
+    /// the rate limiter's largest burst tolerance): slower ones lose the
+    /// bucket's bound to saturating or imprecise arithmetic and admit
+    /// everything. `max_tokens` and `refill_rate` are already positive.
+    #[allow(dead_code)]
+    pub(crate) fn refill_time(&self, max_tokens: f64, refill_rate: f64) -> Result<(), ConfigError> {
+        const MAX_REFILL_NANOS: f64 = (1u64 << 61) as f64;
+        let nanos = max_tokens / refill_rate * 1e9;
+        // A NaN is refused too.
+        if nanos.is_nan() || nanos > MAX_REFILL_NANOS {
+            return Err(ConfigError::new(
+                self.layer,
+                "refill_rate",
+                format!(
+                    "is too slow for max_tokens: refilling {max_tokens} tokens at {refill_rate}/s would take more than 73 years"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     #[allow(dead_code)]
     pub(crate) fn non_zero_duration(
         &self,

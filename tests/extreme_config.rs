@@ -4,11 +4,9 @@
 //! time and keeps its bounds, on tokio's paused clock.
 #![cfg(all(feature = "rate-limit", feature = "retry", feature = "bulkhead"))]
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::Poll;
 use std::time::Duration;
 
 use proptest::prelude::*;
@@ -19,71 +17,11 @@ use tower_bulwark::bulkhead::{BulkheadFull, BulkheadLayer};
 use tower_bulwark::classify::{Classify, Outcome};
 use tower_bulwark::rate_limit::{RateLimitLayer, RateLimited};
 use tower_bulwark::retry::{Backoff, Jitter, RetryBudget, RetryLayer};
-use tower_bulwark::{ClockSource, ConfigError};
+use tower_bulwark::ClockSource;
 
-fn float() -> impl Strategy<Value = f64> {
-    prop_oneof![
-        1 => Just(0.0),
-        1 => Just(-0.0),
-        1 => Just(-1.0),
-        1 => Just(1e-300),
-        1 => Just(f64::MIN_POSITIVE),
-        1 => Just(1e-11),
-        1 => Just(1e300),
-        1 => Just(f64::MAX),
-        1 => Just(f64::NAN),
-        1 => Just(f64::INFINITY),
-        1 => Just(f64::NEG_INFINITY),
-        4 => 1e-3f64..1e3,
-        8 => 0.5f64..20.0,
-    ]
-}
-
-fn duration() -> impl Strategy<Value = Duration> {
-    prop_oneof![
-        Just(Duration::ZERO),
-        Just(Duration::from_nanos(1)),
-        Just(Duration::MAX),
-        Just(Duration::from_secs(u64::MAX)),
-        Just(Duration::from_nanos(u64::MAX)),
-        (1u64..5_000).prop_map(Duration::from_millis),
-    ]
-}
-
-fn count_u32() -> impl Strategy<Value = u32> {
-    prop_oneof![Just(0u32), Just(1), Just(u32::MAX), 2u32..20]
-}
-
-fn count_usize() -> impl Strategy<Value = usize> {
-    prop_oneof![
-        Just(0usize),
-        Just(1),
-        Just(u32::MAX as usize),
-        Just(usize::MAX),
-        Just(usize::MAX >> 3),
-        2usize..20,
-    ]
-}
-
-fn paused<F: Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
-fn named(e: &ConfigError, fields: &[&str]) -> Result<(), TestCaseError> {
-    prop_assert!(fields.contains(&e.field()), "unexpected field in {e}");
-    prop_assert!(!e.reason().is_empty());
-    Ok(())
-}
-
-/// Polls once with a no-op waker.
-fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
-    Pin::new(f).poll(&mut Context::from_waker(Waker::noop()))
-}
+#[path = "support/extreme.rs"]
+mod extreme;
+use extreme::{count_u32, count_usize, duration, float, named, paused, poll_once};
 
 #[derive(Debug, Clone)]
 struct LimitCase {

@@ -134,7 +134,7 @@ impl FleetSync {
         match t.to {
             CircuitState::Open => {
                 let d = t.open_for.unwrap_or(self.open_timeout);
-                let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
+                let ms = script_ms(d).max(1);
                 self.opened_ms.store(ms, Relaxed);
                 self.wake.notify_one();
             }
@@ -276,7 +276,6 @@ impl FleetSync {
             _ => None,
         };
         let probing_too_long = half_open_since.is_some_and(|s| s.elapsed() >= self.stale);
-        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         BreakerReport {
             failures: self.failures.swap(0, Relaxed),
             success_first: self.success_first.swap(false, Relaxed),
@@ -285,13 +284,14 @@ impl FleetSync {
             want_probe: (local == Some(CircuitState::HalfOpen) && !probing_too_long)
                 || (local == Some(CircuitState::Open) && demand),
             failure_threshold: self.failure_threshold,
-            open_timeout_ms: ms(self.open_timeout),
-            probe_lease_ms: ms(self.interval.saturating_mul(3)),
+            open_timeout_ms: script_ms(self.open_timeout),
+            probe_lease_ms: script_ms(self.interval.saturating_mul(3)),
             half_open_max: self.half_open_max,
-            ttl_ms: ms(self
-                .open_timeout
-                .saturating_mul(4)
-                .max(Duration::from_secs(60))),
+            ttl_ms: script_ms(
+                self.open_timeout
+                    .saturating_mul(4)
+                    .max(Duration::from_secs(60)),
+            ),
             force: match self.force.swap(FORCE_NONE, Relaxed) {
                 FORCE_CLOSED => "closed",
                 FORCE_OPEN => "forced_open",
@@ -299,6 +299,15 @@ impl FleetSync {
             },
         }
     }
+}
+
+/// Milliseconds for the sync script, at most 30 years: Redis refuses an
+/// expiry later than its clock can count (and the whole round with it), and
+/// an opening that long outlives any process anyway, as `clock::instant_after`
+/// caps timers.
+fn script_ms(d: Duration) -> u64 {
+    const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
+    u64::try_from(d.min(FAR).as_millis()).unwrap_or(u64::MAX)
 }
 
 async fn run(weak: Weak<FleetSync>) {

@@ -150,8 +150,8 @@ impl<C> CircuitBreakerBuilder<C> {
 
     /// Lets the open duration grow when probes keep failing: the `n`th
     /// open period in a row lasts `backoff.delay(n)` (jittered if the
-    /// back-off says so, and capped by its `max_delay`). Replaces
-    /// [`open_timeout`](Self::open_timeout).
+    /// back-off says so, and capped by its `max_delay`). Its base delay
+    /// must be longer than zero. Replaces [`open_timeout`](Self::open_timeout).
     pub fn open_backoff(mut self, backoff: Backoff) -> Self {
         self.settings.open_backoff = Some(backoff);
         self
@@ -245,7 +245,8 @@ impl<C> CircuitBreakerBuilder<C> {
 
     /// Shared backends: how long a half-open probe reservation may stay
     /// unanswered before it is taken to be from a crashed or hung process
-    /// and freed (default 2 min). Make it longer than your slowest call.
+    /// and freed (default 2 min, at least 1 ms). Make it longer than your
+    /// slowest call.
     pub fn stale_attempt_timeout(mut self, d: Duration) -> Self {
         self.settings.stale_attempt_timeout = d;
         self
@@ -300,7 +301,14 @@ impl<C> CircuitBreakerBuilder<C> {
         check.non_zero_duration("open_timeout", s.open_timeout)?;
         if let Some(b) = &s.open_backoff {
             b.validate(LAYER, "open_backoff")?;
-            check.non_zero_duration("open_backoff", b.max())?;
+            // Like open_timeout: an opening of zero would never reject.
+            if b.base().is_zero() {
+                return Err(ConfigError::new(
+                    LAYER,
+                    "open_backoff",
+                    "the base delay must be longer than zero",
+                ));
+            }
         }
         check.ratio("failure_rate_threshold", s.failure_rate_threshold)?;
         check.ratio("slow_call_rate_threshold", s.slow_call_rate_threshold)?;
@@ -337,7 +345,16 @@ impl<C> CircuitBreakerBuilder<C> {
             (Some(Window::Count(n)), None) => n.min(10),
             (_, None) => 10,
         };
-        check.non_zero_duration("stale_attempt_timeout", s.stale_attempt_timeout)?;
+        if s.stale_attempt_timeout < Duration::from_millis(1) {
+            // Shared backends time probe reservations in whole
+            // milliseconds: a shorter timeout would free every reservation
+            // at once, and half_open_max_calls would bound nothing.
+            return Err(ConfigError::new(
+                LAYER,
+                "stale_attempt_timeout",
+                format!("must be at least 1 ms (got {:?})", s.stale_attempt_timeout),
+            ));
+        }
         check.non_zero_duration("sync_interval", s.sync_interval)?;
         if s.sync_interval_set && !s.backend.is_redis() {
             return Err(ConfigError::new(

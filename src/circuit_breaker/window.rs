@@ -69,6 +69,9 @@ fn ratio(n: u32, d: u32) -> f64 {
 
 const TIME_BUCKETS: u64 = 10;
 
+/// Slots a count window reserves when made; it grows from there.
+const RING_PREALLOC: usize = 128;
+
 /// The recorded outcomes of one window; plain data, driven by `now`.
 #[derive(Debug)]
 pub(crate) enum Recorder {
@@ -91,7 +94,9 @@ impl Recorder {
         match w {
             Window::Count(n) => Recorder::Count {
                 size: n as usize,
-                ring: VecDeque::with_capacity(n as usize),
+                // The ring grows as calls come: a window of millions of
+                // calls must not reserve them all up front, per breaker.
+                ring: VecDeque::with_capacity((n as usize).min(RING_PREALLOC)),
                 totals: Totals::default(),
             },
             Window::Time(d) => Recorder::Time {

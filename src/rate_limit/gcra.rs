@@ -77,6 +77,10 @@ pub(crate) struct Params {
     pub(crate) tau: Nanos,
     /// The longest a caller may wait for its turn (0: reject at once).
     pub(crate) max_wait: Nanos,
+    /// The bucket's size as configured: `tau` rounds up to a whole
+    /// nanosecond, which a bucket refilling faster than a token per
+    /// nanosecond overshoots by many tokens.
+    pub(crate) max_tokens: f64,
 }
 
 impl Params {
@@ -88,6 +92,7 @@ impl Params {
             // A wait past `MAX_TAU` is as good as forever, and keeping it
             // there keeps every TAT from saturating (see `MAX_TAU`).
             max_wait: max_wait.min(MAX_TAU),
+            max_tokens,
         }
     }
 
@@ -359,7 +364,7 @@ impl<const N: usize> Freed<N> {
 #[inline]
 pub(crate) fn tokens(tat: Nanos, now: Nanos, p: &Params) -> f64 {
     let debt = tat.saturating_sub(now);
-    (p.tau.saturating_sub(debt)) as f64 / p.per_token
+    ((p.tau.saturating_sub(debt)) as f64 / p.per_token).min(p.max_tokens)
 }
 
 /// Whether a bucket is full at `now`, so forgetting it changes nothing: a

@@ -308,9 +308,9 @@ impl FileStoreBuilder {
     }
 
     /// How long a bulkhead slot may be held before it is taken to belong
-    /// to a hung process and reclaimed (default 10 minutes). A call that
-    /// runs longer than this loses its slot to the count, so set it above
-    /// your longest call.
+    /// to a hung process and reclaimed (default 10 minutes, at least 1 ms:
+    /// slots are timed in milliseconds). A call that runs longer than this
+    /// loses its slot to the count, so set it above your longest call.
     pub fn slot_timeout(mut self, d: Duration) -> Self {
         self.slot_timeout = d;
         self
@@ -336,7 +336,15 @@ impl FileStoreBuilder {
     pub fn build(self) -> Result<FileStore, ConfigError> {
         let check = Check { layer: LAYER };
         check.non_zero_duration("lock_timeout", self.lock_timeout)?;
-        check.non_zero_duration("slot_timeout", self.slot_timeout)?;
+        if self.slot_timeout < Duration::from_millis(1) {
+            // Slots are timed in whole milliseconds: a shorter timeout
+            // would count every slot as stale at once, and bound nothing.
+            return Err(ConfigError::new(
+                LAYER,
+                "slot_timeout",
+                format!("must be at least 1 ms (got {:?})", self.slot_timeout),
+            ));
+        }
         let plain = |field, s: &str| -> Result<(), ConfigError> {
             if s.is_empty() || s.contains(['/', '\\']) || s == "." || s == ".." {
                 return Err(ConfigError::new(
@@ -495,6 +503,8 @@ impl FileStore {
     /// A token bucket of `max_tokens` refilled at `refill_rate` tokens per
     /// second, kept in this file: the unnamed entry, or the one
     /// [`named`](FileRateLimiter::named) picks (feature `rate-limit`).
+    /// Both must be finite and above zero, and the bucket must refill
+    /// from empty within about 73 years, as for the in-memory limiter.
     #[cfg(feature = "rate-limit")]
     pub fn rate_limiter(
         &self,
@@ -505,6 +515,7 @@ impl FileStore {
         let check = Check { layer: LAYER };
         check.positive("max_tokens", max_tokens)?;
         check.positive("refill_rate", refill_rate)?;
+        check.refill_time(max_tokens, refill_rate)?;
         let params = Params::new(max_tokens, refill_rate, 0);
         if params.increment(1.0_f64.min(max_tokens)).is_none() {
             return Err(ConfigError::new(

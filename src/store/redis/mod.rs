@@ -265,7 +265,9 @@ impl RedisStoreBuilder {
                 next_id: AtomicU64::new(0),
                 delivering: tokio::sync::Mutex::new(()),
                 // Refunds follow their charge within a few retries.
-                receipt_ttl_ms: (4 * (self.timeout + self.retry_interval))
+                // Saturating: either setting may be as long as `Duration::MAX`.
+                receipt_ttl_ms: (self.timeout.saturating_add(self.retry_interval))
+                    .saturating_mul(4)
                     .as_millis()
                     .clamp(1_000, u128::from(u32::MAX)) as u64,
                 scripts: Scripts {
@@ -317,6 +319,8 @@ impl RedisStore {
 
     /// A GCRA rate limiter named `name`: bursts of up to `max_tokens`,
     /// `refill_rate` per second sustained, per key, across the fleet.
+    /// Both must be finite and above zero, and the bucket must refill
+    /// from empty within about 73 years, as for the in-memory limiter.
     pub fn rate_limiter(
         &self,
         name: &str,
@@ -326,6 +330,8 @@ impl RedisStore {
         let check = Check { layer: LAYER };
         check.positive("max_tokens", max_tokens)?;
         check.positive("refill_rate", refill_rate)?;
+        // Also keeps every TAT and expiry the script computes in range.
+        check.refill_time(max_tokens, refill_rate)?;
         let interval_us = 1e6 / refill_rate;
         Ok(RedisRateLimiter {
             store: self.clone(),
@@ -381,7 +387,7 @@ impl RedisStore {
     }
 
     fn now_ms(&self) -> u64 {
-        self.inner.origin.elapsed().as_millis() as u64
+        u64::try_from(self.inner.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// A request id no other request of the fleet has.
@@ -441,7 +447,8 @@ impl RedisStore {
                 Some(v)
             }
             Err(error) => {
-                let until = self.now_ms() + inner.retry_interval.as_millis() as u64;
+                let quiet = u64::try_from(inner.retry_interval.as_millis()).unwrap_or(u64::MAX);
+                let until = self.now_ms().saturating_add(quiet);
                 inner.quiet_until.store(until, Relaxed);
                 if !inner.degraded.swap(true, Relaxed) {
                     inner.listeners.emit(&StoreEvent::Degraded {
@@ -1016,16 +1023,24 @@ impl Drop for Asking<'_> {
     }
 }
 
+/// The longest lease ttl: the lease script doubles it and adds it to
+/// the server's clock in milliseconds, which must stay a valid expiry.
+const MAX_LEASE_TTL: Duration = Duration::from_secs(30 * 86_400);
+
 impl RedisBulkhead {
     /// How long a lease outlives a holder that stopped renewing it
-    /// (default 30 s). Leases are renewed every third of this while held.
+    /// (default 30 s), from 30 ms to 30 days: a shorter one is raised and
+    /// a longer one cut to these, because Redis cannot expire a key later
+    /// than its clock can count. Leases are renewed every third of this
+    /// while held.
     pub fn lease_ttl(mut self, d: Duration) -> Self {
-        self.ttl = d.max(Duration::from_millis(30));
+        self.ttl = d.clamp(Duration::from_millis(30), MAX_LEASE_TTL);
         self
     }
 
     fn ttl_ms(&self) -> u64 {
-        self.ttl.as_millis() as u64
+        // At most `MAX_LEASE_TTL`: fits.
+        u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Takes a lease if the fleet holds fewer than `max_concurrent`.
