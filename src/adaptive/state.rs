@@ -175,6 +175,8 @@ impl Permit {
         self.core.record(Sample {
             rtt: rtt as f64,
             in_flight: self.in_flight,
+            // This permit is still held, so the count includes the call.
+            in_flight_end: self.core.in_flight.load(Relaxed),
             dropped: outcome == Outcome::Failure,
             start: self.start as f64,
         });
