@@ -81,7 +81,7 @@ impl Aimd {
 /// Past its knee an upstream's latency grows with the calls it holds, so
 /// the limit settles where `limit = tolerance × knee + queue allowance`:
 /// with the defaults (no tolerance, an allowance of `√limit`) that is a
-/// few calls above the knee, about 1.3× a knee of 10 and 1.03× a knee of
+/// few calls above the knee, about 1.4× a knee of 10 and 1.03× a knee of
 /// 1000. Raise the tolerance only for an upstream whose latency is noisy
 /// at any load; each step above 1 lets the limit overshoot by that much.
 ///
