@@ -19,7 +19,7 @@
 //! # tokio::time::pause();
 //! let layer = AdaptiveLimitLayer::builder()
 //!     .name("inventory")
-//!     .algorithm(Gradient::default().tolerance(2.0))
+//!     .algorithm(Gradient::default()) // the default; or Vegas, Aimd
 //!     .min_limit(2)
 //!     .initial_limit(10)
 //!     .max_limit(200)
