@@ -164,3 +164,110 @@ async fn a_grpc_timeout_header_shortens_the_deadline_of_a_real_call() {
     let t = err.downcast_ref::<TimedOut>().expect("a TimedOut");
     assert_eq!(t.timeout(), Duration::from_millis(200));
 }
+
+/// Each arrival is reported on the returned channel as (method, path).
+/// The first arrival on each path waits until `release` is set; later
+/// ones answer at once. Every answer says which arrival on its path it was.
+fn start_slow_upstream() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(Method, String)>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    let (arrived, arrivals) = tokio::sync::mpsc::unbounded_channel();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let seen = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+            let handler = move |method: Method, uri: axum::http::Uri| {
+                let path = uri.path().to_owned();
+                let n = {
+                    let mut seen = seen.lock().unwrap();
+                    let n: &mut usize = seen.entry(path.clone()).or_default();
+                    *n += 1;
+                    *n - 1
+                };
+                arrived.send((method, path)).unwrap();
+                let mut released = released.clone();
+                async move {
+                    if n == 0 {
+                        released.wait_for(|r| *r).await.unwrap();
+                    }
+                    format!("copy {n}")
+                }
+            };
+            let app = Router::new().fallback(handler);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    (rx.recv().unwrap(), arrivals, release)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_http_builder_hedges_a_slow_get_and_never_a_slow_post() {
+    use http_body_util::BodyExt;
+
+    let (addr, mut arrivals, release) = start_slow_upstream();
+    let client: Client<HttpConnector, Body> = Client::builder(TokioExecutor::new()).build_http();
+    // Counted on the client side, where a hedge would be sent.
+    let sent = Arc::new(AtomicUsize::new(0));
+    let s = sent.clone();
+    let counted = tower::service_fn(move |req: Request<Body>| {
+        s.fetch_add(1, SeqCst);
+        client.clone().oneshot(req)
+    });
+    let hedge = HedgeLayer::http_builder()
+        .delay(Duration::from_millis(50))
+        .max_extra_load(1.0)
+        .build()
+        .unwrap();
+    let handle = hedge.handle();
+    let svc = ServiceBuilder::new().layer(hedge).service(counted);
+    let req = |method: Method, path: &str| {
+        Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{path}"))
+            .body(Body::new())
+            .unwrap()
+    };
+    let text = |res: hyper::Response<hyper::body::Incoming>| async move {
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    };
+    let arrival = |method: Method, path: &str| Some((method, path.to_owned()));
+
+    // A slow GET is hedged (the paused clock passes its delay as soon as
+    // the client is idle), and the copy that answers wins.
+    let res = svc.clone().oneshot(req(Method::GET, "/get")).await.unwrap();
+    assert_eq!(text(res).await, "copy 1");
+    assert_eq!(handle.hedges(), 1);
+    assert_eq!(sent.load(SeqCst), 2);
+    for _ in 0..2 {
+        assert_eq!(arrivals.recv().await, arrival(Method::GET, "/get"));
+    }
+
+    // A slow POST: once it is at the server, the clock moves well past
+    // the hedge delay and the call's task runs, but no copy is sent.
+    let post = tokio::spawn(svc.clone().oneshot(req(Method::POST, "/post")));
+    assert_eq!(arrivals.recv().await, arrival(Method::POST, "/post"));
+    tokio::time::advance(Duration::from_secs(1)).await;
+    tokio::task::yield_now().await;
+    assert_eq!(sent.load(SeqCst), 3, "a POST is not hedged");
+    release.send(true).unwrap();
+    assert_eq!(text(post.await.unwrap().unwrap()).await, "copy 0");
+    assert_eq!(handle.hedges(), 1);
+    release.send(false).unwrap();
+
+    // With an idempotency key a POST may go twice, so it is hedged.
+    let mut keyed = req(Method::POST, "/keyed");
+    keyed
+        .headers_mut()
+        .insert("idempotency-key", "order-7".parse().unwrap());
+    let res = svc.oneshot(keyed).await.unwrap();
+    assert_eq!(text(res).await, "copy 1");
+    assert_eq!(handle.hedges(), 2);
+    assert_eq!(sent.load(SeqCst), 5);
+}

@@ -14,6 +14,8 @@ pub(crate) struct Sample {
     pub(crate) rtt: f64,
     /// Calls in flight when it started, itself included.
     pub(crate) in_flight: usize,
+    /// Calls in flight when it ended, itself included.
+    pub(crate) in_flight_end: usize,
     /// Whether it failed (by the classifier): a sign of overload.
     pub(crate) dropped: bool,
     /// When it started, in nanoseconds since the layer was built.
@@ -76,6 +78,13 @@ impl Aimd {
 /// slower, it shrinks in proportion. A failure counts as the steepest
 /// slow-down.
 ///
+/// Past its knee an upstream's latency grows with the calls it holds, so
+/// the limit settles where `limit = tolerance × knee + queue allowance`:
+/// with the defaults (no tolerance, an allowance of `√limit`) that is a
+/// few calls above the knee, about 1.4× a knee of 10 and 1.03× a knee of
+/// 1000. Raise the tolerance only for an upstream whose latency is noisy
+/// at any load; each step above 1 lets the limit overshoot by that much.
+///
 /// The long-term average follows the latency slowly, and is pulled down
 /// at once when calls become much faster than it (the upstream
 /// recovered), so the limit can grow back.
@@ -85,26 +94,30 @@ pub struct Gradient {
     pub(crate) smoothing: f64,
     pub(crate) window: u32,
     pub(crate) long_window: u32,
-    pub(crate) queue_size: f64,
+    /// `None`: the square root of the limit.
+    pub(crate) queue_size: Option<f64>,
 }
 
 impl Default for Gradient {
-    /// Tolerance 1.5, smoothing 0.2, short windows of 10 calls, a
-    /// long-term average over about 600 calls, a queue allowance of 4.
+    /// Tolerance 1 (shrink as soon as calls queue), smoothing 0.2, short
+    /// windows of 10 calls, a long-term average over about 600 calls, a
+    /// queue allowance of the square root of the limit.
     fn default() -> Self {
         Self {
-            tolerance: 1.5,
+            tolerance: 1.0,
             smoothing: 0.2,
             window: 10,
             long_window: 600,
-            queue_size: 4.0,
+            queue_size: None,
         }
     }
 }
 
 impl Gradient {
     /// How much slower than the long-term latency recent calls may be
-    /// before the limit shrinks, at least 1 (default 1.5).
+    /// before the limit shrinks, at least 1 (default 1: any queueing
+    /// shrinks it). The limit settles near `tolerance` times the
+    /// upstream's knee.
     pub fn tolerance(mut self, t: f64) -> Self {
         self.tolerance = t;
         self
@@ -131,9 +144,12 @@ impl Gradient {
     }
 
     /// Calls allowed to queue at the upstream beyond the estimate, at
-    /// least 0 (default 4).
+    /// least 0: also how fast the limit grows while latency holds (by
+    /// `smoothing × queue_size` per window). By default the square root of
+    /// the limit, at least 1: a small limit stays close to the knee, and a
+    /// large one grows back quickly and is not worn down by latency noise.
     pub fn queue_size(mut self, n: f64) -> Self {
-        self.queue_size = n;
+        self.queue_size = Some(n);
         self
     }
 }
@@ -314,7 +330,10 @@ impl Estimator {
         }
         self.sum += s.rtt;
         self.count += 1;
-        self.peak_in_flight = self.peak_in_flight.max(s.in_flight);
+        // A call that started with room to spare but ended among a full
+        // limit was slowed by the calls that joined it: its latency is not
+        // the unloaded one either.
+        self.peak_in_flight = self.peak_in_flight.max(s.in_flight).max(s.in_flight_end);
         self.dropped |= s.dropped;
         if self.count < g.window {
             return self.limit;
@@ -352,7 +371,8 @@ impl Estimator {
         } else {
             (g.tolerance * self.long_rtt / short).clamp(0.5, 1.0)
         };
-        let estimate = self.limit * gradient + g.queue_size;
+        let queue = g.queue_size.unwrap_or_else(|| self.limit.sqrt().max(1.0));
+        let estimate = self.limit * gradient + queue;
         self.limit * (1.0 - g.smoothing) + estimate * g.smoothing
     }
 
@@ -398,15 +418,23 @@ mod tests {
                     .latency_threshold(Duration::from_nanos(t))
                     .into()
             }),
-            (1.0f64..10.0, 0.001f64..=1.0, 1u32..50, 0.0f64..1e3).prop_map(|(t, s, w, q)| {
-                Gradient::default()
-                    .tolerance(t)
-                    .smoothing(s)
-                    .window(w)
-                    .long_window(w * 60)
-                    .queue_size(q)
-                    .into()
-            }),
+            (
+                1.0f64..10.0,
+                0.001f64..=1.0,
+                1u32..50,
+                prop::option::of(0.0f64..1e3)
+            )
+                .prop_map(|(t, s, w, q)| {
+                    let g = Gradient::default()
+                        .tolerance(t)
+                        .smoothing(s)
+                        .window(w)
+                        .long_window(w * 60);
+                    match q {
+                        Some(q) => g.queue_size(q).into(),
+                        None => g.into(),
+                    }
+                }),
             (0.0f64..10.0, 1u32..2000).prop_map(|(a, p)| {
                 Vegas::default()
                     .alpha(a)
@@ -420,14 +448,20 @@ mod tests {
     fn samples() -> impl Strategy<Value = Vec<Sample>> {
         let rtt = prop_oneof![Just(0.0), 0.0f64..1e3, 1e3f64..1e10, Just(u64::MAX as f64)];
         prop::collection::vec(
-            (rtt, 0usize..100_000, any::<bool>(), 0f64..1e12).prop_map(
-                |(rtt, in_flight, dropped, start)| Sample {
+            (
+                rtt,
+                0usize..100_000,
+                0usize..100_000,
+                any::<bool>(),
+                0f64..1e12,
+            )
+                .prop_map(|(rtt, in_flight, in_flight_end, dropped, start)| Sample {
                     rtt,
                     in_flight,
+                    in_flight_end,
                     dropped,
                     start,
-                },
-            ),
+                }),
             0..400,
         )
     }
@@ -456,6 +490,7 @@ mod tests {
         let ok = |in_flight| Sample {
             rtt: 1e6,
             in_flight,
+            in_flight_end: in_flight,
             dropped: false,
             start: 5e6,
         };
@@ -481,11 +516,37 @@ mod tests {
     }
 
     #[test]
+    fn gradient_grows_by_the_square_root_of_the_limit_and_settles_above_the_knee_by_it() {
+        let mut e = Estimator::new(Gradient::default().into(), 100, 1, 1000);
+        let call = |rtt: f64, n| Sample {
+            rtt,
+            in_flight: n,
+            in_flight_end: n,
+            dropped: false,
+            start: 0.0,
+        };
+        // Steady latency with the limit in use: one window grows it by
+        // smoothing x sqrt(100).
+        for _ in 0..10 {
+            e.update(call(1e6, 100));
+        }
+        assert!((e.limit - 102.0).abs() < 1e-9, "{}", e.limit);
+        // An upstream whose latency grows with its calls past a knee of 36:
+        // the limit settles at knee + sqrt(limit) = 42.6.
+        for _ in 0..20_000 {
+            let n = e.limit.floor() as usize;
+            e.update(call(1e6 * (n as f64 / 36.0).max(1.0), n));
+        }
+        assert!((41.0..=44.0).contains(&e.limit), "{}", e.limit);
+    }
+
+    #[test]
     fn vegas_grows_on_an_idle_upstream_and_shrinks_on_a_queue() {
         let mut e = Estimator::new(Vegas::default().into(), 20, 1, 1000);
         let at = |rtt: f64, in_flight| Sample {
             rtt,
             in_flight,
+            in_flight_end: in_flight,
             dropped: false,
             start: 0.0,
         };

@@ -254,13 +254,15 @@ fn check_algorithm(check: &Check, algorithm: &Algorithm) -> Result<(), ConfigErr
                     format!("must be at least window ({} < {})", g.long_window, g.window),
                 ));
             }
-            range(
-                "queue_size",
-                g.queue_size,
-                0.0,
-                MAX_LIMIT as f64,
-                "a number from 0 to max_limit",
-            )?;
+            if let Some(q) = g.queue_size {
+                range(
+                    "queue_size",
+                    q,
+                    0.0,
+                    MAX_LIMIT as f64,
+                    "a number from 0 to max_limit",
+                )?;
+            }
         }
         Algorithm::Vegas(v) => {
             range("alpha", v.alpha, 0.0, 1e6, "a number from 0")?;

@@ -19,7 +19,7 @@
 //! # tokio::time::pause();
 //! let layer = AdaptiveLimitLayer::builder()
 //!     .name("inventory")
-//!     .algorithm(Gradient::default().tolerance(2.0))
+//!     .algorithm(Gradient::default()) // the default; or Vegas, Aimd
 //!     .min_limit(2)
 //!     .initial_limit(10)
 //!     .max_limit(200)
@@ -45,11 +45,14 @@
 //! # Algorithms
 //!
 //! - [`Gradient`] (the default; gradient2): compares recent latency with
-//!   its long-term average. Learns what normal latency is; tolerates
-//!   noise through its `tolerance`. It learns "normal" from the first
-//!   call and from calls that did not fill the limit, never from calls
-//!   queued behind it; against an upstream already overloaded at start,
-//!   begin with an `initial_limit` below its capacity, or use Vegas.
+//!   its long-term average. Learns what normal latency is, and settles a
+//!   few calls (`√limit`) above the upstream's knee; its `tolerance` lets
+//!   a noisy upstream's latency rise that much before the limit shrinks,
+//!   at the price of a limit that much higher. It learns "normal" from
+//!   the first call and from calls that ran without a full limit around
+//!   them, never from calls that started or ended among a full limit; if
+//!   even the first call meets an overloaded upstream, begin with an
+//!   `initial_limit` below its capacity, or use Vegas.
 //! - [`Vegas`]: estimates the queue at the upstream from the lowest
 //!   latency seen. Converges tightly on a steady upstream.
 //! - [`Aimd`]: additive increase, multiplicative decrease on failures and

@@ -7,11 +7,8 @@
 //! whole part changes. Calls already in flight when the limit drops finish
 //! normally: the count falls below the limit as they do.
 
-use std::sync::atomic::{
-    AtomicUsize,
-    Ordering::{AcqRel, Acquire, Relaxed, Release},
-};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -21,6 +18,7 @@ use super::{AdaptiveEvent, LimitReached};
 use crate::classify::Outcome;
 use crate::clock::{Clock, Nanos};
 use crate::observe::{gauge, Listeners};
+use crate::sync::{AtomicUsize, Mutex};
 
 #[derive(Debug)]
 pub(crate) struct Core {
@@ -175,6 +173,8 @@ impl Permit {
         self.core.record(Sample {
             rtt: rtt as f64,
             in_flight: self.in_flight,
+            // This permit is still held, so the count includes the call.
+            in_flight_end: self.core.in_flight.load(Relaxed),
             dropped: outcome == Outcome::Failure,
             start: self.start as f64,
         });
@@ -188,5 +188,80 @@ impl Drop for Permit {
         if let Some(n) = &self.core.notify {
             n.notify_one();
         }
+    }
+}
+
+#[cfg(all(test, bulwark_loom))]
+mod loom_tests {
+    use super::*;
+    use crate::adaptive::Aimd;
+    use crate::clock::ClockSource;
+    use loom::thread;
+
+    /// A limit of `initial` within `[min, max]`, moved by `aimd`.
+    fn core(aimd: Aimd, initial: usize, min: usize, max: usize) -> Arc<Core> {
+        Arc::new(Core::new(
+            Arc::from("loom"),
+            Estimator::new(aimd.into(), initial, min, max),
+            min,
+            max,
+            Duration::ZERO,
+            Listeners::default(),
+            Clock::with_source(ClockSource::Tokio),
+        ))
+    }
+
+    /// A caller races a failure that lowers the limit from 2 to 1 as its
+    /// call ends: it is not admitted above the higher limit, a caller that
+    /// starts once the lower limit is known is held to it, and every slot
+    /// comes back.
+    #[test]
+    fn loom_adaptive_admission_races_a_lower_limit() {
+        loom::model(|| {
+            let c = core(Aimd::default(), 2, 1, 2);
+            let failing = c.try_acquire().unwrap();
+            let lowers = thread::spawn(move || failing.finish(Outcome::Failure));
+            let racer = c.try_acquire();
+            if let Some(p) = &racer {
+                assert!(p.in_flight <= 2);
+            }
+            lowers.join().unwrap();
+            assert_eq!(c.limit(), 1);
+            let late = c.try_acquire();
+            if racer.is_some() {
+                assert!(late.is_none(), "admitted above the lowered limit");
+            } else {
+                assert_eq!(late.as_ref().map(|p| p.in_flight), Some(1));
+            }
+            drop((racer, late));
+            assert_eq!(c.in_flight(), 0);
+        });
+    }
+
+    /// A caller races a success that raises the limit from 1 to 2 as its
+    /// call ends: it is not admitted above the new limit, one that starts
+    /// once the new limit is known is, and every slot comes back.
+    #[test]
+    fn loom_adaptive_admission_races_a_higher_limit() {
+        loom::model(|| {
+            let c = core(Aimd::default().increase(4.0), 1, 1, 2);
+            let first = c.try_acquire().unwrap();
+            assert!(c.try_acquire().is_none());
+            let raises = thread::spawn(move || first.finish(Outcome::Success));
+            let racer = c.try_acquire();
+            if let Some(p) = &racer {
+                assert!(p.in_flight <= 2);
+            }
+            raises.join().unwrap();
+            assert_eq!(c.limit(), 2);
+            let late = c.try_acquire();
+            if racer.is_none() {
+                assert_eq!(late.as_ref().map(|p| p.in_flight), Some(1));
+            } else {
+                assert_eq!(late.as_ref().map(|p| p.in_flight), Some(2));
+            }
+            drop((racer, late));
+            assert_eq!(c.in_flight(), 0);
+        });
     }
 }

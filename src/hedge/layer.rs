@@ -211,8 +211,8 @@ impl<P, C> HedgeBuilder<P, C> {
     }
 
     /// Only requests for which `f` is true are hedged; others are sent
-    /// once. With HTTP, hedge only idempotent requests:
-    /// `.hedge_if(|req: &http::Request<B>| req.method().is_idempotent())`.
+    /// once. With HTTP, `HedgeLayer::http_builder()` (feature `http`)
+    /// already hedges only requests that may be sent twice.
     pub fn hedge_if<F, Req>(self, f: F) -> HedgeBuilder<HedgeIf<F>, C>
     where
         F: Fn(&Req) -> bool,

@@ -72,22 +72,32 @@
 //! # Which requests
 //!
 //! The request must be `Clone`, and sending it twice must be harmless:
-//! reads, or writes with an idempotency key. With HTTP, hedge only
-//! idempotent methods, as a retry would:
+//! reads, or writes with an idempotency key. [`HedgeLayer::builder`]
+//! hedges every request; say which may go twice with
+//! [`hedge_if`](HedgeBuilder::hedge_if).
+//!
+//! **With HTTP, start from `HedgeLayer::http_builder()`** (feature
+//! `http`): it hedges only requests that may be sent twice, by the rule
+//! retries and failover follow (`http::may_resend`: an idempotent method,
+//! or an `Idempotency-Key` header, and a replayable body), so a slow
+//! `POST` is never sent twice; and it lets a hedge's 200 win over a first
+//! copy's 5xx.
 //!
 //! ```
 //! # #[cfg(feature = "http")] {
+//! use std::time::Duration;
 //! use tower_bulwark::hedge::HedgeLayer;
 //!
-//! let layer = HedgeLayer::builder()
-//!     .hedge_if(|req: &http::Request<String>| req.method().is_idempotent())
+//! let layer = HedgeLayer::http_builder::<http_body_util::Full<bytes::Bytes>>()
+//!     .name("catalog")
+//!     .percentile(0.9)
 //!     .build()
 //!     .unwrap();
 //! # let _ = layer; }
 //! ```
 //!
 //! `http::Request<B>` is `Clone` when its body is; a streaming body has
-//! to be buffered first (as the retry layer's replayable bodies are).
+//! to be buffered first (the `http` feature's `ReplayBodyLayer` does).
 //!
 //! # Clone
 //!

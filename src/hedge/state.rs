@@ -11,6 +11,7 @@ use std::time::Duration;
 use super::HedgeEvent;
 use crate::clock::{nanos, Clock};
 use crate::observe::Listeners;
+use crate::sync::AtomicU64 as BalanceWord;
 
 /// No delay known yet (too few latencies seen): no hedging.
 pub(crate) const UNKNOWN: u64 = u64::MAX;
@@ -30,7 +31,7 @@ pub(crate) const BURST: u64 = 10;
 /// than `max_extra_load` of the calls (to a millionth of a call each).
 #[derive(Debug)]
 pub(crate) struct Budget {
-    balance: AtomicU64,
+    balance: BalanceWord,
     deposit: u64,
     cap: u64,
 }
@@ -39,7 +40,7 @@ impl Budget {
     pub(crate) fn new(share: f64) -> Self {
         let deposit = (share * UNIT as f64).floor() as u64;
         Self {
-            balance: AtomicU64::new(0),
+            balance: BalanceWord::new(0),
             deposit,
             cap: (BURST * UNIT).max(deposit),
         }
@@ -206,7 +207,7 @@ impl Core {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(bulwark_loom)))]
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -262,5 +263,56 @@ mod tests {
             core.record(Duration::from_micros(10));
         }
         assert_eq!(core.delay(), Some(Duration::from_millis(2)), "the floor");
+    }
+}
+
+#[cfg(all(test, bulwark_loom))]
+mod loom_tests {
+    use super::*;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    /// Two calls, each earning half a hedge and trying to spend one,
+    /// after a call that earned its half: three halves pay for one hedge,
+    /// never two, and every unit earned is either spent or still in the
+    /// balance.
+    #[test]
+    fn loom_hedge_budget_never_pays_twice() {
+        loom::model(|| {
+            let b = Arc::new(Budget::new(0.5));
+            b.deposit();
+            let call = |b: &Budget| {
+                b.deposit();
+                b.withdraw()
+            };
+            let other = {
+                let b = b.clone();
+                thread::spawn(move || call(&b))
+            };
+            let mine = call(&b);
+            let theirs = other.join().unwrap();
+            let paid = u64::from(mine) + u64::from(theirs);
+            assert!(paid <= 1);
+            assert_eq!(b.balance.load(Acquire) + paid * UNIT, 3 * UNIT / 2);
+        });
+    }
+
+    /// Two calls earning at once on a balance one deposit short of its
+    /// cap: it ends at the cap exactly, never above.
+    #[test]
+    fn loom_hedge_budget_stays_at_its_cap() {
+        loom::model(|| {
+            let b = Arc::new(Budget::new(0.5));
+            for _ in 0..2 * BURST - 1 {
+                b.deposit();
+            }
+            let t = {
+                let b = b.clone();
+                thread::spawn(move || b.deposit())
+            };
+            b.deposit();
+            t.join().unwrap();
+            assert_eq!(b.balance.load(Acquire), BURST * UNIT);
+        });
     }
 }

@@ -31,6 +31,8 @@ mod classify;
 pub mod dedup;
 #[cfg(feature = "fallback")]
 mod failover;
+#[cfg(feature = "hedge")]
+mod hedge;
 mod idempotent;
 mod replay;
 mod replay_layer;
@@ -40,6 +42,8 @@ mod retry;
 mod retry_after;
 
 pub use classify::StatusClassifier;
+#[cfg(feature = "hedge")]
+pub use hedge::HttpHedgeIf;
 pub use idempotent::{may_resend, Idempotent};
 pub use replay::{ReplayBody, ReplayError, Replayable};
 pub use replay_layer::{ReplayBodyLayer, ReplayBodyService};
