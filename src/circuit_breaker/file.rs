@@ -7,12 +7,18 @@
 //! (`FailOpenToLocal`), or every call is rejected as if the breaker were
 //! open (`FailClosed`).
 
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use super::backend::Attached;
 use super::circuit::{Circuit, Pass, Refusal, Rules, Transition};
+use super::state::{Admission, Core, Source};
 use super::CircuitState;
 use crate::clock::Nanos;
-use crate::store::file::{alive, me, BreakerEntry, FileStore, ProbeHolder, State, Unavailable};
+use crate::store::file::{
+    alive, me, BreakerEntry, FileStore, LockWait, ProbeHolder, State, Unavailable,
+};
 use crate::store::unix_ms;
 
 #[derive(Debug)]
@@ -113,11 +119,14 @@ impl FileBreaker {
         r.ok()
     }
 
-    pub(crate) fn admit(&self) -> (Result<Pass, Refusal>, Option<Transition>) {
-        // Admitting while closed and rejecting while open change nothing:
-        // they are only read. Only a probe (or the move to half-open)
-        // takes the lock.
+    /// The admission decided from a read without the lock: a closed
+    /// breaker's pass, and the rejections of an open one whose period is
+    /// still running, of a forced-open one, and of a half-open one whose
+    /// probes are all out (held by live processes, none stale). `None`
+    /// when only the locked round can decide: a probe may be free.
+    pub(crate) fn quick(&self) -> Option<Result<Pass, Refusal>> {
         let now = unix_now();
+        let (max_probes, stale_ms) = (self.rules.half_open_max_calls, self.stale_ms());
         let quick = self.read(|e| {
             let c = circuit_of(e);
             match c.state() {
@@ -135,26 +144,100 @@ impl FileBreaker {
                         retry_after: Some(left),
                     })
                 }),
-                CircuitState::HalfOpen => None,
+                CircuitState::HalfOpen => {
+                    let now_ms = now / 1_000_000;
+                    let held = e
+                        .probes
+                        .iter()
+                        .filter(|h| {
+                            now_ms.saturating_sub(h.since) < stale_ms && alive(h.pid, h.start)
+                        })
+                        .count();
+                    (u32::try_from(held).unwrap_or(u32::MAX) >= max_probes).then_some(Err(
+                        Refusal {
+                            state: CircuitState::HalfOpen,
+                            retry_after: None,
+                        },
+                    ))
+                }
             }
         });
-        if let Some(Some(verdict)) = quick {
+        quick.flatten()
+    }
+
+    /// The locked part of an admission: the move to half-open and the
+    /// probe, with this process recorded as the probe's holder.
+    fn admit_locked(
+        rules: Rules,
+        c: &mut Circuit,
+        e: &mut BreakerEntry,
+        now: Nanos,
+    ) -> (Result<Pass, Refusal>, Option<Transition>) {
+        let r = c.admit(&rules, now);
+        if let Ok(pass) = r.0 {
+            if pass.probe {
+                store_back(e, c);
+                let me = me();
+                e.probes
+                    .push(ProbeHolder::new(me.pid, me.start, now / 1_000_000));
+            }
+        }
+        r
+    }
+
+    /// Admits a call, waiting for the lock on this thread if a probe may
+    /// be free and a peer holds it (see `FileStore::round_blocking`).
+    pub(crate) fn admit(&self) -> (Result<Pass, Refusal>, Option<Transition>) {
+        if let Some(verdict) = self.quick() {
             return (verdict, None);
         }
         let rules = self.rules;
-        let r = self.update(|c, e, now| {
-            let r = c.admit(&rules, now);
-            if let Ok(pass) = r.0 {
-                if pass.probe {
-                    store_back(e, c);
-                    let me = me();
-                    e.probes
-                        .push(ProbeHolder::new(me.pid, me.start, now / 1_000_000));
-                }
-            }
-            r
-        });
+        let r = self.update(|c, e, now| Self::admit_locked(rules, c, e, now));
         r.unwrap_or((Err(UNAVAILABLE), None))
+    }
+
+    /// Admits a call without ever waiting for the lock: when a probe may
+    /// be free and a peer holds the lock right now, the call is rejected
+    /// as the half-open breaker rejects calls beyond its probes. (The
+    /// breaker's service waits for the lock in `poll_ready` instead, with
+    /// [`poll_probe`](Self::poll_probe); this is for a call whose
+    /// readiness found nothing to reserve.)
+    pub(crate) fn admit_now(&self) -> (Result<Pass, Refusal>, Option<Transition>) {
+        if let Some(verdict) = self.quick() {
+            return (verdict, None);
+        }
+        let (name, stale_ms, now, rules) = (&self.name, self.stale_ms(), unix_now(), self.rules);
+        let busy = (
+            Err(Refusal {
+                state: CircuitState::HalfOpen,
+                retry_after: None,
+            }),
+            None,
+        );
+        match self.store.try_round(|s| {
+            run(s, name, stale_ms, now, |c, e, now| {
+                Self::admit_locked(rules, c, e, now)
+            })
+        }) {
+            Ok(r) => r.unwrap_or((Err(UNAVAILABLE), None)),
+            Err(_) => busy,
+        }
+    }
+
+    /// The locked admission as a poll, waiting for a peer's lock with
+    /// tokio timers (`wait` keeps the wait between polls).
+    pub(crate) fn poll_probe(
+        &self,
+        wait: &mut Option<LockWait>,
+        cx: &mut Context<'_>,
+    ) -> Poll<(Result<Pass, Refusal>, Option<Transition>)> {
+        let (name, stale_ms, rules) = (&self.name, self.stale_ms(), self.rules);
+        let r = ready!(self.store.poll_round(wait, cx, |s| {
+            run(s, name, stale_ms, unix_now(), |c, e, now| {
+                Self::admit_locked(rules, c, e, now)
+            })
+        }));
+        Poll::Ready(r.unwrap_or((Err(UNAVAILABLE), None)))
     }
 
     /// Books a result. The caller does not wait for a peer's lock: the
@@ -237,5 +320,52 @@ impl FileBreaker {
                 (c, now)
             }
         }
+    }
+}
+
+/// A half-open probe taken in `poll_ready` for the service's next call,
+/// and the wait for the file lock that takes it.
+///
+/// Invariant: a probe recorded in the file for this service is held by
+/// exactly one owner at a time: by `probe` until `call` takes it, then
+/// by that call's admission. Whoever holds it when dropped gives it back
+/// (the admission's guard), so a service dropped between `poll_ready`
+/// and `call` leaks nothing. A wait dropped midway holds nothing: the
+/// lock is only held within one poll.
+#[derive(Debug, Default)]
+pub(crate) struct Reserve {
+    wait: Option<LockWait>,
+    probe: Option<Admission<Arc<Core>>>,
+}
+
+impl Reserve {
+    /// Takes a probe for the next call if the breaker is file-backed and a
+    /// probe may be free, waiting for a peer's lock with tokio timers.
+    /// Ready with nothing reserved when no probe is needed (a closed
+    /// breaker, an open one) or none is free: `call` then decides alone.
+    pub(crate) fn poll(&mut self, core: &Arc<Core>, cx: &mut Context<'_>) -> Poll<()> {
+        let Attached::File(f) = &core.attached else {
+            return Poll::Ready(());
+        };
+        if self.probe.is_some() || self.wait.is_none() && f.quick().is_some() {
+            return Poll::Ready(());
+        }
+        let (verdict, transition) = ready!(f.poll_probe(&mut self.wait, cx));
+        if let Ok(pass) = verdict {
+            if pass.probe {
+                // The probe is the reservation's before any listener runs.
+                self.probe = Some(Admission::granted(core.clone(), pass));
+            }
+        }
+        if let Some(t) = transition {
+            core.changed(t, Source::Local);
+        }
+        Poll::Ready(())
+    }
+
+    /// The reserved probe, for the call about to be made.
+    #[inline]
+    pub(crate) fn take(&mut self) -> Option<Admission<Arc<Core>>> {
+        self.probe.take()
     }
 }

@@ -64,17 +64,30 @@
 //!
 //! # Readiness and errors
 //!
-//! `poll_ready` only forwards to the inner service. An open breaker
+//! `poll_ready` forwards to the inner service. An open breaker
 //! answers `call` with an error future holding [`CircuitOpen`] (boxed into
 //! [`BoxError`](crate::error::BoxError)), naming the breaker and the time
 //! until the next probe, as `tower::load_shed` does: the service is never
 //! poisoned.
+//!
+//! With a [file backend](crate::store::file), a breaker whose next call
+//! would be a half-open probe takes that probe in `poll_ready`, first,
+//! waiting for the state file's lock with tokio timers while another
+//! process holds it, so the runtime keeps running other tasks; the next
+//! `call` of that service uses it. A service that finds no probe free is
+//! ready all the same and its call is rejected. A call whose readiness
+//! was polled while the breaker was closed or still open, and that finds
+//! it half-open, takes a probe only if the lock is free at that moment:
+//! `call` never waits, so with a peer holding the lock it is rejected as
+//! a call beyond the probes is.
 //!
 //! # Cancellation
 //!
 //! A half-open probe slot belongs to the call's response future. If the
 //! future is dropped before it finishes, or the inner service panics, the
 //! slot is given back and the call counts as neither success nor failure.
+//! A probe taken in `poll_ready` (file backend) belongs to the service
+//! until its next call: dropped before calling, the service gives it back.
 //!
 //! # Clone
 //!

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use tower_service::Service;
 
@@ -21,6 +21,29 @@ pub struct CircuitBreaker<S, C> {
     inner: S,
     core: Arc<Core>,
     classifier: C,
+    /// A half-open probe taken in `poll_ready` (file backend).
+    reserve: Reserve,
+}
+
+#[cfg(feature = "file-store")]
+use super::file::Reserve;
+
+/// Nothing is reserved in `poll_ready` without a file backend.
+#[cfg(not(feature = "file-store"))]
+#[derive(Debug, Default)]
+struct Reserve;
+
+#[cfg(not(feature = "file-store"))]
+impl Reserve {
+    #[inline]
+    fn poll(&mut self, _: &Arc<Core>, _: &mut Context<'_>) -> Poll<()> {
+        Poll::Ready(())
+    }
+
+    #[inline]
+    fn take(&mut self) -> Option<Admission<Arc<Core>>> {
+        None
+    }
 }
 
 impl<S, C> CircuitBreaker<S, C> {
@@ -29,6 +52,7 @@ impl<S, C> CircuitBreaker<S, C> {
             inner,
             core,
             classifier,
+            reserve: Reserve::default(),
         }
     }
 
@@ -67,6 +91,7 @@ impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
             inner: self.inner.clone(),
             core: self.core.clone(),
             classifier: self.classifier.clone(),
+            reserve: Reserve::default(),
         }
     }
 }
@@ -77,6 +102,7 @@ impl<S: fmt::Debug, C> fmt::Debug for CircuitBreaker<S, C> {
             .field("inner", &self.inner)
             .field("name", &self.core.cfg.name)
             .field("classifier", &std::any::type_name::<C>())
+            .field("reserve", &self.reserve)
             .finish()
     }
 }
@@ -94,20 +120,34 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // An open breaker still reports ready: rejections come from `call`,
         // so the caller never throws away a healthy service.
-        self.inner.poll_ready(cx).map_err(Into::into)
+        ready!(self.inner.poll_ready(cx)).map_err(Into::into)?;
+        // A half-open state file's probe is taken here, where waiting for
+        // a peer's lock can yield to the runtime (`call` cannot wait); and
+        // last, so it is not held while the inner service is not ready.
+        ready!(self.reserve.poll(&self.core, cx));
+        Poll::Ready(Ok(()))
     }
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        call_through(self.core.clone(), &self.classifier, &mut self.inner, req)
+        let reserved = self.reserve.take();
+        call_through(
+            self.core.clone(),
+            reserved,
+            &self.classifier,
+            &mut self.inner,
+            req,
+        )
     }
 }
 
-/// One call through breaker `core`: admitted and sent to `inner`, or
-/// rejected with a ready error. Shared by the plain and keyed breakers.
+/// One call through breaker `core`: admitted (on the probe `reserved` in
+/// `poll_ready`, if any) and sent to `inner`, or rejected with a ready
+/// error. Never waits. Shared by the plain and keyed breakers.
 #[inline]
 pub(crate) fn call_through<S, C, Req>(
     core: Arc<Core>,
+    reserved: Option<Admission<Arc<Core>>>,
     classifier: &C,
     inner: &mut S,
     req: Req,
@@ -117,7 +157,14 @@ where
     C: Classify<S::Response, S::Error> + Clone,
 {
     let timed = Classify::<S::Response, S::Error>::uses_elapsed(classifier);
-    match Admission::admit(core, timed) {
+    let admitted = match reserved {
+        Some(mut admission) => {
+            admission.start_clock(timed);
+            Ok(admission)
+        }
+        None => Admission::admit_now(core, timed),
+    };
+    match admitted {
         Ok(admission) => {
             let fut = inner.call(req);
             ResponseFuture::admitted(fut, admission, classifier.clone())

@@ -193,14 +193,19 @@ impl Core {
         self.update(|l, now| l.circuit.admit(&self.cfg.rules, now))
     }
 
-    /// Admits a call wherever the state lives.
+    /// Admits a call wherever the state lives. `wait`: whether a state
+    /// file's admission may wait for a peer's lock on this thread
+    /// (otherwise it rejects, see `FileBreaker::admit_now`).
     #[cold]
     #[inline(never)]
-    fn admit_pass(&self) -> (Result<Pass, Refusal>, Option<Transition>) {
+    #[cfg_attr(not(feature = "file-store"), allow(unused_variables))]
+    fn admit_pass(&self, wait: bool) -> (Result<Pass, Refusal>, Option<Transition>) {
         match &self.attached {
             Attached::Memory => self.admit_here(),
             #[cfg(feature = "file-store")]
-            Attached::File(f) => f.admit(),
+            Attached::File(f) if wait => f.admit(),
+            #[cfg(feature = "file-store")]
+            Attached::File(f) => f.admit_now(),
             #[cfg(feature = "redis")]
             Attached::Redis(f) => {
                 f.before_call(self);
@@ -497,15 +502,53 @@ impl<R: AsRef<Core>> Admission<R> {
                 });
             }
         }
-        Self::admit_slow(owner, timed)
+        Self::admit_slow(owner, timed, true)
+    }
+
+    /// [`admit`](Self::admit) for a caller that must not wait: a state
+    /// file's admission never waits for a peer's lock (see
+    /// `FileBreaker::admit_now`).
+    #[inline]
+    pub(crate) fn admit_now(owner: R, timed: bool) -> Result<Self, (R, CircuitOpen)> {
+        let core = owner.as_ref();
+        if !timed && !core.needs_elapsed() {
+            if let Some(pass) = core.closed_pass() {
+                return Ok(Self {
+                    owner,
+                    pass,
+                    start: None,
+                    open: true,
+                });
+            }
+        }
+        Self::admit_slow(owner, timed, false)
+    }
+
+    /// An admission for a pass the backend granted beforehand (a probe
+    /// reserved in `poll_ready`): dropped unused, it gives the probe back.
+    /// Its clock starts with [`start_clock`](Self::start_clock).
+    #[cfg(feature = "file-store")]
+    pub(crate) fn granted(owner: R, pass: Pass) -> Self {
+        Self {
+            owner,
+            pass,
+            start: None,
+            open: true,
+        }
+    }
+
+    /// Starts the call's clock, if the call is timed.
+    pub(crate) fn start_clock(&mut self, timed: bool) {
+        let core = self.core();
+        self.start = (timed || core.needs_elapsed()).then(|| core.clock.now());
     }
 
     /// Every admission but a closed in-memory breaker's untimed one.
     #[cold]
     #[inline(never)]
-    fn admit_slow(owner: R, timed: bool) -> Result<Self, (R, CircuitOpen)> {
+    fn admit_slow(owner: R, timed: bool, wait: bool) -> Result<Self, (R, CircuitOpen)> {
         let core = owner.as_ref();
-        let (verdict, transition) = core.admit_pass();
+        let (verdict, transition) = core.admit_pass(wait);
         match verdict {
             Ok(pass) => {
                 let start = (timed || core.needs_elapsed()).then(|| core.clock.now());
