@@ -36,7 +36,9 @@
 //!   across processes. Keys found over the limit are remembered locally
 //!   until their retry time, so a hot rejected key costs no round trip;
 //! - bulkhead: a sorted set of leases scored by expiry. A lease is renewed
-//!   while its call runs and expires `lease_ttl` after its process died;
+//!   every third of its ttl while its call runs, however long that is, and
+//!   expires [`lease_ttl`](RedisStoreBuilder::lease_ttl) (5 s by default)
+//!   after its process died or stopped renewing it;
 //!
 //! # Calls that give up
 //!
@@ -140,6 +142,8 @@ struct Inner {
     next_id: AtomicU64,
     /// How long a rate-limit receipt (or its refund's mark) lives.
     receipt_ttl_ms: u64,
+    /// The lease ttl of the bulkheads this store makes.
+    lease_ttl: Duration,
 }
 
 struct Scripts {
@@ -170,8 +174,14 @@ pub struct RedisStoreBuilder {
     timeout: Duration,
     retry_interval: Duration,
     degrade: Degrade,
+    lease_ttl: Duration,
     listeners: Listeners<StoreEvent>,
 }
+
+/// How long a bulkhead lease outlives a holder that stopped renewing it,
+/// unless set otherwise: short, so a killed process's slots are free
+/// again within seconds.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
 
 impl fmt::Debug for RedisStoreBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -180,13 +190,15 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("timeout", &self.timeout)
             .field("retry_interval", &self.retry_interval)
             .field("degrade", &self.degrade)
+            .field("lease_ttl", &self.lease_ttl)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisStore {
     /// A builder for the server at `url` (`redis://host:port/db`): key
-    /// prefix `bulwark`, 50 ms per command, fail open to local state.
+    /// prefix `bulwark`, 50 ms per command, fail open to local state,
+    /// bulkhead leases of 5 s renewed while held.
     pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
         RedisStoreBuilder {
             url: url.into(),
@@ -194,6 +206,7 @@ impl RedisStore {
             timeout: Duration::from_millis(50),
             retry_interval: Duration::from_secs(1),
             degrade: Degrade::default(),
+            lease_ttl: DEFAULT_LEASE_TTL,
             listeners: Listeners::default(),
         }
     }
@@ -226,6 +239,22 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// How long a bulkhead lease outlives a holder that stopped renewing
+    /// it (default [`DEFAULT_LEASE_TTL`], 5 s), for every bulkhead this
+    /// store makes, the `BulkheadLayer`'s included.
+    ///
+    /// A live holder renews its leases every third of this, however long
+    /// its calls run; a process that was killed, or whose runtime stays
+    /// blocked longer than this, loses them, and their slots are free for
+    /// the fleet again. Shorter frees a dead process's slots sooner and
+    /// costs more renewals (one script per held lease per `lease_ttl / 3`);
+    /// keep it several times the store's `timeout`, so a renewal that
+    /// waits that long still lands in time.
+    pub fn lease_ttl(mut self, d: Duration) -> Self {
+        self.lease_ttl = d;
+        self
+    }
+
     /// Calls `f` on every [`StoreEvent`] (each switch to and from degraded).
     pub fn on_event(mut self, f: impl Fn(&StoreEvent) + Send + Sync + 'static) -> Self {
         self.listeners.push(f);
@@ -238,6 +267,13 @@ impl RedisStoreBuilder {
         let check = Check { layer: LAYER };
         check.non_zero_duration("timeout", self.timeout)?;
         check.non_zero_duration("retry_interval", self.retry_interval)?;
+        if self.lease_ttl < MIN_LEASE_TTL {
+            return Err(ConfigError::new(
+                LAYER,
+                "lease_ttl",
+                "must be at least 30 ms (leases are renewed every third of it)",
+            ));
+        }
         if self.prefix.is_empty() || self.prefix.contains(['{', '}']) {
             return Err(ConfigError::new(
                 LAYER,
@@ -268,6 +304,7 @@ impl RedisStoreBuilder {
                 receipt_ttl_ms: (4 * (self.timeout + self.retry_interval))
                     .as_millis()
                     .clamp(1_000, u128::from(u32::MAX)) as u64,
+                lease_ttl: self.lease_ttl,
                 scripts: Scripts {
                     gcra: Script::new(scripts::GCRA),
                     refund: Script::new(scripts::REFUND),
@@ -342,7 +379,8 @@ impl RedisStore {
     }
 
     /// A fleet-wide bulkhead named `name` of `max_concurrent` leases that
-    /// expire 30 s (`lease_ttl`) after their holder stops renewing them.
+    /// expire the store's [`lease_ttl`](RedisStoreBuilder::lease_ttl)
+    /// (5 s by default) after their holder stops renewing them.
     pub fn bulkhead(&self, name: &str, max_concurrent: u32) -> Result<RedisBulkhead, ConfigError> {
         Check { layer: LAYER }.at_least_one("max_concurrent", u64::from(max_concurrent))?;
         Ok(RedisBulkhead {
@@ -352,7 +390,7 @@ impl RedisStore {
                 gone: self.key(name, "bulkhead-gone"),
             }),
             max: max_concurrent,
-            ttl: Duration::from_secs(30),
+            ttl: self.inner.lease_ttl,
             local: Arc::new(tokio::sync::Semaphore::new(max_concurrent as usize)),
         })
     }
@@ -964,6 +1002,9 @@ impl RedisRateLimiter {
     }
 }
 
+/// The shortest lease ttl: renewals every third of it must have a chance.
+const MIN_LEASE_TTL: Duration = Duration::from_millis(30);
+
 /// The keys of one fleet bulkhead.
 #[derive(Debug)]
 struct LeaseKeys {
@@ -1018,9 +1059,11 @@ impl Drop for Asking<'_> {
 
 impl RedisBulkhead {
     /// How long a lease outlives a holder that stopped renewing it
-    /// (default 30 s). Leases are renewed every third of this while held.
+    /// (default: the store's [`lease_ttl`](RedisStoreBuilder::lease_ttl),
+    /// 5 s unless set). Leases are renewed every third of this while held.
+    /// Below 30 ms counts as 30 ms.
     pub fn lease_ttl(mut self, d: Duration) -> Self {
-        self.ttl = d.max(Duration::from_millis(30));
+        self.ttl = d.max(MIN_LEASE_TTL);
         self
     }
 
@@ -1115,6 +1158,8 @@ impl RedisLease {
             let (store, keys, id, ttl) = (b.store.clone(), b.keys.clone(), id.clone(), b.ttl);
             h.spawn(async move {
                 let mut tick = tokio::time::interval(ttl / 3);
+                // After a stall, one renewal, not a burst of them.
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 tick.tick().await;
                 loop {
                     tick.tick().await;
