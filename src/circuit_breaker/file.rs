@@ -7,6 +7,7 @@
 //! (`FailOpenToLocal`), or every call is rejected as if the breaker were
 //! open (`FailClosed`).
 
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -27,6 +28,28 @@ pub(crate) struct FileBreaker {
     pub(crate) name: String,
     pub(crate) rules: Rules,
     pub(crate) stale_attempt_timeout: Duration,
+    /// The state as this process last read it, and the end of its open
+    /// period: a hint that spares `poll_ready` a read of the file while
+    /// the breaker is closed or still open. Only a hint: `call` reads the
+    /// file (and refreshes it) whatever it says.
+    pub(crate) seen: Seen,
+}
+
+/// See [`FileBreaker::seen`].
+#[derive(Debug)]
+pub(crate) struct Seen {
+    state: AtomicU8,
+    open_until: AtomicU64,
+}
+
+impl Default for Seen {
+    /// Nothing seen yet: the first readiness reads the file.
+    fn default() -> Self {
+        Self {
+            state: AtomicU8::new(CircuitState::HalfOpen.code()),
+            open_until: AtomicU64::new(0),
+        }
+    }
 }
 
 /// Unix nanoseconds: the state file is read by many processes, so its
@@ -129,6 +152,8 @@ impl FileBreaker {
         let (max_probes, stale_ms) = (self.rules.half_open_max_calls, self.stale_ms());
         let quick = self.read(|e| {
             let c = circuit_of(e);
+            self.seen.state.store(c.state().code(), Relaxed);
+            self.seen.open_until.store(c.open_until, Relaxed);
             match c.state() {
                 CircuitState::Closed | CircuitState::Disabled => Some(Ok(Pass {
                     generation: c.generation,
@@ -183,6 +208,26 @@ impl FileBreaker {
             }
         }
         r
+    }
+
+    /// Whether, as this process last read the file, the next call cannot
+    /// be a probe: the breaker was closed, disabled, forced open, or open
+    /// with its period still running. Reads no file.
+    pub(crate) fn no_probe_due(&self) -> bool {
+        match CircuitState::from_code(self.seen.state.load(Relaxed)) {
+            Some(CircuitState::Closed | CircuitState::Disabled | CircuitState::ForcedOpen) => true,
+            Some(CircuitState::Open) => unix_now() < self.seen.open_until.load(Relaxed),
+            _ => false,
+        }
+    }
+
+    /// Whether the file still counts probe `pass` as held by this process:
+    /// its generation is current and a probe of this process is recorded.
+    fn holds(&self, pass: Pass) -> bool {
+        let me = me();
+        let held = self
+            .read(|e| e.generation == pass.generation && e.probes.iter().any(|h| h.pid == me.pid));
+        held == Some(true)
     }
 
     /// Admits a call, waiting for the lock on this thread if a probe may
@@ -343,11 +388,17 @@ impl Reserve {
     /// probe may be free, waiting for a peer's lock with tokio timers.
     /// Ready with nothing reserved when no probe is needed (a closed
     /// breaker, an open one) or none is free: `call` then decides alone.
+    ///
+    /// While this process last saw the breaker closed or still open, the
+    /// file is not read at all: the closed path costs no more than before.
+    /// If a peer moved it meanwhile, that call finds out (see
+    /// `FileBreaker::admit_now`) and the next readiness reserves.
     pub(crate) fn poll(&mut self, core: &Arc<Core>, cx: &mut Context<'_>) -> Poll<()> {
         let Attached::File(f) = &core.attached else {
             return Poll::Ready(());
         };
-        if self.probe.is_some() || self.wait.is_none() && f.quick().is_some() {
+        if self.probe.is_some() || self.wait.is_none() && (f.no_probe_due() || f.quick().is_some())
+        {
             return Poll::Ready(());
         }
         let (verdict, transition) = ready!(f.poll_probe(&mut self.wait, cx));
@@ -363,9 +414,18 @@ impl Reserve {
         Poll::Ready(())
     }
 
-    /// The reserved probe, for the call about to be made.
+    /// The reserved probe, for the call about to be made, if it still
+    /// stands: a reservation kept by an idle service may have outlived its
+    /// generation (the breaker reopened meanwhile) or been reclaimed as
+    /// stale, and must not let a call through. Such a one is dropped (it
+    /// gives back nothing the file still counts) and the call is admitted
+    /// afresh.
     #[inline]
-    pub(crate) fn take(&mut self) -> Option<Admission<Arc<Core>>> {
-        self.probe.take()
+    pub(crate) fn take(&mut self, core: &Core) -> Option<Admission<Arc<Core>>> {
+        let probe = self.probe.take()?;
+        match &core.attached {
+            Attached::File(f) if f.holds(probe.pass()) => Some(probe),
+            _ => None,
+        }
     }
 }

@@ -75,11 +75,14 @@
 //! waiting for the state file's lock with tokio timers while another
 //! process holds it, so the runtime keeps running other tasks; the next
 //! `call` of that service uses it. A service that finds no probe free is
-//! ready all the same and its call is rejected. A call whose readiness
-//! was polled while the breaker was closed or still open, and that finds
-//! it half-open, takes a probe only if the lock is free at that moment:
-//! `call` never waits, so with a peer holding the lock it is rejected as
-//! a call beyond the probes is.
+//! ready all the same and its call is rejected. Readiness reads nothing
+//! while this process last saw the breaker closed or still open, so the
+//! closed path costs what it did; a call that then finds the breaker
+//! half-open (another process moved it) takes a probe only if the lock is
+//! free at that moment: `call` never waits, so with a peer holding the
+//! lock it is rejected as a call beyond the probes is. A reservation
+//! whose generation has passed (the breaker reopened while the service
+//! sat idle) is not used: its call is admitted afresh.
 //!
 //! # Cancellation
 //!

@@ -41,7 +41,7 @@ impl Reserve {
     }
 
     #[inline]
-    fn take(&mut self) -> Option<Admission<Arc<Core>>> {
+    fn take(&mut self, _: &Core) -> Option<Admission<Arc<Core>>> {
         None
     }
 }
@@ -130,7 +130,7 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        let reserved = self.reserve.take();
+        let reserved = self.reserve.take(&self.core);
         call_through(
             self.core.clone(),
             reserved,

@@ -577,6 +577,12 @@ impl<R: AsRef<Core>> Admission<R> {
         self.owner.as_ref()
     }
 
+    /// The pass it was admitted with.
+    #[cfg(feature = "file-store")]
+    pub(crate) fn pass(&self) -> Pass {
+        self.pass
+    }
+
     /// What keeps the breaker alive.
     pub(crate) fn owner(&self) -> &R {
         &self.owner
