@@ -393,10 +393,16 @@ impl Reserve {
     /// file is not read at all: the closed path costs no more than before.
     /// If a peer moved it meanwhile, that call finds out (see
     /// `FileBreaker::admit_now`) and the next readiness reserves.
+    #[inline]
     pub(crate) fn poll(&mut self, core: &Arc<Core>, cx: &mut Context<'_>) -> Poll<()> {
-        let Attached::File(f) = &core.attached else {
-            return Poll::Ready(());
-        };
+        match &core.attached {
+            Attached::File(f) => self.poll_file(f, core, cx),
+            _ => Poll::Ready(()),
+        }
+    }
+
+    #[inline(never)]
+    fn poll_file(&mut self, f: &FileBreaker, core: &Arc<Core>, cx: &mut Context<'_>) -> Poll<()> {
         if self.probe.is_some() || self.wait.is_none() && (f.no_probe_due() || f.quick().is_some())
         {
             return Poll::Ready(());
@@ -412,6 +418,12 @@ impl Reserve {
             core.changed(t, Source::Local);
         }
         Poll::Ready(())
+    }
+
+    /// Whether a probe is reserved.
+    #[inline]
+    pub(crate) fn holds_probe(&self) -> bool {
+        self.probe.is_some()
     }
 
     /// The reserved probe, for the call about to be made, if it still

@@ -324,7 +324,7 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let core = self.layer.table.breaker((self.layer.key)(&req));
-        call_through(core, None, &self.layer.classifier, &mut self.inner, req)
+        call_through(core, &self.layer.classifier, &mut self.inner, req)
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
 use tower_service::Service;
 
@@ -38,6 +38,11 @@ impl Reserve {
     #[inline]
     fn poll(&mut self, _: &Arc<Core>, _: &mut Context<'_>) -> Poll<()> {
         Poll::Ready(())
+    }
+
+    #[inline]
+    fn holds_probe(&self) -> bool {
+        false
     }
 
     #[inline]
@@ -120,34 +125,37 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // An open breaker still reports ready: rejections come from `call`,
         // so the caller never throws away a healthy service.
-        ready!(self.inner.poll_ready(cx)).map_err(Into::into)?;
-        // A half-open state file's probe is taken here, where waiting for
-        // a peer's lock can yield to the runtime (`call` cannot wait); and
-        // last, so it is not held while the inner service is not ready.
-        ready!(self.reserve.poll(&self.core, cx));
-        Poll::Ready(Ok(()))
+        match self.inner.poll_ready(cx) {
+            // A half-open state file's probe is taken here, where waiting
+            // for a peer's lock can yield to the runtime (`call` cannot
+            // wait); and last, so it is not held while the inner service
+            // is not ready.
+            Poll::Ready(Ok(())) => self.reserve.poll(&self.core, cx).map(Ok),
+            other => other.map_err(Into::into),
+        }
     }
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        let reserved = self.reserve.take(&self.core);
-        call_through(
-            self.core.clone(),
-            reserved,
-            &self.classifier,
-            &mut self.inner,
-            req,
-        )
+        if self.reserve.holds_probe() {
+            return call_reserved(
+                &mut self.reserve,
+                &self.core,
+                &self.classifier,
+                &mut self.inner,
+                req,
+            );
+        }
+        call_through(self.core.clone(), &self.classifier, &mut self.inner, req)
     }
 }
 
-/// One call through breaker `core`: admitted (on the probe `reserved` in
-/// `poll_ready`, if any) and sent to `inner`, or rejected with a ready
-/// error. Never waits. Shared by the plain and keyed breakers.
+/// One call through breaker `core`: admitted and sent to `inner`, or
+/// rejected with a ready error. Never waits. Shared by the plain and
+/// keyed breakers.
 #[inline]
 pub(crate) fn call_through<S, C, Req>(
     core: Arc<Core>,
-    reserved: Option<Admission<Arc<Core>>>,
     classifier: &C,
     inner: &mut S,
     req: Req,
@@ -157,18 +165,36 @@ where
     C: Classify<S::Response, S::Error> + Clone,
 {
     let timed = Classify::<S::Response, S::Error>::uses_elapsed(classifier);
-    let admitted = match reserved {
-        Some(mut admission) => {
-            admission.start_clock(timed);
-            Ok(admission)
-        }
-        None => Admission::admit_now(core, timed),
-    };
-    match admitted {
+    match Admission::admit_now(core, timed) {
         Ok(admission) => {
             let fut = inner.call(req);
             ResponseFuture::admitted(fut, admission, classifier.clone())
         }
         Err((_, open)) => ResponseFuture::rejected(open),
+    }
+}
+
+/// [`call_through`] for a service that reserved a probe in `poll_ready`:
+/// the call is that probe, if the reservation still stands.
+#[cold]
+#[inline(never)]
+fn call_reserved<S, C, Req>(
+    reserve: &mut Reserve,
+    core: &Arc<Core>,
+    classifier: &C,
+    inner: &mut S,
+    req: Req,
+) -> ResponseFuture<S::Future, C>
+where
+    S: Service<Req>,
+    C: Classify<S::Response, S::Error> + Clone,
+{
+    match reserve.take(core) {
+        Some(mut admission) => {
+            admission.start_clock(Classify::<S::Response, S::Error>::uses_elapsed(classifier));
+            let fut = inner.call(req);
+            ResponseFuture::admitted(fut, admission, classifier.clone())
+        }
+        None => call_through(core.clone(), classifier, inner, req),
     }
 }
