@@ -618,3 +618,74 @@ async fn a_lease_held_through_a_long_call_outlives_several_ttls() {
     flushed(&holder).await;
     assert_eq!(other.in_use().await, Some(0));
 }
+
+/// The leases a process holds are renewed together: one script per
+/// bulkhead each third of the ttl, however many leases, and each of them
+/// outlives several ttls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_leases_are_renewed_by_one_script_per_tick() {
+    let Some(server) = RedisServer::start("renew_many") else {
+        return;
+    };
+    let ttl = Duration::from_secs(1);
+    let leases = 20;
+    let holder = RedisStore::builder(server.url())
+        .prefix("many")
+        .timeout(Duration::from_millis(500))
+        .lease_ttl(ttl)
+        .build()
+        .unwrap();
+    let engine = holder.bulkhead("db", leases).unwrap();
+    let held: Vec<_> = futures::future::join_all((0..leases).map(|_| engine.try_acquire())).await;
+    assert!(held
+        .iter()
+        .all(|l| l.as_ref().is_some_and(|l| l.is_fleet_wide())));
+
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let other = RedisStore::builder(server.url())
+        .prefix("many")
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap()
+        .bulkhead("db", leases)
+        .unwrap();
+    let start = redis_ms(&server).await;
+    let ttls = 4;
+    let mut checks = 0u64;
+    while redis_ms(&server).await < start + ttls * ttl.as_millis() as u64 {
+        assert_eq!(other.in_use().await, Some(leases), "a lease was lost");
+        checks += 1;
+        // Paces the checks; Redis's clock decides when to stop.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Every script here is an EVALSHA: the checks' counts, and the rest
+    // the holder's renewals.
+    let scripts: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|l| l.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let renewals = scripts - checks;
+    eprintln!(
+        "{leases} leases of ttl {ttl:?} held through {ttls} ttls: {renewals} renewal scripts \
+         (one per lease would be about {})",
+        u64::from(leases) * ttls * 3
+    );
+    // About three per ttl, some early: never one per lease.
+    assert!(renewals <= 3 * ttls + 4, "{renewals} renewal scripts");
+    drop(held);
+    flushed(&holder).await;
+    assert_eq!(other.in_use().await, Some(0));
+}

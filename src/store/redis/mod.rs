@@ -90,7 +90,7 @@
 mod local;
 mod scripts;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -144,6 +144,10 @@ struct Inner {
     receipt_ttl_ms: u64,
     /// The lease ttl of the bulkheads this store makes.
     lease_ttl: Duration,
+    /// The leases this process holds, renewed together.
+    renewals: Mutex<Renewals>,
+    /// Wakes the renewal task early: a lease of a shorter ttl arrived.
+    renew_soon: tokio::sync::Notify,
 }
 
 struct Scripts {
@@ -247,9 +251,10 @@ impl RedisStoreBuilder {
     /// its calls run; a process that was killed, or whose runtime stays
     /// blocked longer than this, loses them, and their slots are free for
     /// the fleet again. Shorter frees a dead process's slots sooner and
-    /// costs more renewals (one script per held lease per `lease_ttl / 3`);
-    /// keep it several times the store's `timeout`, so a renewal that
-    /// waits that long still lands in time.
+    /// costs more renewals: one script per bulkhead every `lease_ttl / 3`,
+    /// for all the leases this process holds in it. Keep it several times
+    /// the store's `timeout`, so a renewal that waits that long still
+    /// lands in time.
     pub fn lease_ttl(mut self, d: Duration) -> Self {
         self.lease_ttl = d;
         self
@@ -305,6 +310,8 @@ impl RedisStoreBuilder {
                     .as_millis()
                     .clamp(1_000, u128::from(u32::MAX)) as u64,
                 lease_ttl: self.lease_ttl,
+                renewals: Mutex::new(Renewals::default()),
+                renew_soon: tokio::sync::Notify::new(),
                 scripts: Scripts {
                     gcra: Script::new(scripts::GCRA),
                     refund: Script::new(scripts::REFUND),
@@ -539,6 +546,52 @@ impl RedisStore {
         }
     }
 
+    fn renewals(&self) -> std::sync::MutexGuard<'_, Renewals> {
+        self.inner
+            .renewals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Has lease `id` of `keys` renewed every `ttl_ms / 3` until
+    /// [`unhold`](Self::unhold), starting the renewal task unless one
+    /// runs. `false` when nothing can renew it (no tokio runtime here).
+    fn hold(&self, keys: &Arc<LeaseKeys>, ttl_ms: u64, id: &str) -> bool {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        let period = renew_period(ttl_ms);
+        let mut r = self.renewals();
+        r.held
+            .entry((Arc::as_ptr(keys) as usize, ttl_ms))
+            .or_insert_with(|| (keys.clone(), HashSet::new()))
+            .1
+            .insert(id.to_owned());
+        if !r.running {
+            r.running = true;
+            r.period = Some(period);
+            drop(r);
+            drop(rt.spawn(renew_all(self.clone())));
+        } else if r.period.is_some_and(|p| period < p) {
+            r.period = Some(period);
+            drop(r);
+            self.inner.renew_soon.notify_one();
+        }
+        true
+    }
+
+    /// Stops renewing lease `id` (it is being given back).
+    fn unhold(&self, keys: &Arc<LeaseKeys>, ttl_ms: u64, id: &str) {
+        let mut r = self.renewals();
+        let k = (Arc::as_ptr(keys) as usize, ttl_ms);
+        if let Some((_, ids)) = r.held.get_mut(&k) {
+            ids.remove(id);
+            if ids.is_empty() {
+                r.held.remove(&k);
+            }
+        }
+    }
+
     fn undo_queue(&self) -> std::sync::MutexGuard<'_, Undo> {
         self.inner.undo.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -717,6 +770,84 @@ const UNDO_MAX: usize = 100_000;
 
 /// Give-backs sent in one script.
 const BATCH_MAX: usize = 256;
+
+/// The leases this process holds, renewed by one task per store: every
+/// tick, one script per bulkhead renews all of its leases, however many.
+///
+/// Invariant: a lease is in `held` from the moment its holder has it until
+/// it is given back, and while `held` is not empty `running` is set and a
+/// task is renewing (or the runtime that ran it is gone, whose guard
+/// cleared `running`, and the next lease starts another). Changes to
+/// `held` and `running` happen under one mutex, so a lease added as the
+/// task finds `held` empty either is seen by it or starts a new task.
+#[derive(Default)]
+struct Renewals {
+    /// Per bulkhead (the address of its keys, which the entry keeps
+    /// alive) and lease ttl: the keys and the ids held.
+    held: HashMap<(usize, u64), (Arc<LeaseKeys>, HashSet<String>)>,
+    /// A task is renewing.
+    running: bool,
+    /// How often it renews: a third of the shortest ttl held.
+    period: Option<Duration>,
+}
+
+/// How often a lease of `ttl_ms` is renewed.
+fn renew_period(ttl_ms: u64) -> Duration {
+    Duration::from_millis((ttl_ms / 3).max(10))
+}
+
+/// Renews every lease in the store's [`Renewals`] each period, until none
+/// is held.
+fn renew_all(store: RedisStore) -> impl std::future::Future<Output = ()> + Send {
+    /// Lets a later lease start a new task once this one ends, or is
+    /// dropped with its runtime.
+    struct Running(RedisStore, std::cell::Cell<bool>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if self.1.get() {
+                let mut r = self.0.renewals();
+                r.running = false;
+                r.period = None;
+            }
+        }
+    }
+    let running = Running(store, std::cell::Cell::new(true));
+    async move {
+        let store = &running.0;
+        loop {
+            let period = {
+                let mut r = store.renewals();
+                let Some(period) = r.held.keys().map(|(_, ttl)| renew_period(*ttl)).min() else {
+                    r.running = false;
+                    r.period = None;
+                    running.1.set(false);
+                    return;
+                };
+                r.period = Some(period);
+                period
+            };
+            // Woken early by a lease of a shorter ttl: renewing early
+            // does no harm.
+            let _ = tokio::time::timeout(period, store.inner.renew_soon.notified()).await;
+            let batches: Vec<(Arc<LeaseKeys>, u64, Vec<String>)> = store
+                .renewals()
+                .held
+                .iter()
+                .map(|((_, ttl), (keys, ids))| (keys.clone(), *ttl, ids.iter().cloned().collect()))
+                .collect();
+            for (keys, ttl_ms, ids) in batches {
+                for chunk in ids.chunks(BATCH_MAX) {
+                    let mut args = Vec::with_capacity(chunk.len() + 1);
+                    args.push(ttl_ms.to_string());
+                    args.extend(chunk.iter().cloned());
+                    let _ = store
+                        .run::<i64>(Which::LeaseRenew, &[&keys.set], &args)
+                        .await;
+                }
+            }
+        }
+    }
+}
 
 /// The give-back queue.
 #[derive(Default)]
@@ -1145,38 +1276,21 @@ enum LeaseKind {
         keys: Arc<LeaseKeys>,
         ttl_ms: u64,
         id: String,
-        renew: Option<tokio::task::JoinHandle<()>>,
     },
     Local(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit),
 }
 
 impl RedisLease {
     fn remote(b: &RedisBulkhead, id: String) -> Self {
-        // Renew while held, so a long call keeps its lease and a dead
+        // Renewed while held, so a long call keeps its lease and a dead
         // process loses it within one ttl.
-        let renew = tokio::runtime::Handle::try_current().ok().map(|h| {
-            let (store, keys, id, ttl) = (b.store.clone(), b.keys.clone(), id.clone(), b.ttl);
-            h.spawn(async move {
-                let mut tick = tokio::time::interval(ttl / 3);
-                // After a stall, one renewal, not a burst of them.
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    let args = [(ttl.as_millis() as u64).to_string(), id.clone()];
-                    let _ = store
-                        .run::<i64>(Which::LeaseRenew, &[&keys.set], &args)
-                        .await;
-                }
-            })
-        });
+        b.store.hold(&b.keys, b.ttl_ms(), &id);
         RedisLease {
             kind: LeaseKind::Remote {
                 store: b.store.clone(),
                 keys: b.keys.clone(),
                 ttl_ms: b.ttl_ms(),
                 id,
-                renew,
             },
         }
     }
@@ -1195,12 +1309,9 @@ impl Drop for RedisLease {
             keys,
             ttl_ms,
             id,
-            renew,
         } = &mut self.kind
         {
-            if let Some(r) = renew.take() {
-                r.abort();
-            }
+            store.unhold(keys, *ttl_ms, id);
             store.give_back(Item::Lease {
                 keys: keys.clone(),
                 ttl_ms: *ttl_ms,
