@@ -1320,3 +1320,133 @@ impl Drop for RedisLease {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A lease of bulkhead `i % 2` taken, with a short or long ttl.
+        Hold(usize, bool),
+        /// The `j`-th lease held (modulo their number) given back.
+        Unhold(usize),
+        /// Time passes: more than the longest renewal period.
+        Tick,
+        /// The runtime that ran the renewals is dropped; a new one runs.
+        NewRuntime,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..2usize, any::<bool>()).prop_map(|(i, short)| Op::Hold(i, short)),
+            3 => (0..16usize).prop_map(Op::Unhold),
+            2 => Just(Op::Tick),
+            1 => Just(Op::NewRuntime),
+        ]
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The renewal registry's invariant (see [`Renewals`]) over
+        /// histories of leases taken and given back, time passing and the
+        /// renewing runtime replaced: it holds exactly the leases held;
+        /// while one is held since the current runtime started, a task
+        /// renews; once none is held, the task ends within a period.
+        #[test]
+        fn every_held_lease_has_a_renewer(ops in prop::collection::vec(op(), 1..40)) {
+            // Nothing listens there: a first command fails and the store
+            // stays quiet after, so no renewal touches the connection
+            // (which is bound to the runtime that made it, and this test
+            // drops runtimes). What is tested is who renews, not what
+            // Redis says.
+            let store = RedisStore::builder("redis://127.0.0.1:1/")
+                .timeout(Duration::from_secs(5))
+                .retry_interval(Duration::from_secs(3_600))
+                .build()
+                .unwrap();
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    let r = store.run::<i64>(Which::LeaseCount, &["a"], &[]).await;
+                    assert!(r.is_none() && store.is_quiet());
+                });
+            let keys = [
+                Arc::new(LeaseKeys { set: "a".into(), gone: "a-gone".into() }),
+                Arc::new(LeaseKeys { set: "b".into(), gone: "b-gone".into() }),
+            ];
+            let mut rt = runtime();
+            let mut held: Vec<(usize, u64, String)> = Vec::new();
+            let mut renewer_expected = false;
+            for (n, op) in ops.into_iter().enumerate() {
+                match op {
+                    Op::Hold(i, short) => {
+                        let ttl = if short { 300 } else { 3_000 };
+                        let id = n.to_string();
+                        rt.block_on(async { assert!(store.hold(&keys[i], ttl, &id)) });
+                        held.push((i, ttl, id));
+                        renewer_expected = true;
+                    }
+                    Op::Unhold(j) => {
+                        if !held.is_empty() {
+                            let (i, ttl, id) = held.remove(j % held.len());
+                            store.unhold(&keys[i], ttl, &id);
+                        }
+                    }
+                    Op::Tick => rt.block_on(async { tokio::time::sleep(Duration::from_millis(1_100)).await }),
+                    Op::NewRuntime => {
+                        drop(rt);
+                        rt = runtime();
+                        renewer_expected = false;
+                        prop_assert!(!store.renewals().running, "the dropped task's guard");
+                    }
+                }
+                rt.block_on(async {
+                    for _ in 0..4 {
+                        tokio::task::yield_now().await;
+                    }
+                });
+                let r = store.renewals();
+                let mut registered: Vec<_> = r
+                    .held
+                    .iter()
+                    .flat_map(|((_, ttl), (k, ids))| ids.iter().map(move |id| (k.set.clone(), *ttl, id.clone())))
+                    .collect();
+                registered.sort();
+                let mut want: Vec<_> = held
+                    .iter()
+                    .map(|(i, ttl, id)| (keys[*i].set.clone(), *ttl, id.clone()))
+                    .collect();
+                want.sort();
+                prop_assert_eq!(registered, want);
+                if !held.is_empty() && renewer_expected {
+                    prop_assert!(r.running, "a held lease without a renewer");
+                    prop_assert!(r.period.is_some());
+                }
+            }
+            // Nothing held: the task ends within a period.
+            for (i, ttl, id) in held.drain(..) {
+                store.unhold(&keys[i], ttl, &id);
+            }
+            rt.block_on(async { tokio::time::sleep(Duration::from_millis(1_100)).await });
+            rt.block_on(async {
+                for _ in 0..4 {
+                    tokio::task::yield_now().await;
+                }
+            });
+            prop_assert!(!store.renewals().running, "a renewer outlived the leases");
+        }
+    }
+}
