@@ -70,19 +70,20 @@
 //! until the next probe, as `tower::load_shed` does: the service is never
 //! poisoned.
 //!
-//! With a [file backend](crate::store::file), a breaker whose next call
-//! would be a half-open probe takes that probe in `poll_ready`, first,
-//! waiting for the state file's lock with tokio timers while another
-//! process holds it, so the runtime keeps running other tasks; the next
-//! `call` of that service uses it. A service that finds no probe free is
-//! ready all the same and its call is rejected. Readiness reads nothing
-//! while this process last saw the breaker closed or still open, so the
-//! closed path costs what it did; a call that then finds the breaker
-//! half-open (another process moved it) takes a probe only if the lock is
-//! free at that moment: `call` never waits, so with a peer holding the
-//! lock it is rejected as a call beyond the probes is. A reservation
-//! whose generation has passed (the breaker reopened while the service
-//! sat idle) is not used: its call is admitted afresh.
+//! With a file backend (`store::file`, feature `file-store`), a breaker
+//! whose next call would be a half-open probe takes that probe in
+//! `poll_ready`, once the inner service is ready, waiting for the state
+//! file's lock with tokio timers while another process holds it, so the
+//! runtime keeps running other tasks; the service's next `call` uses it.
+//! A service that finds no probe free is ready all the same and its call
+//! is rejected. Readiness reads nothing while this process last saw the
+//! breaker closed or still open, so the closed path costs what it did; a
+//! call that then finds the breaker half-open (another process moved it)
+//! takes a probe only if the lock is free at that moment: `call` never
+//! waits, so with a peer holding the lock it is rejected as a call beyond
+//! the probes is. A reservation whose generation has passed (the breaker
+//! reopened while the service sat idle) is not used: its call is admitted
+//! afresh.
 //!
 //! # Cancellation
 //!
