@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_bulwark::bulkhead::{BulkheadFull, BulkheadLayer};
-use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen};
+use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, CircuitState};
 use tower_bulwark::rate_limit::{RateLimitLayer, RateLimited};
 use tower_bulwark::store::file::{FileStore, Holder};
 use tower_bulwark::store::{Degrade, Recovery, StoreEvent};
@@ -690,4 +690,166 @@ fn failing_open_the_store_is_restored_when_the_file_is_back() {
         ),
         "{events:?}"
     );
+}
+
+/// Puts breaker `name` in `s` at the end of its open period: its next
+/// call is a half-open probe. (Written directly: the file's times are
+/// wall-clock times, which a test cannot wait out without sleeping.)
+fn open_period_over(s: &FileStore, name: &str) {
+    let now_ns = now_ms() * 1_000_000;
+    s.update(|st| {
+        let e = st.breakers.entry(name.to_owned()).or_default();
+        e.state = CircuitState::Open.code();
+        e.generation += 1;
+        e.open_until = now_ns - 1;
+    });
+}
+
+/// A breaker on `s` that closes after one probe success.
+fn one_probe_breaker(s: &FileStore) -> CircuitBreakerLayer {
+    CircuitBreakerLayer::builder()
+        .name("api")
+        .half_open_max_calls(1)
+        .success_threshold(1)
+        .backend(s.clone())
+        .build()
+        .unwrap()
+}
+
+/// A half-open breaker's probe is taken in `poll_ready`, waiting for a
+/// peer's lock with tokio timers: a 10 ms timer on the same
+/// current-thread runtime fires on time while the lock is held, long
+/// before the probe goes ahead (after `lock_timeout`, 1 s).
+#[test]
+fn a_half_open_probe_waits_for_a_peers_lock_without_stalling_the_runtime() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, events) = {
+        let events = Events::default();
+        let sink = events.clone();
+        let s = FileStore::builder()
+            .dir(tmp.path())
+            .lock_timeout(Duration::from_secs(1))
+            .on_event(move |e| sink.lock().unwrap().push(e.clone()))
+            .build()
+            .unwrap();
+        (s, events)
+    };
+    open_period_over(&s, "api");
+    let mut peer = spawn_child("hold_lock", tmp.path());
+    wait_ready(&mut peer);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let breaker = one_probe_breaker(&s);
+    let handle = breaker.handle();
+    let late = rt.block_on(async {
+        let svc = ServiceBuilder::new().layer(breaker).service(ok_service());
+        let timer_order = order.clone();
+        let start = std::time::Instant::now();
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let late = start.elapsed().saturating_sub(Duration::from_millis(10));
+            timer_order.lock().unwrap().push("timer");
+            late
+        });
+        assert_eq!(svc.oneshot(1).await.unwrap(), 1);
+        let took = start.elapsed();
+        order.lock().unwrap().push("call");
+        let late = timer.await.unwrap();
+        println!("half-open probe: 10 ms timer fired {late:?} late; the probe took {took:?} (peer held the lock, lock timeout 1 s)");
+        late
+    });
+    peer.kill().unwrap();
+    peer.wait().unwrap();
+    // The probe's success waited for the lock on the blocking pool; the
+    // runtime waits for that as it shuts down.
+    drop(rt);
+    assert_eq!(*order.lock().unwrap(), ["timer", "call"]);
+    assert!(late < Duration::from_millis(500), "{late:?}");
+    assert!(events
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|e| matches!(e, StoreEvent::LockTimeout { .. })));
+    // The probe's success was booked: the breaker closed.
+    assert_eq!(handle.state(), CircuitState::Closed);
+    assert!(s.load().breakers["api"].probes.is_empty());
+}
+
+/// The probe a service took in `poll_ready` is its next call's: another
+/// caller is rejected meanwhile, and a service dropped before calling
+/// gives it back.
+#[tokio::test(flavor = "current_thread")]
+async fn a_probe_reserved_and_never_used_is_given_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    open_period_over(&s, "api");
+    let breaker = one_probe_breaker(&s);
+    let svc = ServiceBuilder::new().layer(breaker).service(ok_service());
+
+    let mut reserved = svc.clone();
+    reserved.ready().await.unwrap();
+    let probes = &s.load().breakers["api"].probes;
+    assert_eq!(probes.len(), 1);
+    assert_eq!(probes[0].pid, std::process::id());
+    let other = svc.clone().oneshot(2).await.unwrap_err();
+    let open = other.downcast_ref::<CircuitOpen>().unwrap();
+    assert_eq!(open.state(), CircuitState::HalfOpen);
+
+    // Readiness polled again keeps the one probe.
+    reserved.ready().await.unwrap();
+    assert_eq!(s.load().breakers["api"].probes.len(), 1);
+    drop(reserved);
+    assert!(s.load().breakers["api"].probes.is_empty());
+
+    // The probe is free for the next caller, whose success closes it.
+    assert_eq!(svc.clone().oneshot(3).await.unwrap(), 3);
+    assert_eq!(s.load().breakers["api"].state, CircuitState::Closed.code());
+}
+
+/// A call to a half-open breaker dropped while its readiness waits for a
+/// peer's lock, after 0, 1 or 2 polls: it holds no probe, and once the
+/// peer is gone the next call probes.
+#[test]
+fn a_probe_dropped_while_waiting_for_the_lock_takes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = FileStore::builder()
+        .dir(tmp.path())
+        .lock_timeout(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    open_period_over(&s, "api");
+    let before = s.load();
+    let mut peer = spawn_child("hold_lock", tmp.path());
+    wait_ready(&mut peer);
+    let breaker = one_probe_breaker(&s);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        for polls in 0..3 {
+            let call = ServiceBuilder::new()
+                .layer(breaker.clone())
+                .service(ok_service())
+                .oneshot(1);
+            tokio::pin!(call);
+            for _ in 0..polls {
+                assert!(futures::poll!(&mut call).is_pending());
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    peer.kill().unwrap();
+    peer.wait().unwrap();
+    // Nothing was written while the peer held the lock: still open, no
+    // probe out.
+    assert_eq!(s.load(), before);
+    rt.block_on(async {
+        let svc = ServiceBuilder::new().layer(breaker).service(ok_service());
+        assert_eq!(svc.oneshot(4).await.unwrap(), 4);
+    });
+    assert_eq!(s.load().breakers["api"].state, CircuitState::Closed.code());
 }

@@ -20,7 +20,52 @@ use tower_bulwark::store::{Degrade, StoreEvent};
 mod redis_server;
 use redis_server::{eventually, Events, RedisServer};
 
+#[path = "support/child.rs"]
+mod child_process;
+use child_process::{spawn_child, wait_ready, DIR, ROLE};
+
+/// The body of every child process (a no-op in a normal test run): the
+/// Redis URL is in the file `url` of the directory it is given.
+#[test]
+fn child() {
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(std::env::var(DIR).unwrap());
+    let url = std::fs::read_to_string(dir.join("url")).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        match role.as_str() {
+            // Holds the one lease of bulkhead `db`, with the default lease
+            // ttl, until it is killed.
+            "hold_lease" => {
+                let store = RedisStore::builder(url).prefix("kill").build().unwrap();
+                let bulkhead = store.bulkhead("db", 1).unwrap();
+                let lease = bulkhead.try_acquire().await;
+                assert!(lease.as_ref().is_some_and(|l| l.is_fleet_wide()));
+                println!("OUT ready");
+                tokio::time::sleep(Duration::from_secs(600)).await;
+                drop(lease);
+            }
+            other => panic!("unknown role {other}"),
+        }
+    });
+}
+
+/// Redis's clock (ms): lease expiry is decided by it.
+async fn redis_ms(server: &RedisServer) -> u64 {
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let (s, us): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    s * 1000 + us / 1000
+}
+
 /// A store with a short timeout, as in production, recording its events.
+/// Its leases outlive every test, so a lease found free was given back,
+/// not expired.
 fn store(server: &RedisServer, prefix: &str, policy: Degrade) -> (RedisStore, Events) {
     let events = Events::default();
     let sink = events.clone();
@@ -28,6 +73,7 @@ fn store(server: &RedisServer, prefix: &str, policy: Degrade) -> (RedisStore, Ev
         .prefix(prefix)
         .timeout(Duration::from_millis(200))
         .retry_interval(Duration::from_millis(100))
+        .lease_ttl(Duration::from_secs(600))
         .degrade(policy)
         .on_event(move |e| {
             sink.lock().unwrap().push(match e {
@@ -193,7 +239,7 @@ async fn leases_asked_during_a_stall_are_released_when_redis_answers_again() {
     assert!(events.lock().unwrap().contains(&"degraded"));
     let resumed = Instant::now();
     // The whole fleet's worth of leases is free again: none is left to
-    // expire with its 30 s lease ttl.
+    // expire with its lease ttl.
     let mut held = Vec::new();
     eventually("8 fleet-wide leases", async || {
         if let Some(l) = engine.try_acquire().await {
@@ -473,4 +519,173 @@ async fn give_backs_wait_out_a_killed_server_and_reach_its_successor() {
         "a fresh bucket on the new server"
     );
     assert_eq!(events.lock().unwrap().as_slice(), ["degraded", "restored"]);
+}
+
+/// A process SIGKILLed while holding a lease cannot give it back: its
+/// slot is free again once the lease's default ttl (5 s) runs out, not 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_holders_lease_frees_its_slot_within_the_default_ttl() {
+    let Some(server) = RedisServer::start("killed_holder") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("url"), server.url()).unwrap();
+    let mut holder = spawn_child("hold_lease", tmp.path());
+    wait_ready(&mut holder);
+    let watcher = RedisStore::builder(server.url())
+        .prefix("kill")
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let engine = watcher.bulkhead("db", 1).unwrap();
+    assert_eq!(engine.in_use().await, Some(1));
+    assert!(engine.try_acquire().await.is_none(), "the child holds it");
+
+    let killed_at = redis_ms(&server).await;
+    holder.kill().unwrap(); // SIGKILL: no destructor runs
+    holder.wait().unwrap();
+    let mut lease = None;
+    eventually("the killed holder's lease to expire", async || {
+        lease = engine.try_acquire().await;
+        lease.is_some()
+    })
+    .await;
+    let freed_after = redis_ms(&server).await - killed_at;
+    eprintln!("a SIGKILLed holder's slot was free again {freed_after} ms after the kill (default lease ttl 5 s)");
+    assert!(lease.unwrap().is_fleet_wide());
+}
+
+/// A lease held by a live process through a call that runs for several
+/// lease ttls is renewed, not lost: the fleet sees it held all along, and
+/// no other process gets its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_held_through_a_long_call_outlives_several_ttls() {
+    let Some(server) = RedisServer::start("long_lease") else {
+        return;
+    };
+    let ttl = Duration::from_secs(1);
+    let holder = RedisStore::builder(server.url())
+        .prefix("long")
+        .timeout(Duration::from_millis(200))
+        .lease_ttl(ttl)
+        .build()
+        .unwrap();
+    let layer = BulkheadLayer::builder()
+        .name("db")
+        .max_concurrent(1)
+        .backend(holder.clone())
+        .build()
+        .unwrap();
+    let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+    let finished = std::sync::Arc::new(std::sync::Mutex::new(Some(finished)));
+    let slow = service_fn(move |x: u32| {
+        let done = finished.lock().unwrap().take().unwrap();
+        async move {
+            let _ = done.await;
+            Ok::<_, Infallible>(x)
+        }
+    });
+    let call = tokio::spawn(layer.layer(slow).oneshot(7));
+
+    // Another process's view, with a ttl of its own that plays no part.
+    let other = RedisStore::builder(server.url())
+        .prefix("long")
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap()
+        .bulkhead("db", 1)
+        .unwrap();
+    eventually("the long call's lease", async || {
+        other.in_use().await == Some(1)
+    })
+    .await;
+    let start = redis_ms(&server).await;
+    let ttls = 4;
+    let mut checks = 0;
+    while redis_ms(&server).await < start + ttls * ttl.as_millis() as u64 {
+        assert_eq!(other.in_use().await, Some(1), "the lease was lost");
+        assert!(
+            other.try_acquire().await.is_none(),
+            "its slot was given away"
+        );
+        checks += 1;
+        // Paces the checks; Redis's clock decides when to stop.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("a lease of ttl {ttl:?} stayed held through a call of {ttls} ttls ({checks} checks)");
+    finish.send(()).unwrap();
+    assert_eq!(call.await.unwrap().unwrap(), 7);
+    flushed(&holder).await;
+    assert_eq!(other.in_use().await, Some(0));
+}
+
+/// The leases a process holds are renewed together: one script per
+/// bulkhead each third of the ttl, however many leases, and each of them
+/// outlives several ttls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_leases_are_renewed_by_one_script_per_tick() {
+    let Some(server) = RedisServer::start("renew_many") else {
+        return;
+    };
+    let ttl = Duration::from_secs(1);
+    let leases = 20;
+    let holder = RedisStore::builder(server.url())
+        .prefix("many")
+        .timeout(Duration::from_millis(500))
+        .lease_ttl(ttl)
+        .build()
+        .unwrap();
+    let engine = holder.bulkhead("db", leases).unwrap();
+    let held: Vec<_> = futures::future::join_all((0..leases).map(|_| engine.try_acquire())).await;
+    assert!(held
+        .iter()
+        .all(|l| l.as_ref().is_some_and(|l| l.is_fleet_wide())));
+
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let other = RedisStore::builder(server.url())
+        .prefix("many")
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap()
+        .bulkhead("db", leases)
+        .unwrap();
+    let start = redis_ms(&server).await;
+    let ttls = 4;
+    let mut checks = 0u64;
+    while redis_ms(&server).await < start + ttls * ttl.as_millis() as u64 {
+        assert_eq!(other.in_use().await, Some(leases), "a lease was lost");
+        checks += 1;
+        // Paces the checks; Redis's clock decides when to stop.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Every script here is an EVALSHA: the checks' counts, and the rest
+    // the holder's renewals.
+    let scripts: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|l| l.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let renewals = scripts - checks;
+    eprintln!(
+        "{leases} leases of ttl {ttl:?} held through {ttls} ttls: {renewals} renewal scripts \
+         (one per lease would be about {})",
+        u64::from(leases) * ttls * 3
+    );
+    // About three per ttl, some early: never one per lease.
+    assert!(renewals <= 3 * ttls + 4, "{renewals} renewal scripts");
+    drop(held);
+    flushed(&holder).await;
+    assert_eq!(other.in_use().await, Some(0));
 }

@@ -319,6 +319,11 @@ fn bad_config_is_rejected() {
         .build()
         .unwrap_err();
     assert_eq!(err.field(), "prefix");
+    let err = RedisStore::builder("redis://127.0.0.1/")
+        .lease_ttl(std::time::Duration::from_millis(29))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "lease_ttl");
     let store = RedisStore::builder("redis://127.0.0.1/").build().unwrap();
     assert_eq!(
         store.rate_limiter("x", 0.0, 1.0).unwrap_err().field(),

@@ -123,8 +123,8 @@ impl BulkheadBuilder {
     /// the store's `slot_timeout`, are reclaimed), a
     /// `RedisStore` across a fleet
     /// (leases at `{<prefix>:<name>}:bulkhead`, the name defaulting to
-    /// `bulkhead`, renewed while the call runs and expiring 30 s after a
-    /// process died). See [`Backend`].
+    /// `bulkhead`, renewed while the call runs and expiring the store's
+    /// `lease_ttl`, 5 s by default, after a process died). See [`Backend`].
     ///
     /// A shared bulkhead fails fast: `max_wait` and `soft_limit` need the
     /// memory backend. [`BulkheadHandle::in_flight`] reads the file, or

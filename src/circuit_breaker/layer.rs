@@ -279,6 +279,7 @@ impl<C> CircuitBreakerBuilder<C> {
                 name: v.cfg.name.to_string(),
                 rules: v.cfg.rules,
                 stale_attempt_timeout: v.shared.stale_attempt_timeout,
+                seen: Default::default(),
             }),
             #[cfg(feature = "redis")]
             Backend::Redis(store) => {

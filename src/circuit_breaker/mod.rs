@@ -64,18 +64,35 @@
 //!
 //! # Readiness and errors
 //!
-//! `poll_ready` only forwards to the inner service. An open breaker
+//! `poll_ready` forwards to the inner service. An open breaker
 //! answers `call` with an error future holding [`CircuitOpen`] (boxed into
 //! [`BoxError`](crate::error::BoxError)), naming the breaker and the time
 //! until the next probe, as `tower::load_shed` does: the service is never
 //! poisoned.
+//!
+//! With a file backend (`store::file`, feature `file-store`), a breaker
+//! whose next call would be a half-open probe takes that probe in
+//! `poll_ready`, once the inner service is ready, waiting for the state
+//! file's lock with tokio timers while another process holds it, so the
+//! runtime keeps running other tasks; the service's next `call` uses it.
+//! A service that finds no probe free is ready all the same and its call
+//! is rejected. Readiness reads nothing while this process last saw the
+//! breaker closed or still open, so the closed path costs what it did; a
+//! call that then finds the breaker half-open (another process moved it)
+//! takes a probe only if the lock is free at that moment: `call` never
+//! waits, so with a peer holding the lock it is rejected as a call beyond
+//! the probes is. A reservation whose generation has passed (the breaker
+//! reopened while the service sat idle) is not used: its call is admitted
+//! afresh.
 //!
 //! # Cancellation
 //!
 //! A half-open probe slot belongs to the call's response future. If the
 //! future is dropped before it finishes, or the inner service or the
 //! classifier panics, the slot is given back and the call counts as
-//! neither success nor failure.
+//! neither success nor failure. A probe taken in `poll_ready` (file
+//! backend) belongs to the service until its next call: dropped before
+//! calling, the service gives it back.
 //!
 //! # Clone
 //!

@@ -21,6 +21,34 @@ pub struct CircuitBreaker<S, C> {
     inner: S,
     core: Arc<Core>,
     classifier: C,
+    /// A half-open probe taken in `poll_ready` (file backend).
+    reserve: Reserve,
+}
+
+#[cfg(feature = "file-store")]
+use super::file::Reserve;
+
+/// Nothing is reserved in `poll_ready` without a file backend.
+#[cfg(not(feature = "file-store"))]
+#[derive(Debug, Default)]
+struct Reserve;
+
+#[cfg(not(feature = "file-store"))]
+impl Reserve {
+    #[inline]
+    fn poll(&mut self, _: &Arc<Core>, _: &mut Context<'_>) -> Poll<()> {
+        Poll::Ready(())
+    }
+
+    #[inline]
+    fn holds_probe(&self) -> bool {
+        false
+    }
+
+    #[inline]
+    fn take(&mut self, _: &Core) -> Option<Admission<Arc<Core>>> {
+        None
+    }
 }
 
 impl<S, C> CircuitBreaker<S, C> {
@@ -29,6 +57,7 @@ impl<S, C> CircuitBreaker<S, C> {
             inner,
             core,
             classifier,
+            reserve: Reserve::default(),
         }
     }
 
@@ -67,6 +96,7 @@ impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
             inner: self.inner.clone(),
             core: self.core.clone(),
             classifier: self.classifier.clone(),
+            reserve: Reserve::default(),
         }
     }
 }
@@ -77,6 +107,7 @@ impl<S: fmt::Debug, C> fmt::Debug for CircuitBreaker<S, C> {
             .field("inner", &self.inner)
             .field("name", &self.core.cfg.name)
             .field("classifier", &std::any::type_name::<C>())
+            .field("reserve", &self.reserve)
             .finish()
     }
 }
@@ -94,17 +125,34 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // An open breaker still reports ready: rejections come from `call`,
         // so the caller never throws away a healthy service.
-        self.inner.poll_ready(cx).map_err(Into::into)
+        match self.inner.poll_ready(cx) {
+            // A half-open state file's probe is taken here, where waiting
+            // for a peer's lock can yield to the runtime (`call` cannot
+            // wait); and last, so it is not held while the inner service
+            // is not ready.
+            Poll::Ready(Ok(())) => self.reserve.poll(&self.core, cx).map(Ok),
+            other => other.map_err(Into::into),
+        }
     }
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
+        if self.reserve.holds_probe() {
+            return call_reserved(
+                &mut self.reserve,
+                &self.core,
+                &self.classifier,
+                &mut self.inner,
+                req,
+            );
+        }
         call_through(self.core.clone(), &self.classifier, &mut self.inner, req)
     }
 }
 
 /// One call through breaker `core`: admitted and sent to `inner`, or
-/// rejected with a ready error. Shared by the plain and keyed breakers.
+/// rejected with a ready error. Never waits. Shared by the plain and
+/// keyed breakers.
 #[inline]
 pub(crate) fn call_through<S, C, Req>(
     core: Arc<Core>,
@@ -117,11 +165,39 @@ where
     C: Classify<S::Response, S::Error> + Clone,
 {
     let timed = Classify::<S::Response, S::Error>::uses_elapsed(classifier);
+    // Never waits: a probe that needs a peer's lock is reserved in
+    // `poll_ready`, with tokio timers.
     Admission::admit_then(
         core,
         timed,
+        false,
         req,
         |admission, req| ResponseFuture::admitted(inner.call(req), admission, classifier.clone()),
         |_, open, _| ResponseFuture::rejected(open),
     )
+}
+
+/// [`call_through`] for a service that reserved a probe in `poll_ready`:
+/// the call is that probe, if the reservation still stands.
+#[cold]
+#[inline(never)]
+fn call_reserved<S, C, Req>(
+    reserve: &mut Reserve,
+    core: &Arc<Core>,
+    classifier: &C,
+    inner: &mut S,
+    req: Req,
+) -> ResponseFuture<S::Future, C>
+where
+    S: Service<Req>,
+    C: Classify<S::Response, S::Error> + Clone,
+{
+    match reserve.take(core) {
+        Some(mut admission) => {
+            admission.start_clock(Classify::<S::Response, S::Error>::uses_elapsed(classifier));
+            let fut = inner.call(req);
+            ResponseFuture::admitted(fut, admission, classifier.clone())
+        }
+        None => call_through(core.clone(), classifier, inner, req),
+    }
 }

@@ -193,14 +193,19 @@ impl Core {
         self.update(|l, now| l.circuit.admit(&self.cfg.rules, now))
     }
 
-    /// Admits a call wherever the state lives.
+    /// Admits a call wherever the state lives. `wait`: whether a state
+    /// file's admission may wait for a peer's lock on this thread
+    /// (otherwise it rejects, see `FileBreaker::admit_now`).
     #[cold]
     #[inline(never)]
-    fn admit_pass(&self) -> (Result<Pass, Refusal>, Option<Transition>) {
+    #[cfg_attr(not(feature = "file-store"), allow(unused_variables))]
+    fn admit_pass(&self, wait: bool) -> (Result<Pass, Refusal>, Option<Transition>) {
         match &self.attached {
             Attached::Memory => self.admit_here(),
             #[cfg(feature = "file-store")]
-            Attached::File(f) => f.admit(),
+            Attached::File(f) if wait => f.admit(),
+            #[cfg(feature = "file-store")]
+            Attached::File(f) => f.admit_now(),
             #[cfg(feature = "redis")]
             Attached::Redis(f) => {
                 f.before_call(self);
@@ -504,6 +509,7 @@ impl<R: AsRef<Core>> Admission<R> {
         Self::admit_then(
             owner,
             timed,
+            true,
             (),
             |a, ()| Ok(a),
             |owner, open, ()| Err((owner, open)),
@@ -515,10 +521,15 @@ impl<R: AsRef<Core>> Admission<R> {
     /// admission is built straight into what `admitted` makes: no `Result`
     /// in between, which the compiler builds in memory and copies out of in
     /// pieces that stall on store forwarding (about 30 ns a call).
+    ///
+    /// `wait: false` is for a caller that must not wait: a state file's
+    /// admission then never waits for a peer's lock (see
+    /// `FileBreaker::admit_now`).
     #[inline]
     pub(crate) fn admit_then<W, T>(
         owner: R,
         timed: bool,
+        wait: bool,
         with: W,
         admitted: impl FnOnce(Self, W) -> T,
         refused: impl FnOnce(R, CircuitOpen, W) -> T,
@@ -529,18 +540,35 @@ impl<R: AsRef<Core>> Admission<R> {
                 return admitted(Self::new(owner, pass, None), with);
             }
         }
-        match Self::admit_slow(owner, timed) {
+        match Self::admit_slow(owner, timed, wait) {
             Ok(admission) => admitted(admission, with),
             Err((owner, open)) => refused(owner, open, with),
+        }
+    }
+
+    /// An admission for a pass the backend granted beforehand (a probe
+    /// reserved in `poll_ready`): dropped unused, it gives the probe back.
+    /// Its clock starts with [`start_clock`](Self::start_clock).
+    #[cfg(feature = "file-store")]
+    pub(crate) fn granted(owner: R, pass: Pass) -> Self {
+        Self::new(owner, pass, None)
+    }
+
+    /// Starts the call's clock, if the call is timed.
+    pub(crate) fn start_clock(&mut self, timed: bool) {
+        let core = self.owner.as_ref();
+        if timed || core.needs_elapsed() {
+            self.start = core.clock.now();
+            self.flags |= TIMED;
         }
     }
 
     /// Every admission but a closed in-memory breaker's untimed one.
     #[cold]
     #[inline(never)]
-    fn admit_slow(owner: R, timed: bool) -> Result<Self, (R, CircuitOpen)> {
+    fn admit_slow(owner: R, timed: bool, wait: bool) -> Result<Self, (R, CircuitOpen)> {
         let core = owner.as_ref();
-        let (verdict, transition) = core.admit_pass();
+        let (verdict, transition) = core.admit_pass(wait);
         match verdict {
             Ok(pass) => {
                 let start = (timed || core.needs_elapsed()).then(|| core.clock.now());
@@ -571,8 +599,9 @@ impl<R: AsRef<Core>> Admission<R> {
         }
     }
 
+    /// The pass it was admitted with.
     #[inline]
-    fn pass(&self) -> Pass {
+    pub(crate) fn pass(&self) -> Pass {
         Pass {
             generation: self.generation,
             probe: self.flags & PROBE != 0,

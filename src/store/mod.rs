@@ -47,6 +47,14 @@
 //! call the bulkhead or the open breaker rejects has already spent its
 //! token.
 //!
+//! On the file backend a half-open breaker takes its probe when the
+//! stack's readiness reaches it (so that it can wait for the file lock
+//! without holding the runtime's thread), before the outer layers decide.
+//! A call they then reject does not use the probe and is not counted: the
+//! probe is given back when that service is dropped (as `oneshot`, hyper
+//! and axum do after each request), or else goes to the service's next
+//! call that passes them.
+//!
 //! Neither backend holds a lock, or a remote lease, around the wrapped
 //! call: a file lock is held only for a read-modify-write of a few hundred
 //! bytes, and a Redis script runs atomically on the server. With the file

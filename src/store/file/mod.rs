@@ -63,15 +63,16 @@
 //!   call. If a peer holds the lock for longer than `lock_timeout`
 //!   (100 ms) the update goes ahead without it (a CLI must not hang on a
 //!   stuck peer) and a [`StoreEvent::LockTimeout`] is emitted.
-//! - Waiting for the lock does not stall an async runtime where the wait
-//!   can be moved off it: a rate limit's admission waits inside its
-//!   response future with tokio timers, as does a bulkhead's slot; a slot
-//!   or probe given back, and an upstream's `Retry-After` block, are
-//!   written on tokio's blocking pool when the lock is busy; other waits
-//!   on a multi-threaded runtime use `block_in_place`. Only the breaker's
-//!   locked steps (a failure, a probe, `hold_open`, the handle) on a
-//!   current-thread runtime still hold the thread while a peer holds the
-//!   lock (at most `lock_timeout`).
+//! - A call through a layer never stalls an async runtime waiting for a
+//!   peer's lock: a rate limit's admission waits inside its response
+//!   future with tokio timers, as does a bulkhead's slot; a half-open
+//!   breaker's probe is taken in `poll_ready`, waiting with tokio timers;
+//!   a call's result, a slot or probe given back, and an upstream's
+//!   `Retry-After` block are written on tokio's blocking pool when the
+//!   lock is busy. The synchronous calls (`update`, `try_acquire`, the
+//!   breaker handle's `reset`, `force_open` and `disable`, the probe of a
+//!   fallback entry's breaker) wait on the calling thread, moved off an
+//!   async worker with `block_in_place` on a multi-threaded runtime.
 //! - Writes go to a temporary file in the same directory, then `rename`
 //!   over the state file: a reader sees the old state or the new one,
 //!   never half of one. Temporary files left by a process killed while
@@ -126,10 +127,13 @@ mod state;
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
+use std::future::Future;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 pub use state::{
@@ -201,6 +205,16 @@ enum Locking {
     Locked(Held),
     Busy,
     Broken(io::Error),
+}
+
+/// A wait for the file lock in progress, kept between polls by
+/// [`FileStore::poll_round`]: when it began (the `lock_timeout` counts
+/// from there), the next pause, and the timer of the current one.
+#[derive(Debug)]
+pub(crate) struct LockWait {
+    start: Instant,
+    pause: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
 }
 
 /// The lock for one update: held, or given up after `lock_timeout`
@@ -599,6 +613,21 @@ impl FileStore {
         }
     }
 
+    /// One update, polled: the lock is tried now and, while a peer holds
+    /// it, again after a tokio timer (`wait` keeps the wait's progress
+    /// between polls). `f` runs only once the lock is taken or given up;
+    /// on `Pending` it is dropped unrun, and the caller passes it again.
+    /// The lock is never held across polls.
+    pub(crate) fn poll_round<R>(
+        &self,
+        wait: &mut Option<LockWait>,
+        cx: &mut Context<'_>,
+        f: impl FnOnce(&mut State) -> R,
+    ) -> Poll<Result<R, Unavailable>> {
+        let lock = ready!(self.poll_lock(wait, cx));
+        Poll::Ready(self.round(lock, self.inner.degrade, f))
+    }
+
     /// One update from a destructor: now if the lock is free, else on
     /// tokio's blocking pool when there is a runtime (the caller must not
     /// wait), else on this thread.
@@ -787,11 +816,42 @@ impl FileStore {
 
     /// [`lock_blocking`](Self::lock_blocking), waiting with tokio timers.
     async fn lock_async(&self) -> Lock {
-        let (start, mut pause) = (Instant::now(), Duration::from_micros(200));
+        let mut wait = None;
+        std::future::poll_fn(|cx| self.poll_lock(&mut wait, cx)).await
+    }
+
+    /// [`lock_async`](Self::lock_async) as a poll: `wait` is `None` before
+    /// the first attempt and again once the lock is taken or given up.
+    fn poll_lock(&self, wait: &mut Option<LockWait>, cx: &mut Context<'_>) -> Poll<Lock> {
         loop {
+            let (start, mut pause) = match wait {
+                Some(w) => {
+                    ready!(w.sleep.as_mut().poll(cx));
+                    (w.start, w.pause)
+                }
+                None => (Instant::now(), Duration::from_micros(200)),
+            };
             match self.lock_attempt(start, &mut pause) {
-                Ok(lock) => return lock,
-                Err(wait) => tokio::time::sleep(wait).await,
+                Ok(lock) => {
+                    *wait = None;
+                    return Poll::Ready(lock);
+                }
+                Err(d) => {
+                    let at = tokio::time::Instant::now() + d;
+                    match wait {
+                        Some(w) => {
+                            w.pause = pause;
+                            w.sleep.as_mut().reset(at);
+                        }
+                        None => {
+                            *wait = Some(LockWait {
+                                start,
+                                pause,
+                                sleep: Box::pin(tokio::time::sleep_until(at)),
+                            })
+                        }
+                    }
+                }
             }
         }
     }

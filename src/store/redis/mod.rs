@@ -36,7 +36,9 @@
 //!   across processes. Keys found over the limit are remembered locally
 //!   until their retry time, so a hot rejected key costs no round trip;
 //! - bulkhead: a sorted set of leases scored by expiry. A lease is renewed
-//!   while its call runs and expires `lease_ttl` after its process died;
+//!   every third of its ttl while its call runs, however long that is, and
+//!   expires [`lease_ttl`](RedisStoreBuilder::lease_ttl) (5 s by default)
+//!   after its process died or stopped renewing it;
 //!
 //! # Calls that give up
 //!
@@ -88,7 +90,7 @@
 mod local;
 mod scripts;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -140,6 +142,12 @@ struct Inner {
     next_id: AtomicU64,
     /// How long a rate-limit receipt (or its refund's mark) lives.
     receipt_ttl_ms: u64,
+    /// The lease ttl of the bulkheads this store makes.
+    lease_ttl: Duration,
+    /// The leases this process holds, renewed together.
+    renewals: Mutex<Renewals>,
+    /// Wakes the renewal task early: a lease of a shorter ttl arrived.
+    renew_soon: tokio::sync::Notify,
 }
 
 struct Scripts {
@@ -170,8 +178,14 @@ pub struct RedisStoreBuilder {
     timeout: Duration,
     retry_interval: Duration,
     degrade: Degrade,
+    lease_ttl: Duration,
     listeners: Listeners<StoreEvent>,
 }
+
+/// How long a bulkhead lease outlives a holder that stopped renewing it,
+/// unless set otherwise: short, so a killed process's slots are free
+/// again within seconds.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
 
 impl fmt::Debug for RedisStoreBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -180,13 +194,15 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("timeout", &self.timeout)
             .field("retry_interval", &self.retry_interval)
             .field("degrade", &self.degrade)
+            .field("lease_ttl", &self.lease_ttl)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisStore {
     /// A builder for the server at `url` (`redis://host:port/db`): key
-    /// prefix `bulwark`, 50 ms per command, fail open to local state.
+    /// prefix `bulwark`, 50 ms per command, fail open to local state,
+    /// bulkhead leases of 5 s renewed while held.
     pub fn builder(url: impl Into<String>) -> RedisStoreBuilder {
         RedisStoreBuilder {
             url: url.into(),
@@ -194,6 +210,7 @@ impl RedisStore {
             timeout: Duration::from_millis(50),
             retry_interval: Duration::from_secs(1),
             degrade: Degrade::default(),
+            lease_ttl: DEFAULT_LEASE_TTL,
             listeners: Listeners::default(),
         }
     }
@@ -226,6 +243,23 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// How long a bulkhead lease outlives a holder that stopped renewing
+    /// it (default [`DEFAULT_LEASE_TTL`], 5 s), for every bulkhead this
+    /// store makes, the `BulkheadLayer`'s included.
+    ///
+    /// A live holder renews its leases every third of this, however long
+    /// its calls run; a process that was killed, or whose runtime stays
+    /// blocked longer than this, loses them, and their slots are free for
+    /// the fleet again. Shorter frees a dead process's slots sooner and
+    /// costs more renewals: one script per bulkhead every `lease_ttl / 3`,
+    /// for all the leases this process holds in it. Keep it several times
+    /// the store's `timeout`, so a renewal that waits that long still
+    /// lands in time. From 30 ms to 30 days; `build()` refuses others.
+    pub fn lease_ttl(mut self, d: Duration) -> Self {
+        self.lease_ttl = d;
+        self
+    }
+
     /// Calls `f` on every [`StoreEvent`] (each switch to and from degraded).
     pub fn on_event(mut self, f: impl Fn(&StoreEvent) + Send + Sync + 'static) -> Self {
         self.listeners.push(f);
@@ -238,6 +272,20 @@ impl RedisStoreBuilder {
         let check = Check { layer: LAYER };
         check.non_zero_duration("timeout", self.timeout)?;
         check.non_zero_duration("retry_interval", self.retry_interval)?;
+        if self.lease_ttl < MIN_LEASE_TTL {
+            return Err(ConfigError::new(
+                LAYER,
+                "lease_ttl",
+                "must be at least 30 ms (leases are renewed every third of it)",
+            ));
+        }
+        if self.lease_ttl > MAX_LEASE_TTL {
+            return Err(ConfigError::new(
+                LAYER,
+                "lease_ttl",
+                "must be at most 30 days (Redis cannot expire a lease later)",
+            ));
+        }
         if self.prefix.is_empty() || self.prefix.contains(['{', '}']) {
             return Err(ConfigError::new(
                 LAYER,
@@ -270,6 +318,9 @@ impl RedisStoreBuilder {
                     .saturating_mul(4)
                     .as_millis()
                     .clamp(1_000, u128::from(u32::MAX)) as u64,
+                lease_ttl: self.lease_ttl,
+                renewals: Mutex::new(Renewals::default()),
+                renew_soon: tokio::sync::Notify::new(),
                 scripts: Scripts {
                     gcra: Script::new(scripts::GCRA),
                     refund: Script::new(scripts::REFUND),
@@ -348,7 +399,8 @@ impl RedisStore {
     }
 
     /// A fleet-wide bulkhead named `name` of `max_concurrent` leases that
-    /// expire 30 s (`lease_ttl`) after their holder stops renewing them.
+    /// expire the store's [`lease_ttl`](RedisStoreBuilder::lease_ttl)
+    /// (5 s by default) after their holder stops renewing them.
     pub fn bulkhead(&self, name: &str, max_concurrent: u32) -> Result<RedisBulkhead, ConfigError> {
         Check { layer: LAYER }.at_least_one("max_concurrent", u64::from(max_concurrent))?;
         Ok(RedisBulkhead {
@@ -358,7 +410,7 @@ impl RedisStore {
                 gone: self.key(name, "bulkhead-gone"),
             }),
             max: max_concurrent,
-            ttl: Duration::from_secs(30),
+            ttl: self.inner.lease_ttl,
             local: Arc::new(tokio::sync::Semaphore::new(max_concurrent as usize)),
         })
     }
@@ -505,6 +557,52 @@ impl RedisStore {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {:?}", inner.timeout)),
+        }
+    }
+
+    fn renewals(&self) -> std::sync::MutexGuard<'_, Renewals> {
+        self.inner
+            .renewals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Has lease `id` of `keys` renewed every `ttl_ms / 3` until
+    /// [`unhold`](Self::unhold), starting the renewal task unless one
+    /// runs. `false` when nothing can renew it (no tokio runtime here).
+    fn hold(&self, keys: &Arc<LeaseKeys>, ttl_ms: u64, id: &str) -> bool {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        let period = renew_period(ttl_ms);
+        let mut r = self.renewals();
+        r.held
+            .entry((Arc::as_ptr(keys) as usize, ttl_ms))
+            .or_insert_with(|| (keys.clone(), HashSet::new()))
+            .1
+            .insert(id.to_owned());
+        if !r.running {
+            r.running = true;
+            r.period = Some(period);
+            drop(r);
+            drop(rt.spawn(renew_all(self.clone())));
+        } else if r.period.is_some_and(|p| period < p) {
+            r.period = Some(period);
+            drop(r);
+            self.inner.renew_soon.notify_one();
+        }
+        true
+    }
+
+    /// Stops renewing lease `id` (it is being given back).
+    fn unhold(&self, keys: &Arc<LeaseKeys>, ttl_ms: u64, id: &str) {
+        let mut r = self.renewals();
+        let k = (Arc::as_ptr(keys) as usize, ttl_ms);
+        if let Some((_, ids)) = r.held.get_mut(&k) {
+            ids.remove(id);
+            if ids.is_empty() {
+                r.held.remove(&k);
+            }
         }
     }
 
@@ -686,6 +784,84 @@ const UNDO_MAX: usize = 100_000;
 
 /// Give-backs sent in one script.
 const BATCH_MAX: usize = 256;
+
+/// The leases this process holds, renewed by one task per store: every
+/// tick, one script per bulkhead renews all of its leases, however many.
+///
+/// Invariant: a lease is in `held` from the moment its holder has it until
+/// it is given back, and while `held` is not empty `running` is set and a
+/// task is renewing (or the runtime that ran it is gone, whose guard
+/// cleared `running`, and the next lease starts another). Changes to
+/// `held` and `running` happen under one mutex, so a lease added as the
+/// task finds `held` empty either is seen by it or starts a new task.
+#[derive(Default)]
+struct Renewals {
+    /// Per bulkhead (the address of its keys, which the entry keeps
+    /// alive) and lease ttl: the keys and the ids held.
+    held: HashMap<(usize, u64), (Arc<LeaseKeys>, HashSet<String>)>,
+    /// A task is renewing.
+    running: bool,
+    /// How often it renews: a third of the shortest ttl held.
+    period: Option<Duration>,
+}
+
+/// How often a lease of `ttl_ms` is renewed.
+fn renew_period(ttl_ms: u64) -> Duration {
+    Duration::from_millis((ttl_ms / 3).max(10))
+}
+
+/// Renews every lease in the store's [`Renewals`] each period, until none
+/// is held.
+fn renew_all(store: RedisStore) -> impl std::future::Future<Output = ()> + Send {
+    /// Lets a later lease start a new task once this one ends, or is
+    /// dropped with its runtime.
+    struct Running(RedisStore, std::cell::Cell<bool>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if self.1.get() {
+                let mut r = self.0.renewals();
+                r.running = false;
+                r.period = None;
+            }
+        }
+    }
+    let running = Running(store, std::cell::Cell::new(true));
+    async move {
+        let store = &running.0;
+        loop {
+            let period = {
+                let mut r = store.renewals();
+                let Some(period) = r.held.keys().map(|(_, ttl)| renew_period(*ttl)).min() else {
+                    r.running = false;
+                    r.period = None;
+                    running.1.set(false);
+                    return;
+                };
+                r.period = Some(period);
+                period
+            };
+            // Woken early by a lease of a shorter ttl: renewing early
+            // does no harm.
+            let _ = tokio::time::timeout(period, store.inner.renew_soon.notified()).await;
+            let batches: Vec<(Arc<LeaseKeys>, u64, Vec<String>)> = store
+                .renewals()
+                .held
+                .iter()
+                .map(|((_, ttl), (keys, ids))| (keys.clone(), *ttl, ids.iter().cloned().collect()))
+                .collect();
+            for (keys, ttl_ms, ids) in batches {
+                for chunk in ids.chunks(BATCH_MAX) {
+                    let mut args = Vec::with_capacity(chunk.len() + 1);
+                    args.push(ttl_ms.to_string());
+                    args.extend(chunk.iter().cloned());
+                    let _ = store
+                        .run::<i64>(Which::LeaseRenew, &[&keys.set], &args)
+                        .await;
+                }
+            }
+        }
+    }
+}
 
 /// The give-back queue.
 #[derive(Default)]
@@ -971,6 +1147,9 @@ impl RedisRateLimiter {
     }
 }
 
+/// The shortest lease ttl: renewals every third of it must have a chance.
+const MIN_LEASE_TTL: Duration = Duration::from_millis(30);
+
 /// The keys of one fleet bulkhead.
 #[derive(Debug)]
 struct LeaseKeys {
@@ -1029,12 +1208,13 @@ const MAX_LEASE_TTL: Duration = Duration::from_secs(30 * 86_400);
 
 impl RedisBulkhead {
     /// How long a lease outlives a holder that stopped renewing it
-    /// (default 30 s), from 30 ms to 30 days: a shorter one is raised and
+    /// (default: the store's [`lease_ttl`](RedisStoreBuilder::lease_ttl),
+    /// 5 s unless set), from 30 ms to 30 days: a shorter one is raised and
     /// a longer one cut to these, because Redis cannot expire a key later
     /// than its clock can count. Leases are renewed every third of this
     /// while held.
     pub fn lease_ttl(mut self, d: Duration) -> Self {
-        self.ttl = d.clamp(Duration::from_millis(30), MAX_LEASE_TTL);
+        self.ttl = d.clamp(MIN_LEASE_TTL, MAX_LEASE_TTL);
         self
     }
 
@@ -1117,36 +1297,21 @@ enum LeaseKind {
         keys: Arc<LeaseKeys>,
         ttl_ms: u64,
         id: String,
-        renew: Option<tokio::task::JoinHandle<()>>,
     },
     Local(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit),
 }
 
 impl RedisLease {
     fn remote(b: &RedisBulkhead, id: String) -> Self {
-        // Renew while held, so a long call keeps its lease and a dead
+        // Renewed while held, so a long call keeps its lease and a dead
         // process loses it within one ttl.
-        let renew = tokio::runtime::Handle::try_current().ok().map(|h| {
-            let (store, keys, id, ttl) = (b.store.clone(), b.keys.clone(), id.clone(), b.ttl);
-            h.spawn(async move {
-                let mut tick = tokio::time::interval(ttl / 3);
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    let args = [(ttl.as_millis() as u64).to_string(), id.clone()];
-                    let _ = store
-                        .run::<i64>(Which::LeaseRenew, &[&keys.set], &args)
-                        .await;
-                }
-            })
-        });
+        b.store.hold(&b.keys, b.ttl_ms(), &id);
         RedisLease {
             kind: LeaseKind::Remote {
                 store: b.store.clone(),
                 keys: b.keys.clone(),
                 ttl_ms: b.ttl_ms(),
                 id,
-                renew,
             },
         }
     }
@@ -1165,17 +1330,144 @@ impl Drop for RedisLease {
             keys,
             ttl_ms,
             id,
-            renew,
         } = &mut self.kind
         {
-            if let Some(r) = renew.take() {
-                r.abort();
-            }
+            store.unhold(keys, *ttl_ms, id);
             store.give_back(Item::Lease {
                 keys: keys.clone(),
                 ttl_ms: *ttl_ms,
                 id: std::mem::take(id),
             });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A lease of bulkhead `i % 2` taken, with a short or long ttl.
+        Hold(usize, bool),
+        /// The `j`-th lease held (modulo their number) given back.
+        Unhold(usize),
+        /// Time passes: more than the longest renewal period.
+        Tick,
+        /// The runtime that ran the renewals is dropped; a new one runs.
+        NewRuntime,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..2usize, any::<bool>()).prop_map(|(i, short)| Op::Hold(i, short)),
+            3 => (0..16usize).prop_map(Op::Unhold),
+            2 => Just(Op::Tick),
+            1 => Just(Op::NewRuntime),
+        ]
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The renewal registry's invariant (see [`Renewals`]) over
+        /// histories of leases taken and given back, time passing and the
+        /// renewing runtime replaced: it holds exactly the leases held;
+        /// while one is held since the current runtime started, a task
+        /// renews; once none is held, the task ends within a period.
+        #[test]
+        fn every_held_lease_has_a_renewer(ops in prop::collection::vec(op(), 1..40)) {
+            // Nothing listens there: a first command fails and the store
+            // stays quiet after, so no renewal touches the connection
+            // (which is bound to the runtime that made it, and this test
+            // drops runtimes). What is tested is who renews, not what
+            // Redis says.
+            let store = RedisStore::builder("redis://127.0.0.1:1/")
+                .timeout(Duration::from_secs(5))
+                .retry_interval(Duration::from_secs(3_600))
+                .build()
+                .unwrap();
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    let r = store.run::<i64>(Which::LeaseCount, &["a"], &[]).await;
+                    assert!(r.is_none() && store.is_quiet());
+                });
+            let keys = [
+                Arc::new(LeaseKeys { set: "a".into(), gone: "a-gone".into() }),
+                Arc::new(LeaseKeys { set: "b".into(), gone: "b-gone".into() }),
+            ];
+            let mut rt = runtime();
+            let mut held: Vec<(usize, u64, String)> = Vec::new();
+            let mut renewer_expected = false;
+            for (n, op) in ops.into_iter().enumerate() {
+                match op {
+                    Op::Hold(i, short) => {
+                        let ttl = if short { 300 } else { 3_000 };
+                        let id = n.to_string();
+                        rt.block_on(async { assert!(store.hold(&keys[i], ttl, &id)) });
+                        held.push((i, ttl, id));
+                        renewer_expected = true;
+                    }
+                    Op::Unhold(j) => {
+                        if !held.is_empty() {
+                            let (i, ttl, id) = held.remove(j % held.len());
+                            store.unhold(&keys[i], ttl, &id);
+                        }
+                    }
+                    Op::Tick => rt.block_on(async { tokio::time::sleep(Duration::from_millis(1_100)).await }),
+                    Op::NewRuntime => {
+                        drop(rt);
+                        rt = runtime();
+                        renewer_expected = false;
+                        prop_assert!(!store.renewals().running, "the dropped task's guard");
+                    }
+                }
+                rt.block_on(async {
+                    for _ in 0..4 {
+                        tokio::task::yield_now().await;
+                    }
+                });
+                let r = store.renewals();
+                let mut registered: Vec<_> = r
+                    .held
+                    .iter()
+                    .flat_map(|((_, ttl), (k, ids))| ids.iter().map(move |id| (k.set.clone(), *ttl, id.clone())))
+                    .collect();
+                registered.sort();
+                let mut want: Vec<_> = held
+                    .iter()
+                    .map(|(i, ttl, id)| (keys[*i].set.clone(), *ttl, id.clone()))
+                    .collect();
+                want.sort();
+                prop_assert_eq!(registered, want);
+                if !held.is_empty() && renewer_expected {
+                    prop_assert!(r.running, "a held lease without a renewer");
+                    prop_assert!(r.period.is_some());
+                }
+            }
+            // Nothing held: the task ends within a period.
+            for (i, ttl, id) in held.drain(..) {
+                store.unhold(&keys[i], ttl, &id);
+            }
+            rt.block_on(async { tokio::time::sleep(Duration::from_millis(1_100)).await });
+            rt.block_on(async {
+                for _ in 0..4 {
+                    tokio::task::yield_now().await;
+                }
+            });
+            prop_assert!(!store.renewals().running, "a renewer outlived the leases");
         }
     }
 }

@@ -132,15 +132,18 @@ redis.call('PEXPIRE', KEYS[1], ttl * 2)
 return 1
 "#;
 
-/// Extends a lease. KEYS[1] as above; ARGV = ttl_ms, id. Returns 1 if the
-/// lease was still held.
+/// Extends leases. KEYS[1] as above; ARGV = ttl_ms, ids. Returns how
+/// many were still held (one that expired is not taken again).
 pub(crate) const LEASE_RENEW: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
-local ok = redis.call('ZADD', KEYS[1], 'XX', 'CH', now + ttl, ARGV[2])
+local held = 0
+for i = 2, #ARGV do
+  held = held + redis.call('ZADD', KEYS[1], 'XX', 'CH', now + ttl, ARGV[i])
+end
 redis.call('PEXPIRE', KEYS[1], ttl * 2)
-return ok
+return held
 "#;
 
 /// Gives leases back. KEYS as for [`LEASE_ACQUIRE`]; ARGV = ttl_ms, ids.
