@@ -35,14 +35,14 @@ pin_project! {
         S: Service<Req>,
     {
         #[pin]
-        kind: Kind<S, Req>,
+        stage: Stage<S, Req>,
         classifier: C,
     }
 }
 
 pin_project! {
-    #[project = KindProj]
-    enum Kind<S, Req>
+    #[project = StageProj]
+    enum Stage<S, Req>
     where
         S: Service<Req>,
     {
@@ -66,7 +66,7 @@ impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
     #[inline]
     pub(crate) fn called(fut: S::Future, permit: Permit, classifier: C) -> Self {
         Self {
-            kind: Kind::Called {
+            stage: Stage::Called {
                 fut,
                 permit: Some(permit),
             },
@@ -76,7 +76,7 @@ impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
 
     pub(crate) fn rejected(err: BoxError, classifier: C) -> Self {
         Self {
-            kind: Kind::Rejected { err: Some(err) },
+            stage: Stage::Rejected { err: Some(err) },
             classifier,
         }
     }
@@ -84,7 +84,7 @@ impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
     pub(crate) fn waiting(core: Arc<Core>, svc: S, req: Req, classifier: C) -> Self {
         let acquire = acquire(core.clone(), core.max_wait);
         Self {
-            kind: Kind::Waiting {
+            stage: Stage::Waiting {
                 wait: Box::new(Waiting {
                     acquire,
                     start: Instant::now(),
@@ -131,10 +131,10 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let mut kind = this.kind;
+        let mut stage = this.stage;
         loop {
-            match kind.as_mut().project() {
-                KindProj::Called { fut, permit } => {
+            match stage.as_mut().project() {
+                StageProj::Called { fut, permit } => {
                     let res = ready!(fut.poll(cx));
                     if let Some(p) = permit.take() {
                         let elapsed = if this.classifier.uses_elapsed() {
@@ -146,23 +146,23 @@ where
                     }
                     return Poll::Ready(res.map_err(Into::into));
                 }
-                KindProj::Waiting { wait } => {
+                StageProj::Waiting { wait } => {
                     let next = match ready!(wait.acquire.as_mut().poll(cx)) {
                         Some(permit) => {
                             let mut svc = wait.svc.take().expect("polled after completion");
                             let req = wait.req.take().expect("polled after completion");
-                            Kind::Called {
+                            Stage::Called {
                                 fut: svc.call(req),
                                 permit: Some(permit),
                             }
                         }
-                        None => Kind::Rejected {
+                        None => Stage::Rejected {
                             err: Some(wait.core.rejected(wait.start.elapsed()).into()),
                         },
                     };
-                    kind.set(next);
+                    stage.set(next);
                 }
-                KindProj::Rejected { err } => {
+                StageProj::Rejected { err } => {
                     return Poll::Ready(Err(err.take().expect("polled after completion")));
                 }
             }
@@ -172,10 +172,10 @@ where
 
 impl<S: Service<Req>, Req, C> fmt::Debug for ResponseFuture<S, Req, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match &self.kind {
-            Kind::Called { .. } => "called",
-            Kind::Waiting { .. } => "waiting",
-            Kind::Rejected { .. } => "rejected",
+        let state = match &self.stage {
+            Stage::Called { .. } => "called",
+            Stage::Waiting { .. } => "waiting",
+            Stage::Rejected { .. } => "rejected",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)

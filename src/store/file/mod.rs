@@ -162,10 +162,10 @@ const TMP_GRACE_MS: u64 = 60_000;
 /// Made with [`FileStore::builder`]. Cheap to clone.
 #[derive(Clone)]
 pub struct FileStore {
-    inner: Arc<Inner>,
+    inner: Arc<StoreShared>,
 }
 
-struct Inner {
+struct StoreShared {
     name: Arc<str>,
     path: PathBuf,
     lock_path: PathBuf,
@@ -390,7 +390,7 @@ impl FileStoreBuilder {
         };
         let path = dir.join(&file);
         Ok(FileStore {
-            inner: Arc::new(Inner {
+            inner: Arc::new(StoreShared {
                 name: Arc::from(self.scope.as_deref().unwrap_or("state")),
                 lock_path: dir.join(format!("{file}.lock")),
                 path,

@@ -114,10 +114,10 @@ const LAYER: &str = "redis_store";
 /// connection and the degraded/healthy status.
 #[derive(Clone)]
 pub struct RedisStore {
-    inner: Arc<Inner>,
+    inner: Arc<StoreShared>,
 }
 
-struct Inner {
+struct StoreShared {
     name: Arc<str>,
     client: redis::Client,
     conn: OnceCell<ConnectionManager>,
@@ -296,7 +296,7 @@ impl RedisStoreBuilder {
         let client = redis::Client::open(self.url.as_str())
             .map_err(|e| ConfigError::new(LAYER, "url", format!("is not a Redis URL: {e}")))?;
         Ok(RedisStore {
-            inner: Arc::new(Inner {
+            inner: Arc::new(StoreShared {
                 name: Arc::from(self.prefix),
                 client,
                 conn: OnceCell::new(),
