@@ -103,12 +103,16 @@ where
             // Taken now if the file's lock is free; else the wait for the
             // lock happens in the response future, on tokio's timers.
             #[cfg(feature = "file-store")]
-            Slots::File(b) => match b.try_acquire_now() {
-                Ok(Some(slot)) => {
+            Slots::File(b) => match (b.span(), b.try_acquire_now()) {
+                // The span (when this is the outermost file-backed layer)
+                // takes in the admissions of the layers below.
+                (_span, Ok(Some(slot))) => {
                     ResponseFuture::called(self.inner.call(req), HeldSlot::File(slot))
                 }
-                Ok(None) => ResponseFuture::rejected(self.core.rejected(Duration::ZERO).into()),
-                Err(()) => {
+                (_, Ok(None)) => {
+                    ResponseFuture::rejected(self.core.rejected(Duration::ZERO).into())
+                }
+                (_, Err(())) => {
                     let b = b.clone();
                     let claim = Box::pin(async move { b.acquire_async().await });
                     let clone = self.inner.clone();

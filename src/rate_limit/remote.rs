@@ -17,6 +17,12 @@ pub(crate) type Admit = Pin<Box<dyn Future<Output = Result<(), crate::BoxError>>
 /// A Redis admission before it knows how to reject.
 pub(crate) type Pending = Pin<Box<dyn Future<Output = Result<(), Duration>> + Send>>;
 
+/// A state file's span (see `FileStore::span`); nothing without one.
+#[cfg(feature = "file-store")]
+pub(crate) type Span = crate::store::file::Span;
+#[cfg(not(feature = "file-store"))]
+pub(crate) type Span = ();
+
 /// The shared bucket(s) of a limiter built with a shared backend.
 pub(crate) enum StoreBuckets {
     /// The limiter's entry in a state file, shared by every process using
@@ -71,6 +77,17 @@ impl StoreBuckets {
                     r.acquire(key.as_deref().unwrap_or(""), tokens).await
                 }))
             }
+        }
+    }
+
+    /// Joins the admissions made until the guard drops into one round of
+    /// the state file (see `FileStore::span`); `None` for Redis.
+    pub(crate) fn span(&self) -> Option<Span> {
+        match *self {
+            #[cfg(feature = "file-store")]
+            StoreBuckets::File(ref f) => Some(f.span()),
+            #[cfg(feature = "redis")]
+            StoreBuckets::Redis(_) => None,
         }
     }
 

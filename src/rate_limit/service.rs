@@ -117,6 +117,9 @@ where
         }
         let remote = core.remote.as_ref().expect("a shared backend");
         let hint = shared.hint.as_ref().map(|_| shared.clone());
+        // The layers below that share this state file are admitted in the
+        // same round as this one, inside their `call`s.
+        let _span = remote.span();
         match remote.admit(key, tokens) {
             StoreAnswer::Now(Ok(())) => ResponseFuture::called(self.inner.call(req), hint),
             StoreAnswer::Now(Err(wait)) => {

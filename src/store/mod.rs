@@ -55,13 +55,20 @@
 //! and axum do after each request), or else goes to the service's next
 //! call that passes them.
 //!
-//! Neither backend holds a lock, or a remote lease, around the wrapped
-//! call: a file lock is held only for a read-modify-write of a few hundred
-//! bytes, and a Redis script runs atomically on the server. With the file
-//! backend a call through this stack takes three lock rounds (the rate
-//! limit's admission, the bulkhead's slot taken and given back); a closed
-//! breaker's admission and a success with nothing to clear only read the
-//! file, without the lock.
+//! A Redis script runs atomically on the server, one per layer. On the
+//! file backend the layers of this stack that share a [`FileStore`] are
+//! admitted in one lock round: the outermost keeps its round open while
+//! its `call` runs the `call`s below it, which join that round (one lock,
+//! one read, one write), so a call takes one round to get in and one more
+//! when its bulkhead slot is given back. A closed breaker's admission and
+//! a success with nothing to clear only read the file, without the lock.
+//! The lock is held across the synchronous part of the wrapped `call`
+//! (making its future), never across its await. A store that fails closed
+//! keeps one round per layer instead: each admission must be on disk
+//! before its call goes through. [`FileStore::lock_rounds`] counts them.
+//!
+//! [`FileStore`]: file::FileStore
+//! [`FileStore::lock_rounds`]: file::FileStore::lock_rounds
 //!
 //! # Failure of the store itself
 //!

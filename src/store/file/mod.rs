@@ -182,6 +182,34 @@ struct StoreShared {
     /// This process's state while the file cannot be used
     /// ([`Degrade::FailOpenToLocal`]).
     local: Mutex<State>,
+    /// Rounds made under the file's lock (see `FileStore::lock_rounds`).
+    rounds: AtomicU64,
+}
+
+thread_local! {
+    /// The spans open on this thread, one per state file at most.
+    static SPANS: std::cell::RefCell<Vec<OpenSpan>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A span's file and the state its joined updates change.
+struct OpenSpan {
+    path: PathBuf,
+    state: State,
+}
+
+/// An open span (see `FileStore::span`); dropping it writes and unlocks.
+pub(crate) struct Span {
+    open: Option<(FileStore, Held, State)>,
+    /// Tied to the thread whose thread-local holds the span.
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Drop for Span {
+    fn drop(&mut self) {
+        if let Some((store, held, before)) = self.open.take() {
+            store.close_span(held, before);
+        }
+    }
 }
 
 struct Cached {
@@ -403,6 +431,7 @@ impl FileStoreBuilder {
                 swept_at: AtomicU64::new(0),
                 degraded: AtomicBool::new(false),
                 local: Mutex::new(State::default()),
+                rounds: AtomicU64::new(0),
             }),
         })
     }
@@ -496,6 +525,10 @@ impl FileStore {
     /// This waits for the lock (up to `lock_timeout`) on the calling
     /// thread.
     pub fn update<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let f = match self.try_joined(f) {
+            Ok(r) => return r,
+            Err(f) => f,
+        };
         let lock = self.lock_blocking();
         match self.round(lock, Degrade::FailOpenToLocal, f) {
             Ok(r) => r,
@@ -574,6 +607,10 @@ impl FileStore {
     where
         F: FnOnce(&mut State) -> R,
     {
+        let f = match self.try_joined(f) {
+            Ok(r) => return Ok(Ok(r)),
+            Err(f) => f,
+        };
         let lock = match self.try_lock() {
             Locking::Busy => return Err(f),
             Locking::Locked(file) => Ok(Some(file)),
@@ -624,6 +661,10 @@ impl FileStore {
         cx: &mut Context<'_>,
         f: impl FnOnce(&mut State) -> R,
     ) -> Poll<Result<R, Unavailable>> {
+        let f = match self.try_joined(f) {
+            Ok(r) => return Poll::Ready(Ok(r)),
+            Err(f) => f,
+        };
         let lock = ready!(self.poll_lock(wait, cx));
         Poll::Ready(self.round(lock, self.inner.degrade, f))
     }
@@ -655,6 +696,128 @@ impl FileStore {
         }
     }
 
+    /// Opens a span: until the returned guard drops, every update of this
+    /// state file on this thread joins one round (one lock, one read, one
+    /// write) instead of taking its own. A layer opens one around its
+    /// synchronous `call`, so the admissions of the file-backed layers
+    /// below it (their `call`s run inside it) share its round.
+    ///
+    /// Invariant: a joined update sees exactly the state its own round
+    /// would have read, because the span holds the lock from its read to
+    /// its write and every update of this file made meanwhile, on any
+    /// thread of any process, either joins the span (this thread) or waits
+    /// for the lock (every other one); so the joined updates run in the
+    /// order they are made, on one state, and are written once. A span
+    /// never outlives one synchronous call (it is not `Send` and is never
+    /// held across an await), and dropping it writes whatever was joined,
+    /// panics included, so a slot taken and given back during an unwind
+    /// nets out.
+    ///
+    /// No span is opened (the guard does nothing) when one is open for
+    /// this file already, when the lock is busy, when the file cannot be
+    /// read, or when the store fails closed: a fail-closed store must have
+    /// each admission on disk before its call goes through, and a span
+    /// writes only after the calls inside it were made.
+    pub(crate) fn span(&self) -> Span {
+        let none = Span {
+            open: None,
+            _not_send: std::marker::PhantomData,
+        };
+        if self.inner.degrade == Degrade::FailClosed || self.in_span() {
+            return none;
+        }
+        let Locking::Locked(held) = self.try_lock() else {
+            return none;
+        };
+        let Ok(before) = self.read_for_update() else {
+            return none;
+        };
+        let pushed = SPANS.try_with(|spans| {
+            spans.borrow_mut().push(OpenSpan {
+                path: self.inner.lock_path.clone(),
+                state: before.clone(),
+            })
+        });
+        if pushed.is_err() {
+            return none;
+        }
+        Span {
+            open: Some((self.clone(), held, before)),
+            _not_send: std::marker::PhantomData,
+        }
+    }
+
+    fn in_span(&self) -> bool {
+        SPANS
+            .try_with(|spans| {
+                spans
+                    .borrow()
+                    .iter()
+                    .any(|s| s.path == self.inner.lock_path)
+            })
+            .unwrap_or(false)
+    }
+
+    /// Runs `f` in the span open on this thread for this file, if any
+    /// (`Err(f)`, not run, if none).
+    fn try_joined<R, F: FnOnce(&mut State) -> R>(&self, f: F) -> Result<R, F> {
+        let mut f = Some(f);
+        let joined = SPANS.try_with(|spans| {
+            // `f` is a plain change of the state: it never takes a round
+            // itself, so the borrow is never taken twice.
+            let mut spans = spans.borrow_mut();
+            let span = spans.iter_mut().find(|s| s.path == self.inner.lock_path)?;
+            Some((f.take().expect("run once"))(&mut span.state))
+        });
+        match joined {
+            Ok(Some(r)) => Ok(r),
+            _ => Err(f.take().expect("not run")),
+        }
+    }
+
+    /// Writes what a span's updates changed, and gives its lock up.
+    fn close_span(&self, held: Held, before: State) {
+        let Some(mut state) = SPANS
+            .try_with(|spans| {
+                let mut spans = spans.borrow_mut();
+                let i = spans.iter().rposition(|s| s.path == self.inner.lock_path)?;
+                Some(spans.swap_remove(i).state)
+            })
+            .ok()
+            .flatten()
+        else {
+            return;
+        };
+        self.rounds_add();
+        if state != before {
+            state.version = STATE_VERSION;
+            state.updated_at = Some(unix_ms());
+            if let Err(e) = self.write(&state) {
+                let msg = format!("writing {}: {e}", self.inner.path.display());
+                self.degraded(msg);
+                // Fail-open only (see `span`): the changes stand in this
+                // process.
+                *lock_mutex(&self.inner.local) = state;
+                return;
+            }
+        }
+        drop(held);
+        self.restored();
+    }
+
+    fn rounds_add(&self) {
+        self.inner.rounds.fetch_add(1, Relaxed);
+    }
+
+    /// How many read-modify-write rounds this store (and its clones) has
+    /// made on the state file: each takes the file's lock once. A call
+    /// through file-backed layers that share the store takes one round to
+    /// be admitted, whatever the number of layers, and one more when a
+    /// bulkhead slot is given back. For tests and diagnostics.
+    pub fn lock_rounds(&self) -> u64 {
+        self.inner.rounds.load(Relaxed)
+    }
+
     /// Runs `f` on the file's state under `lock` and writes the result;
     /// when the file cannot be used, follows `policy`.
     fn round<R>(
@@ -670,6 +833,9 @@ impl FileStore {
                 return self.fallback(policy, msg, f);
             }
         };
+        if lock.is_some() {
+            self.rounds_add();
+        }
         let before = match self.read_for_update() {
             Ok(s) => s,
             Err(e) => {
@@ -1153,6 +1319,13 @@ pub struct FileRateLimiter {
 
 #[cfg(feature = "rate-limit")]
 impl FileRateLimiter {
+    /// A span on this limiter's state file (see `FileStore::span`).
+    pub(crate) fn span(&self) -> Span {
+        self.store.span()
+    }
+}
+
+impl FileRateLimiter {
     /// The same limiter on the entry of `name` (by default the unnamed
     /// entry, `""`). Limiters of different names are independent.
     pub fn named(mut self, name: impl Into<String>) -> Self {
@@ -1272,6 +1445,11 @@ pub struct FileBulkhead {
 }
 
 impl FileBulkhead {
+    /// A span on this bulkhead's state file (see `FileStore::span`).
+    pub(crate) fn span(&self) -> Span {
+        self.store.span()
+    }
+
     /// The same bulkhead on the entry of `name` (by default the unnamed
     /// entry, `""`). Bulkheads of different names are independent.
     pub fn named(mut self, name: impl Into<String>) -> Self {
