@@ -99,11 +99,13 @@ pub(crate) async fn run() -> Result<(), Error> {
     }
 
     banner("hedge: every other call is slow; a copy after 50 ms answers it, one hedge per two calls at most");
-    // The HTTP builder hedges only requests that are safe to send twice.
-    let hedge = HedgeLayer::http_builder()
+    let hedge = HedgeLayer::builder()
         .name("tail")
         .delay(Duration::from_millis(50))
         .max_extra_load(0.5)
+        // Only requests safe to send twice; with the `http` feature,
+        // `HedgeLayer::http_builder()` applies that rule by default.
+        .hedge_if(|req: &Request<Empty<Bytes>>| req.method().is_idempotent())
         .build()?;
     let hedges = hedge.handle();
     let svc = ServiceBuilder::new().layer(hedge).service(client.clone());
