@@ -853,3 +853,63 @@ fn a_probe_dropped_while_waiting_for_the_lock_takes_nothing() {
     });
     assert_eq!(s.load().breakers["api"].state, CircuitState::Closed.code());
 }
+
+/// A fallback entry's breaker has no readiness of its own to wait in: when
+/// its half-open probe would need a peer's lock, the probe is refused and
+/// the call goes to the next entry at once, without waiting on the
+/// runtime's thread (before, it slept until the lock or `lock_timeout`).
+#[cfg(feature = "fallback")]
+#[test]
+fn a_fallback_entry_never_waits_for_a_peers_lock() {
+    use tower_bulwark::fallback::FallbackLayer;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let s = FileStore::builder()
+        .dir(tmp.path())
+        .lock_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    open_period_over(&s, "primary");
+    let mut peer = spawn_child("hold_lock", tmp.path());
+    wait_ready(&mut peer);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let answered = rt.block_on(async {
+        let layer = FallbackLayer::<u32, u32>::builder()
+            .breaker(
+                CircuitBreakerLayer::builder()
+                    .half_open_max_calls(1)
+                    .backend(s.clone()),
+            )
+            .fallback(
+                "backup",
+                service_fn(|n: u32| async move { Ok::<_, BoxError>(n + 100) }),
+            )
+            .build()
+            .unwrap();
+        let handle = layer.handle();
+        let start = std::time::Instant::now();
+        let answered = ServiceBuilder::new()
+            .layer(layer)
+            .service(ok_service())
+            .oneshot(1)
+            .await
+            .unwrap();
+        // Far below the 5 s the lock wait would have taken.
+        assert!(
+            start.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            start.elapsed()
+        );
+        let primary = handle.breaker("primary").unwrap();
+        assert_eq!(primary.metrics().half_open_in_flight, 0);
+        answered
+    });
+    peer.kill().unwrap();
+    peer.wait().unwrap();
+    drop(rt);
+    assert_eq!(answered, 101, "the backup answered");
+    assert!(s.load().breakers["primary"].probes.is_empty());
+}

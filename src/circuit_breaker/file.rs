@@ -230,17 +230,6 @@ impl FileBreaker {
         held == Some(true)
     }
 
-    /// Admits a call, waiting for the lock on this thread if a probe may
-    /// be free and a peer holds it (see `FileStore::round_blocking`).
-    pub(crate) fn admit(&self) -> (Result<Pass, Refusal>, Option<Transition>) {
-        if let Some(verdict) = self.quick() {
-            return (verdict, None);
-        }
-        let rules = self.rules;
-        let r = self.update(|c, e, now| Self::admit_locked(rules, c, e, now));
-        r.unwrap_or((Err(UNAVAILABLE), None))
-    }
-
     /// Admits a call without ever waiting for the lock: when a probe may
     /// be free and a peer holds the lock right now, the call is rejected
     /// as the half-open breaker rejects calls beyond its probes. (The

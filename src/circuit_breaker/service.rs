@@ -170,7 +170,6 @@ where
     Admission::admit_then(
         core,
         timed,
-        false,
         req,
         |admission, req| ResponseFuture::admitted(inner.call(req), admission, classifier.clone()),
         |_, open, _| ResponseFuture::rejected(open),

@@ -199,11 +199,9 @@ impl Core {
     #[cold]
     #[inline(never)]
     #[cfg_attr(not(feature = "file-store"), allow(unused_variables))]
-    fn admit_pass(&self, wait: bool) -> (Result<Pass, Refusal>, Option<Transition>) {
+    fn admit_pass(&self) -> (Result<Pass, Refusal>, Option<Transition>) {
         match &self.attached {
             Attached::Memory => self.admit_here(),
-            #[cfg(feature = "file-store")]
-            Attached::File(f) if wait => f.admit(),
             #[cfg(feature = "file-store")]
             Attached::File(f) => f.admit_now(),
             #[cfg(feature = "redis")]
@@ -509,7 +507,6 @@ impl<R: AsRef<Core>> Admission<R> {
         Self::admit_then(
             owner,
             timed,
-            true,
             (),
             |a, ()| Ok(a),
             |owner, open, ()| Err((owner, open)),
@@ -522,14 +519,14 @@ impl<R: AsRef<Core>> Admission<R> {
     /// in between, which the compiler builds in memory and copies out of in
     /// pieces that stall on store forwarding (about 30 ns a call).
     ///
-    /// `wait: false` is for a caller that must not wait: a state file's
-    /// admission then never waits for a peer's lock (see
-    /// `FileBreaker::admit_now`).
+    /// It never waits: a state file's admission that would need a peer's
+    /// lock is refused as a half-open breaker refuses calls beyond its
+    /// probes (see `FileBreaker::admit_now`); the breaker's service
+    /// reserves such a probe in `poll_ready` instead, with tokio timers.
     #[inline]
     pub(crate) fn admit_then<W, T>(
         owner: R,
         timed: bool,
-        wait: bool,
         with: W,
         admitted: impl FnOnce(Self, W) -> T,
         refused: impl FnOnce(R, CircuitOpen, W) -> T,
@@ -540,7 +537,7 @@ impl<R: AsRef<Core>> Admission<R> {
                 return admitted(Self::new(owner, pass, None), with);
             }
         }
-        match Self::admit_slow(owner, timed, wait) {
+        match Self::admit_slow(owner, timed) {
             Ok(admission) => admitted(admission, with),
             Err((owner, open)) => refused(owner, open, with),
         }
@@ -566,9 +563,9 @@ impl<R: AsRef<Core>> Admission<R> {
     /// Every admission but a closed in-memory breaker's untimed one.
     #[cold]
     #[inline(never)]
-    fn admit_slow(owner: R, timed: bool, wait: bool) -> Result<Self, (R, CircuitOpen)> {
+    fn admit_slow(owner: R, timed: bool) -> Result<Self, (R, CircuitOpen)> {
         let core = owner.as_ref();
-        let (verdict, transition) = core.admit_pass(wait);
+        let (verdict, transition) = core.admit_pass();
         match verdict {
             Ok(pass) => {
                 let start = (timed || core.needs_elapsed()).then(|| core.clock.now());

@@ -124,7 +124,6 @@ where
         Admission::admit_then(
             primary,
             timed,
-            true,
             (req, classifier),
             |admission, (req, classifier)| {
                 let backup = admission.owner().group.can_fail_over().then(|| req.clone());

@@ -59,19 +59,23 @@
 //! # Concurrency
 //!
 //! - Every change is a read-modify-write under an advisory lock on
-//!   `<file>.lock`, held for that step only, never around the wrapped
-//!   call. If a peer holds the lock for longer than `lock_timeout`
+//!   `<file>.lock`, held for that step only (or, for the layers of one
+//!   stack, one step for all of them across the synchronous part of the
+//!   outermost one's `call`; see the `store` module), never across the
+//!   wrapped call's await. If a peer holds the lock for longer than `lock_timeout`
 //!   (100 ms) the update goes ahead without it (a CLI must not hang on a
 //!   stuck peer) and a [`StoreEvent::LockTimeout`] is emitted.
 //! - A call through a layer never stalls an async runtime waiting for a
 //!   peer's lock: a rate limit's admission waits inside its response
 //!   future with tokio timers, as does a bulkhead's slot; a half-open
-//!   breaker's probe is taken in `poll_ready`, waiting with tokio timers;
-//!   a call's result, a slot or probe given back, and an upstream's
+//!   breaker's probe is taken in `poll_ready`, waiting with tokio timers
+//!   (a fallback entry's breaker, which has no readiness of its own, is
+//!   refused its probe while a peer holds the lock and the call goes to
+//!   the next entry); a call's result, a slot or probe given back, and an upstream's
 //!   `Retry-After` block are written on tokio's blocking pool when the
 //!   lock is busy. The synchronous calls (`update`, `try_acquire`, the
-//!   breaker handle's `reset`, `force_open` and `disable`, the probe of a
-//!   fallback entry's breaker) wait on the calling thread, moved off an
+//!   breaker handle's `reset`, `force_open` and `disable`) wait on the
+//!   calling thread, moved off an
 //!   async worker with `block_in_place` on a multi-threaded runtime.
 //! - Writes go to a temporary file in the same directory, then `rename`
 //!   over the state file: a reader sees the old state or the new one,
