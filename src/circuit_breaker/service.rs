@@ -29,9 +29,10 @@ pub struct CircuitBreaker<S, C> {
 use super::file::Reserve;
 
 /// Nothing is reserved in `poll_ready` without a file backend.
+/// (Braced, so both builds make it with `Reserve::default()`.)
 #[cfg(not(feature = "file-store"))]
 #[derive(Debug, Default)]
-struct Reserve;
+struct Reserve {}
 
 #[cfg(not(feature = "file-store"))]
 impl Reserve {
