@@ -1327,9 +1327,7 @@ impl FileRateLimiter {
     pub(crate) fn span(&self) -> Span {
         self.store.span()
     }
-}
 
-impl FileRateLimiter {
     /// The same limiter on the entry of `name` (by default the unnamed
     /// entry, `""`). Limiters of different names are independent.
     pub fn named(mut self, name: impl Into<String>) -> Self {
