@@ -890,19 +890,14 @@ fn a_fallback_entry_never_waits_for_a_peers_lock() {
             .build()
             .unwrap();
         let handle = layer.handle();
-        let start = std::time::Instant::now();
+        // Had the probe waited, it would have gone ahead after the lock
+        // timeout and the primary would have answered.
         let answered = ServiceBuilder::new()
             .layer(layer)
             .service(ok_service())
             .oneshot(1)
             .await
             .unwrap();
-        // Far below the 5 s the lock wait would have taken.
-        assert!(
-            start.elapsed() < Duration::from_secs(4),
-            "{:?}",
-            start.elapsed()
-        );
         let primary = handle.breaker("primary").unwrap();
         assert_eq!(primary.metrics().half_open_in_flight, 0);
         answered
