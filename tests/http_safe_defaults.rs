@@ -236,6 +236,47 @@ async fn a_breaker_on_a_router_counts_5xx_with_status_classifier() {
 /// second call has its answer; only the first call waits.
 #[tokio::test(start_paused = true)]
 async fn load_shedding_is_503_while_a_call_holds_the_only_slot() {
+    // axum applies a Router's layers once per connection, and tower's
+    // `ConcurrencyLimitLayer` makes a new semaphore each time it is
+    // applied: each connection would get a slot of its own, the second
+    // call would be let in and wait for the release too. The global limit
+    // shares one semaphore.
+    let gate = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(handle_error))
+        .load_shed()
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(1));
+    one_slot_held(|route| route.layer(gate), "service overloaded").await;
+}
+
+/// The adaptive limit, at its floor of one call, turns the next one away
+/// with 503 while the first is held; every service a layer makes (one per
+/// connection here) shares the limit.
+#[cfg(feature = "adaptive")]
+#[tokio::test]
+async fn an_adaptive_limit_reached_is_503() {
+    use tower_bulwark::adaptive::AdaptiveLimitLayer;
+
+    let limit = AdaptiveLimitLayer::builder()
+        .name("work")
+        .min_limit(1)
+        .initial_limit(1)
+        .max_limit(1)
+        .build()
+        .unwrap();
+    let gate = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(handle_error))
+        .layer(limit);
+    one_slot_held(
+        |route| route.layer(gate),
+        "adaptive limit `work` reached (1 calls in flight)",
+    )
+    .await;
+}
+
+/// Serves `/work` through `gate` (a router with one slot), holds a first
+/// call inside its handler, and checks that a second is answered 503 with
+/// `message`, then that the first answers and the slot is free again.
+async fn one_slot_held(gate: impl FnOnce(Router) -> Router, message: &str) {
     use tokio::sync::{oneshot, Notify};
 
     let (entered_tx, entered_rx) = oneshot::channel::<()>();
@@ -256,24 +297,13 @@ async fn load_shedding_is_503_while_a_call_holds_the_only_slot() {
             }
         }
     };
-    // axum applies a Router's layers once per connection, and tower's
-    // `ConcurrencyLimitLayer` makes a new semaphore each time it is
-    // applied: each connection would get a slot of its own, the second
-    // call would be let in and wait for the release too. The global limit
-    // shares one semaphore.
-    let app = Router::new().route("/work", get(held)).layer(
-        ServiceBuilder::new()
-            .layer(HandleErrorLayer::new(handle_error))
-            .load_shed()
-            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(1)),
-    );
-    let addr = listen(app).await;
+    let addr = listen(gate(Router::new().route("/work", get(held)))).await;
 
     let first = tokio::spawn(fetch(addr, "/work"));
     entered_rx.await.unwrap();
     assert_eq!(
         fetch(addr, "/work").await,
-        (StatusCode::SERVICE_UNAVAILABLE, "service overloaded".into())
+        (StatusCode::SERVICE_UNAVAILABLE, message.into())
     );
 
     // `notify_one` keeps the permit if the handler is not waiting yet.
