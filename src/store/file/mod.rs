@@ -781,7 +781,7 @@ impl FileStore {
 
     /// Writes what a span's updates changed, and gives its lock up.
     fn close_span(&self, held: Held, before: State) {
-        let Some(mut state) = SPANS
+        let Some(state) = SPANS
             .try_with(|spans| {
                 let mut spans = spans.borrow_mut();
                 let i = spans.iter().rposition(|s| s.path == self.inner.lock_path)?;
@@ -793,20 +793,10 @@ impl FileStore {
             return;
         };
         self.rounds_add();
-        if state != before {
-            state.version = STATE_VERSION;
-            state.updated_at = Some(unix_ms());
-            if let Err(e) = self.write(&state) {
-                let msg = format!("writing {}: {e}", self.inner.path.display());
-                self.degraded(msg);
-                // Fail-open only (see `span`): the changes stand in this
-                // process.
-                *lock_mutex(&self.inner.local) = state;
-                return;
-            }
-        }
+        // Spans are fail-open only (see `span`): a failed write keeps the
+        // changes in this process.
+        let _ = self.commit(&before, state, Degrade::FailOpenToLocal);
         drop(held);
-        self.restored();
     }
 
     fn rounds_add(&self) {
@@ -849,7 +839,15 @@ impl FileStore {
         };
         let mut state = before.clone();
         let r = f(&mut state);
-        if state != before {
+        self.commit(&before, state, policy)?;
+        drop(lock);
+        Ok(r)
+    }
+
+    /// Writes `state` if it differs from `before`, the state read under
+    /// the lock still held; when the write fails, follows `policy`.
+    fn commit(&self, before: &State, mut state: State, policy: Degrade) -> Result<(), Unavailable> {
+        if state != *before {
             state.version = STATE_VERSION;
             state.updated_at = Some(unix_ms());
             if let Err(e) = self.write(&state) {
@@ -860,15 +858,14 @@ impl FileStore {
                     // state with it becomes the local state.
                     Degrade::FailOpenToLocal => {
                         *lock_mutex(&self.inner.local) = state;
-                        Ok(r)
+                        Ok(())
                     }
                     Degrade::FailClosed => Err(Unavailable),
                 };
             }
         }
-        drop(lock);
         self.restored();
-        Ok(r)
+        Ok(())
     }
 
     /// The file cannot be used: `f` runs on the local state, or not at all.
