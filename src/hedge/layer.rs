@@ -142,6 +142,26 @@ pub struct HedgeBuilder<P = HedgeAll, C = DefaultClassifier> {
 const MAX_WINDOW: usize = 1 << 16;
 
 impl<P, C> HedgeBuilder<P, C> {
+    /// The same settings with the predicate and classifier `f` makes of
+    /// the current ones (the two settings that change the builder's type).
+    fn retyped<P2, C2>(self, f: impl FnOnce(P, C) -> (P2, C2)) -> HedgeBuilder<P2, C2> {
+        let (predicate, classifier) = f(self.predicate, self.classifier);
+        HedgeBuilder {
+            name: self.name,
+            delay: self.delay,
+            percentile: self.percentile,
+            min_delay: self.min_delay,
+            min_data_points: self.min_data_points,
+            window: self.window,
+            max_hedges: self.max_hedges,
+            max_extra_load: self.max_extra_load,
+            clock: self.clock,
+            predicate,
+            classifier,
+            listeners: self.listeners,
+        }
+    }
+
     /// The layer's name, used in events and metrics.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
@@ -217,20 +237,7 @@ impl<P, C> HedgeBuilder<P, C> {
     where
         F: Fn(&Req) -> bool,
     {
-        HedgeBuilder {
-            name: self.name,
-            delay: self.delay,
-            percentile: self.percentile,
-            min_delay: self.min_delay,
-            min_data_points: self.min_data_points,
-            window: self.window,
-            max_hedges: self.max_hedges,
-            max_extra_load: self.max_extra_load,
-            clock: self.clock,
-            predicate: HedgeIf { f },
-            classifier: self.classifier,
-            listeners: self.listeners,
-        }
+        self.retyped(|_, classifier| (HedgeIf { f }, classifier))
     }
 
     /// What counts as a failed copy (default: an `Err`). A failed copy
@@ -239,20 +246,7 @@ impl<P, C> HedgeBuilder<P, C> {
     /// 200 win over the first call's 503. The classifier is given
     /// `Duration::ZERO` as the elapsed time.
     pub fn classify<C2>(self, classifier: C2) -> HedgeBuilder<P, C2> {
-        HedgeBuilder {
-            name: self.name,
-            delay: self.delay,
-            percentile: self.percentile,
-            min_delay: self.min_delay,
-            min_data_points: self.min_data_points,
-            window: self.window,
-            max_hedges: self.max_hedges,
-            max_extra_load: self.max_extra_load,
-            clock: self.clock,
-            predicate: self.predicate,
-            classifier,
-            listeners: self.listeners,
-        }
+        self.retyped(|predicate, _| (predicate, classifier))
     }
 
     /// Calls `f` on every event (a hedge sent, a hedge refused by the
