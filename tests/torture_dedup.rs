@@ -14,7 +14,7 @@ use std::future::{poll_fn, Future};
 use std::panic::AssertUnwindSafe;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -22,6 +22,10 @@ use futures::FutureExt;
 use tokio::sync::watch;
 use tower::{BoxError, Layer, Service, ServiceExt};
 use tower_bulwark::dedup::{Dedup, DedupEvent, DedupLayer, KeyFn};
+
+#[path = "support/torture.rs"]
+mod torture;
+use torture::quiet_panics;
 
 /// Keys `0..KEYS`; key 0 is never deduplicated.
 const KEYS: u8 = 4;
@@ -254,27 +258,6 @@ async fn caller(
                 .unwrap_or_default(),
         ),
     }
-}
-
-/// Our own panics are expected by the hundred: keep them off stderr.
-fn quiet_panics() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let ours = info
-                .payload()
-                .downcast_ref::<&str>()
-                .is_some_and(|m| m.starts_with("torture: "))
-                || info
-                    .payload()
-                    .downcast_ref::<String>()
-                    .is_some_and(|m| m.starts_with("torture: "));
-            if !ours {
-                default(info);
-            }
-        }));
-    });
 }
 
 /// Runs `histories` random histories of up to 16 callers each.

@@ -24,6 +24,10 @@ use tower_bulwark::rate_limit::{RateLimitEvent, RateLimitHandle, RateLimitLayer}
 use tower_bulwark::retry::{Backoff, RetryEvent, RetryLayer};
 use tower_bulwark::ClockSource;
 
+#[path = "support/torture.rs"]
+mod torture;
+use torture::paused;
+
 // What a request asks of the stack, as bits of the request itself.
 const BEHAVIOUR: u32 = 0b111;
 const OK: u32 = 0;
@@ -379,15 +383,6 @@ async fn play(b: &mut Built, ops: &[Op]) {
     }
     // The callers go away; whatever was mid-flight is dropped where it is.
     drop(live);
-}
-
-fn paused<F: Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap()
-        .block_on(f)
 }
 
 fn quiet_panics() {

@@ -49,6 +49,10 @@ use tower_bulwark::fallback::{AllFailed, FallbackEvent, FallbackHandle, Fallback
 use tower_bulwark::hedge::{HedgeEvent, HedgeHandle, HedgeLayer};
 use tower_bulwark::timeout::{TimedOut, TimeoutEvent, TimeoutHandle, TimeoutLayer};
 
+#[path = "support/torture.rs"]
+mod torture;
+use torture::{paused, quiet_panics};
+
 const MS: Duration = Duration::from_millis(1);
 
 /// What one attempt at a request does at the upstream.
@@ -1125,33 +1129,6 @@ impl Built {
         prop_assert_eq!(self.world.alive.load(SeqCst), 0);
         Ok(())
     }
-}
-
-fn paused<F: Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
-/// Our own panics are expected by the hundred: keep them off stderr.
-fn quiet_panics() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let p = info.payload();
-            let msg = p
-                .downcast_ref::<&str>()
-                .copied()
-                .or_else(|| p.downcast_ref::<String>().map(String::as_str));
-            if !msg.is_some_and(|m| m.starts_with("torture: ")) {
-                default(info);
-            }
-        }));
-    });
 }
 
 fn current_thread_history(kind: Kind, seed: u64, ops: &[Op]) -> Result<(), TestCaseError> {
