@@ -36,9 +36,9 @@ use tower_bulwark::{
 
 #[path = "support/extreme.rs"]
 mod extreme;
-use extreme::{
-    count_u32, count_usize, duration, float, named, paused, paused_io, poll_once, ratio, waitable,
-};
+#[cfg(feature = "redis")]
+use extreme::paused_io;
+use extreme::{count_u32, count_usize, duration, float, named, paused, poll_once, ratio, waitable};
 
 /// Mostly an ordinary value, sometimes an edge one.
 fn usual_u32(lo: u32, hi: u32) -> impl Strategy<Value = u32> {

@@ -20,11 +20,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
-use tower_bulwark::bulkhead::{BulkheadFull, BulkheadLayer};
+use tower_bulwark::bulkhead::BulkheadFull;
 use tower_bulwark::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, CircuitState};
-use tower_bulwark::rate_limit::{RateLimitLayer, RateLimited};
+use tower_bulwark::rate_limit::RateLimited;
 use tower_bulwark::store::file::{FileStore, Holder};
 use tower_bulwark::store::{Degrade, Recovery, StoreEvent};
+
+#[path = "support/file_layers.rs"]
+mod file_layers;
+use file_layers::{breaker, bulkhead, limiter, ok_service};
 
 #[path = "support/child.rs"]
 mod child_process;
@@ -47,10 +51,6 @@ fn store_with(dir: &Path, policy: Degrade) -> (FileStore, Events) {
 
 fn store(dir: &Path) -> FileStore {
     store_with(dir, Degrade::FailOpenToLocal).0
-}
-
-fn ok_service() -> impl Service<u32, Response = u32, Error = BoxError> + Clone {
-    service_fn(|x: u32| async move { Ok::<_, BoxError>(x) })
 }
 
 /// The body of every child process. A no-op in a normal test run.
@@ -129,13 +129,7 @@ fn peak_rss_kb() -> u64 {
 /// at `dir`, and reports what each let through.
 async fn limits(dir: &Path, policy: Degrade) {
     let (s, events) = store_with(dir, policy);
-    let limiter = RateLimitLayer::builder()
-        .name("api")
-        .max_tokens(5.0)
-        .refill_rate(1e-6)
-        .backend(s.clone())
-        .build()
-        .unwrap();
+    let limiter = limiter(&s, 5.0);
     let mut svc = ServiceBuilder::new().layer(limiter).service(ok_service());
     let mut admitted = 0;
     for i in 0..30 {
@@ -146,12 +140,7 @@ async fn limits(dir: &Path, policy: Degrade) {
     }
     println!("OUT rate={admitted}");
 
-    let bulkhead = BulkheadLayer::builder()
-        .name("api")
-        .max_concurrent(1)
-        .backend(s.clone())
-        .build()
-        .unwrap();
+    let bulkhead = bulkhead(&s, 1);
     let pending = ServiceBuilder::new()
         .layer(bulkhead.clone())
         .service(service_fn(|_: u32| {
@@ -557,24 +546,9 @@ fn waiting_for_a_peers_lock_does_not_stall_the_runtime() {
         .unwrap();
     let order = Arc::new(Mutex::new(Vec::new()));
     rt.block_on(async {
-        let limiter = RateLimitLayer::builder()
-            .name("api")
-            .max_tokens(5.0)
-            .refill_rate(1e-6)
-            .backend(s.clone())
-            .build()
-            .unwrap();
-        let breaker = CircuitBreakerLayer::builder()
-            .name("api")
-            .backend(s.clone())
-            .build()
-            .unwrap();
-        let bulkhead = BulkheadLayer::builder()
-            .name("api")
-            .max_concurrent(4)
-            .backend(s.clone())
-            .build()
-            .unwrap();
+        let limiter = limiter(&s, 5.0);
+        let breaker = breaker(&s);
+        let bulkhead = bulkhead(&s, 4);
         // The documented stack: rate limit, bulkhead, breaker.
         let svc = ServiceBuilder::new()
             .layer(limiter)
@@ -621,19 +595,8 @@ fn a_call_dropped_while_waiting_for_the_lock_takes_nothing() {
         .lock_timeout(Duration::from_secs(600))
         .build()
         .unwrap();
-    let limiter = RateLimitLayer::builder()
-        .name("api")
-        .max_tokens(5.0)
-        .refill_rate(1e-6)
-        .backend(s.clone())
-        .build()
-        .unwrap();
-    let bulkhead = BulkheadLayer::builder()
-        .name("api")
-        .max_concurrent(1)
-        .backend(s.clone())
-        .build()
-        .unwrap();
+    let limiter = limiter(&s, 5.0);
+    let bulkhead = bulkhead(&s, 1);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

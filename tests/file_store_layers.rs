@@ -18,6 +18,10 @@ use tower_bulwark::rate_limit::{RateLimitLayer, RateLimited};
 use tower_bulwark::store::file::{BreakerEntry, FileStore};
 use tower_bulwark::ConfigError;
 
+#[path = "support/file_layers.rs"]
+mod file_layers;
+use file_layers::{bulkhead, limiter, ok_service};
+
 #[path = "support/child.rs"]
 mod child_process;
 use child_process::{outputs, spawn_child, wait_ready, DIR, ROLE};
@@ -28,30 +32,6 @@ fn store(dir: &Path) -> FileStore {
         .lock_timeout(Duration::from_secs(10))
         .build()
         .unwrap()
-}
-
-/// A bucket of 25 that does not refill while the tests run.
-fn bucket(store: &FileStore) -> RateLimitLayer {
-    RateLimitLayer::builder()
-        .name("api")
-        .max_tokens(25.0)
-        .refill_rate(1e-6)
-        .backend(store.clone())
-        .build()
-        .unwrap()
-}
-
-fn bulkhead(store: &FileStore) -> BulkheadLayer {
-    BulkheadLayer::builder()
-        .name("api")
-        .max_concurrent(1)
-        .backend(store.clone())
-        .build()
-        .unwrap()
-}
-
-fn ok_service() -> impl Service<u32, Response = u32, Error = BoxError> + Clone {
-    service_fn(|x: u32| async move { Ok::<_, BoxError>(x) })
 }
 
 /// The body of every child process. A no-op in a normal test run.
@@ -70,7 +50,7 @@ fn child() {
         match role.as_str() {
             "layer_bucket" => {
                 let mut svc = ServiceBuilder::new()
-                    .layer(bucket(&store))
+                    .layer(limiter(&store, 25.0))
                     .service(ok_service());
                 let mut admitted = 0;
                 for i in 0..40 {
@@ -83,7 +63,7 @@ fn child() {
             }
             "layer_hold_slot" => {
                 let svc = ServiceBuilder::new()
-                    .layer(bulkhead(&store))
+                    .layer(bulkhead(&store, 1))
                     .service(service_fn(|()| async {
                         println!("OUT ready");
                         std::future::pending::<Result<(), BoxError>>().await
@@ -146,7 +126,7 @@ async fn each_name_has_its_own_entry_across_processes() {
         .build()
         .unwrap();
     let err = ServiceBuilder::new()
-        .layer(bulkhead(&s))
+        .layer(bulkhead(&s, 1))
         .service(ok_service())
         .oneshot(1)
         .await
@@ -174,7 +154,7 @@ async fn bulkhead_layer_slot_of_a_killed_process_is_reclaimed() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = spawn_child("layer_hold_slot", dir.path());
     wait_ready(&mut child);
-    let layer = bulkhead(&store(dir.path()));
+    let layer = bulkhead(&store(dir.path()), 1);
     assert_eq!(layer.handle().in_flight(), 1, "the child's call holds it");
     let svc = ServiceBuilder::new()
         .layer(layer.clone())
@@ -215,7 +195,7 @@ async fn rejected_calls_never_take_a_half_open_probe() {
     let gate = |inner| {
         ServiceBuilder::new()
             .layer(limiter.clone())
-            .layer(bulkhead(&s))
+            .layer(bulkhead(&s, 1))
             .layer(breaker.clone())
             .service(inner)
     };
@@ -329,11 +309,11 @@ fn modes_the_file_cannot_keep_are_refused_at_build() {
 async fn retry_after_through_the_layer_blocks_every_process() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
-    let a = bucket(&s);
+    let a = limiter(&s, 25.0);
     a.handle().set_retry_after(Duration::from_secs(600));
     // Another process's layer on the same file (a fresh store: nothing
     // cached in memory) sees the block.
-    let b = bucket(&store(dir.path()));
+    let b = limiter(&store(dir.path()), 25.0);
     let err = ServiceBuilder::new()
         .layer(b.clone())
         .service(ok_service())

@@ -20,11 +20,14 @@ use proptest::prelude::*;
 use tokio::sync::oneshot;
 use tower::util::BoxService;
 use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
-use tower_bulwark::bulkhead::{BulkheadFull, BulkheadLayer};
-use tower_bulwark::circuit_breaker::CircuitBreakerLayer;
-use tower_bulwark::rate_limit::{RateLimitLayer, RateLimited};
+use tower_bulwark::bulkhead::BulkheadFull;
+use tower_bulwark::rate_limit::RateLimited;
 use tower_bulwark::store::file::FileStore;
 use tower_bulwark::store::Degrade;
+
+#[path = "support/file_layers.rs"]
+mod file_layers;
+use file_layers::{breaker, bulkhead, limiter};
 
 type Call = Pin<Box<dyn Future<Output = Result<u32, BoxError>> + Send>>;
 type Stack = BoxService<(u32, Option<oneshot::Receiver<()>>), u32, BoxError>;
@@ -41,24 +44,9 @@ fn store(dir: &Path, degrade: Degrade) -> FileStore {
 /// The README's stack on `store`. A request carrying a receiver is held
 /// until it fires (or is dropped).
 fn stack(store: &FileStore, tokens: f64, slots: usize) -> impl Fn() -> Stack {
-    let limiter = RateLimitLayer::builder()
-        .name("api")
-        .max_tokens(tokens)
-        .refill_rate(1e-6)
-        .backend(store.clone())
-        .build()
-        .unwrap();
-    let bulkhead = BulkheadLayer::builder()
-        .name("api")
-        .max_concurrent(slots)
-        .backend(store.clone())
-        .build()
-        .unwrap();
-    let breaker = CircuitBreakerLayer::builder()
-        .name("api")
-        .backend(store.clone())
-        .build()
-        .unwrap();
+    let limiter = limiter(store, tokens);
+    let bulkhead = bulkhead(store, slots);
+    let breaker = breaker(store);
     move || {
         let svc = ServiceBuilder::new()
             .layer(limiter.clone())
@@ -125,19 +113,8 @@ async fn a_call_through_the_file_stack_is_admitted_in_one_round() {
 async fn a_panic_inside_the_round_still_writes_it() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path(), Degrade::FailOpenToLocal);
-    let limiter = RateLimitLayer::builder()
-        .name("api")
-        .max_tokens(5.0)
-        .refill_rate(1e-6)
-        .backend(s.clone())
-        .build()
-        .unwrap();
-    let bulkhead = BulkheadLayer::builder()
-        .name("api")
-        .max_concurrent(1)
-        .backend(s.clone())
-        .build()
-        .unwrap();
+    let limiter = limiter(&s, 5.0);
+    let bulkhead = bulkhead(&s, 1);
     let mut svc = ServiceBuilder::new()
         .layer(limiter)
         .layer(bulkhead.clone())
