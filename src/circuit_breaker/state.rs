@@ -534,7 +534,7 @@ impl<R: AsRef<Core>> Admission<R> {
         let core = owner.as_ref();
         if !timed && !core.needs_elapsed() {
             if let Some(pass) = core.closed_pass() {
-                return admitted(Self::new(owner, pass, None), with);
+                return admitted(Self::new(owner, pass), with);
             }
         }
         match Self::admit_slow(owner, timed) {
@@ -548,10 +548,13 @@ impl<R: AsRef<Core>> Admission<R> {
     /// Its clock starts with [`start_clock`](Self::start_clock).
     #[cfg(feature = "file-store")]
     pub(crate) fn granted(owner: R, pass: Pass) -> Self {
-        Self::new(owner, pass, None)
+        Self::new(owner, pass)
     }
 
-    /// Starts the call's clock, if the call is timed.
+    /// Starts (or starts again) the call's clock, if the call is timed:
+    /// `timed` says whether the classifier reads the call's duration. A
+    /// fallback admits an entry before waiting for it to be ready and
+    /// starts the clock again when it calls.
     pub(crate) fn start_clock(&mut self, timed: bool) {
         let core = self.owner.as_ref();
         if timed || core.needs_elapsed() {
@@ -568,8 +571,8 @@ impl<R: AsRef<Core>> Admission<R> {
         let (verdict, transition) = core.admit_pass();
         match verdict {
             Ok(pass) => {
-                let start = (timed || core.needs_elapsed()).then(|| core.clock.now());
-                let admission = Self::new(owner, pass, start);
+                let mut admission = Self::new(owner, pass);
+                admission.start_clock(timed);
                 // The probe slot is already this admission's, so whatever
                 // a listener does, it comes back.
                 if let Some(t) = transition {
@@ -585,14 +588,13 @@ impl<R: AsRef<Core>> Admission<R> {
     }
 
     #[inline]
-    fn new(owner: R, pass: Pass, start: Option<Nanos>) -> Self {
+    fn new(owner: R, pass: Pass) -> Self {
         let probe = if pass.probe { PROBE } else { 0 };
-        let timed = if start.is_some() { TIMED } else { 0 };
         Self {
             owner,
             generation: pass.generation,
-            start: start.unwrap_or(0),
-            flags: OPEN | probe | timed,
+            start: 0,
+            flags: OPEN | probe,
         }
     }
 
@@ -621,15 +623,6 @@ impl<R: AsRef<Core>> Admission<R> {
     /// What keeps the breaker alive.
     pub(crate) fn owner(&self) -> &R {
         &self.owner
-    }
-
-    /// Starts the call's clock again (a fallback admits an entry before
-    /// waiting for it to be ready, and times only the call).
-    #[allow(dead_code)]
-    pub(crate) fn restart_clock(&mut self) {
-        if self.flags & TIMED != 0 {
-            self.start = self.core().clock.now();
-        }
     }
 
     /// Books `res` and says how it was classified.

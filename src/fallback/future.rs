@@ -269,7 +269,7 @@ where
                     }
                     .expect("request kept until the last attempt");
                     if let Cursor::Attempt(a) = this.cursor {
-                        a.restart_clock();
+                        a.start_clock(this.classifier.uses_elapsed());
                     }
                     let fut = svc.call(req);
                     this.state.set(Stage::Calling { fut });
