@@ -531,16 +531,45 @@ impl<R: AsRef<Core>> Admission<R> {
         admitted: impl FnOnce(Self, W) -> T,
         refused: impl FnOnce(R, CircuitOpen, W) -> T,
     ) -> T {
-        let core = owner.as_ref();
-        if !timed && !core.needs_elapsed() {
-            if let Some(pass) = core.closed_pass() {
-                return admitted(Self::new(owner, pass), with);
-            }
+        if let Some(pass) = Self::closed_pass(owner.as_ref(), timed) {
+            return admitted(Self::new(owner, pass), with);
         }
         match Self::admit_slow(owner, timed) {
             Ok(admission) => admitted(admission, with),
             Err((owner, open)) => refused(owner, open, with),
         }
+    }
+
+    /// [`admit_then`](Self::admit_then) for an owner made only once the
+    /// breaker's state has been read: the fallback's group is one shared
+    /// `Arc`, and cloning it first would make the reads wait for that
+    /// atomic increment.
+    #[inline]
+    pub(crate) fn admit_via<W, T>(
+        core: &Core,
+        owner: impl FnOnce() -> R,
+        timed: bool,
+        with: W,
+        admitted: impl FnOnce(Self, W) -> T,
+        refused: impl FnOnce(R, CircuitOpen, W) -> T,
+    ) -> T {
+        if let Some(pass) = Self::closed_pass(core, timed) {
+            return admitted(Self::new(owner(), pass), with);
+        }
+        match Self::admit_slow(owner(), timed) {
+            Ok(admission) => admitted(admission, with),
+            Err((owner, open)) => refused(owner, open, with),
+        }
+    }
+
+    /// The pass of an untimed call through a closed in-memory breaker,
+    /// which needs no lock and no clock.
+    #[inline]
+    fn closed_pass(core: &Core, timed: bool) -> Option<Pass> {
+        if timed || core.needs_elapsed() {
+            return None;
+        }
+        core.closed_pass()
     }
 
     /// An admission for a pass the backend granted beforehand (a probe
@@ -635,14 +664,61 @@ impl<R: AsRef<Core>> Admission<R> {
     where
         C: Classify<T, E>,
     {
-        let core = self.owner.as_ref();
-        if self.flags & TIMED == 0 && !core.cfg.honor_retry_after {
-            let outcome = classifier.classify(res, Duration::ZERO);
-            self.flags &= !OPEN;
-            core.book(self.pass(), outcome, false);
-            return outcome;
+        if self.untimed() {
+            return self.finish_untimed(classifier, res);
         }
         self.finish_timed(classifier, res)
+    }
+
+    /// [`finish`](Self::finish) for a result held by value, which comes
+    /// back out with the outcome. The slow path reads the result in memory;
+    /// taking it by value keeps that need out of the caller, whose result
+    /// can then stay in registers (a result written to memory in pieces
+    /// and then read back whole stalls on store forwarding).
+    #[inline]
+    pub(crate) fn finish_owned<C, T, E>(
+        &mut self,
+        classifier: &C,
+        res: Result<T, E>,
+    ) -> (Outcome, Result<T, E>)
+    where
+        C: Classify<T, E>,
+    {
+        if self.untimed() {
+            return (self.finish_untimed(classifier, &res), res);
+        }
+        self.finish_timed_owned(classifier, res)
+    }
+
+    /// Whether booking needs neither the clock nor the result's back-off
+    /// hint: the common case, booked inline.
+    #[inline]
+    fn untimed(&self) -> bool {
+        self.flags & TIMED == 0 && !self.core().cfg.honor_retry_after
+    }
+
+    #[inline]
+    fn finish_untimed<C, T, E>(&mut self, classifier: &C, res: &Result<T, E>) -> Outcome
+    where
+        C: Classify<T, E>,
+    {
+        let outcome = classifier.classify(res, Duration::ZERO);
+        self.flags &= !OPEN;
+        self.core().book(self.pass(), outcome, false);
+        outcome
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn finish_timed_owned<C, T, E>(
+        &mut self,
+        classifier: &C,
+        res: Result<T, E>,
+    ) -> (Outcome, Result<T, E>)
+    where
+        C: Classify<T, E>,
+    {
+        (self.finish_timed(classifier, &res), res)
     }
 
     /// [`finish`](Self::finish) for a timed call, or one whose upstream's

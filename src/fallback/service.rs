@@ -111,17 +111,18 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let group = &self.group;
         let classifier = group.classifier.clone();
-        let primary = EntryRef {
+        let primary = || EntryRef {
             group: group.clone(),
             idx: 0,
         };
         if !std::mem::replace(&mut self.primary_ready, true) {
-            let err = NotReady::new(group.name().clone()).into();
-            return ResponseFuture::skipped(primary, err, classifier, req);
+            let err = NotReady::new(group.name().clone());
+            return ResponseFuture::skipped(primary(), err, classifier, req);
         }
         let timed = classifier.uses_elapsed();
         let inner = &mut self.primary;
-        Admission::admit_then(
+        Admission::admit_via(
+            &group.entries[0].breaker.core,
             primary,
             timed,
             (req, classifier),
@@ -130,7 +131,7 @@ where
                 ResponseFuture::primary(inner.call(req), admission, classifier, backup)
             },
             |primary, open, (req, classifier)| {
-                ResponseFuture::skipped(primary, open.into(), classifier, req)
+                ResponseFuture::skipped(primary, open, classifier, req)
             },
         )
     }
