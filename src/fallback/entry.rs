@@ -62,6 +62,9 @@ pub(crate) struct Entry<Req, Res> {
 /// What every service of one layer shares: the entries (entry 0 is the
 /// primary) and how their results are judged.
 pub(crate) struct Group<Req, Res, C> {
+    /// The primary's breaker (entry 0's), one load closer for the
+    /// healthy path's admission.
+    pub(crate) primary: Arc<Core>,
     pub(crate) entries: Box<[Entry<Req, Res>]>,
     pub(crate) classifier: C,
     pub(crate) skip_not_ready: bool,

@@ -241,6 +241,7 @@ impl<Req, Res, C> FallbackBuilder<Req, Res, C> {
         };
         Ok(FallbackLayer {
             group: Arc::new(Group {
+                primary: entries[0].breaker.core.clone(),
                 entries: entries.into_boxed_slice(),
                 classifier: self.classifier,
                 skip_not_ready: self.skip_not_ready,

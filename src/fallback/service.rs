@@ -23,6 +23,10 @@ pub struct Fallback<S, Req, Res, C> {
     handle: FallbackHandle,
     /// Whether the primary reported ready (always, unless `skip_not_ready`).
     primary_ready: bool,
+    /// The group's settings the healthy path reads, kept here so that
+    /// reading them needs no load through the group.
+    skip_not_ready: bool,
+    can_fail_over: bool,
 }
 
 impl<S, Req, Res, C> Fallback<S, Req, Res, C> {
@@ -30,6 +34,8 @@ impl<S, Req, Res, C> Fallback<S, Req, Res, C> {
     pub fn new(primary: S, layer: &FallbackLayer<Req, Res, C>) -> Self {
         Self {
             primary,
+            skip_not_ready: layer.group.skip_not_ready,
+            can_fail_over: layer.group.can_fail_over(),
             group: layer.group.clone(),
             handle: layer.handle.clone(),
             primary_ready: true,
@@ -64,6 +70,8 @@ impl<S: Clone, Req, Res, C> Clone for Fallback<S, Req, Res, C> {
             group: self.group.clone(),
             handle: self.handle.clone(),
             primary_ready: true,
+            skip_not_ready: self.skip_not_ready,
+            can_fail_over: self.can_fail_over,
         }
     }
 }
@@ -90,7 +98,7 @@ where
     type Future = ResponseFuture<S::Future, Req, Res, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        if !self.group.skip_not_ready {
+        if !self.skip_not_ready {
             return self.primary.poll_ready(cx).map_err(Into::into);
         }
         // A primary that is not ready is skipped rather than waited for.
@@ -121,13 +129,14 @@ where
         }
         let timed = classifier.uses_elapsed();
         let inner = &mut self.primary;
+        let can_fail_over = self.can_fail_over;
         Admission::admit_via(
-            &group.entries[0].breaker.core,
+            &group.primary,
             primary,
             timed,
             (req, classifier),
             |admission, (req, classifier)| {
-                let backup = admission.owner().group.can_fail_over().then(|| req.clone());
+                let backup = can_fail_over.then(|| req.clone());
                 ResponseFuture::primary(inner.call(req), admission, classifier, backup)
             },
             |primary, open, (req, classifier)| {
