@@ -664,17 +664,27 @@ impl<R: AsRef<Core>> Admission<R> {
     where
         C: Classify<T, E>,
     {
-        if self.untimed() {
-            return self.finish_untimed(classifier, res);
-        }
-        self.finish_timed(classifier, res)
+        let (elapsed, slow) = if self.untimed() {
+            (Duration::ZERO, false)
+        } else {
+            let hint = if self.core().cfg.honor_retry_after {
+                classifier.retry_after(res)
+            } else {
+                None
+            };
+            self.timing(hint)
+        };
+        let outcome = classifier.classify(res, elapsed);
+        self.flags &= !OPEN;
+        self.core().book(self.pass(), outcome, slow);
+        outcome
     }
 
     /// [`finish`](Self::finish) for a result held by value, which comes
-    /// back out with the outcome. The slow path reads the result in memory;
-    /// taking it by value keeps that need out of the caller, whose result
-    /// can then stay in registers (a result written to memory in pieces
-    /// and then read back whole stalls on store forwarding).
+    /// back out with the outcome. Only inlined code reads the result (the
+    /// out-of-line part, [`timing`](Self::timing), never sees it), so a
+    /// caller's result can stay in registers: one written to memory in
+    /// pieces and read back whole stalls on store forwarding.
     #[inline]
     pub(crate) fn finish_owned<C, T, E>(
         &mut self,
@@ -684,10 +694,7 @@ impl<R: AsRef<Core>> Admission<R> {
     where
         C: Classify<T, E>,
     {
-        if self.untimed() {
-            return (self.finish_untimed(classifier, &res), res);
-        }
-        self.finish_timed_owned(classifier, res)
+        (self.finish(classifier, &res), res)
     }
 
     /// Whether booking needs neither the clock nor the result's back-off
@@ -697,48 +704,19 @@ impl<R: AsRef<Core>> Admission<R> {
         self.flags & TIMED == 0 && !self.core().cfg.honor_retry_after
     }
 
-    #[inline]
-    fn finish_untimed<C, T, E>(&mut self, classifier: &C, res: &Result<T, E>) -> Outcome
-    where
-        C: Classify<T, E>,
-    {
-        let outcome = classifier.classify(res, Duration::ZERO);
-        self.flags &= !OPEN;
-        self.core().book(self.pass(), outcome, false);
-        outcome
-    }
-
+    /// A timed call's duration and whether it was slow, after holding the
+    /// breaker open for the upstream's back-off `hint` when that is
+    /// honoured.
     #[cold]
     #[inline(never)]
-    fn finish_timed_owned<C, T, E>(
-        &mut self,
-        classifier: &C,
-        res: Result<T, E>,
-    ) -> (Outcome, Result<T, E>)
-    where
-        C: Classify<T, E>,
-    {
-        (self.finish_timed(classifier, &res), res)
-    }
-
-    /// [`finish`](Self::finish) for a timed call, or one whose upstream's
-    /// back-off hints are honoured.
-    #[cold]
-    #[inline(never)]
-    fn finish_timed<C, T, E>(&mut self, classifier: &C, res: &Result<T, E>) -> Outcome
-    where
-        C: Classify<T, E>,
-    {
+    fn timing(&self, hint: Option<Duration>) -> (Duration, bool) {
         let elapsed = self.elapsed();
-        let core = self.owner.as_ref();
+        let core = self.core();
         if core.cfg.honor_retry_after {
-            core.honor_hint(classifier.retry_after(res));
+            core.honor_hint(hint);
         }
         let slow = core.cfg.slow_call_duration.is_some_and(|t| elapsed >= t);
-        let outcome = classifier.classify(res, elapsed);
-        self.flags &= !OPEN;
-        core.book(self.pass(), outcome, slow);
-        outcome
+        (elapsed, slow)
     }
 }
 
