@@ -31,6 +31,9 @@ use tower_bulwark::store::{Degrade, StoreEvent};
 mod file_layers;
 use file_layers::{breaker, bulkhead, limiter, ok_service};
 
+#[path = "support/torture.rs"]
+mod torture;
+
 #[path = "support/child.rs"]
 mod child_process;
 use child_process::{outputs, spawn_child, DIR, ROLE};
@@ -373,6 +376,40 @@ async fn slots_queued_while_the_file_is_read_only_are_written_later() {
         assert!(restored, "{degrade:?}");
         assert_eq!(child_call(dir.path()), "ok", "{degrade:?}");
     }
+}
+
+/// A store listener that panics in the rounds that fail to write the
+/// queue and then write it (on the flush task, in the caller's thread)
+/// loses no slot.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_listener_loses_no_slot() {
+    use std::os::unix::fs::PermissionsExt;
+    torture::quiet_panics();
+    let dir = tempfile::tempdir().unwrap();
+    let heard = Arc::new(Mutex::new(0));
+    let count = heard.clone();
+    let s = FileStore::builder()
+        .dir(dir.path())
+        .release_delay(DELAY)
+        .on_event(move |e| {
+            *count.lock().unwrap() += 1;
+            panic!("torture: a listener panics on {e:?}");
+        })
+        .build()
+        .unwrap();
+    let svc = stack(&s, 100.0, 1, answer());
+    assert_eq!(svc.clone().oneshot(1).await.unwrap(), 1);
+    let mode = |m| std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(m));
+    mode(0o400).unwrap();
+    tokio::time::sleep(DELAY + Duration::from_millis(1)).await;
+    assert!(s.is_degraded());
+    assert_eq!(in_file(dir.path()), 1, "still queued");
+    mode(0o600).unwrap();
+    s.flush();
+    assert!(!s.is_degraded());
+    assert_eq!(*heard.lock().unwrap(), 2, "degraded, restored");
+    assert_eq!(in_file(dir.path()), 0);
+    assert_eq!(svc.clone().oneshot(2).await.unwrap(), 2);
 }
 
 /// Three processes run the stack on one file at once: never two calls in

@@ -113,6 +113,10 @@
 //! - [`FileStore::flush`] writes them now; dropping the last clone of a
 //!   store writes them too. A process killed (or exiting without dropping
 //!   its store) leaves them to the reclaim of holders that ended.
+//! - A process that keeps calling keeps reusing the slots it gives back:
+//!   a peer gets one once the process pauses for the delay (or frees more
+//!   slots than it takes again). Where processes must compete for every
+//!   freed slot, use `Duration::ZERO`.
 //! - Stores built separately on one file queue separately: between them
 //!   the delay applies as between processes.
 //!
@@ -452,8 +456,9 @@ impl FileStoreBuilder {
     /// slot is written at once). The trade: calls in this process see the
     /// slot free at once, but other processes see it up to this much later
     /// (longer while the file cannot be written, or if the runtime is
-    /// stalled); slots never count fewer than are held, so a bulkhead
-    /// never gives out more than its capacity. See the
+    /// stalled), and a process that keeps calling keeps reusing its
+    /// slots; slots never count fewer than are held, so a bulkhead never
+    /// gives out more than its capacity. See the
     /// [module docs](self#giving-slots-back).
     pub fn release_delay(mut self, d: Duration) -> Self {
         self.release_delay = Some(d);
@@ -831,25 +836,23 @@ impl FileStore {
         }
     }
 
-    /// Gives a bulkhead slot back: in the span open on this thread, if
-    /// any (no round of its own); else queued for this process's next
-    /// round, flushed by a task after `release_delay` if none comes; at
-    /// once, in a round of its own, when the delay is zero or there is
-    /// no runtime to run that task.
+    /// Gives a bulkhead slot back: queued for this process's next round
+    /// on the file (the span open on this thread, if any, writes it when
+    /// it closes), and flushed by a task after `release_delay` if no
+    /// round comes; at once, in a round of its own, when the delay is
+    /// zero or there is no runtime to run that task.
     fn give_back(&self, r: Release) {
-        let joined = self.try_joined(|s| release::apply(s, std::slice::from_ref(&r)));
-        if joined.is_ok() {
-            return;
-        }
-        let rt = tokio::runtime::Handle::try_current();
-        match rt {
-            Ok(rt) if !self.inner.release_delay.is_zero() => {
-                if self.inner.releases.push(r) {
-                    let store = Arc::downgrade(&self.inner);
-                    drop(rt.spawn(release::flush_later(store)));
+        let rt = tokio::runtime::Handle::try_current()
+            .ok()
+            .filter(|_| !self.inner.release_delay.is_zero());
+        if self.in_span() || rt.is_some() {
+            if self.inner.releases.push(r, rt.is_some()) {
+                if let Some(rt) = rt {
+                    drop(rt.spawn(release::flush_later(Arc::downgrade(&self.inner))));
                 }
             }
-            _ => self.round_detached(move |s| release::apply(s, &[r])),
+        } else {
+            self.round_detached(move |s| release::apply(s, &[r]));
         }
     }
 

@@ -70,14 +70,15 @@ impl Releases {
         lock_mutex(&self.queue)
     }
 
-    /// Queues a slot. `true` when the caller must start a flush task.
-    pub(super) fn push(&self, r: Release) -> bool {
+    /// Queues a slot. `true` when the caller, who can start a flush task
+    /// if `can_flush`, must start one.
+    pub(super) fn push(&self, r: Release, can_flush: bool) -> bool {
         let mut q = self.lock();
         if q.slots.is_empty() {
             q.since = Some(Instant::now());
         }
         q.slots.push(r);
-        !std::mem::replace(&mut q.armed, true)
+        can_flush && !std::mem::replace(&mut q.armed, true)
     }
 
     /// Takes the whole queue for a round.
