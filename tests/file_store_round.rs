@@ -221,6 +221,50 @@ async fn concurrent_calls_take_one_round_each() {
     assert_eq!(in_file(dir.path()), 0);
 }
 
+/// Callers on several threads contend for the lock: a call that finds it
+/// held waits for it in its response future and then makes the one round
+/// of the whole stack there, so each call still takes one round. (A long
+/// delay keeps the give-backs' own flush out of the count.)
+#[test]
+fn calls_contending_for_the_lock_take_one_round_each() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = store_with(
+        dir.path(),
+        Degrade::FailOpenToLocal,
+        Duration::from_secs(60),
+    );
+    let upstream = service_fn(|n: u32| async move {
+        tokio::task::yield_now().await;
+        Ok::<_, BoxError>(n)
+    });
+    let svc = stack(&s, 1000.0, 8, upstream);
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let svc = svc.clone();
+                tokio::spawn(async move {
+                    for n in 0..50 {
+                        assert_eq!(svc.clone().oneshot(n).await.unwrap(), n);
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    assert_eq!(s.lock_rounds(), 400);
+    drop(rt);
+    drop(svc);
+    drop(s);
+    assert_eq!(in_file(dir.path()), 0, "the store's drop wrote the rest");
+}
+
 /// A slot given back is free at once here (the next call takes it in its
 /// one round) and in the file, for a child process, after the delay: not
 /// before.

@@ -59,7 +59,9 @@
 //! file backend the layers of this stack that share a [`FileStore`] are
 //! admitted in one lock round: the outermost keeps its round open while
 //! its `call` runs the `call`s below it, which join that round (one lock,
-//! one read, one write). Its bulkhead slot, given back when it ends, is
+//! one read, one write). When a peer holds the lock, the rate limit waits
+//! for it in its response future, then keeps the round it makes open
+//! while it calls the layers below. Its bulkhead slot, given back when it ends, is
 //! written by the next round (the next call's admission) or after the
 //! store's `release_delay` (10 ms) if none comes, so a steady stream of
 //! calls takes one round per call. A closed breaker's admission and

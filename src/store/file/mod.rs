@@ -67,13 +67,15 @@
 //!   stuck peer) and a [`StoreEvent::LockTimeout`] is emitted.
 //! - A call through a layer never stalls an async runtime waiting for a
 //!   peer's lock: a rate limit's admission waits inside its response
-//!   future with tokio timers, as does a bulkhead's slot; a half-open
+//!   future with tokio timers (and once it has the lock, admits the layers
+//!   below in the same round), as does a bulkhead's slot; a half-open
 //!   breaker's probe is taken in `poll_ready`, waiting with tokio timers
 //!   (a fallback entry's breaker, which has no readiness of its own, is
 //!   refused its probe while a peer holds the lock and the call goes to
-//!   the next entry); a call's result, a slot or probe given back, and an upstream's
-//!   `Retry-After` block are written on tokio's blocking pool when the
-//!   lock is busy. The synchronous calls (`update`, `try_acquire`, the
+//!   the next entry); a call's result, a probe given back, and an
+//!   upstream's `Retry-After` block are written on tokio's blocking pool
+//!   when the lock is busy, a slot given back by a tokio task (see
+//!   [below](#giving-slots-back)). The synchronous calls (`update`, `try_acquire`, the
 //!   breaker handle's `reset`, `force_open` and `disable`) wait on the
 //!   calling thread, moved off an
 //!   async worker with `block_in_place` on a multi-threaded runtime.
@@ -86,8 +88,9 @@
 //!   one's rejection, a bulkhead's count) take no lock and reuse the
 //!   parsed file while its inode, size and modification time are
 //!   unchanged. A call through the documented three-layer stack takes
-//!   one lock round: the rate limit's token, the bulkhead's slot and the
-//!   slots given back since the last round are written together
+//!   one lock round, whether the lock was free or it waited for a peer:
+//!   the rate limit's token, the bulkhead's slot and the slots given back
+//!   since the last round are written together
 //!   ([`FileStore::lock_rounds`] counts rounds).
 //!
 //! # Giving slots back
@@ -243,8 +246,30 @@ struct OpenSpan {
 pub(crate) struct Span {
     /// The store, its lock, the state read, and the give-backs applied.
     open: Option<(FileStore, Held, State, Vec<Release>)>,
+    /// None was opened because a peer held the lock.
+    busy: bool,
     /// Tied to the thread whose thread-local holds the span.
     _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Span {
+    fn new(open: Option<(FileStore, Held, State, Vec<Release>)>, busy: bool) -> Self {
+        Self {
+            open,
+            busy,
+            _not_send: std::marker::PhantomData,
+        }
+    }
+
+    fn none() -> Self {
+        Self::new(None, false)
+    }
+
+    /// No span was opened because a peer held the lock: an update made
+    /// now would likely wait, and one made later could not be joined.
+    pub(crate) fn lock_busy(&self) -> bool {
+        self.busy
+    }
 }
 
 impl Drop for Span {
@@ -879,36 +904,89 @@ impl FileStore {
     /// each admission on disk before its call goes through, and a span
     /// writes only after the calls inside it were made.
     pub(crate) fn span(&self) -> Span {
-        let none = Span {
-            open: None,
-            _not_send: std::marker::PhantomData,
-        };
         if self.inner.degrade == Degrade::FailClosed || self.in_span() {
-            return none;
+            return Span::none();
         }
-        let Locking::Locked(held) = self.try_lock() else {
-            return none;
+        let held = match self.try_lock() {
+            Locking::Locked(held) => held,
+            Locking::Busy => return Span::new(None, true),
+            Locking::Broken(_) => return Span::none(),
         };
-        let Ok(before) = self.read_for_update() else {
-            return none;
+        match self.open_span(held, |_| ()) {
+            Ok(((), span)) => span,
+            Err(_) => Span::none(),
+        }
+    }
+
+    /// One update under `lock` (waited for by the caller), made in a span
+    /// that stays open, so that the updates made until the span drops
+    /// join the same round; an update of its own (and no span) where
+    /// `span` would open none.
+    fn round_spanned<R>(
+        &self,
+        lock: Lock,
+        f: impl FnOnce(&mut State) -> R,
+    ) -> (Result<R, Unavailable>, Span) {
+        match lock {
+            Ok(Some(held)) if self.inner.degrade == Degrade::FailOpenToLocal && !self.in_span() => {
+                match self.open_span(held, f) {
+                    Ok((r, span)) => (Ok(r), span),
+                    // The file could not be read: a round of its own
+                    // follows the policy.
+                    Err((held, f)) => (
+                        self.round(Ok(Some(held)), self.inner.degrade, f),
+                        Span::none(),
+                    ),
+                }
+            }
+            lock => (self.round(lock, self.inner.degrade, f), Span::none()),
+        }
+    }
+
+    /// Opens a span with the lock already held, its first update `f`;
+    /// the lock and `f` back if the file cannot be read.
+    #[allow(clippy::type_complexity)]
+    fn open_span<R, F: FnOnce(&mut State) -> R>(
+        &self,
+        held: Held,
+        f: F,
+    ) -> Result<(R, Span), (Held, F)> {
+        let before = match self.read_for_update() {
+            Ok(s) => s,
+            Err(_) => return Err((held, f)),
         };
         // Slots given back before the span are free for the calls in it.
         let gave = self.inner.releases.take();
         let mut state = before.clone();
         gave.apply(&mut state);
+        let r = f(&mut state);
+        let gave = gave.into_slots();
+        let mut state = Some(state);
         let pushed = SPANS.try_with(|spans| {
             spans.borrow_mut().push(OpenSpan {
                 path: self.inner.lock_path.clone(),
-                state,
+                state: state.take().expect("pushed once"),
             })
         });
         if pushed.is_err() {
-            return none;
+            // No thread-local to keep the span in (the thread is ending):
+            // this is a round of its own.
+            self.rounds_add();
+            let mut batch = self.inner.releases.take();
+            if let Some(mut state) = state {
+                batch.apply(&mut state);
+                batch.extend(gave);
+                if self.commit(&before, state, Degrade::FailOpenToLocal) == Ok(true) {
+                    batch.written();
+                }
+            }
+            drop(held);
+            return Ok((r, Span::none()));
         }
-        Span {
-            open: Some((self.clone(), held, before, gave.into_slots())),
-            _not_send: std::marker::PhantomData,
-        }
+        Ok((
+            r,
+            Span::new(Some((self.clone(), held, before, gave)), false),
+        ))
     }
 
     fn in_span(&self) -> bool {
@@ -1563,14 +1641,19 @@ impl FileRateLimiter {
     }
 
     /// [`try_acquire`](Self::try_acquire), waiting for the lock with tokio
-    /// timers.
-    pub(crate) async fn acquire_async(&self, cost: f64) -> Result<(), Duration> {
-        let inc = self.increment(cost)?;
-        let r = self
+    /// timers; once taken, the round stays open (the returned span) so
+    /// that the updates made until the span drops (the admissions of the
+    /// layers below, called next) join it.
+    pub(crate) async fn acquire_spanned(&self, cost: f64) -> (Result<(), Duration>, Option<Span>) {
+        let inc = match self.increment(cost) {
+            Ok(inc) => inc,
+            Err(d) => return (Err(d), None),
+        };
+        let lock = self.store.lock_async().await;
+        let (r, span) = self
             .store
-            .round_async(|s| self.decide(s, unix_ns(), inc))
-            .await;
-        r.unwrap_or(Err(CLOSED_RETRY))
+            .round_spanned(lock, |s| self.decide(s, unix_ns(), inc));
+        (r.unwrap_or(Err(CLOSED_RETRY)), Some(span))
     }
 
     /// Tokens available now.
