@@ -376,6 +376,7 @@ impl fmt::Debug for FileStore {
             .field("path", &self.inner.path)
             .field("lock_timeout", &self.inner.lock_timeout)
             .field("slot_timeout", &self.inner.slot_timeout)
+            .field("release_delay", &self.inner.release_delay)
             .field("degrade", &self.inner.degrade)
             .field("degraded", &self.is_degraded())
             .finish_non_exhaustive()
