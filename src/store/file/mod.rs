@@ -75,10 +75,10 @@
 //!   the next entry); a call's result, a probe given back, and an
 //!   upstream's `Retry-After` block are written on tokio's blocking pool
 //!   when the lock is busy, a slot given back by a tokio task (see
-//!   [below](#giving-slots-back)). The synchronous calls (`update`, `try_acquire`, the
-//!   breaker handle's `reset`, `force_open` and `disable`) wait on the
-//!   calling thread, moved off an
-//!   async worker with `block_in_place` on a multi-threaded runtime.
+//!   [below](#giving-slots-back)). The synchronous calls (`update`,
+//!   `try_acquire`, `flush`, the breaker handle's `reset`, `force_open`
+//!   and `disable`) wait on the calling thread, moved off an async worker
+//!   with `block_in_place` on a multi-threaded runtime.
 //! - Writes go to a temporary file in the same directory, then `rename`
 //!   over the state file: a reader sees the old state or the new one,
 //!   never half of one. Temporary files left by a process killed while
@@ -979,6 +979,8 @@ impl FileStore {
                 batch.extend(gave);
                 if self.commit(&before, state, Degrade::FailOpenToLocal) == Ok(true) {
                     batch.written();
+                } else {
+                    batch.keep_listed(&before);
                 }
             }
             drop(held);
@@ -1041,6 +1043,8 @@ impl FileStore {
         // changes in this process.
         if self.commit(&before, state, Degrade::FailOpenToLocal) == Ok(true) {
             batch.written();
+        } else {
+            batch.keep_listed(&before);
         }
         drop(held);
     }
@@ -1088,11 +1092,15 @@ impl FileStore {
         let mut state = before.clone();
         // This process's slots given back since its last round go first,
         // so `f` sees them free.
-        let gave = self.inner.releases.take();
+        let mut gave = self.inner.releases.take();
         gave.apply(&mut state);
         let r = f(&mut state);
-        if self.commit(&before, state, policy)? {
-            gave.written();
+        match self.commit(&before, state, policy) {
+            Ok(true) => gave.written(),
+            written => {
+                gave.keep_listed(&before);
+                written?;
+            }
         }
         drop(lock);
         Ok(r)
@@ -1877,6 +1885,47 @@ mod tests {
         );
         assert!(parse(b"{\"version\":1}").is_ok());
         assert!(parse(b"{\"version\":2}").is_ok());
+    }
+
+    /// Slots taken in a span whose write then failed (the directory made
+    /// read-only after the span read the file) are not in the file: their
+    /// give-backs are dropped by the next failed write rather than queued
+    /// again, so the queue stays bounded however long writes keep failing.
+    #[cfg(unix)]
+    #[test]
+    fn give_backs_of_slots_the_file_never_had_do_not_pile_up() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::builder().dir(dir.path()).build().unwrap();
+        store.update(|s| s.updated_at = Some(1));
+        let mode = |m| fs::set_permissions(dir.path(), fs::Permissions::from_mode(m)).unwrap();
+        let b = store.bulkhead(1).unwrap().named("api");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for _ in 0..50 {
+                let slot = {
+                    let span = b.span();
+                    assert!(span.open.is_some());
+                    mode(0o500);
+                    b.try_acquire_now().unwrap().unwrap()
+                };
+                mode(0o700);
+                drop(slot);
+                assert!(store.inner.releases.len() <= 1);
+            }
+        });
+        assert!(store.is_degraded());
+        store.flush();
+        assert_eq!(store.inner.releases.len(), 0);
+        let file = FileStore::builder().dir(dir.path()).build().unwrap().load();
+        assert!(file
+            .bulkheads
+            .get("api")
+            .is_none_or(|e| e.holders.is_empty()));
     }
 
     #[cfg(feature = "rate-limit")]

@@ -92,6 +92,11 @@ impl Releases {
         }
     }
 
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.lock().slots.len()
+    }
+
     pub(super) fn is_empty(&self) -> bool {
         self.lock().slots.is_empty()
     }
@@ -143,6 +148,18 @@ impl Drained<'_> {
     /// Adds the slots of an earlier batch (a span's, taken when it opened).
     pub(super) fn extend(&mut self, slots: Vec<Release>) {
         self.slots.extend(slots);
+    }
+
+    /// The write failed: only the slots `file` (the state read under the
+    /// lock) lists still need giving back there. The rest (taken in a
+    /// round whose write failed too, or reclaimed by a peer) are dropped,
+    /// so the queue never outgrows the slots the file lists.
+    pub(super) fn keep_listed(&mut self, file: &State) {
+        self.slots.retain(|r| {
+            file.bulkheads
+                .get(&*r.name)
+                .is_some_and(|e| e.holders.iter().any(|h| h.id == r.id))
+        });
     }
 
     /// The file has the batch: nothing to put back.
