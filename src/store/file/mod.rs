@@ -896,8 +896,11 @@ impl FileStore {
     /// order they are made, on one state, and are written once. A span
     /// never outlives one synchronous call (it is not `Send` and is never
     /// held across an await), and dropping it writes whatever was joined,
-    /// panics included, so a slot taken and given back during an unwind
-    /// nets out.
+    /// panics included. The slots this process gave back are applied when
+    /// it opens (so the calls inside may take them) and again when it
+    /// closes (those given back meanwhile, on any thread, a slot taken and
+    /// given back during an unwind among them); a close that cannot write
+    /// puts them back in the queue.
     ///
     /// No span is opened (the guard does nothing) when one is open for
     /// this file already, when the lock is busy, when the file cannot be
