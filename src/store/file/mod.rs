@@ -671,8 +671,9 @@ impl FileStore {
     }
 
     /// Reads, changes and writes the state under the file lock. `f` sees
-    /// the current state (recovered if the file was bad) and may change
-    /// it; the file is written only if it did. While the file cannot be
+    /// the current state (recovered if the file was bad, and with the
+    /// bulkhead slots this process gave back written free) and may change
+    /// it; the file is written only if it changed. While the file cannot be
     /// used, `f` runs on this process's local state, whatever the
     /// store's policy (the policy applies to the layers' admissions).
     ///
