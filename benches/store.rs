@@ -1,7 +1,7 @@
 //! Per-call cost of each backend (memory, state file, Redis on loopback)
 //! for the breaker, the rate limiter and the bulkhead, against the bare
 //! service, in one run, plus the store engines' own round trips (a file
-//! token bucket, a Redis GCRA). The Redis figures
+//! token bucket, a Redis GCRA) and the README's file stack. The Redis figures
 //! need `redis-server` on the machine (started here on a free port);
 //! without it they are skipped.
 #![allow(missing_docs)]
@@ -184,6 +184,35 @@ fn bench(c: &mut Criterion) {
                 .unwrap()
                 .layer(Bare)
         );
+    }
+    g.finish();
+
+    // The README's stack on one state file (rate limit, bulkhead,
+    // breaker): one lock round a call when the slot goes back with the
+    // next call's round, two when it goes back at once.
+    let mut g = c.benchmark_group("store/file stack");
+    for (name, delay) in [
+        ("slot back with the next round", None),
+        ("slot back at once", Some(Duration::ZERO)),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut builder = FileStore::builder().dir(dir.path());
+        if let Some(d) = delay {
+            builder = builder.release_delay(d);
+        }
+        let store = builder.build().unwrap();
+        let stack = tower::ServiceBuilder::new()
+            .layer(limiter().backend(store.clone()).build().unwrap())
+            .layer(bulkhead().backend(store.clone()).build().unwrap())
+            .layer(
+                CircuitBreakerLayer::builder()
+                    .name("bench")
+                    .backend(store.clone())
+                    .build()
+                    .unwrap(),
+            )
+            .service(Bare);
+        one!(g, name, stack);
     }
     g.finish();
 

@@ -1,8 +1,9 @@
 //! One lock round per call through the documented file stack (rate limit,
 //! bulkhead, breaker on one store): the outermost file-backed layer keeps
 //! its round open while the layers below are admitted inside its `call`.
-//! A fail-closed store keeps one round per layer (each admission is on
-//! disk before its call goes through); both decide every call alike.
+//! A slot given back joins the next round. A fail-closed store keeps one
+//! round per admitting layer (each admission is on disk before its call
+//! goes through); both decide every call alike.
 #![cfg(all(
     feature = "file-store",
     feature = "circuit-breaker",
@@ -86,21 +87,28 @@ fn poll_once(call: &mut Call) -> Poll<Result<u32, BoxError>> {
     call.as_mut().poll(&mut Context::from_waker(Waker::noop()))
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_call_through_the_file_stack_is_admitted_in_one_round() {
-    for (degrade, per_call) in [(Degrade::FailOpenToLocal, 2), (Degrade::FailClosed, 3)] {
+    for (degrade, per_call) in [(Degrade::FailOpenToLocal, 1), (Degrade::FailClosed, 2)] {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path(), degrade);
-        let make = stack(&s, 100.0, 4);
+        let make = stack(&s, 100.0, 1);
         for n in 0..20 {
             let before = s.lock_rounds();
             assert_eq!(make().oneshot((n, None)).await.unwrap(), n);
-            // Admission (the bucket's token and the bulkhead's slot), then
-            // the slot given back; a closed breaker reads nothing.
+            // The bucket's token, the bulkhead's slot (the one the call
+            // before gave back) and that give-back in one round; a closed
+            // breaker reads nothing. Failing closed, the bucket and the
+            // bulkhead are each on disk before the call goes on.
             assert_eq!(s.lock_rounds() - before, per_call, "{degrade:?}");
         }
-        let state = s.load();
-        assert_eq!(state.bulkheads["api"].holders.len(), 0);
+        assert_eq!(s.load().bulkheads["api"].holders.len(), 0);
+        // The last slot is written back after the delay, in a round of
+        // its own.
+        tokio::time::sleep(Duration::from_millis(11)).await;
+        assert_eq!(s.lock_rounds(), 20 * per_call + 1);
+        let peer = store(dir.path(), degrade);
+        assert_eq!(peer.load().bulkheads["api"].holders.len(), 0);
         let left = s.rate_limiter(100.0, 1e-6).unwrap().named("api").tokens();
         assert!((left - 80.0).abs() < 0.01, "{left}");
     }

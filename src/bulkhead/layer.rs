@@ -126,6 +126,12 @@ impl BulkheadBuilder {
     /// `bulkhead`, renewed while the call runs and expiring the store's
     /// `lease_ttl`, 5 s by default, after a process died). See [`Backend`].
     ///
+    /// On a `FileStore`, a slot given back is free at once for this
+    /// process's calls and reaches the file with its next round, or
+    /// within the store's `release_delay` (10 ms by default; zero writes
+    /// it at once, in a lock round of its own): other processes may see it
+    /// taken that much longer, never free too early.
+    ///
     /// A shared bulkhead fails fast: `max_wait` and `soft_limit` need the
     /// memory backend. [`BulkheadHandle::in_flight`] reads the file, or
     /// counts this process's Redis leases.

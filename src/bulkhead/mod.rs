@@ -61,6 +61,19 @@
 //! the calls in flight reach it, before anything is refused, so a
 //! dashboard sees the pressure building while calls still succeed.
 //!
+//! # Across processes
+//!
+//! With `.backend(store)` the slots live in a shared store and the
+//! bulkhead fails fast. On a `FileStore` (feature `file-store`) a slot
+//! given back is free at once for the calls of this process, and is
+//! written to the file with this process's next lock round on it (the
+//! next call's admission), or after the store's `release_delay` (10 ms by
+//! default) if none comes: a steady stream of calls through the
+//! documented stack takes one lock round each instead of two. Other
+//! processes may see a freed slot taken up to that much longer, never
+//! free too early, so the capacity holds across processes.
+//! `release_delay(Duration::ZERO)` writes each slot back at once.
+//!
 //! # Errors
 //!
 //! `poll_ready` only forwards to the inner service. A rejection is an

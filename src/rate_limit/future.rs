@@ -154,10 +154,15 @@ where
     S: Service<Req>,
 {
     let w = wait.project();
+    // Open until the call below is made: the layers under this one join
+    // the round the admission made (a state file's).
+    let mut _span = None;
     if let Some(admit) = w.admit {
-        if let Err(err) = ready!(admit.as_mut().poll(cx)) {
+        let (admitted, span) = ready!(admit.as_mut().poll(cx));
+        if let Err(err) = admitted {
             return Poll::Ready(Stage::Rejected { err: Some(err) });
         }
+        _span = span;
     } else if let Some(sleep) = w.sleep.as_pin_mut() {
         ready!(sleep.poll(cx));
     }

@@ -11,11 +11,14 @@ use crate::store::file::FileRateLimiter;
 #[cfg(feature = "redis")]
 use crate::store::redis::RedisRateLimiter;
 
-/// An admission in flight: `Err` is the rejection.
-pub(crate) type Admit = Pin<Box<dyn Future<Output = Result<(), crate::BoxError>> + Send>>;
+/// An admission in flight: `Err` is the rejection. A span that comes
+/// with it is kept open until the call below is made.
+pub(crate) type Admit =
+    Pin<Box<dyn Future<Output = (Result<(), crate::BoxError>, Option<Span>)> + Send>>;
 
-/// A Redis admission before it knows how to reject.
-pub(crate) type Pending = Pin<Box<dyn Future<Output = Result<(), Duration>> + Send>>;
+/// An admission in flight before it knows how to reject.
+pub(crate) type Pending =
+    Pin<Box<dyn Future<Output = (Result<(), Duration>, Option<Span>)> + Send>>;
 
 /// A state file's span (see `FileStore::span`); nothing without one.
 #[cfg(feature = "file-store")]
@@ -56,25 +59,38 @@ pub(crate) enum StoreAnswer {
 }
 
 impl StoreBuckets {
-    /// Takes `tokens` for `key` (`None`: the limiter's one bucket).
+    /// Takes `tokens` for `key` (`None`: the limiter's one bucket);
+    /// `span` is the one [`span`](Self::span) opened for this call.
     #[allow(unused_variables)]
-    pub(crate) fn admit(&self, key: Option<String>, tokens: f64) -> StoreAnswer {
+    pub(crate) fn admit(
+        &self,
+        key: Option<String>,
+        tokens: f64,
+        span: &Option<Span>,
+    ) -> StoreAnswer {
         match *self {
             #[cfg(feature = "file-store")]
             // Decided now when the lock is free; else the wait for it
-            // happens in the response future, on tokio's timers.
-            StoreBuckets::File(ref f) => match f.try_acquire_now(tokens) {
-                Some(r) => StoreAnswer::Now(r),
-                None => {
-                    let f = f.clone();
-                    StoreAnswer::Later(Box::pin(async move { f.acquire_async(tokens).await }))
+            // happens in the response future, on tokio's timers, and the
+            // round it then makes stays open for the layers below. A lock
+            // found busy for the span is waited for even if it was freed
+            // since: deciding now, outside a span, would leave the layers
+            // below a round each.
+            StoreBuckets::File(ref f) => {
+                let busy = span.as_ref().is_some_and(Span::lock_busy);
+                match (!busy).then(|| f.try_acquire_now(tokens)).flatten() {
+                    Some(r) => StoreAnswer::Now(r),
+                    None => {
+                        let f = f.clone();
+                        StoreAnswer::Later(Box::pin(async move { f.acquire_spanned(tokens).await }))
+                    }
                 }
-            },
+            }
             #[cfg(feature = "redis")]
             StoreBuckets::Redis(ref r) => {
                 let r = r.clone();
                 StoreAnswer::Later(Box::pin(async move {
-                    r.acquire(key.as_deref().unwrap_or(""), tokens).await
+                    (r.acquire(key.as_deref().unwrap_or(""), tokens).await, None)
                 }))
             }
         }

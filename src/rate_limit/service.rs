@@ -119,8 +119,8 @@ where
         let hint = shared.hint.as_ref().map(|_| shared.clone());
         // The layers below that share this state file are admitted in the
         // same round as this one, inside their `call`s.
-        let _span = remote.span();
-        match remote.admit(key, tokens) {
+        let span = remote.span();
+        match remote.admit(key, tokens, &span) {
             StoreAnswer::Now(Ok(())) => ResponseFuture::called(self.inner.call(req), hint),
             StoreAnswer::Now(Err(wait)) => {
                 let left = remote.tokens().unwrap_or(0.0);
@@ -129,9 +129,9 @@ where
             StoreAnswer::Later(pending) => {
                 let owner = shared.clone();
                 let admit = Box::pin(async move {
-                    pending
-                        .await
-                        .map_err(|wait| owner.core.rejected(nanos(wait), 0.0).into())
+                    let (r, span) = pending.await;
+                    let r = r.map_err(|wait| owner.core.rejected(nanos(wait), 0.0).into());
+                    (r, span)
                 });
                 let clone = self.inner.clone();
                 let svc = std::mem::replace(&mut self.inner, clone);

@@ -59,12 +59,17 @@
 //! file backend the layers of this stack that share a [`FileStore`] are
 //! admitted in one lock round: the outermost keeps its round open while
 //! its `call` runs the `call`s below it, which join that round (one lock,
-//! one read, one write), so a call takes one round to get in and one more
-//! when its bulkhead slot is given back. A closed breaker's admission and
+//! one read, one write). When a peer holds the lock, the rate limit waits
+//! for it in its response future, then keeps the round it makes open
+//! while it calls the layers below. Its bulkhead slot, given back when it ends, is
+//! written by the next round (the next call's admission) or after the
+//! store's `release_delay` (10 ms) if none comes, so a steady stream of
+//! calls takes one round per call. A closed breaker's admission and
 //! a success with nothing to clear only read the file, without the lock.
 //! The lock is held across the synchronous part of the wrapped `call`
 //! (making its future), never across its await. A store that fails closed
-//! keeps one round per layer instead: each admission must be on disk
+//! keeps one round per admitting layer instead (two for this stack, the
+//! slot given back joining the next): each admission must be on disk
 //! before its call goes through. [`FileStore::lock_rounds`] counts them.
 //!
 //! [`FileStore`]: file::FileStore

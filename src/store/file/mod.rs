@@ -67,16 +67,18 @@
 //!   stuck peer) and a [`StoreEvent::LockTimeout`] is emitted.
 //! - A call through a layer never stalls an async runtime waiting for a
 //!   peer's lock: a rate limit's admission waits inside its response
-//!   future with tokio timers, as does a bulkhead's slot; a half-open
+//!   future with tokio timers (and once it has the lock, admits the layers
+//!   below in the same round), as does a bulkhead's slot; a half-open
 //!   breaker's probe is taken in `poll_ready`, waiting with tokio timers
 //!   (a fallback entry's breaker, which has no readiness of its own, is
 //!   refused its probe while a peer holds the lock and the call goes to
-//!   the next entry); a call's result, a slot or probe given back, and an upstream's
-//!   `Retry-After` block are written on tokio's blocking pool when the
-//!   lock is busy. The synchronous calls (`update`, `try_acquire`, the
-//!   breaker handle's `reset`, `force_open` and `disable`) wait on the
-//!   calling thread, moved off an
-//!   async worker with `block_in_place` on a multi-threaded runtime.
+//!   the next entry); a call's result, a probe given back, and an
+//!   upstream's `Retry-After` block are written on tokio's blocking pool
+//!   when the lock is busy, a slot given back by a tokio task (see
+//!   [below](#giving-slots-back)). The synchronous calls (`update`,
+//!   `try_acquire`, `flush`, the breaker handle's `reset`, `force_open`
+//!   and `disable`) wait on the calling thread, moved off an async worker
+//!   with `block_in_place` on a multi-threaded runtime.
 //! - Writes go to a temporary file in the same directory, then `rename`
 //!   over the state file: a reader sees the old state or the new one,
 //!   never half of one. Temporary files left by a process killed while
@@ -86,8 +88,40 @@
 //!   one's rejection, a bulkhead's count) take no lock and reuse the
 //!   parsed file while its inode, size and modification time are
 //!   unchanged. A call through the documented three-layer stack takes
-//!   three lock rounds: the rate limit's admission and the bulkhead's
-//!   slot taken and given back.
+//!   one lock round, whether the lock was free or it waited for a peer:
+//!   the rate limit's token, the bulkhead's slot and the slots given back
+//!   since the last round are written together
+//!   ([`FileStore::lock_rounds`] counts rounds).
+//!
+//! # Giving slots back
+//!
+//! A bulkhead slot given back (its call ended, was dropped or panicked)
+//! is free at once for the calls of this process, and is written to the
+//! file with this process's next round on it: the next call's admission,
+//! which may take that very slot. If no round comes within
+//! [`release_delay`](FileStoreBuilder::release_delay) (10 ms by default),
+//! a task on the tokio runtime makes one. So a busy process takes one lock
+//! round per call, not two, and other processes see a freed slot up to
+//! `release_delay` later: they may turn a call away that they would have
+//! let in, never the reverse. The file never lists fewer holders than
+//! hold slots, so a bulkhead never gives out more than its capacity.
+//!
+//! - `Duration::ZERO` gives each slot back at once, in a round of its own
+//!   (two rounds per call), as does a slot dropped outside a tokio
+//!   runtime.
+//! - While the file cannot be written the slots stay queued and are
+//!   written by the first round that can (retried from the delay up to
+//!   once a second); a process failing closed admits nothing meanwhile,
+//!   one failing open counts them free in its local state.
+//! - [`FileStore::flush`] writes them now; dropping the last clone of a
+//!   store writes them too. A process killed (or exiting without dropping
+//!   its store) leaves them to the reclaim of holders that ended.
+//! - A process that keeps calling keeps reusing the slots it gives back:
+//!   a peer gets one once the process pauses for the delay (or frees more
+//!   slots than it takes again). Where processes must compete for every
+//!   freed slot, use `Duration::ZERO`.
+//! - Stores built separately on one file queue separately: between them
+//!   the delay applies as between processes.
 //!
 //! # What is refused, and what is recovered
 //!
@@ -127,6 +161,7 @@
 //!   time of one second, the bulkhead as full).
 
 mod process;
+mod release;
 mod state;
 
 use std::fmt;
@@ -146,6 +181,7 @@ pub use state::{
 };
 
 pub(crate) use process::{alive, me};
+use release::{Release, Releases};
 
 use super::{unix_ms, Degrade, Recovery, StoreEvent};
 use crate::error::{Check, ConfigError};
@@ -188,6 +224,11 @@ struct StoreShared {
     local: Mutex<State>,
     /// Rounds made under the file's lock (see `FileStore::lock_rounds`).
     rounds: AtomicU64,
+    /// Bulkhead slots given back and not yet written (see `release`).
+    releases: Releases,
+    /// How long a give-back may wait for a round (see
+    /// `FileStoreBuilder::release_delay`).
+    release_delay: Duration,
 }
 
 thread_local! {
@@ -203,16 +244,74 @@ struct OpenSpan {
 
 /// An open span (see `FileStore::span`); dropping it writes and unlocks.
 pub(crate) struct Span {
-    open: Option<(FileStore, Held, State)>,
+    /// The store, its lock, the state read, and the give-backs applied.
+    open: Option<(FileStore, Held, State, Vec<Release>)>,
+    /// None was opened because a peer held the lock.
+    busy: bool,
     /// Tied to the thread whose thread-local holds the span.
     _not_send: std::marker::PhantomData<*const ()>,
 }
 
+impl Span {
+    fn new(open: Option<(FileStore, Held, State, Vec<Release>)>, busy: bool) -> Self {
+        Self {
+            open,
+            busy,
+            _not_send: std::marker::PhantomData,
+        }
+    }
+
+    fn none() -> Self {
+        Self::new(None, false)
+    }
+
+    /// No span was opened because a peer held the lock: an update made
+    /// now would likely wait, and one made later could not be joined.
+    pub(crate) fn lock_busy(&self) -> bool {
+        self.busy
+    }
+}
+
 impl Drop for Span {
     fn drop(&mut self) {
-        if let Some((store, held, before)) = self.open.take() {
-            store.close_span(held, before);
+        if let Some((store, held, before, gave)) = self.open.take() {
+            store.close_span(held, before, gave);
         }
+    }
+}
+
+impl Drop for StoreShared {
+    /// Writes the slots still queued (best effort: now if the lock is
+    /// free, else on tokio's blocking pool or this thread, as a slot given
+    /// back with no delay is). A process that ends without this is covered
+    /// by the reclaim of holders that ended.
+    fn drop(&mut self) {
+        let queued = self.releases.take_all();
+        if queued.is_empty() {
+            return;
+        }
+        // A store of the same file for that last round; its own queue is
+        // empty, so its drop ends there.
+        let last = FileStore {
+            inner: Arc::new(StoreShared {
+                name: self.name.clone(),
+                path: std::mem::take(&mut self.path),
+                lock_path: std::mem::take(&mut self.lock_path),
+                lock_timeout: self.lock_timeout,
+                slot_timeout: self.slot_timeout,
+                degrade: self.degrade,
+                listeners: std::mem::take(&mut self.listeners),
+                cache: Mutex::new(None),
+                tmp_seq: AtomicU64::new(self.tmp_seq.load(Relaxed)),
+                swept_at: AtomicU64::new(self.swept_at.load(Relaxed)),
+                degraded: AtomicBool::new(self.degraded.load(Relaxed)),
+                local: Mutex::new(State::default()),
+                rounds: AtomicU64::new(0),
+                releases: Releases::default(),
+                release_delay: Duration::ZERO,
+            }),
+        };
+        last.round_detached(move |s| release::apply(s, &queued));
     }
 }
 
@@ -277,6 +376,7 @@ impl fmt::Debug for FileStore {
             .field("path", &self.inner.path)
             .field("lock_timeout", &self.inner.lock_timeout)
             .field("slot_timeout", &self.inner.slot_timeout)
+            .field("release_delay", &self.inner.release_delay)
             .field("degrade", &self.inner.degrade)
             .field("degraded", &self.is_degraded())
             .finish_non_exhaustive()
@@ -290,6 +390,8 @@ pub struct FileStoreBuilder {
     scope: Option<String>,
     lock_timeout: Duration,
     slot_timeout: Duration,
+    /// `None`: the default, kept below a short `slot_timeout`.
+    release_delay: Option<Duration>,
     degrade: Degrade,
     listeners: Listeners<StoreEvent>,
 }
@@ -302,15 +404,19 @@ impl fmt::Debug for FileStoreBuilder {
             .field("scope", &self.scope)
             .field("lock_timeout", &self.lock_timeout)
             .field("slot_timeout", &self.slot_timeout)
+            .field("release_delay", &self.release_delay)
             .field("degrade", &self.degrade)
             .finish_non_exhaustive()
     }
 }
 
+/// The default [`release_delay`](FileStoreBuilder::release_delay).
+pub const DEFAULT_RELEASE_DELAY: Duration = Duration::from_millis(10);
+
 impl FileStore {
     /// A builder: the state file `<cache>/bulwark/resilience/state.json`,
-    /// a 100 ms lock timeout, bulkhead slots reclaimed after 10 minutes,
-    /// failing open to local limits.
+    /// a 100 ms lock timeout, bulkhead slots reclaimed after 10 minutes
+    /// and given back within 10 ms, failing open to local limits.
     pub fn builder() -> FileStoreBuilder {
         FileStoreBuilder {
             dir: None,
@@ -318,6 +424,7 @@ impl FileStore {
             scope: None,
             lock_timeout: Duration::from_millis(100),
             slot_timeout: Duration::from_secs(600),
+            release_delay: None,
             degrade: Degrade::default(),
             listeners: Listeners::default(),
         }
@@ -362,6 +469,28 @@ impl FileStoreBuilder {
         self
     }
 
+    /// How long a bulkhead slot given back may wait to be written to the
+    /// file (default 10 ms; `Duration::ZERO`: written at once, in a lock
+    /// round of its own). Must be below `slot_timeout` (the default is
+    /// kept below a `slot_timeout` shorter than 20 ms).
+    ///
+    /// A slot given back joins this process's next round on the file (the
+    /// next call's admission, which may take that very slot), so a call
+    /// through the documented stack takes one lock round instead of two.
+    /// If no round comes within the delay, one is made to write it (on the
+    /// tokio runtime the slot was given back on; outside a runtime the
+    /// slot is written at once). The trade: calls in this process see the
+    /// slot free at once, but other processes see it up to this much later
+    /// (longer while the file cannot be written, or if the runtime is
+    /// stalled), and a process that keeps calling keeps reusing its
+    /// slots; slots never count fewer than are held, so a bulkhead never
+    /// gives out more than its capacity. See the
+    /// [module docs](self#giving-slots-back).
+    pub fn release_delay(mut self, d: Duration) -> Self {
+        self.release_delay = Some(d);
+        self
+    }
+
     /// What to do while the state file cannot be read, locked or written
     /// (default [`Degrade::FailOpenToLocal`]: enforce the limits in this
     /// process alone). See the [module docs](self#when-the-file-cannot-be-used).
@@ -391,6 +520,21 @@ impl FileStoreBuilder {
                 format!("must be at least 1 ms (got {:?})", self.slot_timeout),
             ));
         }
+        let release_delay = match self.release_delay {
+            // A freed slot would be reclaimed as stale before it is written.
+            Some(d) if d >= self.slot_timeout => {
+                return Err(ConfigError::new(
+                    LAYER,
+                    "release_delay",
+                    format!(
+                        "must be below slot_timeout ({d:?} >= {:?})",
+                        self.slot_timeout
+                    ),
+                ))
+            }
+            Some(d) => d,
+            None => DEFAULT_RELEASE_DELAY.min(self.slot_timeout / 2),
+        };
         let plain = |field, s: &str| -> Result<(), ConfigError> {
             if s.is_empty() || s.contains(['/', '\\']) || s == "." || s == ".." {
                 return Err(ConfigError::new(
@@ -436,6 +580,8 @@ impl FileStoreBuilder {
                 degraded: AtomicBool::new(false),
                 local: Mutex::new(State::default()),
                 rounds: AtomicU64::new(0),
+                releases: Releases::default(),
+                release_delay,
             }),
         })
     }
@@ -469,12 +615,16 @@ impl FileStore {
         self.inner.degraded.load(Relaxed)
     }
 
-    /// The state as the file holds it now, without taking the lock. A
-    /// missing or unreadable file reads as the initial state (it is
-    /// recovered by the next [`update`](Self::update)); while the store
-    /// is degraded this is the process's local state.
+    /// The state as this process sees it now, without taking the lock:
+    /// the file's, with the bulkhead slots this process gave back and has
+    /// not written yet (see [`flush`](Self::flush)) free. A missing or
+    /// unreadable file reads as the initial state (it is recovered by the
+    /// next [`update`](Self::update)); while the store is degraded this is
+    /// the process's local state.
     pub fn load(&self) -> State {
-        self.view(Clone::clone).unwrap_or_default()
+        let mut state = self.view(Clone::clone).unwrap_or_default();
+        self.inner.releases.apply_queued(&mut state);
+        state
     }
 
     /// Reads the state without the lock, through the cache: the file is
@@ -521,8 +671,9 @@ impl FileStore {
     }
 
     /// Reads, changes and writes the state under the file lock. `f` sees
-    /// the current state (recovered if the file was bad) and may change
-    /// it; the file is written only if it did. While the file cannot be
+    /// the current state (recovered if the file was bad, and with the
+    /// bulkhead slots this process gave back written free) and may change
+    /// it; the file is written only if it changed. While the file cannot be
     /// used, `f` runs on this process's local state, whatever the
     /// store's policy (the policy applies to the layers' admissions).
     ///
@@ -540,11 +691,23 @@ impl FileStore {
         }
     }
 
+    /// Writes the bulkhead slots this process gave back and has not
+    /// written yet (see [`release_delay`](FileStoreBuilder::release_delay))
+    /// now, waiting for the lock on this thread; other processes then see
+    /// them free. Nothing to do (no lock round) when none wait.
+    pub fn flush(&self) {
+        if self.inner.releases.is_empty() {
+            return;
+        }
+        let _ = self.round_blocking(|_| ());
+    }
+
     /// Removes the state file: every primitive of the scope starts afresh.
     pub fn clear(&self) -> io::Result<()> {
         let _lock = self.lock_blocking();
         *lock_mutex(&self.inner.cache) = None;
         *lock_mutex(&self.inner.local) = State::default();
+        self.inner.releases.clear();
         match fs::remove_file(&self.inner.path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -700,6 +863,26 @@ impl FileStore {
         }
     }
 
+    /// Gives a bulkhead slot back: queued for this process's next round
+    /// on the file (the span open on this thread, if any, writes it when
+    /// it closes), and flushed by a task after `release_delay` if no
+    /// round comes; at once, in a round of its own, when the delay is
+    /// zero or there is no runtime to run that task.
+    fn give_back(&self, r: Release) {
+        let rt = tokio::runtime::Handle::try_current()
+            .ok()
+            .filter(|_| !self.inner.release_delay.is_zero());
+        if self.in_span() || rt.is_some() {
+            if self.inner.releases.push(r, rt.is_some()) {
+                if let Some(rt) = rt {
+                    drop(rt.spawn(release::flush_later(Arc::downgrade(&self.inner))));
+                }
+            }
+        } else {
+            self.round_detached(move |s| release::apply(s, &[r]));
+        }
+    }
+
     /// Opens a span: until the returned guard drops, every update of this
     /// state file on this thread joins one round (one lock, one read, one
     /// write) instead of taking its own. A layer opens one around its
@@ -714,8 +897,11 @@ impl FileStore {
     /// order they are made, on one state, and are written once. A span
     /// never outlives one synchronous call (it is not `Send` and is never
     /// held across an await), and dropping it writes whatever was joined,
-    /// panics included, so a slot taken and given back during an unwind
-    /// nets out.
+    /// panics included. The slots this process gave back are applied when
+    /// it opens (so the calls inside may take them) and again when it
+    /// closes (those given back meanwhile, on any thread, a slot taken and
+    /// given back during an unwind among them); a close that cannot write
+    /// puts them back in the queue.
     ///
     /// No span is opened (the guard does nothing) when one is open for
     /// this file already, when the lock is busy, when the file cannot be
@@ -723,32 +909,91 @@ impl FileStore {
     /// each admission on disk before its call goes through, and a span
     /// writes only after the calls inside it were made.
     pub(crate) fn span(&self) -> Span {
-        let none = Span {
-            open: None,
-            _not_send: std::marker::PhantomData,
-        };
         if self.inner.degrade == Degrade::FailClosed || self.in_span() {
-            return none;
+            return Span::none();
         }
-        let Locking::Locked(held) = self.try_lock() else {
-            return none;
+        let held = match self.try_lock() {
+            Locking::Locked(held) => held,
+            Locking::Busy => return Span::new(None, true),
+            Locking::Broken(_) => return Span::none(),
         };
-        let Ok(before) = self.read_for_update() else {
-            return none;
+        match self.open_span(held, |_| ()) {
+            Ok(((), span)) => span,
+            Err(_) => Span::none(),
+        }
+    }
+
+    /// One update under `lock` (waited for by the caller), made in a span
+    /// that stays open, so that the updates made until the span drops
+    /// join the same round; an update of its own (and no span) where
+    /// `span` would open none.
+    fn round_spanned<R>(
+        &self,
+        lock: Lock,
+        f: impl FnOnce(&mut State) -> R,
+    ) -> (Result<R, Unavailable>, Span) {
+        match lock {
+            Ok(Some(held)) if self.inner.degrade == Degrade::FailOpenToLocal && !self.in_span() => {
+                match self.open_span(held, f) {
+                    Ok((r, span)) => (Ok(r), span),
+                    // The file could not be read: a round of its own
+                    // follows the policy.
+                    Err((held, f)) => (
+                        self.round(Ok(Some(held)), self.inner.degrade, f),
+                        Span::none(),
+                    ),
+                }
+            }
+            lock => (self.round(lock, self.inner.degrade, f), Span::none()),
+        }
+    }
+
+    /// Opens a span with the lock already held, its first update `f`;
+    /// the lock and `f` back if the file cannot be read.
+    #[allow(clippy::type_complexity)]
+    fn open_span<R, F: FnOnce(&mut State) -> R>(
+        &self,
+        held: Held,
+        f: F,
+    ) -> Result<(R, Span), (Held, F)> {
+        let before = match self.read_for_update() {
+            Ok(s) => s,
+            Err(_) => return Err((held, f)),
         };
+        // Slots given back before the span are free for the calls in it.
+        let gave = self.inner.releases.take();
+        let mut state = before.clone();
+        gave.apply(&mut state);
+        let r = f(&mut state);
+        let gave = gave.into_slots();
+        let mut state = Some(state);
         let pushed = SPANS.try_with(|spans| {
             spans.borrow_mut().push(OpenSpan {
                 path: self.inner.lock_path.clone(),
-                state: before.clone(),
+                state: state.take().expect("pushed once"),
             })
         });
         if pushed.is_err() {
-            return none;
+            // No thread-local to keep the span in (the thread is ending):
+            // this is a round of its own.
+            self.rounds_add();
+            let mut batch = self.inner.releases.take();
+            if let Some(mut state) = state {
+                batch.apply(&mut state);
+                batch.extend(gave);
+                if self.commit(&before, state, Degrade::FailOpenToLocal) == Ok(true) {
+                    batch.written();
+                } else {
+                    batch.keep_listed(&before);
+                }
+            }
+            drop(held);
+            return Ok((r, Span::none()));
         }
-        Span {
-            open: Some((self.clone(), held, before)),
-            _not_send: std::marker::PhantomData,
-        }
+        Ok((
+            r,
+            Span::new(Some((self.clone(), held, before, gave)), false),
+        ))
     }
 
     fn in_span(&self) -> bool {
@@ -779,9 +1024,13 @@ impl FileStore {
         }
     }
 
-    /// Writes what a span's updates changed, and gives its lock up.
-    fn close_span(&self, held: Held, before: State) {
-        let Some(state) = SPANS
+    /// Writes what a span's updates changed, with the slots given back
+    /// meanwhile, and gives its lock up.
+    fn close_span(&self, held: Held, before: State, gave: Vec<Release>) {
+        // Back in the queue unless written, whatever happens below.
+        let mut batch = self.inner.releases.take();
+        batch.extend(gave);
+        let Some(mut state) = SPANS
             .try_with(|spans| {
                 let mut spans = spans.borrow_mut();
                 let i = spans.iter().rposition(|s| s.path == self.inner.lock_path)?;
@@ -793,9 +1042,14 @@ impl FileStore {
             return;
         };
         self.rounds_add();
+        batch.apply(&mut state);
         // Spans are fail-open only (see `span`): a failed write keeps the
         // changes in this process.
-        let _ = self.commit(&before, state, Degrade::FailOpenToLocal);
+        if self.commit(&before, state, Degrade::FailOpenToLocal) == Ok(true) {
+            batch.written();
+        } else {
+            batch.keep_listed(&before);
+        }
         drop(held);
     }
 
@@ -806,8 +1060,10 @@ impl FileStore {
     /// How many read-modify-write rounds this store (and its clones) has
     /// made on the state file: each takes the file's lock once. A call
     /// through file-backed layers that share the store takes one round to
-    /// be admitted, whatever the number of layers, and one more when a
-    /// bulkhead slot is given back. For tests and diagnostics.
+    /// be admitted, whatever the number of layers, and its bulkhead slot
+    /// goes back with a later round (see
+    /// [`release_delay`](FileStoreBuilder::release_delay)). For tests and
+    /// diagnostics.
     pub fn lock_rounds(&self) -> u64 {
         self.inner.rounds.load(Relaxed)
     }
@@ -838,15 +1094,32 @@ impl FileStore {
             }
         };
         let mut state = before.clone();
+        // This process's slots given back since its last round go first,
+        // so `f` sees them free.
+        let mut gave = self.inner.releases.take();
+        gave.apply(&mut state);
         let r = f(&mut state);
-        self.commit(&before, state, policy)?;
+        match self.commit(&before, state, policy) {
+            Ok(true) => gave.written(),
+            written => {
+                gave.keep_listed(&before);
+                written?;
+            }
+        }
         drop(lock);
         Ok(r)
     }
 
     /// Writes `state` if it differs from `before`, the state read under
     /// the lock still held; when the write fails, follows `policy`.
-    fn commit(&self, before: &State, mut state: State, policy: Degrade) -> Result<(), Unavailable> {
+    /// `Ok(true)` when the file holds `state`, `Ok(false)` when only this
+    /// process does (failing open).
+    fn commit(
+        &self,
+        before: &State,
+        mut state: State,
+        policy: Degrade,
+    ) -> Result<bool, Unavailable> {
         if state != *before {
             state.version = STATE_VERSION;
             state.updated_at = Some(unix_ms());
@@ -858,14 +1131,14 @@ impl FileStore {
                     // state with it becomes the local state.
                     Degrade::FailOpenToLocal => {
                         *lock_mutex(&self.inner.local) = state;
-                        Ok(())
+                        Ok(false)
                     }
                     Degrade::FailClosed => Err(Unavailable),
                 };
             }
         }
         self.restored();
-        Ok(())
+        Ok(true)
     }
 
     /// The file cannot be used: `f` runs on the local state, or not at all.
@@ -1381,14 +1654,19 @@ impl FileRateLimiter {
     }
 
     /// [`try_acquire`](Self::try_acquire), waiting for the lock with tokio
-    /// timers.
-    pub(crate) async fn acquire_async(&self, cost: f64) -> Result<(), Duration> {
-        let inc = self.increment(cost)?;
-        let r = self
+    /// timers; once taken, the round stays open (the returned span) so
+    /// that the updates made until the span drops (the admissions of the
+    /// layers below, called next) join it.
+    pub(crate) async fn acquire_spanned(&self, cost: f64) -> (Result<(), Duration>, Option<Span>) {
+        let inc = match self.increment(cost) {
+            Ok(inc) => inc,
+            Err(d) => return (Err(d), None),
+        };
+        let lock = self.store.lock_async().await;
+        let (r, span) = self
             .store
-            .round_async(|s| self.decide(s, unix_ns(), inc))
-            .await;
-        r.unwrap_or(Err(CLOSED_RETRY))
+            .round_spanned(lock, |s| self.decide(s, unix_ns(), inc));
+        (r.unwrap_or(Err(CLOSED_RETRY)), Some(span))
     }
 
     /// Tokens available now.
@@ -1515,22 +1793,38 @@ impl FileBulkhead {
     }
 
     fn slot(&self, holder: Holder, taken: Result<bool, Unavailable>) -> Option<FileSlot> {
-        (taken == Ok(true)).then(|| FileSlot {
+        if taken != Ok(true) {
+            return None;
+        }
+        // Taken from this process's local state when the file could not
+        // be written: only there is it given back.
+        let local = lock_mutex(&self.store.inner.local)
+            .bulkheads
+            .get(&*self.name)
+            .is_some_and(|e| e.holders.iter().any(|h| h.id == holder.id));
+        Some(FileSlot {
             store: self.store.clone(),
             name: self.name.clone(),
             id: holder.id,
+            in_file: !local,
         })
     }
 
-    /// Slots held by live processes, read without the lock.
+    /// Slots held by live processes, read without the lock; the slots
+    /// this process gave back and has not yet written count as free.
     pub fn in_use(&self) -> u32 {
         let now = unix_ms();
         let stale = self.stale_ms();
+        let releases = &self.store.inner.releases;
         let n = self.store.view(|s| {
             s.bulkheads.get(&*self.name).map_or(0, |e| {
                 e.holders
                     .iter()
-                    .filter(|h| now.saturating_sub(h.since) < stale && alive(h.pid, h.start))
+                    .filter(|h| {
+                        now.saturating_sub(h.since) < stale
+                            && alive(h.pid, h.start)
+                            && !releases.queued(&self.name, h.id)
+                    })
                     .count()
             })
         });
@@ -1544,29 +1838,35 @@ impl FileBulkhead {
 }
 
 /// A bulkhead slot held in a state file; dropping it gives the slot back.
+///
+/// Calls in this process see the slot free at once; the file has it free
+/// by this process's next round on it, or within the store's
+/// [`release_delay`](FileStoreBuilder::release_delay).
 #[derive(Debug)]
 pub struct FileSlot {
     store: FileStore,
     name: Arc<str>,
     id: u64,
+    /// Taken in the file (else in the local state only).
+    in_file: bool,
 }
 
 impl Drop for FileSlot {
     fn drop(&mut self) {
-        let (name, id) = (self.name.clone(), self.id);
-        // Taken from the file or from the local state: the id names it in
-        // whichever holds it, and releasing it elsewhere does nothing.
+        // The local state may hold it too (copied there when a write
+        // failed); releasing an id a state does not hold does nothing.
         if let Some(e) = lock_mutex(&self.store.inner.local)
             .bulkheads
-            .get_mut(&*name)
+            .get_mut(&*self.name)
         {
-            e.release(id);
+            e.release(self.id);
         }
-        self.store.round_detached(move |s| {
-            if let Some(e) = s.bulkheads.get_mut(&*name) {
-                e.release(id);
-            }
-        });
+        if self.in_file {
+            self.store.give_back(Release {
+                name: self.name.clone(),
+                id: self.id,
+            });
+        }
     }
 }
 
@@ -1589,6 +1889,47 @@ mod tests {
         );
         assert!(parse(b"{\"version\":1}").is_ok());
         assert!(parse(b"{\"version\":2}").is_ok());
+    }
+
+    /// Slots taken in a span whose write then failed (the directory made
+    /// read-only after the span read the file) are not in the file: their
+    /// give-backs are dropped by the next failed write rather than queued
+    /// again, so the queue stays bounded however long writes keep failing.
+    #[cfg(unix)]
+    #[test]
+    fn give_backs_of_slots_the_file_never_had_do_not_pile_up() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::builder().dir(dir.path()).build().unwrap();
+        store.update(|s| s.updated_at = Some(1));
+        let mode = |m| fs::set_permissions(dir.path(), fs::Permissions::from_mode(m)).unwrap();
+        let b = store.bulkhead(1).unwrap().named("api");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for _ in 0..50 {
+                let slot = {
+                    let span = b.span();
+                    assert!(span.open.is_some());
+                    mode(0o500);
+                    b.try_acquire_now().unwrap().unwrap()
+                };
+                mode(0o700);
+                drop(slot);
+                assert!(store.inner.releases.len() <= 1);
+            }
+        });
+        assert!(store.is_degraded());
+        store.flush();
+        assert_eq!(store.inner.releases.len(), 0);
+        let file = FileStore::builder().dir(dir.path()).build().unwrap().load();
+        assert!(file
+            .bulkheads
+            .get("api")
+            .is_none_or(|e| e.holders.is_empty()));
     }
 
     #[cfg(feature = "rate-limit")]
