@@ -167,8 +167,8 @@
 //! The inner future waits in the table until the first of its callers is
 //! polled. Usually that is the first caller of the key (the leader), which
 //! takes it and polls it inline, with its own waker. A call that answers on
-//! its first poll hashes its key once (with std's randomly keyed
-//! `RandomState`), takes the table's lock three times (start, first poll,
+//! its first poll hashes its key once (with foldhash, keyed with random
+//! seeds of the table's own), takes the table's lock three times (start, first poll,
 //! finish), and reuses the pinned box of an earlier call, so in the steady
 //! state it allocates nothing. Shared state (the waker list, the answer for
 //! the others, the future) is made only when a second caller joins, or
