@@ -245,6 +245,16 @@ impl<K, F, T> TableContents<K, F, T> {
         }
     }
 
+    /// Keeps a finished call's home for a later call, up to [`SPARES`].
+    #[inline]
+    fn keep_spare(&mut self, spare: Option<FutureBox<F>>) {
+        if let Some(home) = spare {
+            if self.spares.len() < SPARES {
+                self.spares.push(home);
+            }
+        }
+    }
+
     #[cold]
     #[inline(never)]
     fn keep_for_leader(&mut self, id: u64, g: &Arc<Flight<F, T>>) {
@@ -387,6 +397,7 @@ where
     /// the call's entry goes in, so a panic in it leaves no entry. The
     /// event is the caller's to send, once it holds its guard (see
     /// [`EventKind`]).
+    #[inline]
     pub(crate) fn start(&self, key: K, call: impl FnOnce() -> F) -> Start<F, T> {
         let hash = self.hasher.hash(&key);
         let now = if self.caches() { self.clock.now() } else { 0 };
@@ -489,28 +500,55 @@ where
         panicked: bool,
         spare: Option<FutureBox<F>>,
     ) -> Option<Arc<Flight<F, T>>> {
-        let ttl = match outcome {
+        match self.ttl(outcome.is_ok(), panicked) {
+            None => self.remove_finished(t, spare),
+            Some(ttl) => self.cache_finished(t, outcome, ttl, spare),
+        }
+    }
+
+    /// How long an answer is kept: never a panic's.
+    #[inline]
+    fn ttl(&self, ok: bool, panicked: bool) -> Option<Duration> {
+        match ok {
             _ if panicked => None,
-            Ok(_) => self.cfg.cache_ttl,
-            Err(_) => self.cfg.error_ttl,
-        };
+            true => self.cfg.cache_ttl,
+            false => self.cfg.error_ttl,
+        }
+    }
+
+    /// Takes a finished call that is not cached out of the table. The
+    /// answer itself is not needed here, so it stays with the caller (in
+    /// registers, on the common path).
+    #[inline]
+    fn remove_finished(
+        &self,
+        t: CallRef,
+        spare: Option<FutureBox<F>>,
+    ) -> Option<Arc<Flight<F, T>>> {
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
-        if let Some(home) = spare {
-            if inner.spares.len() < SPARES {
-                inner.spares.push(home);
+        inner.keep_spare(spare);
+        match inner.map.find_entry(t.hash, |it| it.id == t.id) {
+            Ok(e) => {
+                let state = e.remove().0.state;
+                inner.retire(t.id, state)
             }
+            Err(_) => None,
         }
-        match ttl {
-            None => match inner.map.find_entry(t.hash, |it| it.id == t.id) {
-                Ok(e) => {
-                    let state = e.remove().0.state;
-                    inner.retire(t.id, state)
-                }
-                Err(_) => None,
-            },
-            Some(ttl) => self.cache(inner, t, outcome, ttl),
-        }
+    }
+
+    #[inline(never)]
+    fn cache_finished(
+        &self,
+        t: CallRef,
+        outcome: &Answer<T>,
+        ttl: Duration,
+        spare: Option<FutureBox<F>>,
+    ) -> Option<Arc<Flight<F, T>>> {
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        inner.keep_spare(spare);
+        self.cache(inner, t, outcome, ttl)
     }
 
     /// Leaves a finished call's answer in the table for `ttl`. Out of line,
@@ -598,7 +636,11 @@ where
         panicked: bool,
         spare: Option<FutureBox<F>>,
     ) -> Answer<T> {
-        match self.finish(t, &outcome, panicked, spare) {
+        let flight = match self.ttl(outcome.is_ok(), panicked) {
+            None => self.remove_finished(t, spare),
+            Some(ttl) => self.cache_finished(t, &outcome, ttl, spare),
+        };
+        match flight {
             None => outcome,
             Some(g) => g.settle(outcome),
         }
@@ -906,7 +948,12 @@ pub(crate) fn panicked<T>(payload: &PanicPayload) -> Answer<T> {
 /// Drops a finished (or panicked) inner future, keeping a panic from its
 /// destructor in here too. Returns its home for reuse, unless dropping it
 /// panicked.
+#[inline]
 pub(crate) fn drop_quietly<F>(mut fut: FutureBox<F>) -> Option<FutureBox<F>> {
+    if !std::mem::needs_drop::<F>() {
+        fut.set(None);
+        return Some(fut);
+    }
     catch_unwind(AssertUnwindSafe(|| fut.as_mut().set(None))).ok()?;
     Some(fut)
 }
