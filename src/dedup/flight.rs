@@ -485,11 +485,6 @@ where
         Start::Leader(CallRef { hash, id })
     }
 
-    #[inline]
-    fn emit(&self, kind: EventKind) {
-        self.cfg.emit(kind);
-    }
-
     /// Takes a finished call out of the table, leaving its answer cached
     /// when the layer caches answers of that kind (never a panic). Returns
     /// its flight.
@@ -574,13 +569,6 @@ where
         };
         inner.queue(queue, e, now);
         inner.retire(t.id, old)
-    }
-
-    /// Removes a call that every waiter left.
-    fn cancel(inner: &mut TableContents<K, F, T>, t: CallRef) {
-        if let Ok(e) = inner.map.find_entry(t.hash, |it| it.id == t.id) {
-            e.remove();
-        }
     }
 
     /// The leader's first poll: takes the inner future to poll it inline,
@@ -670,6 +658,42 @@ where
             // Not reachable: only a waiter finishes or cancels a call, and
             // the leader is one. Keep going on a private flight regardless.
             _ => Arc::new(Flight::new(Some(fut), 1)),
+        }
+    }
+
+    /// Calls in flight and answers cached.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        let inner = lock(&self.inner);
+        let flying = inner
+            .map
+            .iter()
+            .filter(|it| !matches!(it.state, EntryState::Cached { .. }))
+            .count();
+        (flying, inner.map.len() - flying)
+    }
+
+    /// Forgets every cached answer.
+    pub(crate) fn clear_cache(&self) {
+        let mut inner = lock(&self.inner);
+        inner
+            .map
+            .retain(|it| !matches!(it.state, EntryState::Cached { .. }));
+        inner.expiry = [VecDeque::new(), VecDeque::new()];
+    }
+}
+
+/// Leaving a call needs neither the key's hash and equality nor the
+/// answer's `Clone`, so the guards' `Drop` can call these directly.
+impl<K, F, T> FlightTable<K, F, T> {
+    #[inline]
+    fn emit(&self, kind: EventKind) {
+        self.cfg.emit(kind);
+    }
+
+    /// Removes a call that every waiter left.
+    fn cancel(inner: &mut TableContents<K, F, T>, t: CallRef) {
+        if let Ok(e) = inner.map.find_entry(t.hash, |it| it.id == t.id) {
+            e.remove();
         }
     }
 
@@ -778,26 +802,6 @@ where
             fut
         };
         self.cancelled(cancelled);
-    }
-
-    /// Calls in flight and answers cached.
-    pub(crate) fn counts(&self) -> (usize, usize) {
-        let inner = lock(&self.inner);
-        let flying = inner
-            .map
-            .iter()
-            .filter(|it| !matches!(it.state, EntryState::Cached { .. }))
-            .count();
-        (flying, inner.map.len() - flying)
-    }
-
-    /// Forgets every cached answer.
-    pub(crate) fn clear_cache(&self) {
-        let mut inner = lock(&self.inner);
-        inner
-            .map
-            .retain(|it| !matches!(it.state, EntryState::Cached { .. }));
-        inner.expiry = [VecDeque::new(), VecDeque::new()];
     }
 }
 

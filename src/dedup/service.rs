@@ -122,14 +122,14 @@ where
         // releases the entry (or hands the call to whoever joined it).
         match table.start(key, || inner.call(req)) {
             Start::Leader(call_ref) => {
-                let leader = Leader::new(table, call_ref);
-                leader.emit(EventKind::Leader);
-                ResponseFuture::leading(leader)
+                let fut = ResponseFuture::leading(Leader::new(table, call_ref));
+                fut.emit(EventKind::Leader);
+                fut
             }
             Start::Joined(call_ref, flight) => {
-                let waiter = Waiter::new(table, call_ref, flight);
-                waiter.emit(EventKind::Joined);
-                ResponseFuture::waiting(waiter)
+                let fut = ResponseFuture::waiting(Waiter::new(table, call_ref, flight));
+                fut.emit(EventKind::Joined);
+                fut
             }
             Start::Hit(res) => {
                 table.cfg.emit(EventKind::CacheHit);
