@@ -121,9 +121,16 @@ impl DedupConfig {
         }
     }
 
+    /// Whether events go anywhere: read before a call's guard is built,
+    /// so that the common path never needs the guard's address.
+    #[inline]
+    pub(crate) fn active(&self) -> bool {
+        self.listeners.active()
+    }
+
     #[cold]
     #[inline(never)]
-    fn send(&self, kind: EventKind) {
+    pub(crate) fn send(&self, kind: EventKind) {
         let name = self.name.clone();
         self.listeners.emit(&match kind {
             EventKind::Leader => DedupEvent::Leader { name },

@@ -44,14 +44,6 @@ where
     }
 }
 
-impl<K, F, T> Leader<K, F, T> {
-    /// Sends an event, through the table the leader already points at.
-    #[inline]
-    pub(crate) fn emit(&self, kind: EventKind) {
-        self.table.cfg.emit(kind);
-    }
-}
-
 impl<K, F, T> Drop for Leader<K, F, T> {
     #[inline]
     fn drop(&mut self) {
@@ -88,14 +80,6 @@ where
             waker_slot: None,
             answered: false,
         }
-    }
-}
-
-impl<K, F, T> Waiter<K, F, T> {
-    /// Sends an event, through the table the waiter already points at.
-    #[inline]
-    pub(crate) fn emit(&self, kind: EventKind) {
-        self.table.cfg.emit(kind);
     }
 }
 
@@ -159,12 +143,14 @@ impl<F, K, T> ResponseFuture<F, K, T> {
 impl<F, K, T> ResponseFuture<F, K, T> {
     /// Sends an event through the guard's table, once the guard is in
     /// place: if a listener panics, dropping this future releases the
-    /// call.
-    #[inline]
+    /// call. Out of line, so that building the future never needs its
+    /// address when no one listens.
+    #[cold]
+    #[inline(never)]
     pub(crate) fn emit(&self, kind: EventKind) {
         match &self.state {
-            ResponseState::Leading { leader } => leader.emit(kind),
-            ResponseState::Waiting { waiter } => waiter.emit(kind),
+            ResponseState::Leading { leader } => leader.table.cfg.send(kind),
+            ResponseState::Waiting { waiter } => waiter.table.cfg.send(kind),
             _ => {}
         }
     }

@@ -120,15 +120,20 @@ where
         // Each event is sent once the call's guard exists: if a listener
         // panics, the panic reaches this caller and dropping the guard
         // releases the entry (or hands the call to whoever joined it).
+        let events = table.cfg.active();
         match table.start(key, || inner.call(req)) {
             Start::Leader(call_ref) => {
                 let fut = ResponseFuture::leading(Leader::new(table, call_ref));
-                fut.emit(EventKind::Leader);
+                if events {
+                    fut.emit(EventKind::Leader);
+                }
                 fut
             }
             Start::Joined(call_ref, flight) => {
                 let fut = ResponseFuture::waiting(Waiter::new(table, call_ref, flight));
-                fut.emit(EventKind::Joined);
+                if events {
+                    fut.emit(EventKind::Joined);
+                }
                 fut
             }
             Start::Hit(res) => {
