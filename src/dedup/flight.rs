@@ -153,11 +153,15 @@ pub(crate) enum EventKind {
     Cancelled,
 }
 
-/// Where a call is in the table: its hash and its id.
+/// Where a call is in the table: its hash and its id, and the bucket it
+/// went into. The bucket is only a hint (the table moves entries when it
+/// grows): an entry is the call's only if its id matches, and ids are
+/// never reused within a table.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct CallRef {
     hash: u64,
     id: u64,
+    bucket: usize,
 }
 
 /// One key's entry in the table: its call in flight, or its cached answer.
@@ -237,6 +241,30 @@ fn unpolled<F, T>(spares: &mut Vec<FutureBox<F>>, fut: F) -> EntryState<F, T> {
 }
 
 impl<K, F, T> TableContents<K, F, T> {
+    /// Call `t`'s entry, looked up at its bucket first.
+    #[inline]
+    fn call_mut(&mut self, t: CallRef) -> Option<&mut DedupEntry<K, F, T>> {
+        if matches!(self.map.get_bucket(t.bucket), Some(it) if it.id == t.id) {
+            return self.map.get_bucket_mut(t.bucket);
+        }
+        self.map.find_mut(t.hash, |it| it.id == t.id)
+    }
+
+    /// Takes call `t`'s entry out of the table, looked up at its bucket
+    /// first.
+    #[inline]
+    fn remove_call(&mut self, t: CallRef) -> Option<DedupEntry<K, F, T>> {
+        if matches!(self.map.get_bucket(t.bucket), Some(it) if it.id == t.id) {
+            return self
+                .map
+                .get_bucket_entry(t.bucket)
+                .ok()
+                .map(|e| e.remove().0);
+        }
+        let e = self.map.find_entry(t.hash, |it| it.id == t.id).ok()?;
+        Some(e.remove().0)
+    }
+
     /// What a call that left the table leaves to its waiters: its flight,
     /// which an unpolled leader must still be able to find.
     #[inline(always)]
@@ -413,8 +441,13 @@ where
         let room = inner.map.len() < self.cfg.max_entries;
         match inner.map.entry(hash, |it| it.key == key, |it| it.hash) {
             Entry::Occupied(e) => {
+                let bucket = e.bucket_index();
                 let item = e.into_mut();
-                let call_ref = CallRef { hash, id: item.id };
+                let call_ref = CallRef {
+                    hash,
+                    id: item.id,
+                    bucket,
+                };
                 return match &mut item.state {
                     EntryState::InFlight(Some(g)) => {
                         g.waiters.fetch_add(1, Ordering::Relaxed);
@@ -452,7 +485,7 @@ where
                         inner.next_id += 1;
                         item.id = id;
                         item.state = unpolled(&mut inner.spares, fut);
-                        Start::Leader(CallRef { hash, id })
+                        Start::Leader(CallRef { id, ..call_ref })
                     }
                 };
             }
@@ -460,13 +493,14 @@ where
                 let fut = call();
                 let id = inner.next_id;
                 inner.next_id += 1;
-                v.insert(DedupEntry {
+                let e = v.insert(DedupEntry {
                     hash,
                     id,
                     key,
                     state: unpolled(&mut inner.spares, fut),
                 });
-                return Start::Leader(CallRef { hash, id });
+                let bucket = e.bucket_index();
+                return Start::Leader(CallRef { hash, id, bucket });
             }
             Entry::Vacant(_) => {}
         }
@@ -479,7 +513,7 @@ where
         let id = inner.next_id;
         inner.next_id += 1;
         let state = unpolled(&mut inner.spares, fut);
-        inner.map.insert_unique(
+        let e = inner.map.insert_unique(
             hash,
             DedupEntry {
                 hash,
@@ -489,7 +523,8 @@ where
             },
             |it| it.hash,
         );
-        Start::Leader(CallRef { hash, id })
+        let bucket = e.bucket_index();
+        Start::Leader(CallRef { hash, id, bucket })
     }
 
     /// Takes a finished call out of the table, leaving its answer cached
@@ -530,13 +565,8 @@ where
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
         inner.keep_spare(spare);
-        match inner.map.find_entry(t.hash, |it| it.id == t.id) {
-            Ok(e) => {
-                let state = e.remove().0.state;
-                inner.retire(t.id, state)
-            }
-            Err(_) => None,
-        }
+        let state = inner.remove_call(t)?.state;
+        inner.retire(t.id, state)
     }
 
     #[inline(never)]
@@ -563,7 +593,7 @@ where
         outcome: &Answer<T>,
         ttl: Duration,
     ) -> Option<Arc<Flight<F, T>>> {
-        let item = inner.map.find_mut(t.hash, |it| it.id == t.id)?;
+        let item = inner.call_mut(t)?;
         let now = self.clock.now();
         let until = now.saturating_add(nanos(ttl));
         let result = outcome.clone();
@@ -583,7 +613,7 @@ where
     #[inline]
     pub(crate) fn claim(&self, t: CallRef) -> Claim<F, T> {
         let mut inner = lock(&self.inner);
-        if let Some(item) = inner.map.find_mut(t.hash, |it| it.id == t.id) {
+        if let Some(item) = inner.call_mut(t) {
             if let EntryState::Unpolled(_) = item.state {
                 let EntryState::Unpolled(fut) =
                     std::mem::replace(&mut item.state, EntryState::InFlight(None))
