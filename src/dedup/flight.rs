@@ -1046,7 +1046,16 @@ where
                     let mut st = lock(&self.state);
                     st.polling = false;
                     st.fut = Some(fut);
-                    continue;
+                    self.register(waker_slot, cx.waker());
+                    drop(st);
+                    // A future that woke itself while it was polled (a
+                    // yield) is polled again on the executor's next turn:
+                    // polling it again here would never give the executor
+                    // back.
+                    if self.woken.load(Ordering::Acquire) {
+                        cx.waker().wake_by_ref();
+                    }
+                    return Poll::Pending;
                 }
                 Poll::Ready(polled) => polled,
             };
