@@ -653,7 +653,7 @@ where
 
     /// The leader's inner future answered (or panicked) on the leader's own
     /// poll. Returns the leader's answer and hands the others theirs.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn finish_leader(
         &self,
         t: CallRef,
