@@ -8,8 +8,9 @@
 //! locks (start, take, finish) and a reused box. Shared state (a
 //! [`Flight`]) is made only when a second caller joins, or when the inner
 //! future is pending on its first poll. From there on whichever waiter is
-//! polled drives it (at most one at a time), with a waker that wakes every
-//! waiter, so the call keeps going for as long as anyone waits, whether or
+//! polled drives it (at most one at a time, one poll of the inner future
+//! per poll of the waiter, so a future that yields gives the executor
+//! back), with a waker that wakes every waiter, so the call keeps going for as long as anyone waits, whether or
 //! not the leader is ever polled, and no runtime is needed to spawn it.
 //! When the last waiter goes away before the answer, the inner future is
 //! dropped (cancelled). A panic while polling it reaches the waiter that
