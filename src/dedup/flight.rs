@@ -25,7 +25,9 @@
 //! The table is hashed once per call with a randomly keyed hasher
 //! ([`KeyHasher`], so keys chosen by a client cannot degrade it); the hash
 //! and a per-table call id are kept by each waiter, so finishing or leaving
-//! a call finds its entry without hashing or comparing the key again.
+//! a call finds its entry without hashing or comparing the key again. The
+//! leader's claim and finish look first in the bucket the entry went into
+//! (see [`CallRef`]), and probe by hash only if the table moved it.
 //!
 //! An entry exists only while a call that can answer it exists: the inner
 //! service's `call` runs before the entry goes in (both under the table's
