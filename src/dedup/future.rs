@@ -138,9 +138,7 @@ impl<F, K, T> ResponseFuture<F, K, T> {
             state: ResponseState::Ready { res: Some(res) },
         }
     }
-}
 
-impl<F, K, T> ResponseFuture<F, K, T> {
     /// Sends an event through the guard's table, once the guard is in
     /// place: if a listener panics, dropping this future releases the
     /// call. Out of line, so that building the future never needs its
