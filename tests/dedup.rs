@@ -1062,3 +1062,38 @@ async fn a_panic_in_the_inner_future_with_two_waiters() {
         assert_eq!(handle.in_flight(), 0, "{case:?}");
     }
 }
+
+/// An inner future that wakes itself and returns `Pending` (a yield) is
+/// polled once per poll of the caller that drives it: the caller gives the
+/// executor back instead of polling it again in a loop.
+#[test]
+fn a_shared_call_that_yields_gives_the_executor_back() {
+    let polls = counter();
+    let inner = {
+        let polls = polls.clone();
+        service_fn(move |k: u32| {
+            let polls = polls.clone();
+            std::future::poll_fn(move |cx| {
+                if polls.fetch_add(1, Ordering::SeqCst) < 1_000 {
+                    cx.waker().wake_by_ref();
+                    std::task::Poll::Pending
+                } else {
+                    std::task::Poll::Ready(Ok::<_, BoxError>(k))
+                }
+            })
+        })
+    };
+    let mut svc = by_value().layer(inner);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut leader = Box::pin(svc.call(7));
+    let mut follower = Box::pin(svc.call(7));
+    for turn in 1..=5 {
+        assert!(std::future::Future::poll(follower.as_mut(), &mut cx).is_pending());
+        assert!(std::future::Future::poll(leader.as_mut(), &mut cx).is_pending());
+        assert!(
+            polls.load(Ordering::SeqCst) <= 2 * turn,
+            "the inner future was polled {} times in {turn} turns",
+            polls.load(Ordering::SeqCst)
+        );
+    }
+}

@@ -8,8 +8,9 @@
 //! locks (start, take, finish) and a reused box. Shared state (a
 //! [`Flight`]) is made only when a second caller joins, or when the inner
 //! future is pending on its first poll. From there on whichever waiter is
-//! polled drives it (at most one at a time), with a waker that wakes every
-//! waiter, so the call keeps going for as long as anyone waits, whether or
+//! polled drives it (at most one at a time, one poll of the inner future
+//! per poll of the waiter, so a future that yields gives the executor
+//! back), with a waker that wakes every waiter, so the call keeps going for as long as anyone waits, whether or
 //! not the leader is ever polled, and no runtime is needed to spawn it.
 //! When the last waiter goes away before the answer, the inner future is
 //! dropped (cancelled). A panic while polling it reaches the waiter that
@@ -21,10 +22,12 @@
 //! the call's finisher leaves it. The leader's first poll or its drop takes
 //! it back out, so that map holds only flights whose leaders are alive.
 //!
-//! The table is hashed once per call with a randomly keyed hasher (std's
-//! `RandomState`, so keys chosen by a client cannot degrade it); the hash
+//! The table is hashed once per call with a randomly keyed hasher
+//! ([`KeyHasher`], so keys chosen by a client cannot degrade it); the hash
 //! and a per-table call id are kept by each waiter, so finishing or leaving
-//! a call finds its entry without hashing or comparing the key again.
+//! a call finds its entry without hashing or comparing the key again. The
+//! leader's claim and finish look first in the bucket the entry went into
+//! (see [`CallRef`]), and probe by hash only if the table moved it.
 //!
 //! An entry exists only while a call that can answer it exists: the inner
 //! service's `call` runs before the entry goes in (both under the table's
@@ -48,7 +51,7 @@
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::hash::{BuildHasher, Hash, RandomState};
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -121,9 +124,16 @@ impl DedupConfig {
         }
     }
 
+    /// Whether events go anywhere: read before a call's guard is built,
+    /// so that the common path never needs the guard's address.
+    #[inline]
+    pub(crate) fn active(&self) -> bool {
+        self.listeners.active()
+    }
+
     #[cold]
     #[inline(never)]
-    fn send(&self, kind: EventKind) {
+    pub(crate) fn send(&self, kind: EventKind) {
         let name = self.name.clone();
         self.listeners.emit(&match kind {
             EventKind::Leader => DedupEvent::Leader { name },
@@ -146,11 +156,15 @@ pub(crate) enum EventKind {
     Cancelled,
 }
 
-/// Where a call is in the table: its hash and its id.
+/// Where a call is in the table: its hash and its id, and the bucket it
+/// went into. The bucket is only a hint (the table moves entries when it
+/// grows): an entry is the call's only if its id matches, and ids are
+/// never reused within a table.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct CallRef {
     hash: u64,
     id: u64,
+    bucket: usize,
 }
 
 /// One key's entry in the table: its call in flight, or its cached answer.
@@ -230,6 +244,30 @@ fn unpolled<F, T>(spares: &mut Vec<FutureBox<F>>, fut: F) -> EntryState<F, T> {
 }
 
 impl<K, F, T> TableContents<K, F, T> {
+    /// Call `t`'s entry, looked up at its bucket first.
+    #[inline]
+    fn call_mut(&mut self, t: CallRef) -> Option<&mut DedupEntry<K, F, T>> {
+        if matches!(self.map.get_bucket(t.bucket), Some(it) if it.id == t.id) {
+            return self.map.get_bucket_mut(t.bucket);
+        }
+        self.map.find_mut(t.hash, |it| it.id == t.id)
+    }
+
+    /// Takes call `t`'s entry out of the table, looked up at its bucket
+    /// first.
+    #[inline]
+    fn remove_call(&mut self, t: CallRef) -> Option<DedupEntry<K, F, T>> {
+        if matches!(self.map.get_bucket(t.bucket), Some(it) if it.id == t.id) {
+            return self
+                .map
+                .get_bucket_entry(t.bucket)
+                .ok()
+                .map(|e| e.remove().0);
+        }
+        let e = self.map.find_entry(t.hash, |it| it.id == t.id).ok()?;
+        Some(e.remove().0)
+    }
+
     /// What a call that left the table leaves to its waiters: its flight,
     /// which an unpolled leader must still be able to find.
     #[inline(always)]
@@ -242,6 +280,16 @@ impl<K, F, T> TableContents<K, F, T> {
                 Some(g)
             }
             _ => None,
+        }
+    }
+
+    /// Keeps a finished call's home for a later call, up to [`SPARES`].
+    #[inline]
+    fn keep_spare(&mut self, spare: Option<FutureBox<F>>) {
+        if let Some(home) = spare {
+            if self.spares.len() < SPARES {
+                self.spares.push(home);
+            }
         }
     }
 
@@ -316,12 +364,44 @@ impl<K, F, T> TableContents<K, F, T> {
     }
 }
 
+/// The table's keyed hash: foldhash, with seeds drawn for each table from
+/// std's `RandomState` (the operating system's randomness), so no one
+/// outside the process knows them.
+///
+/// foldhash is about ten times cheaper than std's SipHash on a small key.
+/// It promises that without its seeds no one can build keys that collide
+/// (so a client cannot flood one bucket), and makes no promise against
+/// someone who can observe hash values or time the table's probes well
+/// enough to recover them: the table shows neither, and each table (one
+/// per service) has seeds of its own.
+struct KeyHasher {
+    per_table: u64,
+    shared: foldhash::SharedSeed,
+}
+
+impl KeyHasher {
+    fn new() -> Self {
+        let os = RandomState::new();
+        Self {
+            per_table: os.hash_one(0u8),
+            shared: foldhash::SharedSeed::from_u64(os.hash_one(1u8)),
+        }
+    }
+
+    #[inline]
+    fn hash<K: Hash + ?Sized>(&self, key: &K) -> u64 {
+        let mut h = foldhash::fast::FoldHasher::with_seed(self.per_table, &self.shared);
+        key.hash(&mut h);
+        h.finish()
+    }
+}
+
 /// In-flight calls and cached answers by key, shared by the clones of one
 /// service (or by every service of a layer that shares one table).
 pub(crate) struct FlightTable<K, F, T> {
     pub(crate) cfg: Arc<DedupConfig>,
     clock: Clock,
-    hasher: RandomState,
+    hasher: KeyHasher,
     inner: Mutex<TableContents<K, F, T>>,
 }
 
@@ -334,7 +414,7 @@ where
         Self {
             cfg,
             clock: Clock::new(),
-            hasher: RandomState::new(),
+            hasher: KeyHasher::new(),
             inner: Mutex::new(TableContents {
                 map: HashTable::new(),
                 next_id: 0,
@@ -355,16 +435,22 @@ where
     /// the call's entry goes in, so a panic in it leaves no entry. The
     /// event is the caller's to send, once it holds its guard (see
     /// [`EventKind`]).
+    #[inline]
     pub(crate) fn start(&self, key: K, call: impl FnOnce() -> F) -> Start<F, T> {
-        let hash = self.hasher.hash_one(&key);
+        let hash = self.hasher.hash(&key);
         let now = if self.caches() { self.clock.now() } else { 0 };
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
         let room = inner.map.len() < self.cfg.max_entries;
         match inner.map.entry(hash, |it| it.key == key, |it| it.hash) {
             Entry::Occupied(e) => {
+                let bucket = e.bucket_index();
                 let item = e.into_mut();
-                let call_ref = CallRef { hash, id: item.id };
+                let call_ref = CallRef {
+                    hash,
+                    id: item.id,
+                    bucket,
+                };
                 return match &mut item.state {
                     EntryState::InFlight(Some(g)) => {
                         g.waiters.fetch_add(1, Ordering::Relaxed);
@@ -402,7 +488,7 @@ where
                         inner.next_id += 1;
                         item.id = id;
                         item.state = unpolled(&mut inner.spares, fut);
-                        Start::Leader(CallRef { hash, id })
+                        Start::Leader(CallRef { id, ..call_ref })
                     }
                 };
             }
@@ -410,13 +496,14 @@ where
                 let fut = call();
                 let id = inner.next_id;
                 inner.next_id += 1;
-                v.insert(DedupEntry {
+                let e = v.insert(DedupEntry {
                     hash,
                     id,
                     key,
                     state: unpolled(&mut inner.spares, fut),
                 });
-                return Start::Leader(CallRef { hash, id });
+                let bucket = e.bucket_index();
+                return Start::Leader(CallRef { hash, id, bucket });
             }
             Entry::Vacant(_) => {}
         }
@@ -429,7 +516,7 @@ where
         let id = inner.next_id;
         inner.next_id += 1;
         let state = unpolled(&mut inner.spares, fut);
-        inner.map.insert_unique(
+        let e = inner.map.insert_unique(
             hash,
             DedupEntry {
                 hash,
@@ -439,12 +526,8 @@ where
             },
             |it| it.hash,
         );
-        Start::Leader(CallRef { hash, id })
-    }
-
-    #[inline]
-    fn emit(&self, kind: EventKind) {
-        self.cfg.emit(kind);
+        let bucket = e.bucket_index();
+        Start::Leader(CallRef { hash, id, bucket })
     }
 
     /// Takes a finished call out of the table, leaving its answer cached
@@ -457,28 +540,50 @@ where
         panicked: bool,
         spare: Option<FutureBox<F>>,
     ) -> Option<Arc<Flight<F, T>>> {
-        let ttl = match outcome {
+        match self.ttl(outcome.is_ok(), panicked) {
+            None => self.remove_finished(t, spare),
+            Some(ttl) => self.cache_finished(t, outcome, ttl, spare),
+        }
+    }
+
+    /// How long an answer is kept: never a panic's.
+    #[inline]
+    fn ttl(&self, ok: bool, panicked: bool) -> Option<Duration> {
+        match ok {
             _ if panicked => None,
-            Ok(_) => self.cfg.cache_ttl,
-            Err(_) => self.cfg.error_ttl,
-        };
+            true => self.cfg.cache_ttl,
+            false => self.cfg.error_ttl,
+        }
+    }
+
+    /// Takes a finished call that is not cached out of the table. The
+    /// answer itself is not needed here, so it stays with the caller (in
+    /// registers, on the common path).
+    #[inline]
+    fn remove_finished(
+        &self,
+        t: CallRef,
+        spare: Option<FutureBox<F>>,
+    ) -> Option<Arc<Flight<F, T>>> {
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
-        if let Some(home) = spare {
-            if inner.spares.len() < SPARES {
-                inner.spares.push(home);
-            }
-        }
-        match ttl {
-            None => match inner.map.find_entry(t.hash, |it| it.id == t.id) {
-                Ok(e) => {
-                    let state = e.remove().0.state;
-                    inner.retire(t.id, state)
-                }
-                Err(_) => None,
-            },
-            Some(ttl) => self.cache(inner, t, outcome, ttl),
-        }
+        inner.keep_spare(spare);
+        let state = inner.remove_call(t)?.state;
+        inner.retire(t.id, state)
+    }
+
+    #[inline(never)]
+    fn cache_finished(
+        &self,
+        t: CallRef,
+        outcome: &Answer<T>,
+        ttl: Duration,
+        spare: Option<FutureBox<F>>,
+    ) -> Option<Arc<Flight<F, T>>> {
+        let mut guard = lock(&self.inner);
+        let inner = &mut *guard;
+        inner.keep_spare(spare);
+        self.cache(inner, t, outcome, ttl)
     }
 
     /// Leaves a finished call's answer in the table for `ttl`. Out of line,
@@ -491,7 +596,7 @@ where
         outcome: &Answer<T>,
         ttl: Duration,
     ) -> Option<Arc<Flight<F, T>>> {
-        let item = inner.map.find_mut(t.hash, |it| it.id == t.id)?;
+        let item = inner.call_mut(t)?;
         let now = self.clock.now();
         let until = now.saturating_add(nanos(ttl));
         let result = outcome.clone();
@@ -506,19 +611,12 @@ where
         inner.retire(t.id, old)
     }
 
-    /// Removes a call that every waiter left.
-    fn cancel(inner: &mut TableContents<K, F, T>, t: CallRef) {
-        if let Ok(e) = inner.map.find_entry(t.hash, |it| it.id == t.id) {
-            e.remove();
-        }
-    }
-
     /// The leader's first poll: takes the inner future to poll it inline,
     /// or finds the flight of the callers that joined before.
     #[inline]
     pub(crate) fn claim(&self, t: CallRef) -> Claim<F, T> {
         let mut inner = lock(&self.inner);
-        if let Some(item) = inner.map.find_mut(t.hash, |it| it.id == t.id) {
+        if let Some(item) = inner.call_mut(t) {
             if let EntryState::Unpolled(_) = item.state {
                 let EntryState::Unpolled(fut) =
                     std::mem::replace(&mut item.state, EntryState::InFlight(None))
@@ -558,7 +656,7 @@ where
 
     /// The leader's inner future answered (or panicked) on the leader's own
     /// poll. Returns the leader's answer and hands the others theirs.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn finish_leader(
         &self,
         t: CallRef,
@@ -566,7 +664,11 @@ where
         panicked: bool,
         spare: Option<FutureBox<F>>,
     ) -> Answer<T> {
-        match self.finish(t, &outcome, panicked, spare) {
+        let flight = match self.ttl(outcome.is_ok(), panicked) {
+            None => self.remove_finished(t, spare),
+            Some(ttl) => self.cache_finished(t, &outcome, ttl, spare),
+        };
+        match flight {
             None => outcome,
             Some(g) => g.settle(outcome),
         }
@@ -596,6 +698,42 @@ where
             // Not reachable: only a waiter finishes or cancels a call, and
             // the leader is one. Keep going on a private flight regardless.
             _ => Arc::new(Flight::new(Some(fut), 1)),
+        }
+    }
+
+    /// Calls in flight and answers cached.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        let inner = lock(&self.inner);
+        let flying = inner
+            .map
+            .iter()
+            .filter(|it| !matches!(it.state, EntryState::Cached { .. }))
+            .count();
+        (flying, inner.map.len() - flying)
+    }
+
+    /// Forgets every cached answer.
+    pub(crate) fn clear_cache(&self) {
+        let mut inner = lock(&self.inner);
+        inner
+            .map
+            .retain(|it| !matches!(it.state, EntryState::Cached { .. }));
+        inner.expiry = [VecDeque::new(), VecDeque::new()];
+    }
+}
+
+/// Leaving a call needs neither the key's hash and equality nor the
+/// answer's `Clone`, so the guards' `Drop` can call these directly.
+impl<K, F, T> FlightTable<K, F, T> {
+    #[inline]
+    fn emit(&self, kind: EventKind) {
+        self.cfg.emit(kind);
+    }
+
+    /// Removes a call that every waiter left.
+    fn cancel(inner: &mut TableContents<K, F, T>, t: CallRef) {
+        if let Ok(e) = inner.map.find_entry(t.hash, |it| it.id == t.id) {
+            e.remove();
         }
     }
 
@@ -704,26 +842,6 @@ where
             fut
         };
         self.cancelled(cancelled);
-    }
-
-    /// Calls in flight and answers cached.
-    pub(crate) fn counts(&self) -> (usize, usize) {
-        let inner = lock(&self.inner);
-        let flying = inner
-            .map
-            .iter()
-            .filter(|it| !matches!(it.state, EntryState::Cached { .. }))
-            .count();
-        (flying, inner.map.len() - flying)
-    }
-
-    /// Forgets every cached answer.
-    pub(crate) fn clear_cache(&self) {
-        let mut inner = lock(&self.inner);
-        inner
-            .map
-            .retain(|it| !matches!(it.state, EntryState::Cached { .. }));
-        inner.expiry = [VecDeque::new(), VecDeque::new()];
     }
 }
 
@@ -874,7 +992,12 @@ pub(crate) fn panicked<T>(payload: &PanicPayload) -> Answer<T> {
 /// Drops a finished (or panicked) inner future, keeping a panic from its
 /// destructor in here too. Returns its home for reuse, unless dropping it
 /// panicked.
+#[inline]
 pub(crate) fn drop_quietly<F>(mut fut: FutureBox<F>) -> Option<FutureBox<F>> {
+    if !std::mem::needs_drop::<F>() {
+        fut.set(None);
+        return Some(fut);
+    }
     catch_unwind(AssertUnwindSafe(|| fut.as_mut().set(None))).ok()?;
     Some(fut)
 }
@@ -926,7 +1049,16 @@ where
                     let mut st = lock(&self.state);
                     st.polling = false;
                     st.fut = Some(fut);
-                    continue;
+                    self.register(waker_slot, cx.waker());
+                    drop(st);
+                    // A future that woke itself while it was polled (a
+                    // yield) is polled again on the executor's next turn:
+                    // polling it again here would never give the executor
+                    // back.
+                    if self.woken.load(Ordering::Acquire) {
+                        cx.waker().wake_by_ref();
+                    }
+                    return Poll::Pending;
                 }
                 Poll::Ready(polled) => polled,
             };
@@ -960,5 +1092,19 @@ where
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::Release);
         self.wake_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeyHasher;
+
+    #[test]
+    fn each_table_hashes_with_seeds_of_its_own() {
+        let (a, b) = (KeyHasher::new(), KeyHasher::new());
+        assert_eq!(a.hash("GET /me"), a.hash("GET /me"));
+        // Two tables agreeing on 64 keys would mean shared seeds.
+        let agree = (0u64..64).filter(|k| a.hash(k) == b.hash(k)).count();
+        assert_eq!(agree, 0);
     }
 }

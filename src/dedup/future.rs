@@ -16,9 +16,6 @@ use super::flight::{
 };
 use crate::error::BoxError;
 
-type Leave<K, F, T> = fn(&FlightTable<K, F, T>, CallRef, &Arc<Flight<F, T>>, Option<usize>);
-type LeaderLeave<K, F, T> = fn(&FlightTable<K, F, T>, CallRef, Option<FutureBox<F>>);
-
 /// The first caller of a call, until its first poll: the inner future waits
 /// in the table (or with the callers that joined) and the first poll takes
 /// it, to poll it inline while nobody else needs it. Dropping it before the
@@ -30,7 +27,6 @@ pub(crate) struct Leader<K, F, T> {
     fut: Option<FutureBox<F>>,
     /// The first poll took the call: the leader has nothing more to leave.
     claimed: bool,
-    leave: LeaderLeave<K, F, T>,
 }
 
 impl<K, F, T> Leader<K, F, T>
@@ -44,16 +40,7 @@ where
             call_ref,
             fut: None,
             claimed: false,
-            leave: FlightTable::leader_leave,
         }
-    }
-}
-
-impl<K, F, T> Leader<K, F, T> {
-    /// Sends an event, through the table the leader already points at.
-    #[inline]
-    pub(crate) fn emit(&self, kind: EventKind) {
-        self.table.cfg.emit(kind);
     }
 }
 
@@ -61,7 +48,7 @@ impl<K, F, T> Drop for Leader<K, F, T> {
     #[inline]
     fn drop(&mut self) {
         if !self.claimed || self.fut.is_some() {
-            (self.leave)(&self.table, self.call_ref, self.fut.take());
+            self.table.leader_leave(self.call_ref, self.fut.take());
         }
     }
 }
@@ -74,7 +61,6 @@ pub(crate) struct Waiter<K, F, T> {
     call_ref: CallRef,
     waker_slot: Option<usize>,
     answered: bool,
-    leave: Leave<K, F, T>,
 }
 
 impl<K, F, T> Waiter<K, F, T>
@@ -93,23 +79,15 @@ where
             call_ref,
             waker_slot: None,
             answered: false,
-            leave: FlightTable::leave,
         }
-    }
-}
-
-impl<K, F, T> Waiter<K, F, T> {
-    /// Sends an event, through the table the waiter already points at.
-    #[inline]
-    pub(crate) fn emit(&self, kind: EventKind) {
-        self.table.cfg.emit(kind);
     }
 }
 
 impl<K, F, T> Drop for Waiter<K, F, T> {
     fn drop(&mut self) {
         if !self.answered {
-            (self.leave)(&self.table, self.call_ref, &self.flight, self.waker_slot);
+            self.table
+                .leave(self.call_ref, &self.flight, self.waker_slot);
         }
     }
 }
@@ -158,6 +136,20 @@ impl<F, K, T> ResponseFuture<F, K, T> {
     pub(crate) fn ready(res: Result<T, BoxError>) -> Self {
         Self {
             state: ResponseState::Ready { res: Some(res) },
+        }
+    }
+
+    /// Sends an event through the guard's table, once the guard is in
+    /// place: if a listener panics, dropping this future releases the
+    /// call. Out of line, so that building the future never needs its
+    /// address when no one listens.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn emit(&self, kind: EventKind) {
+        match &self.state {
+            ResponseState::Leading { leader } => leader.table.cfg.send(kind),
+            ResponseState::Waiting { waiter } => waiter.table.cfg.send(kind),
+            _ => {}
         }
     }
 }

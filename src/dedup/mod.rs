@@ -167,13 +167,21 @@
 //! The inner future waits in the table until the first of its callers is
 //! polled. Usually that is the first caller of the key (the leader), which
 //! takes it and polls it inline, with its own waker. A call that answers on
-//! its first poll hashes its key once (with std's randomly keyed
-//! `RandomState`), takes the table's lock three times (start, first poll,
-//! finish), and reuses the pinned box of an earlier call, so in the steady
-//! state it allocates nothing. Shared state (the waker list, the answer for
-//! the others, the future) is made only when a second caller joins, or
-//! when the inner future is pending on its first poll; from there on
-//! whichever waiter is polled drives it.
+//! its first poll hashes its key once, takes the table's lock three times
+//! (start, first poll, finish) and finds its entry again without hashing
+//! or comparing the key, and reuses the pinned box of an earlier call, so
+//! in the steady state it allocates nothing. Shared state (the waker list,
+//! the answer for the others, the future) is made only when a second
+//! caller joins, or when the inner future is pending on its first poll;
+//! from there on whichever waiter is polled drives it, one poll of the
+//! inner future per poll of that waiter.
+//!
+//! Keys are hashed with [foldhash](https://docs.rs/foldhash), with seeds
+//! drawn for each table from the operating system's randomness: a client
+//! that does not know them cannot choose keys that collide. foldhash does
+//! not claim to resist someone who can recover its seeds by observing hash
+//! values or timing the table closely; the table shows neither, and each
+//! service's table has seeds of its own.
 
 mod error;
 mod flight;

@@ -120,16 +120,21 @@ where
         // Each event is sent once the call's guard exists: if a listener
         // panics, the panic reaches this caller and dropping the guard
         // releases the entry (or hands the call to whoever joined it).
+        let events = table.cfg.active();
         match table.start(key, || inner.call(req)) {
             Start::Leader(call_ref) => {
-                let leader = Leader::new(table, call_ref);
-                leader.emit(EventKind::Leader);
-                ResponseFuture::leading(leader)
+                let fut = ResponseFuture::leading(Leader::new(table, call_ref));
+                if events {
+                    fut.emit(EventKind::Leader);
+                }
+                fut
             }
             Start::Joined(call_ref, flight) => {
-                let waiter = Waiter::new(table, call_ref, flight);
-                waiter.emit(EventKind::Joined);
-                ResponseFuture::waiting(waiter)
+                let fut = ResponseFuture::waiting(Waiter::new(table, call_ref, flight));
+                if events {
+                    fut.emit(EventKind::Joined);
+                }
+                fut
             }
             Start::Hit(res) => {
                 table.cfg.emit(EventKind::CacheHit);
