@@ -13,7 +13,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use tower::{Layer, Service};
 use tower_bulwark::dedup::DedupLayer;
 
-use support::{drive, generic, Bare};
+use support::{drive, generic, keep, Bare};
 
 fn dedup() -> impl Service<u64, Response = u64> + Clone + Send + 'static {
     DedupLayer::builder()
@@ -42,7 +42,7 @@ fn unique_keys(c: &mut Criterion) {
             $g.bench_function($name, |b| {
                 b.iter(|| {
                     i += 1;
-                    black_box(drive(&mut svc, black_box(i)).ok())
+                    keep(drive(&mut svc, black_box(i)))
                 })
             });
         }};
@@ -92,7 +92,7 @@ fn eviction(c: &mut Criterion) {
         g.bench_function(format!("{size} entries"), |b| {
             b.iter(|| {
                 next += 1;
-                black_box(drive(&mut svc, black_box(next)).ok())
+                keep(drive(&mut svc, black_box(next)))
             })
         });
     }

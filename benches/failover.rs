@@ -15,7 +15,7 @@ use tower_bulwark::dedup::DedupLayer;
 use tower_bulwark::fallback::FallbackLayer;
 
 mod support;
-use support::{drive, generic, Bare};
+use support::{drive, generic, keep, Bare};
 
 fn fallback() -> impl Service<u64, Response = u64> + Clone + Send + 'static {
     FallbackLayer::builder()
@@ -54,15 +54,6 @@ fn dedup_cached() -> impl Service<u64, Response = u64> + Clone + Send + 'static 
 
 fn coalesce() -> impl Service<u64, Response = u64> + Clone + Send + 'static {
     tower_resilience::coalesce::CoalesceLayer::new(|k: &u64| *k).layer(Bare)
-}
-
-/// Keeps the answer itself from being optimised away, not an `Option` of
-/// it: a 16-byte value passed through `black_box` is stored in two words
-/// and read back in one, which stalls every row, the bare service's too.
-fn keep<T, E>(res: Result<T, E>) {
-    if let Ok(answer) = res {
-        black_box(answer);
-    }
 }
 
 /// `n` callers with the same key: all call first, then each future is
