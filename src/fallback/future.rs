@@ -347,6 +347,10 @@ where
     C: Classify<Res, BoxError>,
 {
     loop {
+        // Whether the attempt's entry was sent the request: one whose
+        // readiness failed never saw it, so it goes on to the next entry
+        // whatever `fail_over_if` says.
+        let sent = matches!(this.step, Step::Calling { .. });
         let res: Result<Res, BoxError> = match &mut this.step {
             Step::Done => panic!("fallback future polled after completion"),
             Step::Calling { fut } => ready!(fut.as_mut().poll(cx)),
@@ -435,7 +439,7 @@ where
             unreachable!("an attempt holds an admission")
         };
         let (failure, res) = book(a, &this.classifier, res);
-        if !failure || !a.owner().group.may_resend(this.req.as_ref()) {
+        if !failure || sent && !a.owner().group.may_resend(this.req.as_ref()) {
             let at = a.owner();
             if !failure {
                 at.group.listeners.emit(&FallbackEvent::Answered {

@@ -151,8 +151,8 @@ impl<Req, Res, C> FallbackBuilder<Req, Res, C> {
     /// Fails over a request that an entry was sent only when `f` says it
     /// may be sent again (default: always). When `f` says no, the failed
     /// entry's answer or error is the call's. An entry skipped without a
-    /// call (open breaker, not ready) never saw the request, so the next
-    /// one gets it regardless.
+    /// call (open breaker, not ready, or readiness that failed) never saw
+    /// the request, so the next one gets it regardless.
     ///
     /// For HTTP, `http::may_resend` allows idempotent requests whose body
     /// can still be replayed, the rule retry follows; the builder from

@@ -108,7 +108,8 @@
 //!
 //! - `Duration::ZERO` gives each slot back at once, in a round of its own
 //!   (two rounds per call), as does a slot dropped outside a tokio
-//!   runtime.
+//!   runtime; if that round cannot write, the slot stays queued like any
+//!   other.
 //! - While the file cannot be written the slots stay queued and are
 //!   written by the first round that can (retried from the delay up to
 //!   once a second); a process failing closed admits nothing meanwhile,
@@ -238,6 +239,7 @@ thread_local! {
 
 /// A span's file and the state its joined updates change.
 struct OpenSpan {
+    owner: Arc<StoreShared>,
     path: PathBuf,
     state: State,
 }
@@ -566,7 +568,7 @@ impl FileStoreBuilder {
         };
         let path = dir.join(&file);
         Ok(FileStore {
-            inner: Arc::new(StoreShared {
+            inner: Arc::new_cyclic(|me| StoreShared {
                 name: Arc::from(self.scope.as_deref().unwrap_or("state")),
                 lock_path: dir.join(format!("{file}.lock")),
                 path,
@@ -580,7 +582,7 @@ impl FileStoreBuilder {
                 degraded: AtomicBool::new(false),
                 local: Mutex::new(State::default()),
                 rounds: AtomicU64::new(0),
-                releases: Releases::default(),
+                releases: Releases::new(me.clone(), release_delay),
                 release_delay,
             }),
         })
@@ -869,17 +871,27 @@ impl FileStore {
     /// round comes; at once, in a round of its own, when the delay is
     /// zero or there is no runtime to run that task.
     fn give_back(&self, r: Release) {
-        let rt = tokio::runtime::Handle::try_current()
-            .ok()
-            .filter(|_| !self.inner.release_delay.is_zero());
-        if self.in_span() || rt.is_some() {
-            if self.inner.releases.push(r, rt.is_some()) {
-                if let Some(rt) = rt {
-                    drop(rt.spawn(release::flush_later(Arc::downgrade(&self.inner))));
+        match self.span_owner() {
+            // This store's span writes the queue when it closes.
+            Some(true) => self.inner.releases.push(r),
+            // Another store's span on this file (two stores built on one
+            // file): it writes the give-back when it closes, and this
+            // store's queue keeps it until one of this store's rounds has
+            // written it too, in case that span's write fails (applying
+            // it twice does nothing).
+            Some(false) => {
+                self.inner.releases.push(r.clone());
+                let _ = self.try_joined(move |s| release::apply(s, &[r]));
+            }
+            None => {
+                let now = !self.inner.releases.can_flush();
+                self.inner.releases.push(r);
+                if now {
+                    // A round of its own, which drains the queue and keeps
+                    // it queued if the file cannot be written.
+                    self.round_detached(|_| ());
                 }
             }
-        } else {
-            self.round_detached(move |s| release::apply(s, &[r]));
         }
     }
 
@@ -969,6 +981,7 @@ impl FileStore {
         let mut state = Some(state);
         let pushed = SPANS.try_with(|spans| {
             spans.borrow_mut().push(OpenSpan {
+                owner: self.inner.clone(),
                 path: self.inner.lock_path.clone(),
                 state: state.take().expect("pushed once"),
             })
@@ -997,14 +1010,23 @@ impl FileStore {
     }
 
     fn in_span(&self) -> bool {
+        self.span_owner().is_some()
+    }
+
+    /// Whether a span is open on this thread for this file: `Some(true)`
+    /// when this store opened it, `Some(false)` when another store of the
+    /// same file did.
+    fn span_owner(&self) -> Option<bool> {
         SPANS
             .try_with(|spans| {
                 spans
                     .borrow()
                     .iter()
-                    .any(|s| s.path == self.inner.lock_path)
+                    .find(|s| s.path == self.inner.lock_path)
+                    .map(|s| Arc::ptr_eq(&s.owner, &self.inner))
             })
-            .unwrap_or(false)
+            .ok()
+            .flatten()
     }
 
     /// Runs `f` in the span open on this thread for this file, if any

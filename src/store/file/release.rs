@@ -44,6 +44,10 @@ pub(super) struct Release {
 #[derive(Debug, Default)]
 pub(super) struct Releases {
     queue: Mutex<Queue>,
+    /// The store the queue belongs to, for the flush tasks it starts.
+    store: Weak<StoreShared>,
+    /// The store's `release_delay`: zero starts no flush task.
+    delay: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -55,6 +59,9 @@ struct Queue {
     armed: bool,
     /// Batches written to the file: a flush that moved it on succeeded.
     written: u64,
+    /// The runtime the last flush task ran on, for slots put back by a
+    /// round made outside any runtime.
+    rt: Option<tokio::runtime::Handle>,
 }
 
 /// A batch taken from the queue for one round: put back when dropped,
@@ -70,15 +77,59 @@ impl Releases {
         lock_mutex(&self.queue)
     }
 
-    /// Queues a slot. `true` when the caller, who can start a flush task
-    /// if `can_flush`, must start one.
-    pub(super) fn push(&self, r: Release, can_flush: bool) -> bool {
-        let mut q = self.lock();
-        if q.slots.is_empty() {
-            q.since = Some(Instant::now());
+    /// The queue of the store `store` points to, whose delay is `delay`.
+    pub(super) fn new(store: Weak<StoreShared>, delay: Duration) -> Self {
+        Self {
+            queue: Mutex::default(),
+            store,
+            delay,
         }
-        q.slots.push(r);
-        can_flush && !std::mem::replace(&mut q.armed, true)
+    }
+
+    /// Queues a slot, and starts a flush task if none is armed.
+    pub(super) fn push(&self, r: Release) {
+        {
+            let mut q = self.lock();
+            if q.slots.is_empty() {
+                q.since = Some(Instant::now());
+            }
+            q.slots.push(r);
+        }
+        self.arm();
+    }
+
+    /// Whether a flush task can run: a delay to wait, on a tokio runtime.
+    pub(super) fn can_flush(&self) -> bool {
+        !self.delay.is_zero() && tokio::runtime::Handle::try_current().is_ok()
+    }
+
+    /// Starts a flush task unless one is armed or none can run. Called
+    /// whenever slots enter the queue (given back, or put back by a round
+    /// that could not write them), so queued slots always have a task
+    /// that will write them, whatever became of an earlier one.
+    fn arm(&self) {
+        if self.delay.is_zero() {
+            return;
+        }
+        let current = tokio::runtime::Handle::try_current().ok();
+        let rt = {
+            let mut q = self.lock();
+            if current.is_some() {
+                q.rt.clone_from(&current);
+            }
+            let Some(rt) = current.or_else(|| q.rt.clone()) else {
+                return;
+            };
+            if std::mem::replace(&mut q.armed, true) {
+                return;
+            }
+            rt
+        };
+        // Made before the spawn: a task dropped unpolled (its runtime is
+        // shutting down) disarms as it goes, so a later give-back starts
+        // another.
+        let disarm = Disarm(self.store.clone());
+        drop(rt.spawn(flush_later(self.store.clone(), disarm)));
     }
 
     /// Takes the whole queue for a round.
@@ -129,13 +180,18 @@ impl Releases {
     }
 
     fn put_back(&self, mut slots: Vec<Release>, since: Option<Instant>) {
-        let mut q = self.lock();
-        q.since = match (q.since, since) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b).or_else(|| Some(Instant::now())),
-        };
-        slots.append(&mut q.slots);
-        q.slots = slots;
+        {
+            let mut q = self.lock();
+            q.since = match (q.since, since) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b).or_else(|| Some(Instant::now())),
+            };
+            slots.append(&mut q.slots);
+            q.slots = slots;
+        }
+        // A flush task may have found the queue empty while this batch
+        // was out, and ended.
+        self.arm();
     }
 }
 
@@ -194,23 +250,32 @@ pub(super) fn apply(state: &mut State, slots: &[Release]) {
     }
 }
 
+/// Disarms the store's queue when a flush task ends other than by finding
+/// it empty: dropped unpolled or unfinished (its runtime shut down) or
+/// unwound by a panic in its round; a later give-back starts another.
+pub(super) struct Disarm(Weak<StoreShared>);
+
+impl Disarm {
+    /// The task ended by finding the queue empty, and disarmed it then.
+    fn done(mut self) {
+        self.0 = Weak::new();
+    }
+}
+
+impl Drop for Disarm {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.upgrade() {
+            s.releases.lock().armed = false;
+        }
+    }
+}
+
 /// Flushes `store`'s queue once it has waited `release_delay` with no
 /// round taking it; ends when the queue is empty or the store is gone.
 ///
 /// Holds the store only while it makes a round, so a store dropped by
 /// every user meanwhile flushes in its own drop.
-pub(super) async fn flush_later(store: Weak<StoreShared>) {
-    // A task dropped unfinished (its runtime shut down, a listener
-    // panicked in its round) lets the next give-back start another.
-    struct Disarm(Weak<StoreShared>);
-    impl Drop for Disarm {
-        fn drop(&mut self) {
-            if let Some(s) = self.0.upgrade() {
-                s.releases.lock().armed = false;
-            }
-        }
-    }
-    let _disarm = Disarm(store.clone());
+pub(super) async fn flush_later(store: Weak<StoreShared>, disarm: Disarm) {
     let mut failures = 0u32;
     loop {
         let Some(shared) = store.upgrade() else {
@@ -220,6 +285,7 @@ pub(super) async fn flush_later(store: Weak<StoreShared>) {
             let mut q = shared.releases.lock();
             let Some(since) = q.since.filter(|_| !q.slots.is_empty()) else {
                 q.armed = false;
+                disarm.done();
                 return;
             };
             (
