@@ -18,33 +18,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tower::{service_fn, BoxError, Service, ServiceBuilder, ServiceExt};
-use tower_bulwark::bulkhead::BulkheadLayer;
-use tower_bulwark::rate_limit::RateLimitLayer;
 use tower_bulwark::store::file::FileStore;
 use tower_bulwark::store::StoreEvent;
 
+#[path = "support/file_layers.rs"]
+mod file_layers;
+use file_layers::{bulkhead, holders_in_file as in_file, limiter};
+
+#[path = "support/torture.rs"]
+mod torture;
+use torture::paused_runtime;
+
 fn mode(p: &Path, m: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
-}
-
-/// The holders the file lists for bulkhead `api`, as a peer reads them.
-fn in_file(dir: &Path) -> usize {
-    FileStore::builder()
-        .dir(dir)
-        .build()
-        .unwrap()
-        .load()
-        .bulkheads
-        .get("api")
-        .map_or(0, |b| b.holders.len())
-}
-
-fn paused_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap()
 }
 
 /// Makes the store's next writes fail while the file still reads and
@@ -181,22 +167,9 @@ async fn a_slot_given_back_inside_another_stores_span_is_written() {
         .release_delay(Duration::ZERO)
         .build()
         .unwrap();
-    let limiter = RateLimitLayer::builder()
-        .name("api")
-        .max_tokens(100.0)
-        .refill_rate(1e-6)
-        .backend(a)
-        .build()
-        .unwrap();
-    let bulkhead = BulkheadLayer::builder()
-        .name("api")
-        .max_concurrent(1)
-        .backend(b)
-        .build()
-        .unwrap();
     let svc = ServiceBuilder::new()
-        .layer(limiter)
-        .layer(bulkhead)
+        .layer(limiter(&a, 100.0))
+        .layer(bulkhead(&b, 1))
         .service(service_fn(
             |n: u32| -> std::future::Ready<Result<u32, BoxError>> {
                 assert!(n != 0, "the upstream panics in call");

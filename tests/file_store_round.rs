@@ -29,7 +29,7 @@ use tower_bulwark::store::{Degrade, StoreEvent};
 
 #[path = "support/file_layers.rs"]
 mod file_layers;
-use file_layers::{breaker, bulkhead, limiter, ok_service};
+use file_layers::{breaker, bulkhead, holders_in_file as in_file, limiter, ok_service};
 
 #[path = "support/torture.rs"]
 mod torture;
@@ -58,16 +58,6 @@ fn store_with(dir: &Path, degrade: Degrade, delay: Duration) -> (FileStore, Even
 
 fn store(dir: &Path) -> FileStore {
     store_with(dir, Degrade::FailOpenToLocal, DELAY).0
-}
-
-/// Slots the file lists for the bulkhead `api`: what another process
-/// sees (a store built apart has a queue of its own, empty here).
-fn in_file(dir: &Path) -> usize {
-    store(dir)
-        .load()
-        .bulkheads
-        .get("api")
-        .map_or(0, |b| b.holders.len())
 }
 
 type Svc = BoxCloneSyncService<u32, u32, BoxError>;
@@ -319,11 +309,7 @@ fn without_a_runtime_flush_or_drop_writes_the_slots() {
     drop(b.try_acquire().unwrap());
     assert_eq!(in_file(dir.path()), 0, "no runtime: at once");
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
+    let rt = torture::paused_runtime();
     let queued = |slot: FileSlot| rt.block_on(async move { drop(slot) });
     queued(b.try_acquire().unwrap());
     assert_eq!(in_file(dir.path()), 1);
@@ -544,11 +530,7 @@ proptest! {
         cap in 1u32..4,
         ops in proptest::collection::vec(op(), 1..60),
     ) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .unwrap();
+        let rt = torture::paused_runtime();
         rt.block_on(async {
             let dir = tempfile::tempdir().unwrap();
             let stores = [store(dir.path()), store(dir.path())];

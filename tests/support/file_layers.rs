@@ -9,6 +9,19 @@ use tower_bulwark::circuit_breaker::CircuitBreakerLayer;
 use tower_bulwark::rate_limit::RateLimitLayer;
 use tower_bulwark::store::file::FileStore;
 
+/// Slots the state file in `dir` lists for the bulkhead `api`: what
+/// another process sees (a store built apart has no give-backs queued).
+pub fn holders_in_file(dir: &std::path::Path) -> usize {
+    FileStore::builder()
+        .dir(dir)
+        .build()
+        .unwrap()
+        .load()
+        .bulkheads
+        .get("api")
+        .map_or(0, |b| b.holders.len())
+}
+
 /// A bucket of `tokens` that does not refill while a test runs.
 pub fn limiter(store: &FileStore, tokens: f64) -> RateLimitLayer {
     RateLimitLayer::builder()

@@ -6,12 +6,17 @@ use std::future::Future;
 
 /// Runs `f` on a fresh current-thread runtime with tokio's clock paused.
 pub fn paused<F: Future>(f: F) -> F::Output {
+    paused_runtime().block_on(f)
+}
+
+/// A fresh current-thread runtime with tokio's clock paused, for a test
+/// that keeps it (to spawn on it, or to drive it from outside).
+pub fn paused_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
-        .enable_time()
+        .enable_all()
         .start_paused(true)
         .build()
         .unwrap()
-        .block_on(f)
 }
 
 /// Our own panics (messages starting with `torture: `) are expected by the
